@@ -1,0 +1,1 @@
+"""Converters and helpers: GGUF -> HF safetensors, the real-weights fixture, random checkpoints."""
