@@ -1,0 +1,159 @@
+"""Resumable checkpoints: written atomically, found by their completion marker, pruned to the last N.
+
+Layout of ``OUTPUT/checkpoints/step-000120/``:
+
+    adapter/                     PEFT-format adapter (usable on its own)
+    optimizer.safetensors        AdamW state per trainable parameter: ``{name}.exp_avg``,
+                                 ``{name}.exp_avg_sq``, ``{name}.step``
+    rng.safetensors              torch CPU (and CUDA) generator states
+    state.json                   step, data position, counters, run config, python RNG state
+    COMPLETE                     written last: a folder without it is ignored
+
+A checkpoint is written into ``.tmp-step-000120`` and renamed into place only when complete, and
+older checkpoints are removed only after that, so a kill at any moment (``kill -9`` included) leaves
+the previous checkpoint loadable. No pickle anywhere: tensors in safetensors, the rest in JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.errors import InputError
+
+MARKER = "COMPLETE"
+PREFIX = "step-"
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def _named_trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW's per-parameter state keyed by parameter name (stable across processes)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, param in _named_trainable(model).items():
+        for key, value in optimizer.state.get(param, {}).items():
+            tensor = value if torch.is_tensor(value) else torch.tensor(value)
+            out[f"{name}.{key}"] = tensor.detach().cpu().contiguous()
+    return out
+
+
+def load_optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                           tensors: dict[str, torch.Tensor], where: Path) -> None:
+    for name, param in _named_trainable(model).items():
+        state = {}
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            full = f"{name}.{key}"
+            if full not in tensors:
+                raise InputError(f"{where}: optimizer state has no {full!r}; was the run's LoRA setup changed?")
+            value = tensors[full]
+            state[key] = value.to(param.device) if key != "step" else value.clone()
+        optimizer.state[param] = state
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    states = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"torch_cuda_{i}"] = state
+    return states
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                    write_adapter: Callable[[Path], None], keep: int) -> Path:
+    """Write checkpoint ``step`` atomically, then keep only the newest ``keep`` ones."""
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:06d}"
+    tmp = root / f".tmp-{PREFIX}{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_adapter(tmp / "adapter")
+    save_file(optimizer_tensors(model, optimizer), str(tmp / "optimizer.safetensors"))
+    save_file(rng_tensors(), str(tmp / "rng.safetensors"))
+    full_state = dict(state, step=step, python_rng=_python_rng_state())
+    (tmp / "state.json").write_text(json.dumps(full_state, indent=2), encoding="utf-8")
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+    (tmp / MARKER).write_text(str(step), encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    prune_checkpoints(output_dir, keep)
+    return final
+
+
+def _python_rng_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _restore_python_rng(saved: list[Any]) -> None:
+    version, internal, gauss = saved
+    random.setstate((version, tuple(internal), gauss))
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary and unmarked folders are ignored)."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
+    for old in complete_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    root = checkpoint_root(output_dir)
+    for stale in root.glob(f".tmp-{PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    load_adapter_weights: Callable[[Path], None]) -> dict[str, Any]:
+    """Restore adapter weights, optimizer and RNG states; return the JSON state (step, data position...)."""
+    if not (path / MARKER).is_file():
+        raise InputError(f"{path}: checkpoint is incomplete (no {MARKER} marker)")
+    load_adapter_weights(path / "adapter")
+    load_optimizer_tensors(model, optimizer, load_file(str(path / "optimizer.safetensors")), path)
+    restore_rng(load_file(str(path / "rng.safetensors")))
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    _restore_python_rng(state.pop("python_rng"))
+    return state
