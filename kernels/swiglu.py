@@ -1,0 +1,120 @@
+"""SwiGLU gating of the Llama MLP: ``y = silu(gate) * up``, fused forward and backward.
+
+Formula (elementwise, computed in fp32, written in ``gate.dtype``)::
+
+    σ(g)    = 1 / (1 + exp(-g))
+    silu(g) = g · σ(g)
+    y       = silu(g) · u
+
+Backward (chain rule, elementwise; ``dy`` the incoming gradient)::
+
+    ∂y/∂u = silu(g)                          → d_up   = dy · g · σ(g)
+    ∂y/∂g = u · d silu/dg
+          = u · (σ(g) + g · σ(g)(1 − σ(g)))
+          = u · σ(g) · (1 + g · (1 − σ(g)))  → d_gate = dy · u · σ(g) · (1 + g · (1 − σ(g)))
+
+Shapes: ``gate`` and ``up`` both ``(..., I)`` (any shape, equal), same dtype; ``y`` the same.
+Saved for backward: ``gate`` and ``up`` only. ``silu(gate)`` is recomputed from ``gate`` in the
+backward kernel (one ``exp`` per element) rather than stored, which saves a ``(tokens, I)``
+tensor per layer, the largest activation of the MLP.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.backend import use_triton
+
+
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` in fp32, returned in ``gate.dtype`` (the definition of the op)."""
+    g = gate.float()
+    return (g * torch.sigmoid(g) * up.float()).to(gate.dtype)
+
+
+@triton.jit
+def _swiglu_fwd_kernel(gate_ptr, up_ptr, y_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
+    # int64 offsets: tokens × intermediate can pass 2**31 at long contexts
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    g = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-g))
+    y = g * sig * u
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(dy_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-g))
+    d_up = dy * g * sig
+    d_gate = dy * u * sig * (1.0 + g * (1.0 - sig))
+    tl.store(dgate_ptr + offsets, d_gate.to(dgate_ptr.dtype.element_ty), mask=mask)
+    tl.store(dup_ptr + offsets, d_up.to(dup_ptr.dtype.element_ty), mask=mask)
+
+
+_BLOCK_SIZE = 1024
+
+
+def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+    if gate.dtype != up.dtype:
+        raise ValueError(f"swiglu: gate dtype {gate.dtype} and up dtype {up.dtype} must match")
+    if gate.device != up.device:
+        raise ValueError(f"swiglu: gate on {gate.device} and up on {up.device} must share a device")
+
+
+def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Launch the forward over the flattened elements; returns ``y`` shaped like ``gate``."""
+    gate, up = gate.contiguous(), up.contiguous()
+    y = torch.empty_like(gate)
+    n = gate.numel()
+    if n:
+        _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK_SIZE),)](gate, up, y, n, BLOCK_SIZE=_BLOCK_SIZE)
+    return y
+
+
+def _swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward; returns fresh ``(d_gate, d_up)`` (never written into ``gate``/``up``,
+    which a caller may still hold)."""
+    dy = dy.contiguous()
+    d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
+    n = gate.numel()
+    if n:
+        _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK_SIZE),)](dy, gate, up, d_gate, d_up, n, BLOCK_SIZE=_BLOCK_SIZE)
+    return d_gate, d_up
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate.contiguous(), up.contiguous()
+        # gate and up are all backward needs: silu(gate) and σ(gate) are recomputed there.
+        ctx.save_for_backward(gate, up)
+        return _swiglu_fwd(gate, up)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up = ctx.saved_tensors
+        return _swiglu_bwd(dy, gate, up)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate``, ``up`` of equal shape ``(..., I)``; fp32 math, ``gate.dtype`` out.
+
+    Runs the fused Triton kernels when ``kernels.backend.use_triton`` says so (CUDA tensors, or a
+    forced mode), else ``swiglu_ref`` differentiated by autograd. See the module docstring for the
+    backward formulas and what is saved.
+    """
+    _check(gate, up)
+    if use_triton(gate, up):
+        return SwiGLUFunction.apply(gate, up)
+    return swiglu_ref(gate, up)
