@@ -1,0 +1,340 @@
+"""The Llama model family (Llama 2/3/3.1, Mistral, TinyLlama, SmolLM2) in one readable file.
+
+Top-down: the three ops (`rms_norm`, `apply_rope`, `swiglu`; kernels/ has drop-in replacements),
+the rotary frequencies, the attention mask, the KV cache, then the modules RMSNorm → attention →
+MLP → decoder block → model → causal LM. Module and parameter names mirror transformers' exactly
+(``model.layers.0.self_attn.q_proj.weight``), so checkpoints and PEFT adapters map one to one.
+
+Shapes: B batch, T new tokens, S key length (cache + new), H hidden, nh query heads, nkv key/value
+heads, hd head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.config import LlamaConfig
+from models.presets import PRESETS, Preset
+
+__all__ = ["LlamaConfig", "PRESETS", "Preset", "LlamaForCausalLM", "LlamaModel", "KVCache",
+           "rms_norm", "apply_rope", "swiglu", "rope_inv_freq"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Ops (same signatures as kernels/rms_norm.py, kernels/rope.py, kernels/swiglu.py)
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = x / sqrt(mean(x², -1) + eps) * weight, computed in fp32; x (..., H), weight (H,)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] along the last dim (HF's half-rotation layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
+               inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embeddings: x*cos + rotate_half(x)*sin with angle pos * inv_freq (repeated twice on hd).
+
+    q (B, T, nh, hd), k (B, T, nkv, hd), position_ids (B, T) int, inv_freq (hd/2,) fp32.
+    Computed in fp32, returned in q.dtype.
+    """
+    angles = position_ids.float()[..., None] * inv_freq.float()  # (B, T, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # (B, T, 1, hd)
+    cos, sin = angles.cos(), angles.sin()
+    qf, kf = q.float(), k.float()
+    q_out = qf * cos + _rotate_half(qf) * sin
+    k_out = kf * cos + _rotate_half(kf) * sin
+    return q_out.to(q.dtype), k_out.to(k.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up."""
+    return F.silu(gate) * up
+
+
+def rope_inv_freq(cfg: LlamaConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies (hd/2,) fp32: theta^(-2i/hd), then the config's scaling.
+
+    linear: divided by ``factor``. llama3 (Llama 3.1): wavelengths 2π/f longer than
+    original_max/low_freq_factor are divided by ``factor``, shorter than original_max/high_freq_factor
+    are kept, and in between interpolated with s = (original_max/wavelen - low) / (high - low):
+    f' = (1 - s) f / factor + s f. Done in fp32 exactly as transformers does, so logits match.
+    """
+    dim = cfg.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    old_len = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention mask and KV cache
+
+@dataclass
+class AttentionBias:
+    """What SDPA needs: either ``is_causal`` (no explicit mask) or a boolean ``mask`` (B, 1, T, S),
+    True = may attend. Both off means attend to every key (one new token after the cache)."""
+    mask: torch.Tensor | None
+    is_causal: bool
+
+
+def build_attention_bias(key_real: torch.Tensor | None, segment_ids: torch.Tensor | None,
+                         sliding_window: int | None, past: int, T: int,
+                         device: torch.device) -> AttentionBias:
+    """Allowed (query i, key j), in absolute indices qi = past + i, kj = j < past + T:
+    kj <= qi (causal), kj > qi - window (Mistral, as transformers: the token and window-1 before),
+    key j is a real token (key_real (B, S)), same segment (segment_ids (B, T), no cache).
+
+    A query always sees itself, so a padding query never gets an all-False row (SDPA would return
+    NaN there); its output is garbage that no one reads.
+    """
+    S = past + T
+    windowed = sliding_window is not None and S > sliding_window
+    if key_real is None and segment_ids is None and not windowed:
+        if past == 0:
+            return AttentionBias(None, is_causal=T > 1)
+        if T == 1:
+            return AttentionBias(None, is_causal=False)
+    qi = torch.arange(past, S, device=device)[:, None]  # (T, 1)
+    kj = torch.arange(S, device=device)[None, :]  # (1, S)
+    allowed = kj <= qi  # (T, S)
+    if windowed:
+        allowed = allowed & (kj > qi - sliding_window)
+    allowed = allowed[None]  # (1, T, S)
+    if key_real is not None:
+        allowed = allowed & key_real[:, None, :].bool()  # (B, T, S)
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])  # (B, T, T)
+    allowed = allowed | (kj == qi)
+    return AttentionBias(allowed[:, None], is_causal=False)  # (B|1, 1, T, S)
+
+
+class KVCache:
+    """Preallocated keys/values for generation: per layer (B, nkv, max_len, hd).
+
+    ``length`` positions are filled; ``key_real`` (B, max_len) marks real tokens (padding is masked
+    out of later attention); ``next_position`` (B,) is each row's next RoPE position (the number of
+    real tokens so far), so left-padded prompts continue at the right position.
+    """
+
+    def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.key_real = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self.length = 0
+        self.padded = False  # whether any padding was ever cached (then masks are explicit)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new k, v (B, nkv, T, hd) after the cached ones; return all (B, nkv, S, hd)."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def default_position_ids(attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None,
+                         cache: KVCache | None, B: int, T: int, device: torch.device) -> torch.Tensor:
+    """(B, T) RoPE positions: cumsum(mask)-1 clamped at 0 (plus the cache's next position); with
+    segment_ids, the index inside each packed document (so each document starts at 0)."""
+    if segment_ids is not None:
+        idx = torch.arange(T, device=device).expand(B, T)
+        starts = torch.ones_like(segment_ids, dtype=torch.bool)
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # start of own document
+        return idx - first
+    mask = attention_mask if attention_mask is not None else torch.ones(B, T, dtype=torch.long, device=device)
+    pos = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    return pos if cache is None else pos + cache.next_position[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+
+class LlamaRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query attention with RoPE through F.scaled_dot_product_attention."""
+
+    def __init__(self, cfg: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        H, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(H, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=bias)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
+                bias: AttentionBias, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, nkv, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, nkv, hd)
+        q, k = apply_rope(q, k, position_ids, inv_freq)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.mask, is_causal=bias.is_causal,
+                                           enable_gqa=self.n_kv != self.n_heads)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
+        return self.o_proj(y)
+
+
+class LlamaMLP(nn.Module):
+    """down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        H, I, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(H, I, bias=bias)
+        self.up_proj = nn.Linear(H, I, bias=bias)
+        self.down_proj = nn.Linear(I, H, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+
+    def __init__(self, cfg: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, layer_idx)
+        self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
+                bias: AttentionBias, cache: KVCache | None = None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), position_ids, inv_freq, bias, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm. Returns the normed hidden states (B, T, H)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # (hd/2,) fp32
+        self.gradient_checkpointing = False
+
+    def _apply(self, fn, recurse=True):
+        # .to(bf16) would round inv_freq (and to_empty would leave it garbage): recompute it in fp32
+        # on whatever device the module now lives on.
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.config, self.inv_freq.device)
+        return self
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        B, T = input_ids.shape
+        device = input_ids.device
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed training) cannot be combined with a KV cache")
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: keep SDPA's fast causal path
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, segment_ids, cache, B, T, device)
+        key_real, past = attention_mask, 0
+        if cache is not None:
+            past = cache.length
+            if past + T > cache.max_len:
+                raise ValueError(f"KV cache full: {past} + {T} tokens > max_len {cache.max_len}")
+            new_real = attention_mask.bool() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+            cache.key_real[:, past:past + T] = new_real
+            cache.next_position += new_real.sum(dim=1)
+            cache.padded = cache.padded or attention_mask is not None
+            key_real = cache.key_real[:, :past + T] if cache.padded else None
+        bias = build_attention_bias(key_real, segment_ids, self.config.sliding_window, past, T, device)
+
+        h = self.embed_tokens(input_ids)  # (B, T, H)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, position_ids, self.inv_freq, bias, cache, use_reentrant=False)
+            else:
+                h = layer(h, position_ids, self.inv_freq, bias, cache)
+        if cache is not None:
+            cache.length += T
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    """`LlamaModel` plus the LM head (tied to the embedding when the config says so)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share embed_tokens.weight as the head weight (again after loading or to_empty)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.model.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        self.model.gradient_checkpointing = enabled
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache in the model's dtype and device."""
+        w = self.model.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len, w.dtype, w.device)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T, H): final-norm output, what the LM head (or a fused linear+CE) consumes."""
+        return self.model(input_ids, attention_mask, position_ids, segment_ids, cache)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V) in the model's dtype."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, cache))
