@@ -1,0 +1,221 @@
+"""Find a model folder, read its ``config.json``, and load its safetensors weights into our classes.
+
+Loading builds the model on the meta device (no memory), then reads tensor after tensor from the
+(possibly sharded) safetensors files, converts each to the requested dtype and device and assigns
+it as the module's parameter: a 7B model never exists twice in memory. `expected_tensors` is the
+one map from HF tensor names to ours; our module tree mirrors transformers' names, so the map is the
+identity on names and its job is to list every tensor with its shape, derived from the config.
+Weights are read with safetensors only; pickled ``.bin`` files are never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from engine.errors import InputError
+from models.config import LlamaConfig
+from models.llama import LlamaForCausalLM, rope_inv_freq
+from models.presets import PRESETS
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja"]
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# Tensors some checkpoints carry that we recompute or share: RoPE buffers of old exports.
+_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+Transform = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local folder as is; else a preset name or a hub id ``org/name``, downloaded (weights,
+    configs, tokenizer files only) with huggingface_hub, which honours ``HF_HUB_OFFLINE``."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if name in PRESETS:
+        hub_id = PRESETS[name].hub_id
+    elif _HUB_ID.match(name) and not path.exists():
+        hub_id = name
+    else:
+        raise InputError(f"model {name!r}: not a folder, a preset ({', '.join(PRESETS)}) or a hub id")
+    return _download(hub_id, name)
+
+
+def _download(hub_id: str, name: str) -> Path:
+    from huggingface_hub import snapshot_download  # imported here: only downloads need it
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=HUB_PATTERNS, local_files_only=offline))
+    except Exception as err:  # network, auth, offline-and-not-cached: all the user's to fix
+        how = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else "download failed"
+        raise InputError(f"model {name!r} (hub id {hub_id}): {how}: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+def read_config(model_dir: Path) -> LlamaConfig:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise InputError(f"{model_dir}: no config.json (expected a Hugging Face model folder)")
+    try:
+        hf = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+    try:
+        return LlamaConfig.from_hf_config(hf)
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
+
+
+def expected_tensors(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config holds: HF name (= our state_dict key) -> shape."""
+    H, I, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    q_out, kv_out = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, H)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (H,)
+        shapes[p + "post_attention_layernorm.weight"] = (H,)
+        for proj, (out_f, in_f) in {"q_proj": (q_out, H), "k_proj": (kv_out, H),
+                                    "v_proj": (kv_out, H), "o_proj": (H, q_out)}.items():
+            shapes[p + f"self_attn.{proj}.weight"] = (out_f, in_f)
+            if cfg.attention_bias:
+                shapes[p + f"self_attn.{proj}.bias"] = (out_f,)
+        for proj, (out_f, in_f) in {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}.items():
+            shapes[p + f"mlp.{proj}.weight"] = (out_f, in_f)
+            if cfg.mlp_bias:
+                shapes[p + f"mlp.{proj}.bias"] = (out_f,)
+    return shapes
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a folder: the shards its index lists, or model.safetensors."""
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise InputError(f"{index}: not a safetensors index with a weight_map ({err})") from None
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise InputError(f"{index}: shard(s) missing from {model_dir}: {', '.join(missing)}")
+        return files
+    if (model_dir / SINGLE_FILE).is_file():
+        return [model_dir / SINGLE_FILE]
+    found = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if len(found) == 1:
+        return [model_dir / found[0]]
+    pickled = sorted(p.name for p in model_dir.glob("*.bin"))
+    hint = f" (found {', '.join(pickled)}: pickled weights are never loaded; convert to safetensors)" if pickled else ""
+    raise InputError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+
+def load_weights(model: LlamaForCausalLM, model_dir: Path, dtype: torch.dtype, device: torch.device | str,
+                 transform: Transform | None = None) -> None:
+    """Assign every checkpoint tensor to ``model`` (built on meta), one tensor at a time.
+
+    Each tensor is checked (known name, shape, finite after the dtype cast), moved to ``device``
+    in ``dtype``, passed through ``transform(name, tensor)`` (a hook for per-layer quantization),
+    and set as the module's parameter. Raises `InputError` naming tensor and file on any mismatch.
+    """
+    expected = expected_tensors(model.config)
+    seen: dict[str, Path] = {}
+    for file in weight_files(model_dir):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if _IGNORED.match(name) or (name == "lm_head.weight" and model.config.tie_word_embeddings):
+                        continue
+                    if name not in expected:
+                        raise InputError(f"{file}: unexpected tensor {name!r} for this config.json")
+                    if name in seen:
+                        raise InputError(f"{file}: tensor {name!r} also in {seen[name].name}")
+                    seen[name] = file
+                    tensor = _checked_tensor(f.get_tensor(name), name, expected[name], file, dtype, device)
+                    _assign(model, name, transform(name, tensor) if transform else tensor)
+        except SafetensorError as err:
+            raise InputError(f"{file}: unreadable safetensors file (truncated or corrupt?): {err}") from None
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise InputError(f"{model_dir}: tensor(s) missing from the checkpoint: {', '.join(missing[:3])}{more}")
+    model.tie_weights()
+    model.model.inv_freq = rope_inv_freq(model.config, device)  # the non-persistent buffer, off meta
+
+
+def _checked_tensor(t: torch.Tensor, name: str, shape: tuple[int, ...], file: Path,
+                    dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    if tuple(t.shape) != shape:
+        raise InputError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape} from config.json")
+    if not t.is_floating_point():
+        raise InputError(f"{file}: tensor {name!r} has dtype {t.dtype}, expected a floating-point dtype")
+    t = t.to(device=device, dtype=dtype)
+    if not bool(torch.isfinite(t).all()):
+        raise InputError(f"{file}: tensor {name!r} has non-finite values (NaN or inf in {dtype})")
+    return t
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+
+
+def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> LlamaForCausalLM:
+    """A model folder, preset name or hub id -> `LlamaForCausalLM` in ``dtype`` on ``device``, eval mode."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise InputError(f"dtype {dtype}: expected torch.float32, torch.bfloat16 or torch.float16")
+    model_dir = resolve_model_dir(name_or_path)
+    cfg = read_config(model_dir)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    load_weights(model, model_dir, dtype, device)
+    return model.eval()
+
+
+def save_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
+               extra_config: dict | None = None) -> Path:
+    """Write ``config.json`` and safetensors weights (sharded with an index when over
+    ``max_shard_bytes``) in HF layout, so both `load_model` and transformers read them."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    names = list(expected_tensors(model.config))
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        nbytes = state[name].numel() * state[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    dtype = str(state[names[0]].dtype).removeprefix("torch.")
+    config = {**model.config.to_hf_config(), "torch_dtype": dtype, **(extra_config or {})}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if len(shards) == 1:
+        save_file({n: state[n].contiguous() for n in names}, out / SINGLE_FILE, metadata={"format": "pt"})
+        return out
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: state[n].contiguous() for n in shard}, out / fname, metadata={"format": "pt"})
+        weight_map.update({n: fname for n in shard})
+    total = sum(state[n].numel() * state[n].element_size() for n in names)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return out
