@@ -1,0 +1,174 @@
+"""SFT data: load a file, tokenize and mask every sample, apply the length policy, split.
+
+    data = load_sft_data("train.jsonl", tokenizer, max_len=512, eval_split=0.1, seed=42)
+    data.train, data.eval          # lists of `Sample` (input_ids, labels, source "file:line")
+    print(data.train_report.summary())
+
+Order of work, so that bad input fails before anything expensive: parse the whole file (a
+malformed line raises `InputError` naming file and line), detect the format, normalise every
+record, and only then tokenize. Samples that cannot be trained on are skipped and counted in a
+`DataReport` (with the first few line numbers per reason); a file with nothing left raises.
+
+Length policy for samples longer than ``max_len`` tokens: "truncate" keeps the first ``max_len``
+tokens (a sample left with no trainable token is then skipped as such), "drop" skips it, "error"
+raises naming the file and line of the first one. Formats, rendering and masking are described in
+`engine.data_formats` and `engine.data_render`; batching and packing in `engine.batching`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.data_formats import SKIP_EMPTY, SKIP_MISSING, detect_format, read_records, to_record
+from engine.data_render import IGNORE, SpecialTokens, render_record
+from engine.errors import InputError
+
+LENGTH_POLICIES = ("truncate", "drop", "error")
+FIRST_LINES_KEPT = 5
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One tokenized sample: ``input_ids`` and aligned ``labels`` (-100 = no loss), same length."""
+
+    input_ids: list[int]
+    labels: list[int]
+    source: str  # "file:line", for reports and error messages
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+@dataclass
+class DataReport:
+    """What happened to the records of one file; ``lines[reason]`` holds the first few lines."""
+
+    file: str
+    format: str = ""
+    loaded: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    skipped_missing_fields: int = 0
+    skipped_empty_completion: int = 0
+    skipped_no_trainable_tokens: int = 0
+    lines: dict[str, list[int]] = field(default_factory=dict)
+
+    def count(self, reason: str, line: int) -> None:
+        setattr(self, reason, getattr(self, reason) + 1)
+        first = self.lines.setdefault(reason, [])
+        if len(first) < FIRST_LINES_KEPT:
+            first.append(line)
+
+    def summary(self) -> str:
+        parts = [f"{self.file} ({self.format}): {self.loaded} loaded, {self.kept} kept"]
+        for reason in ("truncated", "dropped_too_long", "skipped_missing_fields",
+                       "skipped_empty_completion", "skipped_no_trainable_tokens"):
+            n = getattr(self, reason)
+            if n:
+                first = self.lines[reason]
+                lines = ", ".join(map(str, first)) + (", ..." if n > len(first) else "")
+                parts.append(f"{n} {reason.replace('_', ' ')} (lines {lines})")
+        return "; ".join(parts)
+
+
+@dataclass
+class SFTData:
+    train: list[Sample]
+    eval: list[Sample]
+    train_report: DataReport
+    eval_report: DataReport | None  # None when the eval set was split off the training file
+
+
+def load_samples(path: str | Path, tokenizer: Any, *, format: str | None = None,
+                 max_len: int | None = None, length_policy: str = "truncate",
+                 train_on_prompt: bool = False) -> tuple[list[Sample], DataReport]:
+    """Parse, detect, normalise, tokenize and length-check every record of one file."""
+    if length_policy not in LENGTH_POLICIES:
+        raise InputError(f"length_policy={length_policy!r}; expected one of "
+                         f"{', '.join(LENGTH_POLICIES)}")
+    if max_len is not None and max_len < 2:
+        raise InputError(f"max_len={max_len}; expected at least 2 tokens")
+    path = Path(path)
+    records = read_records(path)
+    special = SpecialTokens.of(tokenizer)
+    report = DataReport(file=str(path), format=detect_format(records, path, format),
+                        loaded=len(records))
+    normalised = []
+    for line, obj in records:
+        rec = to_record(obj, line, report.format, special.has_chat_template)
+        if rec == SKIP_MISSING:
+            report.count("skipped_missing_fields", line)
+        elif rec == SKIP_EMPTY:
+            report.count("skipped_empty_completion", line)
+        else:
+            normalised.append(rec)
+    samples = []
+    for rec in normalised:
+        source = f"{path}:{rec.line}"
+        ids, labels = render_record(rec, tokenizer, special, train_on_prompt=train_on_prompt,
+                                    source=source)
+        if max_len is not None and len(ids) > max_len:
+            if length_policy == "error":
+                raise InputError(f"{source}: sample has {len(ids)} tokens, more than max_len="
+                                 f"{max_len} (length_policy='error'; use 'truncate' or 'drop')")
+            if length_policy == "drop":
+                report.count("dropped_too_long", rec.line)
+                continue
+            ids, labels = ids[:max_len], labels[:max_len]
+            if any(label != IGNORE for label in labels):
+                report.count("truncated", rec.line)
+        if all(label == IGNORE for label in labels):
+            report.count("skipped_no_trainable_tokens", rec.line)
+            continue
+        samples.append(Sample(ids, labels, source))
+    report.kept = len(samples)
+    if not samples:
+        raise InputError(f"{path}: no usable samples; {report.summary()}")
+    return samples, report
+
+
+def split_eval(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out ``round(fraction * n)`` samples (at least 1), chosen by a seeded permutation.
+
+    Both parts keep file order. Deterministic given (samples, fraction, seed).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise InputError(f"eval_split={fraction}; expected a fraction in [0, 1)")
+    if fraction == 0.0:
+        return samples, []
+    n_eval = max(1, round(fraction * len(samples)))
+    if n_eval >= len(samples):
+        raise InputError(f"eval_split={fraction} leaves no training samples out of {len(samples)}")
+    generator = torch.Generator().manual_seed(seed)
+    held = set(torch.randperm(len(samples), generator=generator)[:n_eval].tolist())
+    train = [s for i, s in enumerate(samples) if i not in held]
+    return train, [s for i, s in enumerate(samples) if i in held]
+
+
+def load_sft_data(path: str | Path, tokenizer: Any, *, format: str | None = None,
+                  max_len: int | None = None, length_policy: str = "truncate",
+                  train_on_prompt: bool = False, eval_path: str | Path | None = None,
+                  eval_split: float = 0.0, seed: int = 0) -> SFTData:
+    """Training (and evaluation) samples: from ``eval_path`` or an ``eval_split`` of ``path``.
+
+    Both files are parsed and checked before either is tokenized, so a malformed eval file also
+    fails before any work.
+    """
+    if eval_path is not None and eval_split:
+        raise InputError("give either an eval file or eval_split, not both")
+    if eval_path is not None:
+        read_records(eval_path)  # fail early on a malformed eval file
+    options = dict(format=format, max_len=max_len, length_policy=length_policy,
+                   train_on_prompt=train_on_prompt)
+    train, train_report = load_samples(path, tokenizer, **options)
+    if eval_path is None:
+        train, held = split_eval(train, eval_split, seed)
+        return SFTData(train, held, train_report, None)
+    held, eval_report = load_samples(eval_path, tokenizer, **options)
+    return SFTData(train, held, train_report, eval_report)

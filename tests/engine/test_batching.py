@@ -1,0 +1,130 @@
+"""engine.batching / engine.packing: the seeded epoch order, padded batches, packed rows, and
+resuming at (epoch, batch index)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from engine.batching import BatchLoader, collate_padded, epoch_order
+from engine.data import Sample
+from engine.data_render import IGNORE
+from engine.packing import plan_rows
+
+PAD = 0
+
+
+def make_samples(n: int, max_len: int, seed: int = 0) -> list[Sample]:
+    """Variable-length documents with a masked prompt part and distinct token ids."""
+    rng = random.Random(seed)
+    samples = []
+    for i in range(n):
+        length = rng.randint(2, max_len)
+        ids = [rng.randint(1, 500) for _ in range(length)]
+        prompt = rng.randint(1, length - 1)
+        labels = [IGNORE] * prompt + ids[prompt:]
+        samples.append(Sample(ids, labels, f"mem:{i + 1}"))
+    return samples
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert (x.epoch, x.index, x.sample_ids, x.num_trainable) == (y.epoch, y.index, y.sample_ids, y.num_trainable)
+        for name in ("input_ids", "labels", "attention_mask", "position_ids", "segment_ids"):
+            tx, ty = getattr(x, name), getattr(y, name)
+            assert (tx is None and ty is None) or torch.equal(tx, ty), name
+
+
+def test_epoch_order_is_a_permutation_fixed_by_seed_and_epoch():
+    order = epoch_order(37, seed=5, epoch=2)
+    assert sorted(order) == list(range(37))
+    assert order == epoch_order(37, seed=5, epoch=2)
+    assert order != epoch_order(37, seed=5, epoch=3) and order != epoch_order(37, seed=6, epoch=2)
+
+
+@pytest.mark.parametrize("n,batch_size", [(1, 1), (7, 3), (16, 4)])
+def test_padded_batches_pad_right_and_cover_each_sample_once(n, batch_size):
+    samples = make_samples(n, 23)
+    loader = BatchLoader(samples, batch_size, pad_id=PAD, seed=1)
+    batches = list(loader.batches(epoch=0))
+    assert len(batches) == loader.num_batches(0) == -(-n // batch_size)
+    seen = [i for b in batches for row in b.sample_ids for i in row]
+    assert seen == epoch_order(n, 1, 0)
+    for batch in batches:
+        width = batch.input_ids.shape[1]
+        assert width == max(len(samples[r[0]].input_ids) for r in batch.sample_ids)
+        for row, (i,) in enumerate(batch.sample_ids):
+            s, k = samples[i], len(samples[i].input_ids)
+            assert batch.input_ids[row, :k].tolist() == s.input_ids and batch.labels[row, :k].tolist() == s.labels
+            assert (batch.input_ids[row, k:] == PAD).all() and (batch.labels[row, k:] == IGNORE).all()
+            assert batch.attention_mask[row].tolist() == [1] * k + [0] * (width - k)
+            assert batch.position_ids[row, :k].tolist() == list(range(k))
+        assert batch.segment_ids is None
+        assert batch.num_trainable == sum(samples[r[0]].num_trainable for r in batch.sample_ids)
+
+
+def test_pad_to_multiple_of_rounds_the_width_up():
+    samples = make_samples(3, 21)
+    batch = collate_padded(samples, PAD, pad_to_multiple_of=8)
+    assert batch["input_ids"].shape[1] % 8 == 0
+    assert batch["input_ids"].shape[1] - max(len(s.input_ids) for s in samples) < 8
+
+
+@pytest.mark.parametrize("n,max_len,batch_size", [(1, 8, 1), (25, 16, 3), (40, 37, 2)])
+def test_packed_rows_are_full_length_with_per_document_positions_and_segments(n, max_len, batch_size):
+    samples = make_samples(n, max_len, seed=n)
+    loader = BatchLoader(samples, batch_size, pad_id=PAD, seed=2, pack=True, max_len=max_len)
+    batches = list(loader.batches(epoch=1))
+    placed = []
+    for batch in batches:
+        assert batch.input_ids.shape[1] == max_len and batch.segment_ids is not None
+        for row, docs in enumerate(batch.sample_ids):
+            pos = 0
+            for segment, i in enumerate(docs):  # each document whole, contiguous, in its own segment
+                k = len(samples[i].input_ids)
+                assert batch.input_ids[row, pos:pos + k].tolist() == samples[i].input_ids
+                assert batch.labels[row, pos:pos + k].tolist() == samples[i].labels
+                assert batch.labels[row, pos] == IGNORE  # never predicted from the previous doc
+                assert batch.position_ids[row, pos:pos + k].tolist() == list(range(k))
+                assert (batch.segment_ids[row, pos:pos + k] == segment).all()
+                pos += k
+            assert batch.attention_mask[row].tolist() == [1] * pos + [0] * (max_len - pos)
+            assert (batch.segment_ids[row, pos:] == len(docs)).all() and (batch.labels[row, pos:] == IGNORE).all()
+            placed += docs
+        assert batch.num_trainable == int((batch.labels[:, 1:] != IGNORE).sum())
+    assert sorted(placed) == list(range(n))  # every document exactly once
+    tokens = Counter(t for b in batches for t in b.input_ids[b.attention_mask.bool()].tolist())
+    assert tokens == Counter(t for s in samples for t in s.input_ids)  # token multiset preserved
+    assert sum(b.num_trainable for b in batches) == sum(s.num_trainable for s in samples)
+
+
+def test_best_fit_keeps_rows_full_and_is_a_function_of_the_order():
+    lengths = [5, 9, 3, 7, 1, 8, 2, 10, 6, 4]
+    order = list(range(len(lengths)))
+    rows = plan_rows(lengths, order, 10)
+    assert all(sum(lengths[i] for i in row) <= 10 for row in rows)
+    assert len(rows) == 6  # 55 tokens: a perfect packing needs 6 rows of 10
+    assert rows == plan_rows(lengths, order, 10)
+    with pytest.raises(ValueError, match="max_len=8"):
+        plan_rows(lengths, order, 8)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_resume_at_epoch_and_batch_index_gives_the_same_batches(pack):
+    samples = make_samples(30, 19, seed=7)
+    make = lambda: BatchLoader(samples, 4, pad_id=PAD, seed=11, pack=pack, max_len=19)  # noqa: E731
+    for epoch in (0, 3):
+        full = list(make().batches(epoch))
+        for start in (0, 1, len(full) - 1, len(full)):
+            assert_batches_equal(full[start:], list(make().batches(epoch, start=start)))
+    assert [b.sample_ids for b in make().batches(0)] != [b.sample_ids for b in make().batches(1)]
+
+
+def test_eval_loader_without_shuffle_keeps_file_order():
+    samples = make_samples(9, 11)
+    loader = BatchLoader(samples, 4, pad_id=PAD, shuffle=False)
+    assert [r[0] for b in loader.batches(0) for r in b.sample_ids] == list(range(9))
