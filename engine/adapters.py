@@ -1,0 +1,272 @@
+"""LoRA adapters in PEFT's folder format, both ways, so HF PEFT and vLLM load ours and we load theirs.
+
+A folder holds
+
+* ``adapter_config.json``: PEFT's ``LoraConfig`` fields (``peft_type`` "LORA", ``r``, ``lora_alpha``,
+  ``lora_dropout``, ``target_modules``, ``use_rslora``, ``rank_pattern``...);
+* ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight`` (r, in) and
+  ``...lora_B.weight`` (out, r) per adapted module. PEFT also writes/accepts ``.lora_A.default.weight``
+  and keys without the ``base_model.model.`` prefix; we read all of these spellings.
+
+Our own extra information (training lineage, ``metadata=``) rides in the safetensors header under
+the key ``lora_engine`` as a JSON string: PEFT ignores the header, whereas an unknown key in
+``adapter_config.json`` makes it warn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from engine.errors import InputError
+from engine.lora import ALL_LINEAR, LoRAConfig, find_targets, inject_lora, lora_modules
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+METADATA_KEY = "lora_engine"
+_PREFIX = "base_model.model."
+_KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.default)?\.weight$")
+
+# PEFT LoraConfig features we cannot honour: field -> value(s) meaning "not used".
+_UNSUPPORTED = {
+    "use_dora": (False, None),
+    "lora_bias": (False, None),
+    "bias": ("none", None),
+    "fan_in_fan_out": (False, None),
+    "modules_to_save": (None, []),
+    "layers_to_transform": (None, []),
+    "layer_replication": (None, []),
+    "trainable_token_indices": (None, [], {}),
+    "target_parameters": (None, []),
+    "use_qalora": (False, None),
+    "alora_invocation_tokens": (None, []),
+}
+
+
+# ----------------------------------------------------------------------------- save
+
+def _target_modules_for_save(model: nn.Module, names: list[str]) -> list[str]:
+    """Short names (``q_proj``) when they select exactly the adapted modules, else the full names."""
+    short = sorted({n.split(".")[-1] for n in names})
+    selected = [n for n, _ in model.named_modules() if n and n.split(".")[-1] in short]
+    return short if sorted(selected) == sorted(names) else sorted(names)
+
+
+def peft_config_dict(model: nn.Module, cfg: LoRAConfig, base_model_name_or_path: str | None) -> dict[str, Any]:
+    """The ``adapter_config.json`` contents for the adapters in ``model`` (PEFT 0.21's LoraConfig fields)."""
+    names = list(lora_modules(model))
+    if not names:
+        raise ValueError("save_adapter: the model has no LoRA adapters")
+    if cfg.target_modules == ALL_LINEAR:
+        target_modules: list[str] | str = _target_modules_for_save(model, names)
+    elif isinstance(cfg.target_modules, str):
+        target_modules = cfg.target_modules
+    else:
+        target_modules = sorted(cfg.target_modules)
+    exclude = cfg.exclude_modules if isinstance(cfg.exclude_modules, (str, type(None))) else list(cfg.exclude_modules)
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": target_modules,
+        "exclude_modules": exclude,
+        "use_rslora": cfg.use_rslora,
+        "rank_pattern": dict(cfg.rank_pattern),
+        "alpha_pattern": dict(cfg.alpha_pattern),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "use_dora": False,
+        "lora_bias": False,
+        "revision": None,
+    }
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT-keyed copies of the LoRA weights: ``base_model.model.<module>.lora_{A,B}.weight``."""
+    tensors = {}
+    for name, m in lora_modules(model).items():
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous().clone()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous().clone()
+    return tensors
+
+
+def save_adapter(model: nn.Module, lora_cfg: LoRAConfig, out_dir: str | os.PathLike,
+                 base_model_name_or_path: str | None, metadata: dict[str, Any] | None = None) -> Path:
+    """Write the model's adapters as a PEFT folder at ``out_dir``, atomically; return the path.
+
+    The folder is built under a temporary sibling name and renamed into place, so a reader never
+    sees half an adapter; an existing folder at ``out_dir`` is replaced as a whole.
+    """
+    out = Path(out_dir)
+    config = peft_config_dict(model, lora_cfg, base_model_name_or_path)
+    header = {"format": "pt"}
+    if metadata is not None:
+        header[METADATA_KEY] = json.dumps(metadata, sort_keys=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(adapter_state_dict(model), str(tmp / WEIGHTS_NAME), metadata=header)
+    (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _replace_dir(tmp, out)
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; an existing ``dst`` is moved aside first and removed after."""
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+# ----------------------------------------------------------------------------- load
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
+    """Parse ``adapter_config.json`` into a LoRAConfig; refuse PEFT features we do not implement."""
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not Path(adapter_dir).is_dir():
+        raise InputError(f"{adapter_dir}: adapter folder not found")
+    if not path.is_file():
+        raise InputError(f"{path}: not found; a PEFT adapter folder has adapter_config.json and {WEIGHTS_NAME}")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise InputError(f"{path}: peft_type is {raw.get('peft_type')!r}; only LORA adapters are supported")
+    for key, neutral in _UNSUPPORTED.items():
+        if raw.get(key) not in neutral:
+            raise InputError(f"{path}: {key}={raw[key]!r} is not supported (LoRA on linear layers only)")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in raw:
+            raise InputError(f"{path}: missing required field {key!r}")
+    try:
+        return LoRAConfig(
+            r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
+            target_modules=raw["target_modules"], use_rslora=bool(raw.get("use_rslora", False)),
+            rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},
+            exclude_modules=raw.get("exclude_modules"),
+        )
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
+
+
+def read_adapter_metadata(adapter_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``metadata`` dict given to `save_adapter`, or None when the adapter has none."""
+    with safe_open(str(Path(adapter_dir) / WEIGHTS_NAME), framework="pt") as f:
+        text = (f.metadata() or {}).get(METADATA_KEY)
+    return json.loads(text) if text is not None else None
+
+
+def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module name: {"lora_A": tensor, "lora_B": tensor}}`` from the safetensors file, any PEFT key spelling."""
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    if not path.is_file():
+        hint = " (adapter_model.bin is a pickle; re-save it with safetensors)" if (
+            Path(adapter_dir) / "adapter_model.bin").exists() else ""
+        raise InputError(f"{path}: not found{hint}")
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                match = _KEY_RE.match(key.removeprefix(_PREFIX))
+                if match is None:
+                    raise InputError(f"{path}: tensor {key!r} is not a LoRA A/B weight (embedding, DoRA or "
+                                     f"modules_to_save tensors are not supported)")
+                weights.setdefault(match["module"], {})[match["which"]] = f.get_tensor(key)
+    except InputError:
+        raise
+    except Exception as err:  # safetensors raises its own error types for corrupt headers/files
+        raise InputError(f"{path}: cannot read safetensors file ({err})") from None
+    for module, pair in weights.items():
+        for which in ("lora_A", "lora_B"):
+            if which not in pair:
+                raise InputError(f"{path}: {module}.{which}.weight is missing")
+    return weights
+
+
+def _check_shapes(path: Path, model: nn.Module, cfg: LoRAConfig, targets: list[str],
+                  weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    unknown = sorted(set(weights) - set(targets))
+    if unknown:
+        raise InputError(f"{path}: weights for {unknown[0]!r}, which the adapter config does not target "
+                         f"or the model does not have ({len(unknown)} such modules)")
+    missing = sorted(set(targets) - set(weights))
+    if missing:
+        raise InputError(f"{path}: no weights for targeted module {missing[0]!r} ({len(missing)} missing)")
+    for name in targets:
+        base = model.get_submodule(name)
+        r = cfg.rank_for(name)
+        expected = {"lora_A": (r, base.in_features), "lora_B": (base.out_features, r)}
+        for which, shape in expected.items():
+            got = tuple(weights[name][which].shape)
+            if got != shape:
+                raise InputError(f"{path}: {_PREFIX}{name}.{which}.weight has shape {got}, expected {shape} "
+                                 f"(r={r}, base {base.out_features}x{base.in_features})")
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAConfig:
+    """Inject LoRA into ``model`` per the folder's config and load its weights (as fp32); return the config.
+
+    Everything is checked before the model is touched: the config, every key and shape.
+    """
+    cfg = read_adapter_config(adapter_dir)
+    weights = read_adapter_weights(adapter_dir)
+    try:
+        targets = find_targets(model, cfg)
+    except InputError as err:
+        raise InputError(f"{Path(adapter_dir) / CONFIG_NAME}: {err}") from None
+    _check_shapes(Path(adapter_dir) / WEIGHTS_NAME, model, cfg, targets, weights)
+    inject_lora(model, cfg)
+    modules = lora_modules(model)
+    with torch.no_grad():
+        for name, pair in weights.items():
+            modules[name].lora_A.copy_(pair["lora_A"].to(torch.float32))
+            modules[name].lora_B.copy_(pair["lora_B"].to(torch.float32))
+    return cfg
+
+
+def load_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
+    """Copy a saved adapter's weights into a model that already has the same LoRA layers (resume)."""
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    weights = read_adapter_weights(adapter_dir)
+    modules = lora_modules(model)
+    if set(weights) != set(modules):
+        diff = sorted(set(weights) ^ set(modules))
+        raise InputError(f"{path}: its LoRA modules differ from the model's (e.g. {diff[0]!r})")
+    for name, m in modules.items():
+        for which, param in (("lora_A", m.lora_A), ("lora_B", m.lora_B)):
+            got = tuple(weights[name][which].shape)
+            if got != tuple(param.shape):
+                raise InputError(f"{path}: {name}.{which} has shape {got}, expected {tuple(param.shape)}")
+    with torch.no_grad():
+        for name, m in modules.items():
+            m.lora_A.copy_(weights[name]["lora_A"].to(torch.float32))
+            m.lora_B.copy_(weights[name]["lora_B"].to(torch.float32))
