@@ -5,6 +5,7 @@ length policy, skip counts and the eval split, against a small real BPE tokenize
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -249,3 +250,38 @@ def test_eval_split_is_deterministic_disjoint_and_covers_everything(tmp_path):
         split_eval(a.train, 1.0, 0)
     sep = load_sft_data(path, tok, eval_path=write_jsonl(tmp_path / "e.jsonl", rows[:3]))
     assert len(sep.train) == 20 and len(sep.eval) == 3 and sep.eval_report.kept == 3
+
+
+# ------------------------------------------------------------------ the example dataset
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def normalise_space(text: str) -> str:
+    return " ".join(text.split())
+
+
+def quoted_passages(answer: str) -> list[str]:
+    """Text between an opening '"' (after a space, '(' or the start) and a closing '"' (before a
+    space, punctuation or the end); quotes nested inside a passage stay part of it."""
+    return re.findall(r'(?:(?<=^)|(?<=[\s(]))"(.+?)"(?=[\s.,;:)]|$)', answer)
+
+
+def test_license_qa_answers_quote_the_license_verbatim_and_name_the_section():
+    license_text = normalise_space((EXAMPLES / "APACHE-2.0.txt").read_text(encoding="utf-8"))
+    train, held = read_rows(EXAMPLES / "license_qa.jsonl"), read_rows(EXAMPLES / "license_qa_eval.jsonl")
+    assert len(train) >= 100 and len(held) >= 25
+    for row in train + held:
+        user, assistant = row["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        passages = quoted_passages(assistant["content"])
+        assert passages, assistant["content"]
+        for passage in passages:
+            assert normalise_space(passage) in license_text, passage
+        assert re.search(r"Section \d|Appendix|boilerplate|Version 2\.0", assistant["content"])
+    questions = {r["messages"][0]["content"] for r in train}
+    assert len(questions) == len(train)
+    assert not questions & {r["messages"][0]["content"] for r in held}
+    assert {r["messages"][1]["content"] for r in held} <= {r["messages"][1]["content"] for r in train}
