@@ -84,7 +84,7 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
     except FileNotFoundError:
         raise InputError(f"{path}: data file not found") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -104,7 +104,8 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
 
 def _read_jsonl(text: str, path: Path) -> list[tuple[int, Any]]:
     records = []
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines would also split at U+2028 inside JSON strings
+    for number, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
         try:

@@ -88,6 +88,14 @@ def test_format_can_be_forced_and_json_array_files_keep_line_numbers(tmp_path):
     assert decoded_spans(tok, forced[0]) == ["t</s>"]
 
 
+def test_jsonl_with_bom_crlf_and_line_separators_inside_strings(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [json.dumps({"text": "one\u2028two"}, ensure_ascii=False), json.dumps({"text": "three"})]
+    path.write_bytes(("\ufeff" + "\r\n".join(rows) + "\r\n").encode("utf-8"))
+    samples, report = load_samples(path, TinyTokenizer())
+    assert report.kept == 2 and samples[1].source.endswith(":2")
+
+
 def test_messages_and_sharegpt_render_identically(tmp_path):
     tok = TinyTokenizer()
     a, _ = load_samples(write_jsonl(tmp_path / "m.jsonl", [{"messages": CHAT}]), tok)
