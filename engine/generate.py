@@ -1,0 +1,121 @@
+"""Text generation with the KV cache: greedy or top-p sampling, streamed to stdout.
+
+    python -m engine.generate --model NAME_OR_DIR --prompt TEXT [--chat] [--max-new-tokens N]
+                              [--temperature T --top-p P] [--seed S] [--dtype fp32|bf16|fp16]
+
+The prompt is run once through the model (prefill, filling the cache), then one token per step
+attends to the cache. Generation stops at any end-of-sequence id (the config's and the tokenizer's,
+incl. generation_config.json) or after N new tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from engine.errors import InputError, run_cli
+from models.llama import LlamaForCausalLM
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> int:
+    """Next token from logits (V,): argmax when temperature == 0, else nucleus sampling from
+    softmax(logits / T) restricted to the smallest prefix (by probability) whose mass reaches top_p."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(descending=True)
+    mass_before = sorted_probs.cumsum(0) - sorted_probs
+    sorted_probs = torch.where(mass_before < top_p, sorted_probs, torch.zeros_like(sorted_probs))  # keeps the top-1
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+    return int(order[choice])
+
+
+@torch.inference_mode()
+def generate(model: LlamaForCausalLM, input_ids: torch.Tensor | list[int], max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, eos_token_ids: Iterable[int] = (),
+             generator: torch.Generator | None = None) -> Iterator[int]:
+    """Yield up to ``max_new_tokens`` new token ids for one prompt (T,) or (1, T); an eos id is
+    yielded and ends the stream."""
+    device = model.model.embed_tokens.weight.device
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(1, -1)  # (1, T)
+    if ids.shape[1] == 0:
+        raise InputError("the prompt is empty: nothing to condition generation on")
+    if not 0.0 < top_p <= 1.0:
+        raise InputError(f"top_p={top_p}: expected 0 < top_p <= 1")
+    eos = set(eos_token_ids)
+    cache = model.new_cache(batch_size=1, max_len=ids.shape[1] + max_new_tokens)
+    logits = model(ids, cache=cache)[0, -1]  # prefill: (V,) for the last prompt token
+    for _ in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_p, generator)
+        yield token
+        if token in eos:
+            return
+        logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1]  # (V,)
+
+
+class TextStream:
+    """Incremental detokenisation: `push` returns the newly completed text, holding back a trailing
+    U+FFFD (a UTF-8 character whose bytes are split across tokens) until it completes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.printed = text[self.printed:], len(text)
+        return new
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        new, self.printed = text[self.printed:], len(text)
+        return new
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="model folder, preset name or hub id")
+    parser.add_argument("--prompt", required=True, help="prompt text")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="maximum new tokens (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="compute dtype (default fp32)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens <= 0 or args.temperature < 0:
+        raise InputError("--max-new-tokens must be > 0 and --temperature >= 0")
+
+    from models import load_model, load_tokenizer, resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, dtype=DTYPES[args.dtype], device=args.device)
+    if args.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+    else:
+        prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=True)
+    eos = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    stream = TextStream(tokenizer)
+    for token in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, eos, generator):
+        sys.stdout.write(stream.push(token))
+        sys.stdout.flush()
+    sys.stdout.write(stream.flush() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
