@@ -1,0 +1,349 @@
+"""Blockwise NF4 quantization, bit-for-bit as bitsandbytes does it, with a fused Triton dequantizer.
+
+Format (QLoRA, Dettmers et al. 2023). A weight of ``n`` elements, read flat in row-major order, is
+cut into blocks of ``blocksize`` elements (the last block may be partial). Per block b:
+
+    absmax[b] = max_i |w_i|                      (fp32)
+    code_i    = argmin_k |w_i / absmax[b] - NF4[k]|   over the 16 sorted NF4 values in [-1, 1]
+    w_i      ~= NF4[code_i] * absmax[b]
+
+Rounding is bitsandbytes' (its CPU/torch path): the scaled value is ``w * (1 / absmax)`` for full
+blocks and ``w / absmax`` for the partial last one (two different fp32 roundings, reproduced), then
+``bucketize`` against the fp32 midpoints of adjacent codes: a value exactly on a midpoint takes
+the LOWER code. Two codes per byte, the first element in the HIGH nibble; an odd count is padded
+with code 7 (the value 0.0).
+
+Double quantization ("compress statistics"): ``offset = mean(absmax)``; ``absmax - offset`` is
+quantized to 8 bits blockwise (blocksize 256) on bitsandbytes' signed dynamic map, keeping the
+second-level scales ``nested_absmax`` (fp32) and ``offset``. Dequantized:
+
+    absmax[b] = DYN[qabsmax[b]] * nested_absmax[b // 256] + offset
+
+The 8-bit rounding follows bitsandbytes' CPU kernel: the scaled value in [-1, 1] is first put on
+a 65536-point grid, ``floor((v + 1) / 2 * 65535 + 0.5)``, then mapped to the code whose midpoint
+interval holds that grid point. This differs from exact nearest-code rounding only for values
+within 1/65535 of a midpoint, i.e. by at most one code step of an absmax, and makes our statistics
+byte-identical to bitsandbytes'.
+
+Shapes: ``packed`` (ceil(n/2),) uint8; ``absmax`` (ceil(n/blocksize),) fp32, or uint8 codes with
+``nested_absmax`` (ceil(n_blocks/256),) fp32. bitsandbytes stores ``packed`` as (n/2, 1); see
+`to_bnb_state_dict`.
+
+Layout of this file: reference (quantize and dequantize, plain torch) -> Triton dequant kernel ->
+launcher -> public ops -> bitsandbytes state-dict conversion. Dequantization has no autograd
+Function: its inputs are integer codes and frozen statistics, nothing to differentiate; the
+gradient path through a frozen NF4 weight lives in `kernels/nf4_linear.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.backend import use_triton
+
+# The 16 NF4 values (quantiles of N(0, 1) rescaled to [-1, 1], with an exact zero), as fp32.
+NF4_VALUES = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCKSIZE = 256
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LUT_SIZE = 65536  # grid of bitsandbytes' CPU 8-bit quantizer
+
+
+def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The NF4 table, (16,) fp32, sorted ascending."""
+    return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
+
+
+def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map, (256,) fp32 sorted, = create_dynamic_map(signed=True).
+
+    For exponent i = 0..6 it holds +-10**(i-6) * (midpoints of linspace(0.1, 1, 2**i + 1)), plus
+    0 and 1 (the remaining slot is a second 0). Built with the same fp32 steps so it matches bitwise.
+    """
+    values: list[float] = []
+    for i in range(7):
+        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        values += (10 ** (i - 6) * means).tolist() + (-(10 ** (i - 6)) * means).tolist()
+    values += [0.0, 1.0]
+    values += [0.0] * (256 - len(values))
+    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
+
+
+@dataclass
+class NF4Tensor:
+    """A weight in NF4: packed codes plus the block statistics needed to dequantize it.
+
+    ``absmax`` is fp32 (one per block), or, with double quantization, uint8 codes into
+    ``nested_code`` scaled by ``nested_absmax`` (one per ``nested_blocksize`` blocks) plus ``offset``.
+    ``shape``/``dtype`` are those of the original weight.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    blocksize: int
+    shape: torch.Size
+    dtype: torch.dtype
+    code: torch.Tensor
+    nested_absmax: torch.Tensor | None = None
+    nested_code: torch.Tensor | None = None
+    offset: float | None = None
+    nested_blocksize: int = NESTED_BLOCKSIZE
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def to(self, device: torch.device | str) -> NF4Tensor:
+        """A copy with every tensor on ``device``."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, packed=move(self.packed), absmax=move(self.absmax), code=move(self.code),
+                       nested_absmax=move(self.nested_absmax), nested_code=move(self.nested_code))
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Reference: quantization and dequantization in plain torch
+# ----------------------------------------------------------------------------------------------
+
+def _check_blocksize(blocksize: int) -> None:
+    if blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"blocksize={blocksize!r}: expected one of {VALID_BLOCKSIZES}")
+
+
+def _blockwise_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block absmax (n_blocks,) and the values scaled into [-1, 1] (n,), as bitsandbytes does:
+    multiply by the reciprocal for full blocks, divide for the partial last block."""
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = flat[:full].view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1), -1, 1).view(-1)
+    if full < n:
+        tail_max = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_max.view(1)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
+    return absmax, scaled
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(n,) codes in 0..15 -> (ceil(n/2),) uint8, element 2j in the high nibble of byte j."""
+    codes = codes.to(torch.uint8)
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_full((1,), NF4_VALUES.index(0.0))])
+    return (codes[0::2] << 4) | codes[1::2]
+
+
+def _unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """(ceil(n/2),) uint8 -> (n,) int64 codes; inverse of `_pack_nibbles`."""
+    return torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1)[:n].long()
+
+
+def _quantize_dynamic_8bit(x: torch.Tensor, blocksize: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' CPU blockwise 8-bit quantizer: (uint8 codes (n,), absmax (n_blocks,) fp32).
+
+    v = clamp(x * (1 / absmax), -1, 1) is put on the grid g = floor((v + 1) * 0.5 * 65535 + 0.5);
+    the code is the one whose midpoint interval holds -1 + 2g / 65535. An all-zero block gets code 0.
+    """
+    n = x.numel()
+    n_blocks = -(-n // blocksize)
+    blocks = torch.nn.functional.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))  # all-zero blocks: no NaN
+    v = torch.clamp(blocks * inverse.view(-1, 1), -1, 1)
+    grid = torch.floor((v + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).long()
+    grid_values = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32, device=x.device)) / (_LUT_SIZE - 1)
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    lut = torch.bucketize(grid_values, midpoints)  # number of midpoints strictly below each grid point
+    q = lut[grid].to(torch.uint8)
+    q[absmax == 0] = 0
+    return q.view(-1)[:n], absmax
+
+
+def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+    """Quantize a contiguous fp32/bf16/fp16 tensor of any shape to NF4 (see the module docstring)."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weight: dtype {weight.dtype} not supported, expected float32, bfloat16 or float16")
+    if not weight.is_contiguous():
+        raise ValueError(f"weight: must be contiguous (got strides {weight.stride()} for shape {tuple(weight.shape)})")
+    if weight.numel() == 0:
+        raise ValueError("weight: is empty")
+    _check_blocksize(blocksize)
+    absmax, scaled = _blockwise_scale(weight.reshape(-1).float(), blocksize)
+    code = nf4_code(weight.device)
+    codes = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2)  # ties go to the lower code
+    q = NF4Tensor(packed=_pack_nibbles(codes), absmax=absmax, blocksize=blocksize, shape=weight.shape,
+                  dtype=weight.dtype, code=code)
+    if double_quant:
+        offset = absmax.mean()
+        nested_code = dynamic_map(weight.device)
+        q.absmax, q.nested_absmax = _quantize_dynamic_8bit(absmax - offset, NESTED_BLOCKSIZE, nested_code)
+        q.nested_code, q.offset = nested_code, offset.item()
+    return q
+
+
+def _absmax_fp32(q: NF4Tensor) -> torch.Tensor:
+    """The per-block scales (n_blocks,) fp32, undoing double quantization if any."""
+    if not q.double_quant:
+        return q.absmax.float()
+    idx = torch.arange(q.absmax.numel(), device=q.device) // q.nested_blocksize
+    return q.nested_code[q.absmax.long()] * q.nested_absmax[idx] + q.offset
+
+
+def nf4_dequant_ref(q: NF4Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Reference dequantization: ``code[c_i] * absmax[i // blocksize]`` in fp32, rounded once to ``dtype``."""
+    n = q.numel
+    block = torch.arange(n, device=q.device) // q.blocksize
+    values = q.code[_unpack_nibbles(q.packed, n)] * _absmax_fp32(q)[block]
+    return values.to(dtype).view(q.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Triton kernel: one program writes BLOCK consecutive outputs
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _nf4_dequant_fwd_kernel(
+    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, out_ptr,
+    n_elements, offset,
+    QBLOCK: tl.constexpr, NESTED_QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr,
+):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n_elements
+    # Each byte is read by its two elements; the second read hits L1, and every access stays
+    # coalesced, which beats interleaving two half-width vectors.
+    byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
+    nibble = (byte >> ((1 - idx % 2) * 4)) & 0xF  # even element: high nibble
+    block = idx // QBLOCK
+    if DOUBLE_QUANT:
+        qabsmax = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_code_ptr + qabsmax, mask=mask, other=0.0) \
+            * tl.load(nested_absmax_ptr + block // NESTED_QBLOCK, mask=mask, other=0.0) + offset
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    value = tl.load(code_ptr + nibble, mask=mask, other=0.0) * scale
+    if ROUND_BF16:
+        # Round to nearest even by hand: the Triton interpreter truncates fp32 -> bf16 casts, and
+        # the bit trick is exact RNE for finite values on every backend.
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        tl.store(out_ptr + idx, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(out_ptr + idx, value.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Launcher
+# ----------------------------------------------------------------------------------------------
+
+def _nf4_dequant_triton(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    n = q.numel
+    block = 1024
+    nested_absmax = q.nested_absmax if q.double_quant else q.absmax  # unused when not nested
+    nested_code = q.nested_code if q.double_quant else q.code
+    # enable_fp_fusion=False: keep `code * nested_absmax + offset` as two roundings, like the reference.
+    _nf4_dequant_fwd_kernel[(triton.cdiv(n, block),)](
+        q.packed, q.absmax, q.code, nested_absmax, nested_code, out, n, float(q.offset or 0.0),
+        QBLOCK=q.blocksize, NESTED_QBLOCK=q.nested_blocksize, DOUBLE_QUANT=q.double_quant,
+        ROUND_BF16=dtype == torch.bfloat16, BLOCK=block, num_warps=4, enable_fp_fusion=False,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Public op
+# ----------------------------------------------------------------------------------------------
+
+def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Dense ``dtype`` tensor of shape ``q.shape``: Triton on CUDA (or when forced), else the reference."""
+    if not isinstance(q, NF4Tensor):
+        raise TypeError(f"q: expected an NF4Tensor, got {type(q).__name__}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: {dtype} not supported, expected float32, bfloat16 or float16")
+    if use_triton(q.packed):
+        return _nf4_dequant_triton(q, dtype)
+    return nf4_dequant_ref(q, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. bitsandbytes serialization (QuantState.as_dict(packed=True) and Linear4bit's weight key)
+# ----------------------------------------------------------------------------------------------
+
+_QS_KEY = "weight.quant_state.bitsandbytes__nf4"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _norm_prefix(prefix: str) -> str:
+    return prefix if not prefix or prefix.endswith(".") else prefix + "."
+
+
+def to_bnb_state_dict(q: NF4Tensor, prefix: str = "") -> dict[str, torch.Tensor]:
+    """bitsandbytes' serialized keys for a Linear4bit weight under module ``prefix`` (e.g.
+    ``"model.layers.0.mlp.up_proj."``): packed weight (n/2, 1) uint8, absmax, quant_map, nested
+    tensors, and the JSON of the non-tensor fields packed as a uint8 tensor (bnb's key order)."""
+    p = _norm_prefix(prefix)
+    meta = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": _dtype_name(q.dtype), "shape": list(q.shape)}
+    out = {p + "weight": q.packed.view(-1, 1), p + "weight.absmax": q.absmax, p + "weight.quant_map": q.code}
+    if q.double_quant:
+        out[p + "weight.nested_absmax"] = q.nested_absmax
+        out[p + "weight.nested_quant_map"] = q.nested_code.clone()
+        meta.update(nested_blocksize=q.nested_blocksize, nested_dtype="float32", nested_offset=q.offset)
+    out[p + _QS_KEY] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+    return out
+
+
+def _require(state_dict: dict, key: str) -> torch.Tensor:
+    if key not in state_dict:
+        raise ValueError(f"bitsandbytes state dict: missing key {key!r}")
+    return state_dict[key]
+
+
+def from_bnb_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "") -> NF4Tensor:
+    """Rebuild an `NF4Tensor` from bitsandbytes' keys under ``prefix`` (see `to_bnb_state_dict`)."""
+    p = _norm_prefix(prefix)
+    meta = json.loads(bytes(_require(state_dict, p + _QS_KEY).cpu().tolist()).decode("utf-8"))
+    if meta.get("quant_type") != "nf4":
+        raise ValueError(f"{p}{_QS_KEY}: quant_type {meta.get('quant_type')!r} not supported, expected 'nf4'")
+    _check_blocksize(meta["blocksize"])
+    packed = _require(state_dict, p + "weight")
+    packed = (packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)).reshape(-1)  # quant_storage
+    shape = torch.Size(meta["shape"])
+    if packed.numel() != -(-math.prod(shape) // 2):
+        raise ValueError(f"{p}weight: {packed.numel()} bytes do not hold shape {tuple(shape)} at 4 bits")
+    nested = p + "weight.nested_absmax" in state_dict
+    absmax = _require(state_dict, p + "weight.absmax")
+    q = NF4Tensor(packed=packed, absmax=absmax if nested else absmax.float(), blocksize=meta["blocksize"],
+                  shape=shape, dtype=getattr(torch, meta["dtype"]),
+                  code=_require(state_dict, p + "weight.quant_map").float())
+    if nested:
+        q.nested_absmax = state_dict[p + "weight.nested_absmax"].float()
+        q.nested_code = _require(state_dict, p + "weight.nested_quant_map").float()
+        q.offset, q.nested_blocksize = float(meta["nested_offset"]), int(meta["nested_blocksize"])
+    if q.absmax.numel() != -(-q.numel // q.blocksize):
+        raise ValueError(f"{p}weight.absmax: {q.absmax.numel()} scales, expected one per {q.blocksize} elements")
+    return q
