@@ -109,7 +109,8 @@ def hand_written_loss(hidden, weight, labels, reduction, eps, lam):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("n,h,v,dtype", [(9, 33, 1000, torch.float32), (5, 16, 32_000, torch.bfloat16)])
+@pytest.mark.parametrize("n,h,v,dtype", [(9, 33, 13, torch.float32), (9, 33, 1000, torch.float32),
+                                         (5, 16, 32_000, torch.bfloat16)])
 def test_label_smoothing_and_z_loss(impl, reduction, n, h, v, dtype, device):
     eps, lam = 0.1, 0.05
     hidden, weight, labels = make_inputs(n, h, v, dtype, device, seed=2)
