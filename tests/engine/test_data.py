@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.batching import BatchLoader, collate_padded
 from engine.data import load_samples, load_sft_data, split_eval
 from engine.data_formats import ALPACA_PROMPT
 from engine.data_render import IGNORE
@@ -138,7 +139,6 @@ def test_eos_is_kept_as_a_label_when_pad_equals_eos(tmp_path):
     samples, _ = load_samples(write_jsonl(tmp_path / "d.jsonl", rows), tok)
     for s in samples:
         assert s.input_ids[-1] == tok.eos_token_id and s.labels[-1] == tok.eos_token_id
-    from engine.batching import collate_padded
     batch = collate_padded(samples, tok.pad_token_id)
     short = len(samples[0].input_ids)
     assert batch["labels"][0, short - 1] == tok.eos_token_id
@@ -293,3 +293,24 @@ def test_license_qa_answers_quote_the_license_verbatim_and_name_the_section():
     assert len(questions) == len(train)
     assert not questions & {r["messages"][0]["content"] for r in held}
     assert {r["messages"][1]["content"] for r in held} <= {r["messages"][1]["content"] for r in train}
+
+
+@pytest.mark.parametrize("name", ["license_qa.jsonl", "license_qa_eval.jsonl"])
+def test_license_qa_with_the_smollm2_tokenizer_and_its_real_template(smollm2_dir, name):
+    from models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(smollm2_dir)
+    path = EXAMPLES / name
+    samples, report = load_samples(path, tok, max_len=256, length_policy="error")
+    assert report.format == "messages" and report.kept == report.loaded == len(samples)
+    end_of_turn = tok.decode([tok.eos_token_id])
+    for sample, row in zip(samples, read_rows(path)):
+        answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        assert decoded_spans(tok, sample) == [a + end_of_turn for a in answers], sample.source
+        # ChatML's newline after <|im_end|> is not trained on; the end-of-turn token (= EOS = pad) is
+        assert sample.labels[-2] == tok.eos_token_id == tok.pad_token_id and sample.labels[-1] == IGNORE
+    trained = load_samples(path, tok, max_len=256, train_on_prompt=True)[0]
+    assert all(s.labels[1:] == s.input_ids[1:] for s in trained)
+    packed = list(BatchLoader(samples, 4, pad_id=tok.pad_token_id, pack=True, max_len=256).batches(0))
+    assert sum(b.num_trainable for b in packed) == sum(s.num_trainable for s in samples)
+    assert sum(b.input_ids.shape[0] for b in packed) <= len(samples) // 2  # >= 2 samples per row
