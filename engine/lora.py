@@ -274,27 +274,26 @@ class MergeReport:
 
 
 @torch.no_grad()
-def merge(model: nn.Module) -> MergeReport:
+def merge(model: nn.Module, dtype: torch.dtype | None = None) -> MergeReport:
     """Fold W' = W + s B A into each base and put a plain ``nn.Linear`` back in place of the LoRALinear.
 
-    The sum is formed in fp32 and stored in the base's dtype; an NF4 base is dequantized first
-    (to the dtype it was quantized from) and becomes a dense linear.
+    The sum is formed in fp32 and rounded once to ``dtype`` (default: the base's dtype; for an
+    NF4 base, the dtype it was quantized from); an NF4 base is dequantized first.
     """
     report = MergeReport(merged=[], dequantized=[])
     for name, m in lora_modules(model).items():
         base = m.base
         if isinstance(base, NF4Linear):
             q = base.weight_nf4
-            weight = dequantize_nf4(q, dtype=torch.float32)
-            dtype = q.dtype
+            weight, out_dtype = dequantize_nf4(q, dtype=torch.float32), q.dtype
             report.dequantized.append(name)
         else:
-            weight, dtype = base.weight.float(), base.weight.dtype
-        merged = (weight + m.delta_weight().to(weight.device)).to(dtype)
+            weight, out_dtype = base.weight.float(), base.weight.dtype
+        merged = (weight + m.delta_weight().to(weight.device)).to(dtype or out_dtype)
         linear = nn.Linear(m.in_features, m.out_features, bias=base.bias is not None, device="meta")
         linear.weight = nn.Parameter(merged, requires_grad=False)
         if base.bias is not None:
-            linear.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+            linear.bias = nn.Parameter(base.bias.detach().to(dtype or base.bias.dtype), requires_grad=False)
         _set_submodule(model, name, linear)
         report.merged.append(name)
     if not report.merged:
@@ -303,16 +302,17 @@ def merge(model: nn.Module) -> MergeReport:
 
 
 @torch.no_grad()
-def dequantize_model(model: nn.Module) -> list[str]:
-    """Replace every remaining `NF4Linear` by a dense ``nn.Linear`` holding its dequantized weight."""
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
+    """Replace every `NF4Linear` by a dense ``nn.Linear`` with its dequantized weight in ``dtype``
+    (default: the dtype it was quantized from)."""
     names = []
     for name, module in list(model.named_modules()):
         if isinstance(module, NF4Linear):
             q = module.weight_nf4
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-            linear.weight = nn.Parameter(dequantize_nf4(q, dtype=q.dtype), requires_grad=False)
+            linear.weight = nn.Parameter(dequantize_nf4(q, dtype=dtype or q.dtype), requires_grad=False)
             if module.bias is not None:
-                linear.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+                linear.bias = nn.Parameter(module.bias.detach().to(dtype or module.bias.dtype), requires_grad=False)
             _set_submodule(model, name, linear)
             names.append(name)
     return names

@@ -1,0 +1,128 @@
+"""``python -m engine.merge --model BASE --adapter DIR --out DIR``: fold a LoRA adapter into its base
+and write a plain HF-format model folder that transformers, vLLM and our own loader read.
+
+Each adapted weight becomes W' = W + s B A (summed in fp32, stored in ``--dtype``). The folder holds
+sharded safetensors (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``, or a
+single ``model.safetensors``), ``config.json``, ``generation_config.json``, the base's tokenizer
+files and a README saying what was merged. With ``--quant nf4`` (an adapter trained with QLoRA) the
+base is first rounded to NF4 exactly as in training and the adapter is merged onto its dequantized
+weights; the README and the console say so. The folder is built under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import models
+from models.loading import save_model, weight_files
+from engine.adapters import load_adapter
+from engine.errors import InputError, run_cli
+from engine.lora import MergeReport, dequantize_model, merge, quantize_model_nf4
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+def stored_dtype(model_dir: Path, default: torch.dtype) -> torch.dtype:
+    """The float dtype the checkpoint's tensors are stored in (``default`` if not one we load)."""
+    with safe_open(str(weight_files(model_dir)[0]), framework="pt") as f:
+        name = next(iter(f.keys()), None)
+        code = f.get_slice(name).get_dtype() if name is not None else None
+    return SAFETENSORS_DTYPES.get(code, default)
+
+
+def write_side_files(model: nn.Module, base_dir: Path, out: Path) -> None:
+    """generation_config.json and the tokenizer files of the base (config.json comes with the weights)."""
+    hf = model.config.to_hf_config()
+    for name in TOKENIZER_FILES + ("generation_config.json",):
+        if (base_dir / name).is_file():
+            shutil.copy2(base_dir / name, out / name)
+    if not (out / "generation_config.json").exists():
+        gen = {"bos_token_id": hf.get("bos_token_id"), "eos_token_id": hf.get("eos_token_id")}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def readme_text(base: str, adapter: str, dtype: torch.dtype, report: MergeReport) -> str:
+    lines = [
+        "# Merged LoRA model", "",
+        f"- base model: `{base}`",
+        f"- adapter: `{adapter}`",
+        f"- weights: {HF_DTYPE_NAMES[dtype]}; {report.summary()}.",
+    ]
+    if report.dequantized:
+        lines.append("- NF4 base: the adapter was trained on a 4-bit (NF4) base, so it was merged onto the "
+                     "dequantized NF4 weights, not onto the original full-precision ones.")
+    lines += ["", "Written by `python -m engine.merge`.", ""]
+    return "\n".join(lines)
+
+
+def merge_to_folder(base: str, adapter: str, out: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+                    quant: str = "none", max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> MergeReport:
+    """Load ``base`` (+ NF4 rounding when ``quant='nf4'``) and ``adapter``, merge, write an HF folder at ``out``."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out}: already exists (pass --overwrite to replace it)")
+    if quant not in ("none", "nf4"):
+        raise InputError(f"--quant must be 'none' or 'nf4', got {quant!r}")
+    base_dir = models.resolve_model_dir(base)
+    # Load at the checkpoint's own precision and round each merged weight once, to ``dtype``.
+    model = models.load_model(base, dtype=stored_dtype(base_dir, dtype), device="cpu")
+    if quant == "nf4":
+        quantize_model_nf4(model)
+    load_adapter(model, adapter)
+    report = merge(model, dtype)
+    report.dequantized += dequantize_model(model, dtype)  # NF4 layers the adapter did not target
+    model.to(dtype)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_model(model, tmp, max_shard_bytes=max_shard_bytes)  # config.json + (sharded) safetensors
+        write_side_files(model, Path(base_dir), tmp)
+        (tmp / "README.md").write_text(readme_text(base, adapter, dtype, report))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m engine.merge", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="Base model: preset name or HF-format folder.")
+    p.add_argument("--adapter", required=True, help="PEFT-format LoRA adapter folder.")
+    p.add_argument("--out", required=True, help="Output folder for the merged HF-format model.")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="Dtype of the merged weights.")
+    p.add_argument("--quant", choices=("none", "nf4"), default="none",
+                   help="nf4: the adapter was trained with QLoRA; merge onto the NF4-rounded base.")
+    p.add_argument("--max-shard-gb", type=float, default=2.0, help="Largest safetensors shard, in GiB.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing --out folder.")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.max_shard_gb > 0:
+        raise InputError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
+    report = merge_to_folder(args.model, args.adapter, args.out, DTYPES[args.dtype], args.quant,
+                             int(args.max_shard_gb * 1024**3), args.overwrite)
+    print(f"{report.summary()}; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
