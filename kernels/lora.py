@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import interpreting, use_triton
+from kernels.nf4 import NF4Tensor, dequantize_nf4
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -103,11 +104,7 @@ def dropout_keep_mask(seed: int, n_rows: int, n_cols: int, p: float, device="cpu
 
 def _dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:
     """The base weight as a dense (out, in) tensor in ``dtype`` (NF4 is dequantized)."""
-    if isinstance(weight, torch.Tensor):
-        return weight
-    from kernels.nf4 import dequantize_nf4
-
-    return dequantize_nf4(weight, dtype)
+    return weight if isinstance(weight, torch.Tensor) else dequantize_nf4(weight, dtype)
 
 
 def lora_linear_ref(x, weight, lora_A, lora_B, scale, dropout_p=0.0, training=False, bias=None, *,
@@ -141,7 +138,7 @@ def _check_inputs(op, x, weight, lora_A, lora_B, scale, dropout_p, bias) -> None
                             f"{'' if not isinstance(t, torch.Tensor) else ' of ' + str(t.dtype)}")
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have shape (..., in), got a 0-d tensor")
-    if not hasattr(weight, "shape") or len(weight.shape) != 2:
+    if not isinstance(weight, (torch.Tensor, NF4Tensor)) or len(weight.shape) != 2:
         raise ValueError(f"{op}: weight must be a 2-D (out, in) tensor or an NF4Tensor, got {type(weight).__name__}")
     n_out, n_in = weight.shape
     if isinstance(weight, torch.Tensor) and weight.dtype != x.dtype:
@@ -161,8 +158,7 @@ def _check_inputs(op, x, weight, lora_A, lora_B, scale, dropout_p, bias) -> None
                          f"to match weight and lora_A")
     if bias is not None and (bias.shape != (n_out,) or bias.dtype != x.dtype):
         raise ValueError(f"{op}: bias must be ({n_out},) in {x.dtype}, got {tuple(bias.shape)} in {bias.dtype}")
-    devices = {t.device for t in (x, lora_A, lora_B, weight if isinstance(weight, torch.Tensor) else x,
-                                  bias if bias is not None else x)}
+    devices = {t.device for t in (x, weight, lora_A, lora_B, bias if bias is not None else x)}
     if len(devices) > 1:
         raise ValueError(f"{op}: x, weight, lora_A, lora_B and bias must share a device, got {sorted(map(str, devices))}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -188,6 +184,18 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
     if _INTERPRETER_BF16_DOT_IN_FP32 and a.dtype == tl.bfloat16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _dot_split(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """``acc + a·b`` for an fp32 ``a`` (h or dH) and a 16-bit ``b``, to ~16 bits of ``a``: a = hi + lo,
+    both in b's dtype, two MMAs. Rounding ``a`` once would cost 8 bits (bf16) on every term of
+    the token reductions of dA and dB; the second MMA is on the rank-r side, so it is ~free."""
+    if b.dtype == tl.float32:
+        return _dot(a, b, acc, DOT_PRECISION)
+    hi = a.to(b.dtype)
+    lo = (a - hi.to(tl.float32)).to(b.dtype)
+    return _dot(lo, b, _dot(hi, b, acc, DOT_PRECISION), DOT_PRECISION)
 
 
 @triton.jit
@@ -262,7 +270,7 @@ def _lora_matmul_kernel(
                     mask=r_ok[None, :], other=0.0)
         u = tl.load(u_ptr + (r0 + rs)[:, None] * stride_ur + cols[None, :] * stride_un,
                     mask=r_ok[:, None], other=0.0)
-        acc = _dot(h.to(u.dtype), u, acc, DOT_PRECISION)
+        acc = _dot_split(h, u, acc, DOT_PRECISION)
     if DROPOUT:
         acc = tl.where(_keep_mask(seed, rows, cols, N, p), acc, 0.0)
     acc = acc * lowrank_scale
@@ -311,7 +319,7 @@ def _lowrank_wgrad_kernel(
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if DROPOUT:
             x = tl.where(_keep_mask(seed, rows, cols, N, p), x, tl.zeros_like(x))
-        acc = _dot(tl.trans(lo.to(x.dtype)), x, acc, DOT_PRECISION)
+        acc = _dot_split(tl.trans(lo), x, acc, DOT_PRECISION)
     g_ptrs = g_ptr + pid_s * stride_gs + rs[:, None] * stride_gr + cols[None, :] * stride_gn
     tl.store(g_ptrs, acc * scale, mask=r_ok[:, None] & col_ok[None, :])
 
@@ -420,7 +428,7 @@ def _wgrad(lo: torch.Tensor, x: torch.Tensor, scale: float, drop: _Dropout | Non
     """fp32 ``scale · loᵀ · drop(x)`` for lo (M, R), x (M, N) (any strides) → (R, N)."""
     (m, n), r = x.shape, lo.shape[1]
     block_r = _block_r(r)
-    rows_per_split = _INTERPRETER_META["BLOCK_M"] * 2 if interpreting() else _WGRAD_ROWS_PER_SPLIT
+    rows_per_split = _INTERPRETER_META["BLOCK_M"] if interpreting() else _WGRAD_ROWS_PER_SPLIT
     # Enough splits to give each SM ~2 programs, but never a split without rows.
     col_tiles = triton.cdiv(n, 128) * triton.cdiv(r, block_r)
     splits = max(1, min(triton.cdiv(m, rows_per_split), triton.cdiv(2 * _num_sms(x.device), col_tiles)))
