@@ -81,10 +81,10 @@ def test_dropout_changes_output_only_in_training(device):
 
 
 def test_keep_mask_statistics():
-    keep = dropout_keep_mask(3, 64, 1000, 0.1)
-    assert keep.shape == (64, 1000) and keep.dtype == torch.bool
-    assert abs(keep.float().mean().item() - 0.9) < 0.005  # 64k draws: std of the mean ≈ 0.0012
-    assert not torch.equal(keep, dropout_keep_mask(4, 64, 1000, 0.1)), "different seeds, same mask"
+    keep = dropout_keep_mask(3, 32, 1000, 0.1)
+    assert keep.shape == (32, 1000) and keep.dtype == torch.bool
+    assert abs(keep.float().mean().item() - 0.9) < 0.008  # 32k draws: std of the mean ≈ 0.0017
+    assert not torch.equal(keep, dropout_keep_mask(4, 32, 1000, 0.1)), "different seeds, same mask"
     assert dropout_keep_mask(3, 4, 5, 0.0).all(), "p=0 must keep everything"
 
 
