@@ -87,6 +87,7 @@ class NF4Tensor:
 
     ``absmax`` is fp32 (one per block), or, with double quantization, uint8 codes into
     ``nested_code`` scaled by ``nested_absmax`` (one per ``nested_blocksize`` blocks) plus ``offset``.
+    ``offset`` is a 0-d fp32 tensor (read by the kernel from memory, so no host sync).
     ``shape``/``dtype`` are those of the original weight.
     """
 
@@ -98,7 +99,7 @@ class NF4Tensor:
     code: torch.Tensor
     nested_absmax: torch.Tensor | None = None
     nested_code: torch.Tensor | None = None
-    offset: float | None = None
+    offset: torch.Tensor | None = None
     nested_blocksize: int = NESTED_BLOCKSIZE
 
     @property
@@ -117,7 +118,8 @@ class NF4Tensor:
         """A copy with every tensor on ``device``."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(self, packed=move(self.packed), absmax=move(self.absmax), code=move(self.code),
-                       nested_absmax=move(self.nested_absmax), nested_code=move(self.nested_code))
+                       nested_absmax=move(self.nested_absmax), nested_code=move(self.nested_code),
+                       offset=move(self.offset))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,7 +200,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         offset = absmax.mean()
         nested_code = dynamic_map(weight.device)
         q.absmax, q.nested_absmax = _quantize_dynamic_8bit(absmax - offset, NESTED_BLOCKSIZE, nested_code)
-        q.nested_code, q.offset = nested_code, offset.item()
+        q.nested_code, q.offset = nested_code, offset
     return q
 
 
@@ -225,7 +227,7 @@ def nf4_dequant_ref(q: NF4Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.
 @triton.jit
 def _nf4_dequant_fwd_kernel(
     packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, out_ptr,
-    n_elements, offset,
+    offset_ptr, n_elements,
     QBLOCK: tl.constexpr, NESTED_QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -239,7 +241,7 @@ def _nf4_dequant_fwd_kernel(
     if DOUBLE_QUANT:
         qabsmax = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale = tl.load(nested_code_ptr + qabsmax, mask=mask, other=0.0) \
-            * tl.load(nested_absmax_ptr + block // NESTED_QBLOCK, mask=mask, other=0.0) + offset
+            * tl.load(nested_absmax_ptr + block // NESTED_QBLOCK, mask=mask, other=0.0) + tl.load(offset_ptr)
     else:
         scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
     value = tl.load(code_ptr + nibble, mask=mask, other=0.0) * scale
@@ -261,11 +263,12 @@ def _nf4_dequant_triton(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     n = q.numel
     block = 1024
-    nested_absmax = q.nested_absmax if q.double_quant else q.absmax  # unused when not nested
-    nested_code = q.nested_code if q.double_quant else q.code
+    # Without double quantization the nested pointers are never read: pass any valid tensor.
+    nested_absmax, nested_code, offset = (q.nested_absmax, q.nested_code, q.offset) if q.double_quant \
+        else (q.code, q.code, q.code)
     # enable_fp_fusion=False: keep `code * nested_absmax + offset` as two roundings, like the reference.
     _nf4_dequant_fwd_kernel[(triton.cdiv(n, block),)](
-        q.packed, q.absmax, q.code, nested_absmax, nested_code, out, n, float(q.offset or 0.0),
+        q.packed, q.absmax, q.code, nested_absmax, nested_code, out, offset, n,
         QBLOCK=q.blocksize, NESTED_QBLOCK=q.nested_blocksize, DOUBLE_QUANT=q.double_quant,
         ROUND_BF16=dtype == torch.bfloat16, BLOCK=block, num_warps=4, enable_fp_fusion=False,
     )
@@ -312,7 +315,7 @@ def to_bnb_state_dict(q: NF4Tensor, prefix: str = "") -> dict[str, torch.Tensor]
     if q.double_quant:
         out[p + "weight.nested_absmax"] = q.nested_absmax
         out[p + "weight.nested_quant_map"] = q.nested_code.clone()
-        meta.update(nested_blocksize=q.nested_blocksize, nested_dtype="float32", nested_offset=q.offset)
+        meta.update(nested_blocksize=q.nested_blocksize, nested_dtype="float32", nested_offset=q.offset.item())
     out[p + _QS_KEY] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
     return out
 
@@ -343,7 +346,8 @@ def from_bnb_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "") -
     if nested:
         q.nested_absmax = state_dict[p + "weight.nested_absmax"].float()
         q.nested_code = _require(state_dict, p + "weight.nested_quant_map").float()
-        q.offset, q.nested_blocksize = float(meta["nested_offset"]), int(meta["nested_blocksize"])
+        q.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=packed.device)
+        q.nested_blocksize = int(meta["nested_blocksize"])
     if q.absmax.numel() != -(-q.numel // q.blocksize):
         raise ValueError(f"{p}weight.absmax: {q.absmax.numel()} scales, expected one per {q.blocksize} elements")
     return q

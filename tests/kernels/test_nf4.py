@@ -28,7 +28,7 @@ def _assert_same_as_bnb(q: NF4Tensor, packed_bnb: torch.Tensor, state) -> None:
     assert torch.equal(q.absmax, state.absmax), "absmax (or its 8-bit codes) differ from bitsandbytes"
     assert torch.equal(q.code, state.code)
     if state.nested:
-        assert q.offset == state.offset.item()
+        assert torch.equal(q.offset, state.offset)
         assert torch.equal(q.nested_absmax, state.state2.absmax)
         assert torch.equal(q.nested_code, state.state2.code)
     else:
