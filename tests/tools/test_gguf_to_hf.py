@@ -255,3 +255,37 @@ def test_fixture_tensors_and_config(smollm2_dir):
     assert torch.equal(permute_qk(q, 9), torch.from_numpy(q_gguf))
     embed = gguf.quants.dequantize(raw["token_embd.weight"].data[:64], Q8)
     assert torch.equal(embed_rows, torch.from_numpy(embed))
+
+
+def test_sentencepiece_vocab_matches_transformers_gguf_tokenizer(tmp_path):
+    """tokenizer.ggml.model 'llama' (Llama-2/TinyLlama): byte-fallback BPE with merges from scores.
+    Oracle: transformers' own GGUF tokenizer converter, on texts where HF's legacy (ours, as in the
+    Llama-2 hub tokenizer.json and llama.cpp) and non-legacy space handling agree."""
+    from transformers import AutoTokenizer
+
+    from models.tokenizer import load_tokenizer
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + [
+        "▁", "a", "b", "c", "▁a", "ab", "▁ab", "bc", "▁b", "abc"]
+    writer = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
+    for add, value in [(writer.add_block_count, 1), (writer.add_embedding_length, DIMS["hidden"]),
+                       (writer.add_feed_forward_length, DIMS["ffn"]), (writer.add_head_count, DIMS["n_heads"]),
+                       (writer.add_head_count_kv, DIMS["n_kv"]), (writer.add_tokenizer_model, "llama"),
+                       (writer.add_token_list, tokens), (writer.add_token_types, [2, 3, 3] + [6] * 256 + [1] * 10),
+                       (writer.add_token_scores, [0.0] * 259 + [-float(i) for i in range(10)]),
+                       (writer.add_bos_token_id, 1), (writer.add_eos_token_id, 2), (writer.add_unk_token_id, 0)]:
+        add(value)
+    weights = _tiny_weights(np.random.default_rng(3), False)
+    weights["model.embed_tokens.weight"] = np.zeros((len(tokens), DIMS["hidden"]), np.float32)
+    for name, value in weights.items():
+        writer.add_tensor(_GGUF_NAMES[name], value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = load_tokenizer(convert_gguf(tmp_path / "spm.gguf", tmp_path / "hf"))
+    oracle = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="spm.gguf")
+    for text in ["abc ab a", "xyz é 1", "a\nb", "", "cab abc", "bcab  a"]:
+        ids = ours.encode(text, add_special_tokens=True)
+        assert ids == oracle(text)["input_ids"], repr(text)
+        assert ours.decode(ids, skip_special_tokens=True) == text
