@@ -1,0 +1,108 @@
+"""NF4Linear: forward and input/bias gradients vs dense fp32 math on the dequantized weight."""
+
+import pytest
+import torch
+
+from kernels.backend import force_triton, use_reference
+from kernels.nf4 import dequantize_nf4, nf4_dequant_ref, quantize_nf4, to_bnb_state_dict
+from kernels.nf4_linear import NF4Linear, nf4_linear
+from tests.tolerances import assert_close
+
+SHAPES = [(1, 64, 32), (5, 123, 77), (2, 7, 256, 96)]  # (..., tokens, in, out) in the last three
+
+
+def _inputs(shape, dtype, bias, seed=0):
+    *lead, in_f, out_f = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, in_f, generator=g).to(dtype).requires_grad_()
+    q = quantize_nf4((torch.randn(out_f, in_f, generator=g) / in_f**0.5).to(dtype), blocksize=64)
+    b = (torch.randn(out_f, generator=g) * 0.1).to(dtype).requires_grad_() if bias else None
+    return x, q, b
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_and_grads_match_dense_fp32(shape, dtype, bias):
+    x, q, b = _inputs(shape, dtype, bias)
+    with force_triton():
+        y = nf4_linear(x, q, b)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+
+    # Dense reference in fp32 from the same rounded inputs and the same dequantized weight.
+    w = nf4_dequant_ref(q, dtype).float()
+    x32 = x.detach().float().requires_grad_()
+    b32 = b.detach().float().requires_grad_() if bias else None
+    y32 = torch.nn.functional.linear(x32, w, b32)
+    y32.backward(grad_y.float())
+    assert y.dtype == dtype
+    assert_close(y, y32, dtype, "y")
+    assert_close(x.grad, x32.grad, dtype, "dx")
+    if bias:
+        assert_close(b.grad, b32.grad, dtype, "dbias")
+
+
+def test_triton_path_equals_reference_path():
+    x, q, b = _inputs((3, 50, 128, 64), torch.float32, True, seed=1)
+    with force_triton():
+        y_t = nf4_linear(x, q, b)
+        (dx_t,) = torch.autograd.grad(y_t.sum(), x)
+    with use_reference():
+        y_r = nf4_linear(x, q, b)
+        (dx_r,) = torch.autograd.grad(y_r.sum(), x)
+    assert_close(y_t, y_r, torch.float32, "y")
+    assert_close(dx_t, dx_r, torch.float32, "dx")
+
+
+def test_backward_saves_no_dense_weight():
+    """The autograd graph holds no (out, in) tensor: backward dequantizes again."""
+    x, q, _ = _inputs((4, 256, 512), torch.float32, False, seed=2)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        with force_triton():
+            nf4_linear(x, q).sum().backward()
+    assert (512, 256) not in saved and (256, 512) not in saved
+
+
+def test_module_from_linear_state_dict_and_to():
+    torch.manual_seed(3)
+    dense = torch.nn.Linear(128, 48)
+    layer = NF4Linear.from_linear(dense, blocksize=64, double_quant=True)
+    assert (layer.in_features, layer.out_features) == (128, 48) and not layer.bias.requires_grad
+    x = torch.randn(2, 5, 128)
+    expected = torch.nn.functional.linear(x, dequantize_nf4(layer.weight_nf4, torch.float32), dense.bias)
+    assert_close(layer(x), expected, torch.float32, "y")
+    # Buffers carry everything: a fresh module loaded from the state dict computes the same thing.
+    clone = NF4Linear.from_linear(torch.nn.Linear(128, 48), blocksize=64, double_quant=True)
+    clone.load_state_dict(layer.state_dict())
+    assert torch.equal(clone(x), layer(x))
+    moved = layer.to("cpu")
+    assert moved.weight_nf4.offset.device.type == "cpu" and all(p.device.type == "cpu" for p in moved.buffers())
+
+
+def test_module_from_bnb_state_dict():
+    torch.manual_seed(4)
+    dense = torch.nn.Linear(192, 32)
+    q = quantize_nf4(dense.weight.detach(), 64, True)
+    sd = {**to_bnb_state_dict(q, "model.layers.0.mlp.down_proj."), "model.layers.0.mlp.down_proj.bias": dense.bias}
+    layer = NF4Linear.from_bnb_state_dict(sd, "model.layers.0.mlp.down_proj.")
+    assert torch.equal(layer.bias, dense.bias) and layer.weight_nf4.shape == (32, 192)
+    x = torch.randn(3, 192)
+    assert_close(layer(x), torch.nn.functional.linear(x, nf4_dequant_ref(q, torch.float32), dense.bias),
+                 torch.float32, "y")
+
+
+def test_bad_inputs_name_the_argument():
+    x, q, b = _inputs((4, 64, 32), torch.float32, True)
+    with pytest.raises(ValueError, match="x: last dimension must be in_features=64"):
+        nf4_linear(torch.randn(4, 63), q)
+    with pytest.raises(TypeError, match="x: dtype"):
+        nf4_linear(torch.zeros(4, 64, dtype=torch.int64), q)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(32,\)"):
+        nf4_linear(x, q, torch.zeros(31))
+    with pytest.raises(TypeError, match="q: expected an NF4Tensor"):
+        nf4_linear(x, torch.zeros(32, 64))
+    # A strided (non-contiguous) input is handled, not rejected.
+    xt = torch.randn(64, 4).t()
+    assert_close(nf4_linear(xt, q), nf4_linear(xt.contiguous(), q), torch.float32, "strided x")
