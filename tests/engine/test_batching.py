@@ -13,6 +13,7 @@ from engine.batching import BatchLoader, collate_padded, epoch_order
 from engine.data import Sample
 from engine.data_render import IGNORE
 from engine.packing import plan_rows
+from tests.tolerances import assert_close
 
 PAD = 0
 
@@ -128,3 +129,28 @@ def test_eval_loader_without_shuffle_keeps_file_order():
     samples = make_samples(9, 11)
     loader = BatchLoader(samples, 4, pad_id=PAD, shuffle=False)
     assert [r[0] for b in loader.batches(0) for r in b.sample_ids] == list(range(9))
+
+
+def test_packed_rows_give_each_document_the_logits_it_gets_alone():
+    """The packing contract with the model: segment ids + restarting positions make a packed row
+    compute, for every document, exactly what the document computes on its own."""
+    from models.config import LlamaConfig
+    from models.llama import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=501, hidden_size=48, intermediate_size=77, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg).eval()
+    samples = make_samples(9, 13, seed=3)
+    loader = BatchLoader(samples, 3, pad_id=PAD, seed=0, pack=True, max_len=29)
+    with torch.no_grad():
+        for batch in loader.batches(0):
+            packed = model(batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids, segment_ids=batch.segment_ids)
+            for row, docs in enumerate(batch.sample_ids):
+                pos = 0
+                for i in docs:
+                    k = len(samples[i].input_ids)
+                    alone = model(torch.tensor([samples[i].input_ids]))[0]
+                    assert_close(packed[row, pos:pos + k], alone, torch.float32, f"doc {i} logits")
+                    pos += k
