@@ -63,6 +63,22 @@ def count_trainable(batch: Batch) -> int:
     return int((shifted_labels(batch) != IGNORE).sum())
 
 
+def accumulate_gradients(model: torch.nn.Module, window: list[Batch], device: torch.device) -> tuple[float, int]:
+    """Backward of one accumulation window, normalised by its total trainable tokens N.
+
+    Each micro-batch contributes ``loss_sum / N``, so the summed gradient is the gradient of the
+    mean loss over all N tokens of the window: the same as one batch holding all of them.
+    Returns (mean loss, N).
+    """
+    n_tokens = sum(count_trainable(b) for b in window)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for batch in window:
+        part = loss_sum(model, batch.to(device))
+        (part / max(n_tokens, 1)).backward()
+        total += part.detach()
+    return (total / max(n_tokens, 1)).item(), n_tokens
+
+
 class SFTTrainer:
     """A LoRA / QLoRA supervised fine-tuning run, configured by a `TrainConfig`."""
 
@@ -161,14 +177,7 @@ class SFTTrainer:
 
     def train_step(self, window: list[Batch]) -> dict[str, Any]:
         """One optimizer step over the micro-batches of one accumulation window."""
-        n_tokens = sum(count_trainable(b) for b in window)
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for batch in window:
-            batch = batch.to(self.device)
-            part = loss_sum(self.model, batch)
-            (part / max(n_tokens, 1)).backward()
-            total += part.detach()
-        loss = (total / max(n_tokens, 1)).item()
+        loss, n_tokens = accumulate_gradients(self.model, window, self.device)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
         lr = lr_at(self.step, peak=self.cfg.lr, warmup=self.warmup, total=self.total_steps,
