@@ -11,9 +11,10 @@ decoder, added tokens) plus the side files that ``transformers`` reads:
 * ``generation_config.json``: further stop ids (``eos_token_id`` may be a list) and fallbacks for
   ``bos_token_id`` / ``pad_token_id``.
 
-``encode(text, add_special_tokens=True)`` adds what HF adds: when tokenizer_config.json sets
-``add_bos_token`` or ``add_eos_token`` explicitly (or tokenizer.json has no post-processor), BOS/EOS
-per those flags; otherwise whatever tokenizer.json's post-processor adds.
+``encode(text, add_special_tokens=True)`` adds what tokenizer.json's post-processor adds (BOS for
+Llama 2/3, nothing for SmolLM2). That is what transformers 5 does too: with a tokenizer.json present
+it drops ``add_bos_token`` / ``add_eos_token`` from tokenizer_config.json, so those flags only
+describe the post-processor (the GGUF converter writes the two consistently).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as _Backend
-from tokenizers import processors
 
 from engine.errors import InputError
 from models.chat_template import LLAMA2_TEMPLATE, render_chat
@@ -94,25 +94,10 @@ class Tokenizer:
         if pad is None and _as_list(gen.get("pad_token_id")):
             pad = _as_list(gen.get("pad_token_id"))[0]
         self.pad_token_id = pad if pad is not None else self.eos_token_id
-        self._apply_bos_eos_flags()
 
     def _id_of(self, name: str) -> int | None:
         text = self.special_tokens[name]
         return None if text is None else self.backend.token_to_id(text)
-
-    def _apply_bos_eos_flags(self) -> None:
-        """HF rebuilds the post-processor from add_bos_token/add_eos_token when the config sets
-        either flag (or tokenizer.json has none); otherwise tokenizer.json's post-processor rules."""
-        explicit = "add_bos_token" in self.config or "add_eos_token" in self.config
-        if not explicit and self.backend.post_processor is not None:
-            return
-        add_bos = bool(self.config.get("add_bos_token")) and self.bos_token_id is not None
-        add_eos = bool(self.config.get("add_eos_token")) and self.eos_token_id is not None
-        bos, eos = self.special_tokens["bos_token"], self.special_tokens["eos_token"]
-        single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
-        pair = single + ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
-        special = ([(bos, self.bos_token_id)] if add_bos else []) + ([(eos, self.eos_token_id)] if add_eos else [])
-        self.backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
     @classmethod
     def from_dir(cls, folder) -> "Tokenizer":
