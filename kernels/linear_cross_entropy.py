@@ -23,12 +23,14 @@ Log-probs for DPO: log p(y_i | h_i) = z_iy − lse_i = −ℓ_i with ε = λ = 0
 ``-linear_cross_entropy(..., reduction="none")`` and `sequence_logprobs` sums it per sequence.
 
 How the fused path runs (the Triton path; CUDA tensors, or forced). Tokens are cut into chunks of
-C rows (C·V ≤ ``CHUNK_ELEMENTS``, 1,024 tokens at V = 128,256). Per chunk: the logits
+C rows (C·V ≤ ``CHUNK_ELEMENTS``: 1,024 tokens at V = 128,256; 4,096 when dW is accumulated,
+see ``CHUNK_ELEMENTS_DW``). Per chunk: the logits
 (C, V) = h_c Wᵀ are one cuBLAS GEMM in the input dtype (fp32 accumulation inside); one Triton
 program per row makes an online max / sum-exp pass over the vocabulary in fp32 (BLOCK_V columns
 at a time), giving lse, the target logit and the loss, then a second pass over the same row
 overwrites the logits in place with dz; two more GEMMs contract dz into dh_c = dz W and into the
-fp32 accumulator dW += dzᵀ h_c. So the work is the same three GEMMs as the eager
+fp32 accumulator dW += dzᵀ h_c (fp32 across chunks, at the price of reading
+and writing that fp32 (V, H) once per chunk; Liger accumulates dW in bf16 instead). So the work is the same three GEMMs as the eager
 ``h @ W.T`` + ``F.cross_entropy``, and the extra memory is one (C, V) chunk instead of the (N, V)
 logits, their softmax and their gradient. The GEMMs stay in cuBLAS on purpose: a ``tl.dot``
 matmul tiled inside the softmax kernel would either recompute the logits (a 4th and 5th GEMM for
@@ -61,6 +63,9 @@ from kernels.backend import interpreting, use_triton
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK_ELEMENTS = 1 << 27  # logits elements per chunk: 1,024 tokens × 128,256 vocab = 0.26 GB in bf16
+# With a trainable head, every chunk reads and writes the fp32 dW (V, H) once (4.2 GB at Llama-3's
+# head): chunks 4× larger (4,096 tokens, 1 GB of bf16 logits) make that ~10% of the GEMM time, not ~40%.
+CHUNK_ELEMENTS_DW = 1 << 29
 DW_SLICE_ROWS = 16_384  # vocab rows per dW GEMM in half precision: its temporary is 16,384 × H
 
 
@@ -204,9 +209,10 @@ def _launch_rows(logits, labels, lse, loss, scale, opts: _Options, compute_lse: 
     )
 
 
-def _chunk_rows(n_tokens: int, vocab: int) -> int:
-    """Tokens per chunk: the largest power of two with rows · vocab ≤ CHUNK_ELEMENTS (at least 1)."""
-    fit = max(1, CHUNK_ELEMENTS // vocab)
+def _chunk_rows(n_tokens: int, vocab: int, accumulate_dw: bool = False) -> int:
+    """Tokens per chunk: the largest power of two with rows · vocab ≤ CHUNK_ELEMENTS (or
+    CHUNK_ELEMENTS_DW when dW is accumulated), at least 1."""
+    fit = max(1, (CHUNK_ELEMENTS_DW if accumulate_dw else CHUNK_ELEMENTS) // vocab)
     return min(max(n_tokens, 1), 1 << (fit.bit_length() - 1))
 
 
@@ -234,7 +240,7 @@ def _lce_chunked(hidden, weight, bias, labels, opts: _Options, scale=None, lse=N
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.zeros(vocab, h_dim, **f32) if need_dw else None
     db = torch.zeros(vocab, **f32) if need_db else None
-    rows = _chunk_rows(n, vocab)
+    rows = _chunk_rows(n, vocab, accumulate_dw=dw is not None)
     for s in range(0, n, rows):
         e = min(s + rows, n)
         h = hidden[s:e]

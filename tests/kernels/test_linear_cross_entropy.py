@@ -15,6 +15,7 @@ from kernels.backend import set_kernel_mode
 from kernels.linear_cross_entropy import linear_cross_entropy, linear_logprobs, sequence_logprobs
 from tests.tolerances import assert_close
 
+REAL_CHUNK_ROWS = lce._chunk_rows  # before the autouse fixture below shrinks it
 IMPLS = ("triton", "reference")
 REDUCTIONS = ("mean", "sum", "none")
 CASES = [  # (N, H, V, dtype)
@@ -31,7 +32,7 @@ CASES = [  # (N, H, V, dtype)
 def small_chunks(monkeypatch):
     """4-token chunks and dW slices of about a third of the vocabulary, whatever V the test uses."""
     real_chunk_rows = lce._chunk_rows
-    monkeypatch.setattr(lce, "_chunk_rows", lambda n, v: min(4, real_chunk_rows(n, v)))
+    monkeypatch.setattr(lce, "_chunk_rows", lambda n, v, **kw: min(4, real_chunk_rows(n, v, **kw)))
     monkeypatch.setattr(lce, "DW_SLICE_ROWS", 4_999)
 
 
@@ -216,6 +217,13 @@ def test_triton_path_never_holds_more_than_a_chunk_of_logits(monkeypatch, device
     hidden, weight, labels = make_inputs(11, 16, 32_000, torch.bfloat16, device, seed=9)
     run("triton", linear_cross_entropy, hidden, weight, labels).backward()
     assert shapes == [(4, 32_000), (4, 32_000), (3, 32_000)]
+
+
+def test_chunk_rows_at_real_sizes():
+    assert REAL_CHUNK_ROWS(16_384, 128_256) == 1024  # 0.26 GB of bf16 logits per chunk
+    assert REAL_CHUNK_ROWS(16_384, 128_256, accumulate_dw=True) == 4096
+    assert REAL_CHUNK_ROWS(5, 1000) == 5
+    assert REAL_CHUNK_ROWS(100, 1 << 28) == 1
 
 
 def _bad(**changes):
