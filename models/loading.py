@@ -22,6 +22,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from engine.errors import InputError
+from kernels.nf4 import NF4Tensor, quantize_nf4
+from kernels.nf4_linear import NF4Linear
 from models.config import LlamaConfig
 from models.llama import LlamaForCausalLM, rope_inv_freq
 from models.presets import PRESETS
@@ -33,7 +35,7 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # Tensors some checkpoints carry that we recompute or share: RoPE buffers of old exports.
 _IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
-Transform = Callable[[str, torch.Tensor], torch.Tensor]
+Transform = Callable[[str, torch.Tensor], "torch.Tensor | NF4Tensor"]
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
@@ -164,27 +166,59 @@ def _checked_tensor(t: torch.Tensor, name: str, shape: tuple[int, ...], file: Pa
     if not t.is_floating_point():
         raise InputError(f"{file}: tensor {name!r} has dtype {t.dtype}, expected a floating-point dtype")
     t = t.to(device=device, dtype=dtype)
-    if not bool(torch.isfinite(t).all()):
+    # One fp32 sum is finite iff every element is (NaN and inf propagate), unless it overflows:
+    # only then pay for the elementwise check.
+    if not bool(torch.isfinite(t.sum(dtype=torch.float32))) and not bool(torch.isfinite(t).all()):
         raise InputError(f"{file}: tensor {name!r} has non-finite values (NaN or inf in {dtype})")
     return t
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor | NF4Tensor) -> None:
+    """Set a parameter; an NF4 weight replaces its whole ``nn.Linear`` by an `NF4Linear`."""
     module_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+    module = model.get_submodule(module_name)
+    if isinstance(tensor, NF4Tensor):
+        quantized = NF4Linear(tensor)
+        quantized.bias = module.bias  # None, the loaded bias, or a meta placeholder assigned later
+        parent, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent), child, quantized)
+        return
+    setattr(module, attr, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
 
 
-def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+QUANTIZE_CHOICES = (None, "nf4")
+
+
+def load_model(name_or_path: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
+               quantize: str | None = None, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> LlamaForCausalLM:
-    """A model folder, preset name or hub id -> `LlamaForCausalLM` in ``dtype`` on ``device``, eval mode."""
+    """A model folder, preset name or hub id -> `LlamaForCausalLM` in ``dtype`` on ``device``, eval mode.
+
+    ``quantize="nf4"`` (QLoRA) stores every decoder-block linear in NF4, quantizing each weight as
+    it is read, so the dense model never exists whole on the device (``dtype`` is then the
+    compute dtype and the dtype the weights are quantized from). ``adapter`` is a PEFT-format
+    folder whose LoRA layers are injected and loaded on top.
+    """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise InputError(f"dtype {dtype}: expected torch.float32, torch.bfloat16 or torch.float16")
+    if quantize not in QUANTIZE_CHOICES:
+        raise InputError(f"quantize={quantize!r}: expected None or 'nf4'")
     model_dir = resolve_model_dir(name_or_path)
     cfg = read_config(model_dir)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    load_weights(model, model_dir, dtype, device)
+    load_weights(model, model_dir, dtype, device, transform=_quantize_nf4 if quantize == "nf4" else None)
+    if adapter is not None:
+        from engine.adapters import load_adapter  # engine builds on models, not the reverse
+
+        load_adapter(model, adapter)
     return model.eval()
+
+
+def _quantize_nf4(name: str, tensor: torch.Tensor) -> torch.Tensor | NF4Tensor:
+    """The per-tensor hook of QLoRA loading: decoder-block linear weights become NF4."""
+    is_block_linear = name.startswith("model.layers.") and name.endswith("_proj.weight")
+    return quantize_nf4(tensor) if is_block_linear else tensor
 
 
 def save_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
