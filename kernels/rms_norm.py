@@ -55,10 +55,11 @@ def _cast_rne(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
     """fp32 -> ``dtype``, rounding to nearest even. GPUs round natively; the Triton interpreter
     truncates fp32 -> bf16, so there the bits are rounded first (the cast is then exact). It matters
     for ``h``, which the norm reads back: a truncated h would bias every downstream value."""
-    if EMULATE_RNE and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
+    if EMULATE_RNE:  # nested ifs: constexpr `and` is not supported by every Triton release
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
 
 
