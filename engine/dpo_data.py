@@ -1,0 +1,356 @@
+"""Preference data for DPO: load, render, tokenize, check lengths, and batch chosen + rejected together.
+
+    data = load_dpo_data("prefs.jsonl", tokenizer, max_len=512, eval_path="prefs_eval.jsonl")
+    data.train                      # list of `PreferencePair` (prompt, chosen, rejected token ids)
+    print(data.train_report.summary())
+
+Record forms (JSONL or JSON array, parsed by `engine.data_formats.read_records`, so a malformed line
+raises ``InputError("file:line: ...")`` before any work); the form is decided per record:
+
+* text            {"prompt": str, "chosen": str, "rejected": str}: raw text, no chat template;
+                  row = [BOS] prompt completion EOS.
+* conversational  {"prompt": [messages], "chosen": ..., "rejected": ...} with chosen / rejected a
+                  list of messages, one message ({"role": "assistant", "content": ...}) or a string
+                  (the assistant's reply); rendered with the chat template.
+* implicit prompt {"chosen": ..., "rejected": ...} without "prompt": two full conversations (message
+                  lists) or two strings; their longest common prefix is the prompt (whole messages
+                  for conversations; for strings, cut back to the last whitespace so that the
+                  completions start on a word boundary).
+
+Rendering a conversation: ``prompt_text = template(prompt, add_generation_prompt=True)`` and, per
+completion, ``template(prompt + completion)`` must start with ``prompt_text`` (else `InputError`: the
+template is not prefix-stable); the rest is the completion text. Its tokens are kept up to and
+including the last end-of-turn token (any EOS id); without one, EOS is appended. The prompt is
+tokenized once and shared by both rows; labels are -100 on the prompt and the completion tokens
+on the completion (then shifted by the loss, as for SFT).
+
+Skipped and counted in a `PreferenceReport` (with the first line numbers): a missing or mistyped
+prompt / chosen / rejected, an empty completion, identical chosen and rejected (also when they only
+became identical through truncation), an empty prompt. Nothing left raises `InputError`.
+
+Length policy for a pair whose prompt P plus longer completion C exceed ``max_len`` = L:
+
+* ``truncate``: keep ``reserve = min(C, max(1, L // 2))`` completion tokens guaranteed; cut the
+  prompt from the left to at most ``L − reserve`` tokens; then cut both completions on the right to
+  ``L − len(prompt)``. So the prompt goes first, but never takes the whole row.
+* ``drop``: skip the pair (counted); ``error``: raise naming the file and line.
+
+Batches (`PairBatchLoader`): B pairs per batch in a deterministic, resumable epoch order
+(`engine.batching.epoch_order`), as ONE padded `Batch` of 2B rows ``[c_1 … c_B, r_1 … r_B]`` so a
+single forward scores both sides; ``sample_ids[row] = [pair index]``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.batching import Batch, collate_padded, epoch_order
+from engine.data import LENGTH_POLICIES, Sample, split_eval
+from engine.data_formats import read_records
+from engine.data_render import IGNORE, SpecialTokens
+from engine.errors import InputError
+
+FIRST_LINES_KEPT = 5
+REASONS = ("truncated", "dropped_too_long", "skipped_missing_fields", "skipped_empty_completion",
+           "skipped_identical", "skipped_empty_prompt")
+PREFERENCE_KEYS = ("chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """Token ids of one pair: the shared prompt and the two completions (EOS / end-of-turn included)."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    source: str  # "file:line"
+
+    def rows(self) -> tuple[Sample, Sample]:
+        """The chosen and the rejected sequence as SFT-style samples (labels -100 on the prompt)."""
+        masked = [IGNORE] * len(self.prompt)
+        return (Sample(self.prompt + self.chosen, masked + self.chosen, self.source),
+                Sample(self.prompt + self.rejected, masked + self.rejected, self.source))
+
+
+@dataclass
+class PreferenceReport:
+    """What happened to the records of one file; ``lines[reason]`` holds the first few lines."""
+
+    file: str
+    format: str = ""
+    loaded: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    skipped_missing_fields: int = 0
+    skipped_empty_completion: int = 0
+    skipped_identical: int = 0
+    skipped_empty_prompt: int = 0
+    lines: dict[str, list[int]] = field(default_factory=dict)
+
+    def count(self, reason: str, line: int) -> None:
+        setattr(self, reason, getattr(self, reason) + 1)
+        first = self.lines.setdefault(reason, [])
+        if len(first) < FIRST_LINES_KEPT:
+            first.append(line)
+
+    def summary(self) -> str:
+        parts = [f"{self.file} ({self.format}): {self.loaded} loaded, {self.kept} pairs kept"]
+        for reason in REASONS:
+            n = getattr(self, reason)
+            if n:
+                lines = ", ".join(map(str, self.lines[reason])) + (", ..." if n > len(self.lines[reason]) else "")
+                parts.append(f"{n} {reason.replace('_', ' ')} (lines {lines})")
+        return "; ".join(parts)
+
+
+@dataclass
+class DPOData:
+    train: list[PreferencePair]
+    eval: list[PreferencePair]
+    train_report: PreferenceReport
+    eval_report: PreferenceReport | None  # None when the eval set was split off the training file
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+@dataclass(frozen=True)
+class _Parsed:
+    """One record in a form-independent shape: text strings, or message tuples for "chat"."""
+
+    form: str
+    prompt: Any
+    chosen: Any
+    rejected: Any
+
+
+def _messages(value: Any) -> tuple[dict[str, str], ...] | None:
+    """A validated tuple of {"role", "content"} messages, or None when malformed."""
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        return None
+    out = []
+    for m in value:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return None
+        out.append({"role": m["role"], "content": m["content"]})
+    return tuple(out)
+
+
+def _completion(value: Any) -> tuple[dict[str, str], ...] | None:
+    """A conversational completion: a message list, one message, or the assistant's text."""
+    if isinstance(value, str):
+        return ({"role": "assistant", "content": value},)
+    return _messages(value)
+
+
+def _split_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected): the common prefix, cut back to its last whitespace."""
+    cut = len(os.path.commonprefix([chosen, rejected]))
+    if cut < min(len(chosen), len(rejected)):
+        space = max(chosen.rfind(" ", 0, cut + 1), chosen.rfind("\n", 0, cut + 1))
+        cut = space if space > 0 else cut
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def parse_record(obj: dict) -> _Parsed | str:
+    """The record's form and parts, or the name of the skip reason."""
+    chosen, rejected = obj.get("chosen"), obj.get("rejected")
+    if chosen is None or rejected is None:
+        return "skipped_missing_fields"
+    if "prompt" not in obj:
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            return _Parsed("implicit-text", *_split_text(chosen, rejected))
+        c, r = _messages(chosen), _messages(rejected)
+        if c is None or r is None:
+            return "skipped_missing_fields"
+        k = 0
+        while k < min(len(c), len(r)) and c[k] == r[k]:
+            k += 1
+        return _Parsed("implicit-conversational", c[:k], c[k:], r[k:])
+    prompt = obj["prompt"]
+    if isinstance(prompt, str):
+        if not isinstance(chosen, str) or not isinstance(rejected, str):
+            return "skipped_missing_fields"
+        return _Parsed("text", prompt, chosen, rejected)
+    p, c, r = _messages(prompt), _completion(chosen), _completion(rejected)
+    if p is None or c is None or r is None:
+        return "skipped_missing_fields"
+    return _Parsed("conversational", p, c, r)
+
+
+def _is_empty(part: Any) -> bool:
+    if isinstance(part, str):
+        return not part.strip()
+    return not any(m["content"].strip() for m in part)
+
+
+def check_parsed(parsed: _Parsed) -> str | None:
+    """The skip reason for a parsed record that cannot be trained on, else None."""
+    if _is_empty(parsed.prompt):
+        return "skipped_empty_prompt"
+    if _is_empty(parsed.chosen) or _is_empty(parsed.rejected):
+        return "skipped_empty_completion"
+    if parsed.chosen == parsed.rejected:
+        return "skipped_identical"
+    return None
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False) if text else []
+
+
+def _end_at_stop(ids: list[int], special: SpecialTokens) -> list[int]:
+    """Keep tokens through the last end-of-turn token (ChatML's trailing newline goes); else add EOS."""
+    last = max((j for j, t in enumerate(ids) if t in special.stop_ids), default=None)
+    return ids[: last + 1] if last is not None else ids + [special.eos_id]
+
+
+def tokenize_pair(parsed: _Parsed, tokenizer: Any, special: SpecialTokens,
+                  source: str) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, chosen ids, rejected ids) of a checked record; see the module docstring."""
+    if parsed.form.endswith("text"):
+        prompt = _encode(tokenizer, parsed.prompt)
+        chosen, rejected = (_encode(tokenizer, t) + [special.eos_id] for t in (parsed.chosen, parsed.rejected))
+    else:
+        if not special.has_chat_template:
+            raise InputError(f"{source}: conversational preference data needs a chat template and this "
+                             "tokenizer has none; use prompt/chosen/rejected strings instead")
+        messages = [dict(m) for m in parsed.prompt]
+        prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        completions = []
+        for side in (parsed.chosen, parsed.rejected):
+            full = tokenizer.apply_chat_template(messages + [dict(m) for m in side], add_generation_prompt=False)
+            if not full.startswith(prompt_text):
+                raise InputError(f"{source}: the chat template is not prefix-stable (the rendered prompt is "
+                                 "not a prefix of the rendered conversation); use prompt/chosen/rejected strings")
+            completions.append(_end_at_stop(_encode(tokenizer, full[len(prompt_text):]), special))
+        prompt = _encode(tokenizer, prompt_text)
+        chosen, rejected = completions
+    if special.adds_bos and prompt[:1] != [special.bos_id]:
+        prompt = [special.bos_id, *prompt]
+    return prompt, chosen, rejected
+
+
+def fit_length(prompt: list[int], chosen: list[int], rejected: list[int],
+               max_len: int) -> tuple[list[int], list[int], list[int]]:
+    """The `truncate` policy: cut the prompt from the left first (keeping ``reserve`` completion
+    tokens), then the completions on the right, so that prompt + each completion <= max_len."""
+    longest = max(len(chosen), len(rejected))
+    reserve = min(longest, max(1, max_len // 2))
+    keep_prompt = min(len(prompt), max_len - reserve)
+    prompt = prompt[len(prompt) - keep_prompt:]
+    room = max_len - len(prompt)
+    return prompt, chosen[:room], rejected[:room]
+
+
+# ----------------------------------------------------------------------------- files
+
+def load_preference_pairs(path: str | Path, tokenizer: Any, *, max_len: int | None = None,
+                          length_policy: str = "truncate") -> tuple[list[PreferencePair], PreferenceReport]:
+    """Parse, check, tokenize and length-check every record of one file."""
+    if length_policy not in LENGTH_POLICIES:
+        raise InputError(f"length_policy={length_policy!r}; expected one of {', '.join(LENGTH_POLICIES)}")
+    if max_len is not None and max_len < 2:
+        raise InputError(f"max_len={max_len}; expected at least 2 tokens")
+    path = Path(path)
+    records = read_records(path)
+    if not any(k in obj for _, obj in records for k in PREFERENCE_KEYS):
+        seen = ", ".join(f"{k} (x{n})" for k, n in Counter(k for _, o in records for k in o).most_common(20))
+        raise InputError(f"{path}: not preference data; keys seen: {seen}; expected prompt/chosen/rejected "
+                         "(strings or message lists) or chosen/rejected conversations")
+    special = SpecialTokens.of(tokenizer)
+    report = PreferenceReport(file=str(path), loaded=len(records))
+    forms: Counter[str] = Counter()
+    pairs = []
+    for line, obj in records:
+        parsed = parse_record(obj)
+        reason = parsed if isinstance(parsed, str) else check_parsed(parsed)
+        if reason is not None:
+            report.count(reason, line)
+            continue
+        forms[parsed.form] += 1
+        source = f"{path}:{line}"
+        prompt, chosen, rejected = tokenize_pair(parsed, tokenizer, special, source)
+        longest = len(prompt) + max(len(chosen), len(rejected))
+        if max_len is not None and longest > max_len:
+            if length_policy == "error":
+                raise InputError(f"{source}: pair has {longest} tokens (prompt + longer completion), more than "
+                                 f"max_len={max_len} (length_policy='error'; use 'truncate' or 'drop')")
+            if length_policy == "drop":
+                report.count("dropped_too_long", line)
+                continue
+            prompt, chosen, rejected = fit_length(prompt, chosen, rejected, max_len)
+            if chosen == rejected:
+                report.count("skipped_identical", line)
+                continue
+            report.count("truncated", line)
+        pairs.append(PreferencePair(prompt, chosen, rejected, source))
+    report.format = ", ".join(f"{form} ({n})" for form, n in sorted(forms.items())) or "preference"
+    report.kept = len(pairs)
+    if not pairs:
+        raise InputError(f"{path}: no usable preference pairs; {report.summary()}")
+    return pairs, report
+
+
+def load_dpo_data(path: str | Path, tokenizer: Any, *, max_len: int | None = None,
+                  length_policy: str = "truncate", eval_path: str | Path | None = None,
+                  eval_split: float = 0.0, seed: int = 0) -> DPOData:
+    """Training (and evaluation) pairs: from ``eval_path`` or an ``eval_split`` of ``path``.
+
+    Both files are parsed before either is tokenized, so a malformed eval file fails early too.
+    """
+    if eval_path is not None and eval_split:
+        raise InputError("give either an eval file or eval_split, not both")
+    if eval_path is not None:
+        read_records(eval_path)
+    options = dict(max_len=max_len, length_policy=length_policy)
+    train, train_report = load_preference_pairs(path, tokenizer, **options)
+    if eval_path is None:
+        train, held = split_eval(train, eval_split, seed)
+        return DPOData(train, held, train_report, None)
+    held, eval_report = load_preference_pairs(eval_path, tokenizer, **options)
+    return DPOData(train, held, train_report, eval_report)
+
+
+# ----------------------------------------------------------------------------- batches
+
+class PairBatchLoader:
+    """Batches of B pairs as 2B rows [chosen…, rejected…]; ``batches(epoch, start)`` resumes exactly."""
+
+    def __init__(self, pairs: list[PreferencePair], batch_size: int, *, pad_id: int, seed: int = 0,
+                 shuffle: bool = True):
+        if not pairs:
+            raise ValueError("PairBatchLoader needs at least one pair")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}; expected >= 1")
+        self.pairs, self.batch_size, self.pad_id, self.seed, self.shuffle = pairs, batch_size, pad_id, seed, shuffle
+
+    def order(self, epoch: int) -> list[int]:
+        n = len(self.pairs)
+        return epoch_order(n, self.seed, epoch) if self.shuffle else list(range(n))
+
+    def num_batches(self, epoch: int) -> int:
+        return -(-len(self.pairs) // self.batch_size)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """The batches of `epoch` from batch index `start` on."""
+        order = self.order(epoch)
+        for index in range(start, self.num_batches(epoch)):
+            chunk = order[index * self.batch_size:(index + 1) * self.batch_size]
+            yield self.collate(chunk, epoch, index)
+
+    def collate(self, chunk: list[int], epoch: int = 0, index: int = 0) -> Batch:
+        rows = [self.pairs[i].rows() for i in chunk]
+        tensors = collate_padded([c for c, _ in rows] + [r for _, r in rows], self.pad_id)
+        trainable = int((tensors["labels"][:, 1:] != IGNORE).sum())
+        return Batch(**tensors, sample_ids=[[i] for i in chunk] * 2, num_trainable=trainable,
+                     epoch=epoch, index=index)
