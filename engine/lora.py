@@ -198,9 +198,10 @@ def find_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in place of the one named ``name``, in the same train/eval mode."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+    setattr(parent, child, module.train(getattr(parent, child).training))
 
 
 def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
@@ -213,8 +214,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     for name in names:
         base = model.get_submodule(name)
         r, alpha = cfg.rank_for(name), cfg.alpha_for(name)
-        lora = LoRALinear(base, r, alpha, cfg.dropout, cfg.use_rslora)
-        _set_submodule(model, name, lora.train(base.training))  # keep the model's train/eval mode
+        _set_submodule(model, name, LoRALinear(base, r, alpha, cfg.dropout, cfg.use_rslora))
     return names
 
 
@@ -333,7 +333,8 @@ def quantize_model_nf4(model: nn.Module, blocksize: int = 64, double_quant: bool
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             if isinstance(module.base, nn.Linear):
-                module.base = NF4Linear.from_linear(module.base, blocksize=blocksize, double_quant=double_quant)
+                module.base = NF4Linear.from_linear(module.base, blocksize=blocksize,
+                                                    double_quant=double_quant).train(module.training)
                 converted.append(name)
         elif isinstance(module, nn.Linear) and should_quantize(name + ".weight"):
             _set_submodule(model, name, NF4Linear.from_linear(module, blocksize=blocksize, double_quant=double_quant))
