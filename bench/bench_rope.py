@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
                 torch.cuda.empty_cache()  # one provider's cached blocks must not hide another's peak
     print(f"measured copy bandwidth: {copy_bw:.1f} GB/s")
     print(format_table(records))
-    notes = "shape (B, T, n_heads, n_kv, hd); llama3 frequencies; packed positions; bytes_moved: q and k read + written per pass"
+    notes = ("shape (B, T, n_heads, n_kv, hd); llama3 frequencies; packed positions; "
+             "bytes_moved: q and k read + written per pass")
     if device != "cuda":
         notes += "; CPU run at a small shape: ours runs in the Triton interpreter, timings say nothing about a GPU"
     if not args.no_save:

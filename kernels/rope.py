@@ -214,7 +214,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv
     that is safe) and returns them.
     """
     _check(q, k, position_ids, inv_freq, inplace)
-    inv_freq = inv_freq.to(torch.float32)
+    inv_freq = inv_freq.to(device=q.device, dtype=torch.float32)
+    position_ids = position_ids.to(q.device)
     if use_triton(q, k, position_ids, inv_freq):
         inv_freq = inv_freq.contiguous()
         recording = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)

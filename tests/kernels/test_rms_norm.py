@@ -113,6 +113,22 @@ def test_rms_norm_reference_equals_hf_llama_rmsnorm(device):
         assert_close(rms_norm(x, hf.weight, 1e-6), expected, torch.float32, "triton vs HF")
 
 
+def test_rms_norm_bf16_within_one_rounding_of_hf(device):
+    """HF rounds the normalized value to bf16 before the weight multiply (two roundings), we round
+    once: the two stay within the bf16 row of the table of each other."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(5)
+    x = _randn((4, 7, 77), torch.bfloat16, device, g, scale=2.0)
+    hf = LlamaRMSNorm(77, eps=EPS).to(device, torch.bfloat16)
+    with torch.no_grad():
+        hf.weight.copy_(_randn((77,), torch.bfloat16, device, g, scale=0.1, shift=1.0))
+    with force_triton():
+        ours = rms_norm(x, hf.weight, EPS)
+    assert ours.dtype == torch.bfloat16
+    assert_close(ours, hf(x), torch.bfloat16, "ours vs HF in bf16")
+
+
 def test_rms_norm_rejects_bad_weight(device):
     x = torch.zeros(2, 8, device=device)
     with pytest.raises(ValueError, match="weight"):
