@@ -177,16 +177,19 @@ def test_license_prefs_load_with_the_smollm2_template(smollm2_dir):
     assert all(p.chosen[-1:] == end_of_turn and p.rejected[-1:] == end_of_turn for p in data.train + data.eval)
 
 
+ANSWER = re.compile(r'(Section [0-9]+(?:\([a-d]\))?) says: "(.*)"', re.S)
+
+
 def test_license_prefs_chosen_quotes_the_license_and_rejected_does_not():
-    """Every chosen answer's quotations occur verbatim in the license; every rejected one has a
-    quotation that does not (it is the altered clause); eval prompts are not training prompts."""
+    """Every chosen answer quotes the license verbatim (up to line breaks); the rejected answer is the
+    same quotation altered, so it is not in the license; eval questions are not training questions."""
     license_text = " ".join((ROOT / "examples" / "APACHE-2.0.txt").read_text().split())
     prompts = {}
     for name in ("license_prefs.jsonl", "license_prefs_eval.jsonl"):
         rows = [json.loads(line) for line in (ROOT / "examples" / name).read_text().splitlines() if line.strip()]
         prompts[name] = {r["prompt"][-1]["content"] for r in rows}
         for r in rows:
-            chosen, rejected = (re.findall(r'"([^"]+)"', r[k][0]["content"]) for k in ("chosen", "rejected"))
-            assert chosen and all(q in license_text for q in chosen), r["chosen"]
-            assert any(q not in license_text for q in rejected), r["rejected"]
+            (where_c, chosen), (where_r, rejected) = (ANSWER.fullmatch(r[k][0]["content"]).groups()
+                                                      for k in ("chosen", "rejected"))
+            assert where_c == where_r and chosen in license_text and rejected not in license_text, r
     assert not prompts["license_prefs.jsonl"] & prompts["license_prefs_eval.jsonl"]
