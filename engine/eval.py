@@ -1,0 +1,128 @@
+"""Compare a base model with its adapters: domain gain and forgetting, as a table, JSON and a chart.
+
+    python -m engine.eval --model BASE --adapter A [--adapter B ...] --data domain.jsonl \\
+        [--general general.jsonl] [--out DIR]
+
+For the base and for each adapter: the mean loss per trainable token and the perplexity on the
+domain set (SFT data in any format `engine.train` reads; only completion / assistant tokens count)
+and on general text (``{"text": ...}`` lines, every token counts: a rise there against the base is
+forgetting). The base is loaded once; the adapters are read and checked against its shapes before
+any weight is loaded, then applied one after the other (see `engine.evaluate`). Writes
+``OUT/eval.md`` (the markdown table, also printed), ``OUT/eval.json`` and ``OUT/eval.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from engine.data import load_samples
+from engine.errors import InputError, run_cli
+from engine.evaluate import Adapter, Row, check_adapter_fits, compare, markdown_table, read_adapter, rows_to_json
+from engine.setup import resolve_device, resolve_dtype, resolve_max_len
+from models import load_model, load_tokenizer
+from models.llama import LlamaForCausalLM
+from models.loading import read_config, resolve_model_dir
+
+DOMAIN, GENERAL = "domain", "general"
+DATA_FORMATS = ("auto", "text", "completion", "alpaca", "messages", "sharegpt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.eval", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="Base model: a local Hugging Face folder or a preset name.")
+    p.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                   help="A PEFT-format adapter folder for this base; repeat for several.")
+    p.add_argument("--data", required=True, help="Domain evaluation set (JSONL/JSON, SFT formats).")
+    p.add_argument("--format", default="auto", choices=DATA_FORMATS, help="Format of --data (default: detect).")
+    p.add_argument("--general", default=None, help="General text ({\"text\": ...} lines) for the forgetting check.")
+    p.add_argument("--out", default="outputs/eval", help="Folder for eval.md, eval.json and eval.png.")
+    p.add_argument("--batch-size", type=int, default=4, help="Sequences per batch.")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="Truncate samples to this many tokens (default: min(model context, 2048)).")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="Compute dtype (auto: bf16 on a GPU, fp32 on a CPU).")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+    p.add_argument("--quant", default="none", choices=("none", "nf4"), help="Quantize the base to NF4 (QLoRA).")
+    p.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    return p
+
+
+def read_adapters(paths: list[str], model_dir: Path) -> list[Adapter]:
+    """Read every adapter and check it against the base's shapes on a meta-device model (no weights)."""
+    if len(set(paths)) != len(paths):
+        raise InputError(f"--adapter: the same folder is given twice ({', '.join(paths)})")
+    adapters = [read_adapter(p) for p in paths]
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(read_config(model_dir))
+    for adapter in adapters:
+        check_adapter_fits(skeleton, adapter)
+    return adapters
+
+
+def plot(rows: list[Row], set_names: list[str], png: Path) -> None:
+    """Grouped bars: one group per evaluation set, one bar per row (base, adapters), loss in nats."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(2.5 + 1.6 * len(set_names) * len(rows) ** 0.5, 4), dpi=120)
+    for i, row in enumerate(rows):
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(set_names))]
+        losses = [row.results[s].loss for s in set_names]
+        bars = ax.bar(xs, losses, width, label=row.name)
+        ax.bar_label(bars, labels=[f"ppl {row.results[s].perplexity:.2f}" for s in set_names], fontsize=7)
+    ax.set_xticks(range(len(set_names)), [f"{s} loss" for s in set_names])
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size {args.batch_size}: expected at least 1")
+    # Everything the user can get wrong is checked before the weights are loaded.
+    model_dir = resolve_model_dir(args.model)
+    max_len = resolve_max_len(args.max_len, read_config(model_dir))
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    adapters = read_adapters(args.adapter, model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    sets, reports = {}, {}
+    sets[DOMAIN], reports[DOMAIN] = load_samples(args.data, tokenizer, format=None if args.format == "auto" else args.format,
+                                                 max_len=max_len)
+    if args.general:
+        sets[GENERAL], reports[GENERAL] = load_samples(args.general, tokenizer, format="text", max_len=max_len)
+    for report in reports.values():
+        print(report.summary())
+
+    quantize = {} if args.quant == "none" else {"quantize": args.quant}
+    model = load_model(model_dir, dtype=dtype, device=device, **quantize)
+    rows = compare(model, adapters, sets, batch_size=args.batch_size, pad_id=tokenizer.pad_token_id,
+                   device=device, progress=not args.no_progress)
+
+    table = markdown_table(rows, list(sets))
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.md").write_text(table + "\n")
+    result = {"model": args.model, "data": args.data, "general": args.general, "adapters": args.adapter,
+              "dtype": str(dtype).removeprefix("torch."), "quant": args.quant, "max_len": max_len,
+              "data_reports": {k: r.__dict__ for k, r in reports.items()}, "rows": rows_to_json(rows)}
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(rows, list(sets), out / "eval.png")
+    print(f"wrote {out / 'eval.md'}, {out / 'eval.json'}, {out / 'eval.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
