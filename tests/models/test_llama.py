@@ -219,8 +219,8 @@ def test_smollm2_bf16(smollm2):
     same bf16-rounded weights and input. (The MLP's down_proj sums 1536 bf16-rounded products, and
     the residual adds round at the ~650-magnitude first-token activations: both exceed the op-level
     table on a few elements, in transformers as in ours.) Rounding compounds over 30 blocks, so whole-model bf16 logits are held to
-    the oracle instead: their mean error against our fp32 logits must stay within 1.5x that of
-    transformers' bf16 model (measured: 0.14 vs 0.11 on logits of magnitude ~30).
+    the oracle instead: their mean error against our fp32 logits, averaged over the prompts, must
+    stay within 1.25x that of transformers' bf16 model (measured: 0.155 vs 0.166, logits ~30).
     """
     folder, ours, _, prompts = smollm2
     ids = torch.tensor([prompts[0]])
@@ -238,7 +238,10 @@ def test_smollm2_bf16(smollm2):
     assert_close(attn, ref_attn, dtype=torch.bfloat16, name="SmolLM2 block 3 attention branch in bf16")
 
     hf_bf16 = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="eager")
-    ref = ours(ids)
-    our_err = (bf16(ids).float() - ref).abs().mean()
-    hf_err = (hf_bf16(ids).logits.float() - ref).abs().mean()
-    assert our_err <= 1.5 * hf_err, f"bf16 logits mean error {our_err:.3f} vs transformers' {hf_err:.3f}"
+    our_err = hf_err = 0.0
+    for p in prompts:
+        ids = torch.tensor([p])
+        ref = ours(ids)
+        our_err += float((bf16(ids).float() - ref).abs().mean()) / len(prompts)
+        hf_err += float((hf_bf16(ids).logits.float() - ref).abs().mean()) / len(prompts)
+    assert our_err <= 1.25 * hf_err, f"bf16 logits mean error {our_err:.3f} vs transformers' {hf_err:.3f}"
