@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     from models import load_model, load_tokenizer, resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
-    tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=DTYPES[args.dtype], device=args.device)
+    tokenizer = load_tokenizer(model_dir)
     if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
         prompt_ids = tokenizer.encode(text, add_special_tokens=False)
