@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     for report in reports.values():
         print(report.summary())
 
-    quantize = {} if args.quant == "none" else {"quantize": args.quant}
-    model = load_model(model_dir, dtype=dtype, device=device, **quantize)
+    model = load_model(model_dir, dtype=dtype, device=device, quantize=None if args.quant == "none" else args.quant)
     rows = compare(model, adapters, sets, batch_size=args.batch_size, pad_id=tokenizer.pad_token_id,
                    device=device, progress=not args.no_progress)
 

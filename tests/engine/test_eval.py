@@ -126,6 +126,20 @@ def test_switching_equals_loading_each_alone(tiny):
     assert rows[1].results != rows[2].results
 
 
+def test_nf4_base_rows_equal_direct_cross_entropy(tiny):
+    """QLoRA evaluation: an NF4 base, adapters switched on it (the NF4 linears come back plain)."""
+    model_dir, paths = tiny
+    samples = tiny_samples()
+    model = load_model(model_dir, quantize="nf4")
+    rows = compare(model, [read_adapter(paths["a1"]), read_adapter(paths["b"])], {"all": samples},
+                   batch_size=4, pad_id=PAD, device="cpu", progress=False)
+    assert_close(torch.tensor(rows[0].results["all"].loss), torch.tensor(direct_loss(model, samples)),
+                 torch.float32, "nf4 base loss")
+    load_adapter(model, paths["b"])
+    assert_close(torch.tensor(rows[2].results["all"].loss), torch.tensor(direct_loss(model, samples)),
+                 torch.float32, "nf4 + adapter b loss")
+
+
 def test_adapter_for_another_shape_is_refused(tiny, tmp_path):
     model_dir, _ = tiny
     other_cfg = tiny_config().replace(hidden_size=64, intermediate_size=80)
