@@ -150,7 +150,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     hints = get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         kind = _scalar_type(hints[f.name])
-        help_text = f.metadata["help"]
+        help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
         if kind is _parse_bool:
             # --pack / --no-pack, plus --pack=false style for scripts
             parser.add_argument(f"--{_flag(f.name)}", dest=f.name, nargs="?", const=True, default=None,

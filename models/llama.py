@@ -1,6 +1,6 @@
 """The Llama model family (Llama 2/3/3.1, Mistral, TinyLlama, SmolLM2) in one readable file.
 
-Top-down: the three ops (`rms_norm`, `apply_rope`, `swiglu`; kernels/ has drop-in replacements),
+Top-down: the three ops (`rms_norm`, `apply_rope`, `swiglu`, from kernels/),
 the rotary frequencies, the attention mask, the KV cache, then the modules RMSNorm → attention →
 MLP → decoder block → model → causal LM. Module and parameter names mirror transformers' exactly
 (``model.layers.0.self_attn.q_proj.weight``), so checkpoints and PEFT adapters map one to one.
@@ -11,7 +11,6 @@ heads, hd head dim, V vocabulary.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kernels.rms_norm import rms_norm
+from kernels.rope import apply_rope
+from kernels.rope import rope_inv_freq as kernel_rope_inv_freq
+from kernels.swiglu import swiglu
 from models.config import LlamaConfig
 from models.presets import PRESETS, Preset
 
@@ -27,67 +30,17 @@ __all__ = ["LlamaConfig", "PRESETS", "Preset", "LlamaForCausalLM", "LlamaModel",
 
 
 # ----------------------------------------------------------------------------------------------
-# Ops (same signatures as kernels/rms_norm.py, kernels/rope.py, kernels/swiglu.py)
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """y = x / sqrt(mean(x², -1) + eps) * weight, computed in fp32; x (..., H), weight (H,)."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """[x1, x2] -> [-x2, x1] along the last dim (HF's half-rotation layout)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
-               inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embeddings: x*cos + rotate_half(x)*sin with angle pos * inv_freq (repeated twice on hd).
-
-    q (B, T, nh, hd), k (B, T, nkv, hd), position_ids (B, T) int, inv_freq (hd/2,) fp32.
-    Computed in fp32, returned in q.dtype.
-    """
-    angles = position_ids.float()[..., None] * inv_freq.float()  # (B, T, hd/2)
-    angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # (B, T, 1, hd)
-    cos, sin = angles.cos(), angles.sin()
-    qf, kf = q.float(), k.float()
-    q_out = qf * cos + _rotate_half(qf) * sin
-    k_out = kf * cos + _rotate_half(kf) * sin
-    return q_out.to(q.dtype), k_out.to(k.dtype)
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up."""
-    return F.silu(gate) * up
+# Ops: the public ops of kernels/ — Triton on CUDA tensors, their plain-torch references elsewhere
+# (and everywhere under ENGINE_KERNELS=reference / kernels.backend.use_reference(), the A/B switch).
+#   rms_norm(x, weight, eps)                 y = x / sqrt(mean(x², -1) + eps) * weight, fp32 math
+#   apply_rope(q, k, position_ids, inv_freq)  x*cos + rotate_half(x)*sin, angle = pos * inv_freq
+#   swiglu(gate, up)                         silu(gate) * up
 
 
 def rope_inv_freq(cfg: LlamaConfig, device: torch.device | str | None = None) -> torch.Tensor:
-    """Inverse frequencies (hd/2,) fp32: theta^(-2i/hd), then the config's scaling.
-
-    linear: divided by ``factor``. llama3 (Llama 3.1): wavelengths 2π/f longer than
-    original_max/low_freq_factor are divided by ``factor``, shorter than original_max/high_freq_factor
-    are kept, and in between interpolated with s = (original_max/wavelen - low) / (high - low):
-    f' = (1 - s) f / factor + s f. Done in fp32 exactly as transformers does, so logits match.
-    """
-    dim = cfg.head_dim
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
-    scaling = cfg.rope_scaling
-    if scaling is None:
-        return inv_freq
-    factor = scaling["factor"]
-    if scaling["rope_type"] == "linear":
-        return inv_freq / factor
-    old_len = scaling["original_max_position_embeddings"]
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
-    return torch.where(is_medium, smoothed, scaled)
+    """Inverse frequencies (hd/2,) fp32 with the config's scaling (default, linear, llama3),
+    bit-identical to transformers' (see `kernels.rope.rope_inv_freq`)."""
+    return kernel_rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ pip() { "$py" -m pip --disable-pip-version-check -q "$@"; }
 
 if ! "$py" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1; then
-        pip install "torch>=2.4,<3"          # CUDA machine: the registry's CUDA build
+        pip install "torch>=2.5,<3"          # CUDA machine: the registry's CUDA build
     else
         pip install "torch==2.13.0"          # CPU machine: the local CPU wheel, no CUDA packages
     fi
