@@ -24,6 +24,7 @@ from torch import nn
 from engine.errors import InputError
 from kernels.nf4 import NF4Tensor, quantize_nf4
 from kernels.nf4_linear import NF4Linear
+from models.bnb_checkpoint import BnbNF4Groups, is_bnb_nf4_checkpoint
 from models.config import LlamaConfig
 from models.llama import LlamaForCausalLM, rope_inv_freq
 from models.presets import PRESETS
@@ -133,14 +134,22 @@ def load_weights(model: LlamaForCausalLM, model_dir: Path, dtype: torch.dtype, d
     Each tensor is checked (known name, shape, finite after the dtype cast), moved to ``device``
     in ``dtype``, passed through ``transform(name, tensor)`` (a hook for per-layer quantization),
     and set as the module's parameter. Raises `InputError` naming tensor and file on any mismatch.
+    A pre-quantized bitsandbytes NF4 checkpoint (config.json's ``quantization_config``) has its
+    quantized linears rebuilt from their bnb keys as `NF4Linear`s, whatever ``transform`` does.
     """
     expected = expected_tensors(model.config)
     seen: dict[str, Path] = {}
-    for file in weight_files(model_dir):
+    files = weight_files(model_dir)
+    bnb = BnbNF4Groups(files, expected, device) if is_bnb_nf4_checkpoint(model_dir) else None
+    for file in files:
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
                     if _IGNORED.match(name) or (name == "lm_head.weight" and model.config.tie_word_embeddings):
+                        continue
+                    if bnb is not None and bnb.claims(name):
+                        if (done := bnb.add(name, f.get_tensor(name), file)) is not None:
+                            _assign(model, *done)
                         continue
                     if name not in expected:
                         raise InputError(f"{file}: unexpected tensor {name!r} for this config.json")
@@ -151,6 +160,8 @@ def load_weights(model: LlamaForCausalLM, model_dir: Path, dtype: torch.dtype, d
                     _assign(model, name, transform(name, tensor) if transform else tensor)
         except SafetensorError as err:
             raise InputError(f"{file}: unreadable safetensors file (truncated or corrupt?): {err}") from None
+    if bnb is not None:
+        seen.update(bnb.finish())
     missing = [n for n in expected if n not in seen]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -197,7 +208,8 @@ def load_model(name_or_path: str | os.PathLike, *, adapter: str | os.PathLike | 
     ``quantize="nf4"`` (QLoRA) stores every decoder-block linear in NF4, quantizing each weight as
     it is read, so the dense model never exists whole on the device (``dtype`` is then the
     compute dtype and the dtype the weights are quantized from). ``adapter`` is a PEFT-format
-    folder whose LoRA layers are injected and loaded on top.
+    folder whose LoRA layers are injected and loaded on top. A pre-quantized bitsandbytes NF4
+    folder loads its quantized linears as NF4 whatever ``quantize`` says (the checkpoint decides).
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise InputError(f"dtype {dtype}: expected torch.float32, torch.bfloat16 or torch.float16")

@@ -1,0 +1,182 @@
+"""Pre-quantized bitsandbytes 4-bit (NF4) checkpoints, read without bitsandbytes.
+
+transformers saves a model loaded with ``BitsAndBytesConfig(load_in_4bit=True,
+bnb_4bit_quant_type="nf4")`` as an ordinary folder whose ``config.json`` carries a
+``quantization_config`` (``quant_method: "bitsandbytes"``) and whose safetensors hold, for every
+quantized linear ``<prefix>`` (a module name such as ``model.layers.0.mlp.up_proj``):
+
+    <prefix>.weight                                    (n/2, 1) uint8: two NF4 codes per byte
+    <prefix>.weight.absmax                             per-block scales: fp32, or uint8 codes
+    <prefix>.weight.quant_map                          (16,) fp32: the NF4 table
+    <prefix>.weight.nested_absmax, .nested_quant_map   only with double quantization
+    <prefix>.weight.quant_state.bitsandbytes__nf4      uint8 bytes of a JSON: blocksize, shape,
+                                                       dtype, nested_blocksize, nested_offset
+
+Everything else (embeddings, norms, lm_head, modules in ``llm_int8_skip_modules``) is stored
+dense. The keys of one linear may be spread over several shards, so `BnbNF4Groups` collects them
+until a linear is complete, then rebuilds its `NF4Tensor` with `kernels.nf4.from_bnb_state_dict`
+(byte-compatible with bitsandbytes). Only decoder-block linears may be quantized: our lm_head and
+embeddings stay dense, as transformers keeps them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from engine.errors import InputError
+from kernels.nf4 import NF4Tensor, from_bnb_state_dict
+
+QUANT_STATE_SUFFIX = "weight.quant_state.bitsandbytes__"
+# The keys of one quantized linear, after "<prefix>."; the last two only with double quantization.
+BASE_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", QUANT_STATE_SUFFIX + "nf4")
+NESTED_SUFFIXES = ("weight.nested_absmax", "weight.nested_quant_map")
+_BNB_KEY = re.compile(r"^(?P<prefix>.+?)\.(?P<suffix>weight\.(absmax|quant_map|nested_absmax|nested_quant_map"
+                      r"|quant_state\.bitsandbytes__\w+))$")
+_BLOCK_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj$")
+
+
+def is_bnb_nf4_checkpoint(model_dir: Path) -> bool:
+    """True if ``config.json`` declares a bitsandbytes 4-bit NF4 checkpoint, False if it declares no
+    quantization; `InputError` naming config.json for any other quantization (fp4, 8-bit, GPTQ...)."""
+    path = model_dir / "config.json"
+    try:
+        qc = json.loads(path.read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise InputError(f"{path}: not a readable JSON object ({err})") from None
+    if qc is None:
+        return False
+    if not isinstance(qc, dict):
+        raise InputError(f"{path}: quantization_config must be an object, got {qc!r}")
+    # Configs written before transformers named the method carry only the load_in_* flags.
+    method = qc.get("quant_method", "bitsandbytes" if "load_in_4bit" in qc or "load_in_8bit" in qc else None)
+    if method != "bitsandbytes":
+        raise InputError(f"{path}: quantization_config.quant_method={method!r} is not supported "
+                         "(only bitsandbytes 4-bit NF4 checkpoints load pre-quantized)")
+    four_bit = qc.get("load_in_4bit", qc.get("_load_in_4bit", False))
+    eight_bit = qc.get("load_in_8bit", qc.get("_load_in_8bit", False))
+    if eight_bit or not four_bit:
+        raise InputError(f"{path}: bitsandbytes 8-bit (LLM.int8) checkpoints are not supported; "
+                         "only 4-bit NF4 (load_in_4bit=true, bnb_4bit_quant_type='nf4')")
+    quant_type = qc.get("bnb_4bit_quant_type", "fp4")  # bitsandbytes' own default is fp4
+    if quant_type != "nf4":
+        raise InputError(f"{path}: bnb_4bit_quant_type={quant_type!r} is not supported; only 'nf4' "
+                         "(load the dense model with quantize='nf4' instead)")
+    return True
+
+
+def _split(name: str) -> tuple[str, str] | None:
+    """(module prefix, bnb suffix) for a key of the bnb family other than the packed weight."""
+    match = _BNB_KEY.match(name)
+    return (match["prefix"], match["suffix"]) if match else None
+
+
+def scan_quantized_linears(files: list[Path], expected: dict[str, tuple[int, ...]]) -> set[str]:
+    """The module prefixes that carry bnb keys in any of ``files`` (headers only, no tensor read).
+
+    Raises `InputError` naming file and key for a non-NF4 quant state or a quantized module
+    that is not a decoder-block linear of this config.
+    """
+    prefixes: set[str] = set()
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                keys = list(f.keys())
+        except SafetensorError as err:
+            raise InputError(f"{file}: unreadable safetensors file (truncated or corrupt?): {err}") from None
+        for name in keys:
+            split = _split(name)
+            if split is None:
+                continue
+            prefix, suffix = split
+            if suffix.startswith(QUANT_STATE_SUFFIX) and suffix != QUANT_STATE_SUFFIX + "nf4":
+                raise InputError(f"{file}: tensor {name!r}: quant type "
+                                 f"{suffix.removeprefix(QUANT_STATE_SUFFIX)!r} is not supported, only nf4")
+            if not _BLOCK_LINEAR.match(prefix) or prefix + ".weight" not in expected:
+                raise InputError(f"{file}: tensor {name!r}: only decoder-block linears of this config.json "
+                                 "may be 4-bit quantized (embeddings, norms and lm_head must be dense)")
+            prefixes.add(prefix)
+    return prefixes
+
+
+class BnbNF4Groups:
+    """Collects the bnb keys of each quantized linear, across files, into `NF4Tensor`s.
+
+    ``claims(name)`` says whether a key belongs to a quantized linear; ``add`` stores it and, once
+    the linear's group is complete, returns ``(prefix + ".weight", NF4Tensor on device)``;
+    ``finish`` raises for any linear left incomplete and returns the files each weight came from.
+    """
+
+    def __init__(self, files: list[Path], expected: dict[str, tuple[int, ...]], device: torch.device | str):
+        self.expected, self.device = expected, device
+        self.quantized = scan_quantized_linears(files, expected)
+        self.pending: dict[str, dict[str, tuple[torch.Tensor, Path]]] = {}
+        self.done: dict[str, Path] = {}  # weight name -> file of its packed codes
+
+    def prefix_of(self, name: str) -> str | None:
+        split = _split(name)
+        prefix = split[0] if split else name.removesuffix(".weight") if name.endswith(".weight") else None
+        return prefix if prefix in self.quantized else None
+
+    def claims(self, name: str) -> bool:
+        return self.prefix_of(name) is not None
+
+    def add(self, name: str, tensor: torch.Tensor, file: Path) -> tuple[str, NF4Tensor] | None:
+        prefix = self.prefix_of(name)
+        suffix = name[len(prefix) + 1:]
+        if prefix + ".weight" in self.done:
+            raise InputError(f"{file}: tensor {name!r}: {prefix} is already complete "
+                             f"(an extra or duplicate key of a quantized linear)")
+        group = self.pending.setdefault(prefix, {})
+        if suffix in group:
+            raise InputError(f"{file}: tensor {name!r} also in {group[suffix][1].name}")
+        group[suffix] = (tensor, file)
+        if self._missing(prefix):
+            return None
+        return prefix + ".weight", self._build(prefix, self.pending.pop(prefix))
+
+    def _missing(self, prefix: str) -> list[str]:
+        """The suffixes the group still lacks (the nested ones are needed iff its quant state says so)."""
+        group = self.pending[prefix]
+        missing = [s for s in BASE_SUFFIXES if s not in group]
+        if not missing and "nested_offset" in self._quant_state(prefix, group):
+            missing = [s for s in NESTED_SUFFIXES if s not in group]
+        return missing
+
+    @staticmethod
+    def _quant_state(prefix: str, group: dict[str, tuple[torch.Tensor, Path]]) -> dict:
+        tensor, file = group[QUANT_STATE_SUFFIX + "nf4"]
+        try:
+            meta = json.loads(bytes(tensor.tolist()).decode("utf-8"))
+        except (ValueError, TypeError, UnicodeDecodeError) as err:
+            raise InputError(f"{file}: tensor {prefix}.{QUANT_STATE_SUFFIX}nf4 is not a JSON quant state ({err})")
+        if not isinstance(meta, dict):
+            raise InputError(f"{file}: tensor {prefix}.{QUANT_STATE_SUFFIX}nf4 is not a JSON object")
+        return meta
+
+    def _build(self, prefix: str, group: dict[str, tuple[torch.Tensor, Path]]) -> NF4Tensor:
+        name = prefix + ".weight"
+        try:
+            q = from_bnb_state_dict({f"{prefix}.{s}": t for s, (t, _) in group.items()}, prefix)
+        except (ValueError, KeyError, TypeError) as err:
+            files = ", ".join(sorted({str(f) for _, f in group.values()}))
+            raise InputError(f"{files}: quantized linear {prefix}: {type(err).__name__}: {err}") from None
+        if tuple(q.shape) != self.expected[name]:
+            raise InputError(f"{group['weight'][1]}: quantized tensor {name!r} has shape {tuple(q.shape)}, "
+                             f"expected {self.expected[name]} from config.json")
+        self.done[name] = group["weight"][1]
+        return q.to(self.device)
+
+    def finish(self) -> dict[str, Path]:
+        """Raise `InputError` for the first incomplete linear, naming the missing key and the
+        file(s) holding the rest of its group; else the weight names loaded, with their files."""
+        for prefix, group in self.pending.items():
+            missing = self._missing(prefix)
+            files = ", ".join(sorted({str(f) for _, f in group.values()}))
+            raise InputError(f"{files}: quantized linear {prefix} lacks tensor(s) "
+                             f"{', '.join(f'{prefix}.{s}' for s in missing)} (in no safetensors file of the folder)")
+        return dict(self.done)
