@@ -10,45 +10,35 @@ Bandwidth: the bytes the op must move at least — forward reads x and writes y 
 elements), backward reads dy and x and writes dx (3), full 5; the weight and the per-row
 reciprocal RMS are negligible — over the median time, and its share of the measured copy
 bandwidth (target on H100/H200: ≥ 85 %). On a GPU: bf16, H = 4,096 at 4,096, 8,192 and 16,384
-tokens. On a CPU: one small fp32 shape with ours in the Triton interpreter — it only proves the
-script runs (do not commit those results).
+tokens (``--quick``: 16,384). On a CPU: one small fp32 shape with ours in the Triton interpreter —
+it only proves the script runs (do not commit those results).
 
-Run from the repository root: ``python -m bench.bench_rms_norm [--frozen-weight]``.
+Run from the repository root: ``python -m bench.bench_rms_norm [--quick] [--frozen-weight]``.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import torch
 
-if not torch.cuda.is_available():  # our Triton path on a CPU needs the interpreter, set before import
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from bench.common import Record, bench_device, copy_bandwidth_gbps, format_table, measure, write_results  # noqa: E402
-from kernels.backend import force_triton  # noqa: E402
-from kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
+from bench.common import (Inputs, bench_device, bench_dtype, bench_parser, compiled, copy_bandwidth_gbps,
+                          dtype_name, forced_triton, measure_modes, report)
+from kernels.rms_norm import rms_norm, rms_norm_ref
 
 GPU_SHAPES = [(n, 4096) for n in (4096, 8192, 16_384)]  # (tokens, hidden)
+QUICK_SHAPES = [(16_384, 4096)]
 CPU_SHAPES = [(64, 576)]
 TENSORS_MOVED = {"forward": 2, "backward": 3, "full": 5}
 EPS = 1e-5
 
 
-def ours(x, w):
-    with force_triton():
-        return rms_norm(x, w, EPS)
+def reference(x, w):
+    return rms_norm_ref(x, w, EPS)
 
 
 def providers(compile_: bool) -> dict:
-    found = {"torch": lambda x, w: rms_norm_ref(x, w, EPS), "ours": ours}
+    found = {"torch": reference, "ours": forced_triton(lambda x, w: rms_norm(x, w, EPS))}
     if compile_:
-        import torch._functorch.config as functorch_config
-
-        if hasattr(functorch_config, "donated_buffer"):  # lets the backward alone run on a retained graph
-            functorch_config.donated_buffer = False
-        found["torch.compile"] = torch.compile(lambda x, w: rms_norm_ref(x, w, EPS))
+        found["torch.compile"] = compiled(reference)
     try:
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
     except ImportError:
@@ -58,61 +48,38 @@ def providers(compile_: bool) -> dict:
     return found
 
 
-def bench_shape(name, fn, shape, dtype, device, copy_bw, frozen_weight) -> list[Record]:
+def make_inputs(shape, dtype, device, frozen_weight) -> Inputs:
     g = torch.Generator(device=device).manual_seed(0)
     x, dy = (torch.randn(shape, generator=g, device=device, dtype=dtype) for _ in range(2))
     w = (1 + 0.1 * torch.randn(shape[-1], generator=g, device=device)).to(dtype)
     x.requires_grad_()
     w.requires_grad_(not frozen_weight)
-    inputs = (x,) if frozen_weight else (x, w)
-    element_bytes = x.numel() * x.element_size()
-    modes = {
-        "forward": lambda: fn(x, w),
-        "full": lambda: torch.autograd.grad(fn(x, w), inputs, dy),
-    }
-    y = fn(x, w)
-    modes["backward"] = lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)
-    extra = {"dtype": str(dtype).removeprefix("torch."), "weight": "frozen" if frozen_weight else "trainable"}
-    records = []
-    for mode, call in modes.items():
-        try:
-            timing = measure(call, device)
-        except RuntimeError as err:
-            print(f"{name} {mode}: not measurable ({err})")
-            continue
-        records.append(Record("rms_norm", name, shape, mode, timing, bytes_moved=TENSORS_MOVED[mode] * element_bytes,
-                              copy_bw_gbps=copy_bw, extra=extra))
-    return records
+    return Inputs(args=(x, w), wrt=(x,) if frozen_weight else (x, w), grad_out=dy)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None):
+    parser = bench_parser(__doc__, compile_provider=True)
     parser.add_argument("--tokens", type=int, nargs="*", help="token counts (default: the device's shape list)")
     parser.add_argument("--hidden", type=int, default=4096, help="H, with --tokens")
     parser.add_argument("--frozen-weight", action="store_true", help="weight.requires_grad = False (LoRA)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    parser.add_argument("--no-save", action="store_true", help="print only, write no JSON")
     args = parser.parse_args(argv)
 
     device = bench_device()
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = bench_dtype(args.dtype, device)
     shapes = [(n, args.hidden) for n in args.tokens] if args.tokens else (
-        GPU_SHAPES if device == "cuda" else CPU_SHAPES)
+        CPU_SHAPES if device != "cuda" else QUICK_SHAPES if args.quick else GPU_SHAPES)
+    weight = "frozen" if args.frozen_weight else "trainable"
     copy_bw = copy_bandwidth_gbps(device)
     records = []
     for shape in shapes:
-        for name, fn in providers(compile_=not args.no_compile).items():
-            records += bench_shape(name, fn, shape, dtype, device, copy_bw, args.frozen_weight)
-            if device == "cuda":
-                torch.cuda.empty_cache()  # one provider's cached blocks must not hide another's peak
-    print(f"measured copy bandwidth: {copy_bw:.1f} GB/s")
-    print(format_table(records))
-    notes = (f"bytes_moved: forward 2, backward 3, full 5 tensors of tokens x hidden; eps {EPS}; "
-             f"weight {'frozen' if args.frozen_weight else 'trainable'}")
-    if device != "cuda":
-        notes += "; CPU run at a small shape: ours runs in the Triton interpreter, timings say nothing about a GPU"
-    if not args.no_save:
-        print(write_results("rms_norm", records, device, notes=notes, copy_bw_gbps=copy_bw))
+        tensor_bytes = shape[0] * shape[1] * dtype.itemsize
+        records += measure_modes("rms_norm", providers(compile_=not args.no_compile),
+                                 lambda: make_inputs(shape, dtype, device, args.frozen_weight), shape, device,
+                                 bytes_moved={m: k * tensor_bytes for m, k in TENSORS_MOVED.items()},
+                                 copy_bw_gbps=copy_bw, extra={"dtype": dtype_name(dtype), "weight": weight},
+                                 quick=args.quick)
+    notes = f"bytes_moved: forward 2, backward 3, full 5 tensors of tokens x hidden; eps {EPS}; weight {weight}"
+    return report("rms_norm", records, device, args, notes=notes, copy_bw_gbps=copy_bw)
 
 
 if __name__ == "__main__":

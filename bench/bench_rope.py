@@ -12,46 +12,32 @@ Bandwidth: the bytes the op must move at least — forward reads q and k and wri
 (2 × (n_heads + n_kv) · hd · tokens elements), backward the same for the gradients, full twice
 that — over the median time, and its share of the measured copy bandwidth (target on
 H100/H200: ≥ 85 %). On a GPU: bf16, Llama 3 8B heads (32 q, 8 kv, hd 128, llama3 frequencies) at
-4,096, 8,192 and 16,384 tokens (2 rows). On a CPU: one small fp32 shape with ours in the Triton
+4,096, 8,192 and 16,384 tokens (2 rows; ``--quick``: 16,384). On a CPU: one small fp32 shape with ours in the Triton
 interpreter — it only proves the script runs (do not commit those results).
 
-Run from the repository root: ``python -m bench.bench_rope``.
+Run from the repository root: ``python -m bench.bench_rope [--quick] [--tokens N ...]``.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import torch
 
-if not torch.cuda.is_available():  # our Triton path on a CPU needs the interpreter, set before import
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from bench.common import Record, bench_device, copy_bandwidth_gbps, format_table, measure, write_results  # noqa: E402
-from kernels.backend import force_triton  # noqa: E402
-from kernels.rope import apply_rope, apply_rope_ref, rope_inv_freq  # noqa: E402
+from bench.common import (Inputs, bench_device, bench_dtype, bench_parser, compiled, copy_bandwidth_gbps,
+                          dtype_name, forced_triton, measure_modes, report)
+from kernels.rope import apply_rope, apply_rope_ref, rope_inv_freq
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 8192}
 GPU_SHAPES = [(2, n // 2, 32, 8, 128) for n in (4096, 8192, 16_384)]  # (B, T, n_heads, n_kv, hd)
+QUICK_SHAPES = [(2, 8192, 32, 8, 128)]
 CPU_SHAPES = [(2, 32, 4, 2, 64)]
 PASSES = {"forward": 2, "backward": 2, "full": 4}  # reads + writes of q and k
 
 
-def ours(q, k, pos, inv_freq):
-    with force_triton():
-        return apply_rope(q, k, pos, inv_freq)
-
-
 def providers(compile_: bool) -> dict:
-    found = {"torch": apply_rope_ref, "ours": ours}
+    found = {"torch": apply_rope_ref, "ours": forced_triton(apply_rope)}
     if compile_:
-        import torch._functorch.config as functorch_config
-
-        if hasattr(functorch_config, "donated_buffer"):  # lets the backward alone run on a retained graph
-            functorch_config.donated_buffer = False
-        found["torch.compile"] = torch.compile(apply_rope_ref)
+        found["torch.compile"] = compiled(apply_rope_ref)
     try:
         from liger_kernel.ops.rope import LigerRopeFunction
     except ImportError:
@@ -78,7 +64,7 @@ def packed_positions(B, T, device):
     return row.repeat(B, 1).to(device)
 
 
-def bench_shape(name, fn, shape, dtype, device, copy_bw) -> list[Record]:
+def make_inputs(shape, dtype, device) -> Inputs:
     B, T, nh, nkv, hd = shape
     g = torch.Generator(device=device).manual_seed(0)
     q, dq = (torch.randn(B, T, nh, hd, generator=g, device=device, dtype=dtype) for _ in range(2))
@@ -86,52 +72,30 @@ def bench_shape(name, fn, shape, dtype, device, copy_bw) -> list[Record]:
     q.requires_grad_()
     k.requires_grad_()
     pos, inv_freq = packed_positions(B, T, device), rope_inv_freq(hd, 500000.0, LLAMA3).to(device)
-    qk_bytes = (q.numel() + k.numel()) * q.element_size()
-    modes = {
-        "forward": lambda: fn(q, k, pos, inv_freq),
-        "full": lambda: torch.autograd.grad(fn(q, k, pos, inv_freq), (q, k), (dq, dk)),
-    }
-    out = fn(q, k, pos, inv_freq)
-    modes["backward"] = lambda: torch.autograd.grad(out, (q, k), (dq, dk), retain_graph=True)
-    extra = {"dtype": str(dtype).removeprefix("torch.")}
-    records = []
-    for mode, call in modes.items():
-        try:
-            timing = measure(call, device)
-        except RuntimeError as err:
-            print(f"{name} {mode}: not measurable ({err})")
-            continue
-        records.append(Record("rope", name, shape, mode, timing, bytes_moved=PASSES[mode] * qk_bytes,
-                              copy_bw_gbps=copy_bw, extra=extra))
-    return records
+    return Inputs(args=(q, k, pos, inv_freq), wrt=(q, k), grad_out=(dq, dk))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None):
+    parser = bench_parser(__doc__, compile_provider=True)
     parser.add_argument("--tokens", type=int, nargs="*", help="token counts, 2 rows (default: the device's list)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    parser.add_argument("--no-save", action="store_true", help="print only, write no JSON")
     args = parser.parse_args(argv)
 
     device = bench_device()
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = bench_dtype(args.dtype, device)
     shapes = [(2, n // 2, 32, 8, 128) for n in args.tokens] if args.tokens else (
-        GPU_SHAPES if device == "cuda" else CPU_SHAPES)
+        CPU_SHAPES if device != "cuda" else QUICK_SHAPES if args.quick else GPU_SHAPES)
     copy_bw = copy_bandwidth_gbps(device)
     records = []
     for shape in shapes:
-        for name, fn in providers(compile_=not args.no_compile).items():
-            records += bench_shape(name, fn, shape, dtype, device, copy_bw)
-            if device == "cuda":
-                torch.cuda.empty_cache()  # one provider's cached blocks must not hide another's peak
-    print(f"measured copy bandwidth: {copy_bw:.1f} GB/s")
-    print(format_table(records))
+        B, T, nh, nkv, hd = shape
+        qk_bytes = B * T * (nh + nkv) * hd * dtype.itemsize
+        records += measure_modes("rope", providers(compile_=not args.no_compile),
+                                 lambda: make_inputs(shape, dtype, device), shape, device,
+                                 bytes_moved={m: k * qk_bytes for m, k in PASSES.items()},
+                                 copy_bw_gbps=copy_bw, extra={"dtype": dtype_name(dtype)}, quick=args.quick)
     notes = ("shape (B, T, n_heads, n_kv, hd); llama3 frequencies; packed positions; "
              "bytes_moved: q and k read + written per pass")
-    if device != "cuda":
-        notes += "; CPU run at a small shape: ours runs in the Triton interpreter, timings say nothing about a GPU"
-    if not args.no_save:
-        print(write_results("rope", records, device, notes=notes, copy_bw_gbps=copy_bw))
+    return report("rope", records, device, args, notes=notes, copy_bw_gbps=copy_bw)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,20 @@
 """Shared utilities for the kernel microbenchmarks in ``bench/bench_<op>.py``.
 
-A benchmark times each *provider* (``torch`` reference, our ``triton`` kernel, a peer library) on
-each shape, and writes one JSON file under ``bench/results/``. Typical use::
+A benchmark times each *provider* (``torch`` reference, ``torch.compile``, ``ours`` — our Triton
+kernel — and peer libraries) on each shape, in the modes ``forward`` (a training forward, grad
+enabled), ``backward`` (the backward alone, on a retained graph) and ``full`` (both), and writes
+one JSON file under ``bench/results/``. A benchmark file only defines its shapes, inputs and
+providers; the loop lives here::
 
-    from bench.common import Record, bench_device, copy_bandwidth_gbps, measure, write_results
-
-    device = bench_device()                      # "cuda" when available, else "cpu"
-    copy_bw = copy_bandwidth_gbps(device)        # measured device-to-device copy, GB/s
+    args = bench_parser(__doc__).parse_args(argv)
+    device, copy_bw = bench_device(), copy_bandwidth_gbps(bench_device())
     records = []
     for shape in shapes:
-        timing = measure(lambda: op(x), device)  # quantiles in ms, peak memory in bytes
-        records.append(Record(op="nf4_dequant", provider="triton", shape=shape, mode="forward",
-                              timing=timing, bytes_moved=nbytes, copy_bw_gbps=copy_bw))
-    path = write_results("nf4", records, notes="...")
+        records += measure_modes("swiglu", {"torch": swiglu_ref, "ours": forced_triton(swiglu)},
+                                 lambda: make_inputs(shape), shape, device,
+                                 bytes_moved={"forward": ..., "backward": ..., "full": ...},
+                                 copy_bw_gbps=copy_bw, quick=args.quick)
+    report("swiglu", records, device, args, notes="...", copy_bw_gbps=copy_bw)
 
 Timing: on CUDA, ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, quantiles of
 many repetitions); on a CPU, ``time.perf_counter`` around each call. Peak memory: the CUDA
@@ -22,12 +24,15 @@ median time, and its share of the measured copy bandwidth (a copy reads and writ
 so it is the practical ceiling of a memory-bound kernel).
 
 Each JSON file carries the environment (device name, torch and triton versions, git commit,
-date) so results from different machines can be told apart. Run benchmarks as modules from the
-repository root: ``python -m bench.bench_nf4``.
+date) so results from different machines can be told apart. Every row has the same fields: op,
+provider, shape, mode, median_ms, p20_ms, p80_ms, peak_mem_bytes, dtype, the bench's own extras
+and, for memory-bound ops, bytes_moved, gbps and share_of_copy_bw. Run benchmarks as modules from
+the repository root: ``python -m bench.bench_nf4``, or all of them: ``python -m bench.run_all``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -36,13 +41,17 @@ import platform
 import re
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from kernels.backend import force_triton
+
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 QUANTILES = (0.5, 0.2, 0.8)
+MODES = ("forward", "backward", "full")
+QUICK_TIMING = {"warmup": 10, "rep": 40, "cpu_reps": 3}  # --quick: shorter do_bench windows
 
 
 @dataclass(frozen=True)
@@ -196,3 +205,120 @@ def format_table(records: Sequence[Record]) -> str:
         lines.append(f"{r.op:<14}{r.provider:<14}{r.mode:<9}{str(tuple(r.shape)):<22}"
                      f"{r.timing.median_ms:>11.4f}{gbps:>9}{share:>7}{peak:>10}")
     return "\n".join(lines)
+
+
+# --- providers and modes: the loop every kernel benchmark shares -------------------------------
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CPU_NOTE = ("CPU run at small shapes: the timings say nothing about a GPU (ours, where it runs, "
+            "runs in the Triton interpreter); do not commit these results")
+
+
+@dataclass
+class Inputs:
+    """What a provider is called with, ``fn(*args)``; ``wrt``: the tensors to differentiate;
+    ``grad_out``: the upstream gradient — a tensor, a tuple (one per output), or ``None`` when the
+    provider returns a scalar loss."""
+
+    args: tuple
+    wrt: tuple = ()
+    grad_out: object = None
+
+
+def _mode_call(mode: str, fn: Callable, inputs: Inputs) -> Callable[[], object]:
+    """The zero-argument call timed for ``mode``."""
+    if mode == "forward":
+        return lambda: fn(*inputs.args)
+    if not inputs.wrt:
+        raise ValueError(f"mode {mode!r} needs Inputs.wrt, the tensors to differentiate")
+    if mode == "full":
+        return lambda: torch.autograd.grad(fn(*inputs.args), inputs.wrt, inputs.grad_out)
+    if mode == "backward":
+        out = fn(*inputs.args)  # one graph, built once and retained: each call runs the backward alone
+        return lambda: torch.autograd.grad(out, inputs.wrt, inputs.grad_out, retain_graph=True)
+    raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+
+
+def measure_modes(op: str, providers: Mapping[str, Callable], make_inputs: Callable[[], Inputs],
+                  shape: Sequence[int], device: str, *, modes: Sequence[str] = MODES,
+                  bytes_moved: Mapping[str, int] | None = None, copy_bw_gbps: float | None = None,
+                  extra: Mapping | None = None, quick: bool = False) -> list[Record]:
+    """Time every provider in every mode on one shape and return one `Record` per (provider, mode).
+
+    Each provider gets fresh inputs from ``make_inputs()``, so no gradient or graph of another
+    provider stays alive under its peak memory. ``bytes_moved[mode]`` (memory-bound ops) feeds the
+    bandwidth columns. A mode a provider cannot run — a compiled graph refusing a retained
+    backward, CUDA out of memory — is printed and left out rather than ending the benchmark.
+    """
+    timing_kwargs = QUICK_TIMING if quick else {}
+    records = []
+    for name, fn in providers.items():
+        inputs = make_inputs()
+        for mode in modes:
+            try:
+                timing = measure(_mode_call(mode, fn, inputs), device, **timing_kwargs)
+            except RuntimeError as err:
+                print(f"{op} {name} {mode} {tuple(shape)}: not measurable ({str(err).splitlines()[0]})")
+                continue
+            records.append(Record(op, name, shape, mode, timing, copy_bw_gbps=copy_bw_gbps,
+                                  bytes_moved=bytes_moved[mode] if bytes_moved else None,
+                                  extra=dict(extra or {})))
+        del inputs
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()  # one provider's cached blocks must not hide another's peak
+    return records
+
+
+def forced_triton(fn: Callable) -> Callable:
+    """``fn`` run under `kernels.backend.force_triton` (on a CPU: in the Triton interpreter)."""
+    def ours(*args):
+        with force_triton():
+            return fn(*args)
+    return ours
+
+
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)``; donated buffers off, so that its backward can run alone on a retained
+    graph (the ``backward`` mode), which donated buffers forbid."""
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "donated_buffer"):
+        functorch_config.donated_buffer = False
+    return torch.compile(fn)
+
+
+def bench_parser(doc: str, compile_provider: bool = False) -> argparse.ArgumentParser:
+    """The options every kernel benchmark takes; add the bench's own to the returned parser."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="headline shapes only, shorter timing windows")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on a GPU, fp32 on a CPU")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR, help="folder for the JSON result")
+    parser.add_argument("--no-save", action="store_true", help="print only, write no JSON")
+    if compile_provider:
+        parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    return parser
+
+
+def bench_dtype(name: str | None, device: str) -> torch.dtype:
+    """``DTYPES[name]``; by default bf16 on CUDA and fp32 on a CPU."""
+    return DTYPES[name or ("bf16" if device.startswith("cuda") else "fp32")]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def report(bench_name: str, records: Sequence[Record], device: str, args: argparse.Namespace,
+           notes: str = "", copy_bw_gbps: float | None = None) -> pathlib.Path | None:
+    """Print the table and notes; unless ``--no-save``, write the JSON to ``args.out`` and return its path."""
+    notes = "; ".join(n for n in (notes, "quick subset" if args.quick else "",
+                                  "" if device.startswith("cuda") else CPU_NOTE) if n)
+    if copy_bw_gbps:
+        print(f"measured copy bandwidth: {copy_bw_gbps:.1f} GB/s")
+    print(format_table(records))
+    print(notes)
+    if args.no_save:
+        return None
+    path = write_results(bench_name, records, device, notes=notes, copy_bw_gbps=copy_bw_gbps, results_dir=args.out)
+    print("wrote", path)
+    return path
