@@ -11,22 +11,22 @@ with gradients for x, A and B (none for W):
 Modes: ``forward`` (a training forward, grad enabled), ``backward`` (the backward alone, on a
 retained graph, ``autograd.grad`` so nothing accumulates) and ``full`` (both). Timing quantiles and
 peak memory above the inputs come from bench.common. GPU shapes: every LoRA-targeted linear of
-Llama-2-7B and Llama-3-8B as weight (out, in), at 2,048, 8,192 and 16,384 tokens, r = 16, bf16.
-The summary gives, per shape in the ``full`` mode, ours / base (target ≤ 1.10) and peft / ours
-(target ≥ 1.5). On a CPU the bench runs the references at small shapes and says so (Triton would
+Llama-2-7B and Llama-3-8B as weight (out, in), at 2,048, 8,192 and 16,384 tokens, r = 16, bf16
+(``--quick``: Llama-3-8B's gate/up and k/v at 8,192 tokens). The targets, in the ``full`` mode:
+ours / base ≤ 1.10 and peft / ours ≥ 1.5 (bench.targets). On a CPU the bench runs the references at small shapes and says so (Triton would
 run in its interpreter, which says nothing about speed); do not commit CPU results.
 
-Run from the repository root: ``python -m bench.bench_lora [--tokens 8192] [--nf4] [--dropout 0.05]``.
+Run from the repository root: ``python -m bench.bench_lora [--quick] [--tokens 8192] [--nf4] [--dropout 0.05]``.
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import Record, bench_device, format_table, measure, write_results
+from bench.common import Inputs, bench_device, bench_dtype, bench_parser, dtype_name, measure_modes, report
 from kernels.lora import lora_linear, lora_linear_ref
 from kernels.nf4 import dequantize_nf4, quantize_nf4
 
@@ -36,33 +36,38 @@ GPU_LAYERS = [
     ("llama3-8b.gate_up", 14336, 4096), ("llama3-8b.down", 4096, 14336), ("llama3-8b.kv", 1024, 4096),
 ]
 GPU_TOKENS = [2048, 8192, 16384]
+QUICK_LAYERS = [("llama3-8b.gate_up", 14336, 4096), ("llama3-8b.kv", 1024, 4096)]
+QUICK_TOKENS = [8192]
 CPU_LAYERS = [("small.square", 512, 512), ("small.down", 256, 1024)]
 CPU_TOKENS = [256]
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def make_inputs(n, n_out, n_in, rank, dtype, device, nf4):
+def make_weight(n_out, n_in, dtype, device, nf4):
+    g = torch.Generator(device=device).manual_seed(1)
+    weight = (torch.randn(n_out, n_in, generator=g, device=device) * n_in**-0.5).to(dtype)
+    return quantize_nf4(weight.float().cpu()).to(device) if nf4 else weight
+
+
+def make_inputs(n, weight, n_out, n_in, rank, dtype, device, lora_grads=True) -> Inputs:
+    """x (n, in), the shared weight, A (r, in), B (out, r), dy (n, out); gradients for x, A, B
+    (for x alone when ``lora_grads`` is false: the base provider has no adapters)."""
     g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape, std=1.0):
         return (torch.randn(*shape, generator=g, device=device) * std).to(dtype)
 
-    weight = rnd(n_out, n_in, std=n_in**-0.5)
-    if nf4:
-        weight = quantize_nf4(weight.float().cpu()).to(device)
-    return {"x": rnd(n, n_in).requires_grad_(), "weight": weight,
-            "lora_A": rnd(rank, n_in, std=n_in**-0.5).requires_grad_(),
-            "lora_B": rnd(n_out, rank, std=n_out**-0.5).requires_grad_(), "dy": rnd(n, n_out)}
+    x, a, b = rnd(n, n_in), rnd(rank, n_in, std=n_in**-0.5), rnd(n_out, rank, std=n_out**-0.5)
+    x.requires_grad_()
+    a.requires_grad_(lora_grads)
+    b.requires_grad_(lora_grads)
+    return Inputs(args=(x, weight, a, b), wrt=(x, a, b) if lora_grads else (x,), grad_out=rnd(n, n_out))
 
 
 def providers(device: str, scale: float, p: float) -> dict:
-    """name -> (fn(x, weight, A, B) -> y, names of the inputs it differentiates)."""
+    """name -> fn(x, weight, A, B) -> y, for the providers with adapters."""
 
-    def dense(weight, dtype):  # peft and base dequantize an NF4 weight the way bitsandbytes' Linear4bit does
+    def dense(weight, dtype):  # peft dequantizes an NF4 weight the way bitsandbytes' Linear4bit does
         return weight if isinstance(weight, torch.Tensor) else dequantize_nf4(weight, dtype)
-
-    def base(x, weight, a, b):
-        return F.linear(x, dense(weight, x.dtype))
 
     def peft(x, weight, a, b):
         return F.linear(x, dense(weight, x.dtype)) + F.linear(F.linear(F.dropout(x, p), a), b) * scale
@@ -73,78 +78,47 @@ def providers(device: str, scale: float, p: float) -> dict:
     def ours(x, weight, a, b):
         return lora_linear(x, weight, a, b, scale, dropout_p=p, training=True)
 
-    lora_grads = ("x", "lora_A", "lora_B")
-    found = {"base": (base, ("x",)), "peft": (peft, lora_grads), "torch": (reference, lora_grads)}
-    if device == "cuda":
-        found["ours"] = (ours, lora_grads)
+    found = {"peft": peft, "torch": reference}
+    if device == "cuda":  # on a CPU ours would run in the Triton interpreter, which times Python
+        found["ours"] = ours
     return found
 
 
-def bench_shape(name, fn, grad_names, layer, n, inputs, device, extra) -> list[Record]:
-    layer_name, n_out, n_in = layer
-    shape = (n, n_in, n_out)
-    extra = {**extra, "layer": layer_name}
-    args = [inputs[k] for k in ("x", "weight", "lora_A", "lora_B")]
-    wrt = [inputs[k] for k in grad_names]
-
-    def forward():
-        return fn(*args)
-
-    def full():
-        return torch.autograd.grad(fn(*args), wrt, inputs["dy"])
-
-    y = forward()
-    backward = measure(lambda: torch.autograd.grad(y, wrt, inputs["dy"], retain_graph=True), device)
-    return [Record("lora_linear", name, shape, "forward", measure(forward, device), extra=extra),
-            Record("lora_linear", name, shape, "backward", backward, extra=extra),
-            Record("lora_linear", name, shape, "full", measure(full, device), extra=extra)]
+def base(x, weight, a, b):
+    """The bare base product, the floor LoRA is measured against (an NF4 weight dequantized first)."""
+    w = weight if isinstance(weight, torch.Tensor) else dequantize_nf4(weight, x.dtype)
+    return F.linear(x, w)
 
 
-def ratios(records: list[Record]) -> str:
-    """Per shape, in the ``full`` mode: ours / base and peft / ours (or torch in their place on a CPU)."""
-    full = {(r.provider, tuple(r.shape)): r.timing.median_ms for r in records if r.mode == "full"}
-    lines = []
-    for shape in dict.fromkeys(s for _, s in full):
-        ours = full.get(("ours", shape), full.get(("torch", shape)))
-        who = "ours" if ("ours", shape) in full else "torch"
-        lines.append(f"{shape}: {who}/base {ours / full[('base', shape)]:.3f}, peft/{who} "
-                     f"{full[('peft', shape)] / ours:.3f}")
-    return "; ".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on a GPU, fp32 on a CPU")
+def main(argv: list[str] | None = None):
+    parser = bench_parser(__doc__)
     parser.add_argument("--tokens", type=int, nargs="*", help="token counts (default: the device's list)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank r")
     parser.add_argument("--scale", type=float, default=2.0, help="s = alpha / r")
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p (training mode)")
     parser.add_argument("--nf4", action="store_true", help="NF4 base weights (QLoRA)")
-    parser.add_argument("--no-save", action="store_true", help="print only, write no JSON")
     args = parser.parse_args(argv)
 
     device = bench_device()
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
-    layers = GPU_LAYERS if device == "cuda" else CPU_LAYERS
-    extra = {"rank": args.rank, "dtype": str(dtype).removeprefix("torch."), "dropout": args.dropout,
+    dtype = bench_dtype(args.dtype, device)
+    layers, tokens = ((CPU_LAYERS, CPU_TOKENS) if device != "cuda" else (QUICK_LAYERS, QUICK_TOKENS) if args.quick
+                      else (GPU_LAYERS, GPU_TOKENS))
+    extra = {"dtype": dtype_name(dtype), "rank": args.rank, "dropout": args.dropout,
              "base": "nf4" if args.nf4 else "dense"}
     records = []
-    for layer in layers:
-        for n in args.tokens or (GPU_TOKENS if device == "cuda" else CPU_TOKENS):
-            inputs = make_inputs(n, layer[1], layer[2], args.rank, dtype, device, args.nf4)
-            for name, (fn, grad_names) in providers(device, args.scale, args.dropout).items():
-                records += bench_shape(name, fn, grad_names, layer, n, inputs, device, extra)
-                if device == "cuda":
-                    torch.cuda.empty_cache()  # one provider's cached blocks must not hide another's peak
-    print(format_table(records))
-    summary = ratios(records)
-    print(summary)
-    notes = f"r={args.rank}, s={args.scale}, dropout={args.dropout}, base {extra['base']}; {summary}"
+    for layer, n_out, n_in in layers:
+        weight = make_weight(n_out, n_in, dtype, device, args.nf4)
+        for n in args.tokens or tokens:
+            shape, row = (n, n_in, n_out), {**extra, "layer": layer}
+            inputs = functools.partial(make_inputs, n, weight, n_out, n_in, args.rank, dtype, device)
+            records += measure_modes("lora_linear", {"base": base}, functools.partial(inputs, lora_grads=False),
+                                     shape, device, extra=row, quick=args.quick)
+            records += measure_modes("lora_linear", providers(device, args.scale, args.dropout), inputs, shape,
+                                     device, extra=row, quick=args.quick)
+    notes = f"shape (N, in, out); r={args.rank}, s={args.scale}, dropout={args.dropout}, base {extra['base']}"
     if device != "cuda":
-        notes += "; CPU run: references only (ours would run in the Triton interpreter), not a GPU figure"
-        print("CPU: ran the torch references at small shapes; the Triton kernels need a GPU to be timed")
-    if not args.no_save:
-        print(write_results("lora", records, device, notes=notes))
+        notes += "; ours (Triton) not run on a CPU"
+    return report("lora", records, device, args, notes=notes)
 
 
 if __name__ == "__main__":

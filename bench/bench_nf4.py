@@ -1,12 +1,15 @@
 """Benchmark NF4 dequantization: torch reference vs our Triton kernel vs bitsandbytes.
 
     python -m bench.bench_nf4                     # all providers available on this machine
-    python -m bench.bench_nf4 --dtype float16 --no-double-quant
+    python -m bench.bench_nf4 --dtype fp16 --no-double-quant
+    python -m bench.bench_nf4 --quick             # Llama-3-8B gate/up only
 
 Shapes are the projection weights of Llama-2-7B (4096x4096, 4096x11008, 11008x4096) and
 Llama-3-8B (4096x14336, 14336x4096, 1024x4096). Effective bandwidth counts the bytes the op must
 move: the packed codes (n/2), the block statistics, and the dense output (n * element size); its
-share of the measured device copy bandwidth is the figure of merit (target >= 85% on H100/H200).
+share of the measured device copy bandwidth is the figure of merit (target >= 85% on H100/H200,
+and >= 1.3x bitsandbytes' speed). Providers: ``torch`` (``nf4_dequant_ref``), ``ours`` (the Triton
+dequantizer) and ``bitsandbytes`` (``dequantize_4bit``, where installed); mode ``forward`` only.
 
 On a CPU the Triton provider is skipped (the interpreter measures Python, not the kernel) and
 the shapes are scaled down; the JSON notes say so. Results go to bench/results/ (see bench.common).
@@ -14,20 +17,18 @@ the shapes are scaled down; the JSON notes say so. Results go to bench/results/ 
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from bench.common import Record, bench_device, copy_bandwidth_gbps, format_table, measure, write_results
-from kernels.backend import force_triton
+from bench.common import (Inputs, bench_device, bench_dtype, bench_parser, copy_bandwidth_gbps, dtype_name,
+                          forced_triton, measure_modes, report)
 from kernels.nf4 import dequantize_nf4, nf4_dequant_ref, quantize_nf4
 
 GPU_SHAPES = {
     "llama2-7b.q/k/v/o": (4096, 4096), "llama2-7b.gate/up": (11008, 4096), "llama2-7b.down": (4096, 11008),
     "llama3-8b.gate/up": (14336, 4096), "llama3-8b.down": (4096, 14336), "llama3-8b.k/v": (1024, 4096),
 }
+QUICK_SHAPES = {"llama3-8b.gate/up": (14336, 4096)}
 CPU_SHAPES = {"small.square": (512, 512), "small.wide": (256, 1024)}
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def bytes_moved(shape: tuple[int, int], blocksize: int, double_quant: bool, dtype: torch.dtype) -> int:
@@ -35,18 +36,15 @@ def bytes_moved(shape: tuple[int, int], blocksize: int, double_quant: bool, dtyp
     n = shape[0] * shape[1]
     n_blocks = -(-n // blocksize)
     stats = n_blocks * (1 if double_quant else 4) + (4 * -(-n_blocks // 256) if double_quant else 0)
-    return n // 2 + stats + n * torch.empty((), dtype=dtype).element_size()
+    return n // 2 + stats + n * dtype.itemsize
 
 
 def providers(weight: torch.Tensor, blocksize: int, double_quant: bool, dtype: torch.dtype, device: str) -> dict:
     """name -> zero-argument callable producing the dense weight."""
     q = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant)
     out = {"torch": lambda: nf4_dequant_ref(q, dtype)}
-    if device == "cuda":
-        def triton_dequant():
-            with force_triton():
-                return dequantize_nf4(q, dtype)
-        out["triton"] = triton_dequant
+    if device == "cuda":  # on a CPU the interpreter would time Python, not the kernel
+        out["ours"] = forced_triton(lambda: dequantize_nf4(q, dtype))
     try:
         import bitsandbytes.functional as bnbf
     except ImportError:
@@ -57,30 +55,29 @@ def providers(weight: torch.Tensor, blocksize: int, double_quant: bool, dtype: t
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="output dtype of the dequantization")
+def main(argv: list[str] | None = None):
+    parser = bench_parser(__doc__)
     parser.add_argument("--blocksize", type=int, default=64, help="NF4 blocksize")
     parser.add_argument("--no-double-quant", action="store_true", help="fp32 absmax instead of 8-bit codes")
     args = parser.parse_args(argv)
-    device, dtype, double_quant = bench_device(), DTYPES[args.dtype], not args.no_double_quant
-    shapes = GPU_SHAPES if device == "cuda" else CPU_SHAPES
+
+    device, double_quant = bench_device(), not args.no_double_quant
+    dtype = bench_dtype(args.dtype, device)
+    shapes = CPU_SHAPES if device != "cuda" else QUICK_SHAPES if args.quick else GPU_SHAPES
     copy_bw = copy_bandwidth_gbps(device)
+    moved = {name: bytes_moved(shape, args.blocksize, double_quant, dtype) for name, shape in shapes.items()}
     records = []
     for name, shape in shapes.items():
         weight = torch.randn(shape, device=device, dtype=dtype) * 0.02
-        for provider, fn in providers(weight, args.blocksize, double_quant, dtype, device).items():
-            timing = measure(fn, device)
-            records.append(Record(op="nf4_dequant", provider=provider, shape=shape, mode="forward", timing=timing,
-                                  bytes_moved=bytes_moved(shape, args.blocksize, double_quant, dtype),
-                                  copy_bw_gbps=copy_bw, extra={"layer": name}))
+        records += measure_modes("nf4_dequant", providers(weight, args.blocksize, double_quant, dtype, device),
+                                 lambda: Inputs(args=()), shape, device, modes=("forward",),
+                                 bytes_moved={"forward": moved[name]}, copy_bw_gbps=copy_bw,
+                                 extra={"dtype": dtype_name(dtype), "layer": name}, quick=args.quick)
         del weight
-    notes = (f"dtype={args.dtype} blocksize={args.blocksize} double_quant={double_quant}. "
-             + ("" if device == "cuda" else "CPU run: Triton provider skipped, small shapes; references only."))
-    print(notes)
-    print(f"measured copy bandwidth: {copy_bw:.1f} GB/s")
-    print(format_table(records))
-    print("wrote", write_results("nf4", records, device, notes=notes, copy_bw_gbps=copy_bw))
+    notes = f"blocksize={args.blocksize} double_quant={double_quant}"
+    if device != "cuda":
+        notes += "; ours (Triton) not run on a CPU"
+    return report("nf4", records, device, args, notes=notes, copy_bw_gbps=copy_bw)
 
 
 if __name__ == "__main__":
