@@ -220,6 +220,11 @@ def ratios(rows: list[dict]) -> dict:
         ours = next(r for r in rows if r["case"] == case and r["provider"] == "ours")
         hf = next(r for r in rows if r["case"] == case and r["provider"] == "hf_peft")
         entry = {"speedup_tokens_per_s": round(ours["tokens_per_s"] / hf["tokens_per_s"], 3)}
+        if len(ours["step_times_s"]) == len(hf["step_times_s"]):
+            # Interleaved rounds share the machine's load: HF time / our time, round by round.
+            per_round = [h / o for h, o in zip(hf["step_times_s"], ours["step_times_s"])]
+            entry["speedup_per_round"] = [round(x, 3) for x in per_round]
+            entry["speedup_median_of_rounds"] = round(statistics.median(per_round), 3)
         if ours["peak_mem_bytes"] and hf["peak_mem_bytes"]:
             entry["peak_memory_ratio"] = round(ours["peak_mem_bytes"] / hf["peak_mem_bytes"], 3)
         out[case] = entry
