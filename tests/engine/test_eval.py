@@ -163,13 +163,13 @@ def run(argv: list[str]) -> int:
 
 @pytest.fixture(scope="module")
 def smol(smollm2_dir, tmp_path_factory):
-    """The SmolLM2 fixture loaded once, a 2-sample slice of the license eval set, 2 general texts,
+    """The SmolLM2 fixture loaded once, a 2-sample slice of the license eval set, 1 general text,
     and one adapter (q_proj, v_proj; non-zero B) saved from that model, which is then plain again."""
     root = tmp_path_factory.mktemp("smol_eval")
     lines = (ROOT / "examples" / "license_qa_eval.jsonl").read_text().splitlines()
     (root / "domain.jsonl").write_text("\n".join(lines[:2]) + "\n")
     general = (ROOT / "examples" / "general_text.jsonl").read_text().splitlines()
-    (root / "general.jsonl").write_text("\n".join(general[:2]) + "\n")
+    (root / "general.jsonl").write_text(general[0] + "\n")
     model_dir = Path(smollm2_dir)
     model = load_model(model_dir)
     adapter = add_random_adapter(model, model_dir, root / "adapter",
