@@ -21,11 +21,12 @@ Run from the repository root: ``python -m bench.bench_linear_cross_entropy [--qu
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from bench.common import (Inputs, bench_device, bench_dtype, bench_parser, compiled, dtype_name, forced_triton,
-                          measure_modes, report)
+from bench.common import Inputs, PeerOp, bench_device, bench_parser, bench_shapes, run_peer_op
 from kernels.linear_cross_entropy import linear_cross_entropy
 
 GPU_SHAPES = [(4096, 4096, 128_256), (8192, 4096, 128_256), (16_384, 4096, 128_256)]  # (N, H, V)
@@ -37,17 +38,11 @@ def eager_loss(hidden, weight, labels):
     return F.cross_entropy(hidden @ weight.T, labels)
 
 
-def providers(compile_: bool) -> dict:
-    found = {"torch": eager_loss, "ours": forced_triton(linear_cross_entropy)}
-    if compile_:
-        found["torch.compile"] = compiled(eager_loss)
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError:
-        return found
-    liger = LigerFusedLinearCrossEntropyLoss()
-    found["liger"] = lambda hidden, weight, labels: liger(weight, hidden, labels)
-    return found
+def liger():
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss()
+    return lambda hidden, weight, labels: loss(weight, hidden, labels)
 
 
 def make_inputs(shape, dtype, device, frozen_head) -> Inputs:
@@ -68,21 +63,15 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--vocab", type=int, default=None, help="V, with --tokens")
     parser.add_argument("--frozen-head", action="store_true", help="weight.requires_grad = False (LoRA)")
     args = parser.parse_args(argv)
-
-    device = bench_device()
-    dtype = bench_dtype(args.dtype, device)
-    shapes = CPU_SHAPES if device != "cuda" else QUICK_SHAPES if args.quick else GPU_SHAPES
+    shapes = bench_shapes(bench_device(), args.quick, GPU_SHAPES, QUICK_SHAPES, CPU_SHAPES)
     if args.tokens:
         h, v = args.hidden or shapes[0][1], args.vocab or shapes[0][2]
         shapes = [(n, h, v) for n in args.tokens]
+    spec = PeerOp("linear_cross_entropy", "linear_ce", eager_loss, linear_cross_entropy, liger,
+                  functools.partial(make_inputs, frozen_head=args.frozen_head))
     head = "frozen" if args.frozen_head else "trainable"
-    records = []
-    for shape in shapes:
-        records += measure_modes("linear_ce", providers(compile_=not args.no_compile),
-                                 lambda: make_inputs(shape, dtype, device, args.frozen_head), shape, device,
-                                 extra={"dtype": dtype_name(dtype), "head": head}, quick=args.quick)
     notes = f"shape (N, H, V); mean CE with a quarter of labels ignored; head {head}"
-    return report("linear_cross_entropy", records, device, args, notes=notes)
+    return run_peer_op(spec, args, shapes, extra={"head": head}, notes=notes)
 
 
 if __name__ == "__main__":

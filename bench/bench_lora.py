@@ -13,8 +13,9 @@ retained graph, ``autograd.grad`` so nothing accumulates) and ``full`` (both). T
 peak memory above the inputs come from bench.common. GPU shapes: every LoRA-targeted linear of
 Llama-2-7B and Llama-3-8B as weight (out, in), at 2,048, 8,192 and 16,384 tokens, r = 16, bf16
 (``--quick``: Llama-3-8B's gate/up and k/v at 8,192 tokens). The targets, in the ``full`` mode:
-ours / base ≤ 1.10 and peft / ours ≥ 1.5 (bench.targets). On a CPU the bench runs the references at small shapes and says so (Triton would
-run in its interpreter, which says nothing about speed); do not commit CPU results.
+ours / base ≤ 1.10 and peft / ours ≥ 1.5 (bench.targets). On a CPU the bench runs the references at
+small shapes and says so (Triton would run in its interpreter, which says nothing about speed); do
+not commit CPU results.
 
 Run from the repository root: ``python -m bench.bench_lora [--quick] [--tokens 8192] [--nf4] [--dropout 0.05]``.
 """
@@ -26,7 +27,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from bench.common import Inputs, bench_device, bench_dtype, bench_parser, dtype_name, measure_modes, report
+from bench.common import (Inputs, bench_device, bench_dtype, bench_parser, bench_shapes, dtype_name,
+                          measure_modes, report)
 from kernels.lora import lora_linear, lora_linear_ref
 from kernels.nf4 import dequantize_nf4, quantize_nf4
 
@@ -101,8 +103,8 @@ def main(argv: list[str] | None = None):
 
     device = bench_device()
     dtype = bench_dtype(args.dtype, device)
-    layers, tokens = ((CPU_LAYERS, CPU_TOKENS) if device != "cuda" else (QUICK_LAYERS, QUICK_TOKENS) if args.quick
-                      else (GPU_LAYERS, GPU_TOKENS))
+    layers, tokens = bench_shapes(device, args.quick, (GPU_LAYERS, GPU_TOKENS), (QUICK_LAYERS, QUICK_TOKENS),
+                                  (CPU_LAYERS, CPU_TOKENS))
     extra = {"dtype": dtype_name(dtype), "rank": args.rank, "dropout": args.dropout,
              "base": "nf4" if args.nf4 else "dense"}
     records = []

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import (Inputs, bench_device, bench_dtype, bench_parser, copy_bandwidth_gbps, dtype_name,
-                          forced_triton, measure_modes, report)
+from bench.common import (Inputs, bench_device, bench_dtype, bench_parser, bench_shapes, copy_bandwidth_gbps,
+                          dtype_name, forced_triton, measure_modes, report)
 from kernels.nf4 import dequantize_nf4, nf4_dequant_ref, quantize_nf4
 
 GPU_SHAPES = {
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None):
 
     device, double_quant = bench_device(), not args.no_double_quant
     dtype = bench_dtype(args.dtype, device)
-    shapes = CPU_SHAPES if device != "cuda" else QUICK_SHAPES if args.quick else GPU_SHAPES
+    shapes = bench_shapes(device, args.quick, GPU_SHAPES, QUICK_SHAPES, CPU_SHAPES)
     copy_bw = copy_bandwidth_gbps(device)
     moved = {name: bytes_moved(shape, args.blocksize, double_quant, dtype) for name, shape in shapes.items()}
     records = []

@@ -18,16 +18,16 @@ Run from the repository root: ``python -m bench.bench_rms_norm [--quick] [--froz
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from bench.common import (Inputs, bench_device, bench_dtype, bench_parser, compiled, copy_bandwidth_gbps,
-                          dtype_name, forced_triton, measure_modes, report)
+from bench.common import Inputs, PeerOp, bench_device, bench_parser, bench_shapes, run_peer_op
 from kernels.rms_norm import rms_norm, rms_norm_ref
 
 GPU_SHAPES = [(n, 4096) for n in (4096, 8192, 16_384)]  # (tokens, hidden)
 QUICK_SHAPES = [(16_384, 4096)]
 CPU_SHAPES = [(64, 576)]
-TENSORS_MOVED = {"forward": 2, "backward": 3, "full": 5}
 EPS = 1e-5
 
 
@@ -35,17 +35,22 @@ def reference(x, w):
     return rms_norm_ref(x, w, EPS)
 
 
-def providers(compile_: bool) -> dict:
-    found = {"torch": reference, "ours": forced_triton(lambda x, w: rms_norm(x, w, EPS))}
-    if compile_:
-        found["torch.compile"] = compiled(reference)
-    try:
-        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-    except ImportError:
-        return found
+def bytes_moved(shape, dtype) -> dict[str, int]:
+    """Least traffic per mode: forward reads x and writes y, backward reads dy, x and writes dx, full
+    both — 2, 3 and 5 tensors of ``shape`` (the weight and the per-row 1/rms are negligible)."""
+    tensor = shape[0] * shape[1] * dtype.itemsize
+    return {"forward": 2 * tensor, "backward": 3 * tensor, "full": 5 * tensor}
+
+
+def ours(x, w):
+    return rms_norm(x, w, EPS)
+
+
+def liger():
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
     # offset 0, HF ("llama") casting, in_place=False: dY must survive repeated backward timings
-    found["liger"] = lambda x, w: LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama", False)
-    return found
+    return lambda x, w: LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama", False)
 
 
 def make_inputs(shape, dtype, device, frozen_weight) -> Inputs:
@@ -63,23 +68,13 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--hidden", type=int, default=4096, help="H, with --tokens")
     parser.add_argument("--frozen-weight", action="store_true", help="weight.requires_grad = False (LoRA)")
     args = parser.parse_args(argv)
-
-    device = bench_device()
-    dtype = bench_dtype(args.dtype, device)
     shapes = [(n, args.hidden) for n in args.tokens] if args.tokens else (
-        CPU_SHAPES if device != "cuda" else QUICK_SHAPES if args.quick else GPU_SHAPES)
+        bench_shapes(bench_device(), args.quick, GPU_SHAPES, QUICK_SHAPES, CPU_SHAPES))
+    spec = PeerOp("rms_norm", "rms_norm", reference, ours, liger,
+                  functools.partial(make_inputs, frozen_weight=args.frozen_weight), bytes_moved)
     weight = "frozen" if args.frozen_weight else "trainable"
-    copy_bw = copy_bandwidth_gbps(device)
-    records = []
-    for shape in shapes:
-        tensor_bytes = shape[0] * shape[1] * dtype.itemsize
-        records += measure_modes("rms_norm", providers(compile_=not args.no_compile),
-                                 lambda: make_inputs(shape, dtype, device, args.frozen_weight), shape, device,
-                                 bytes_moved={m: k * tensor_bytes for m, k in TENSORS_MOVED.items()},
-                                 copy_bw_gbps=copy_bw, extra={"dtype": dtype_name(dtype), "weight": weight},
-                                 quick=args.quick)
     notes = f"bytes_moved: forward 2, backward 3, full 5 tensors of tokens x hidden; eps {EPS}; weight {weight}"
-    return report("rms_norm", records, device, args, notes=notes, copy_bw_gbps=copy_bw)
+    return run_peer_op(spec, args, shapes, extra={"weight": weight}, notes=notes)
 
 
 if __name__ == "__main__":

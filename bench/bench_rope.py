@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import (Inputs, bench_device, bench_dtype, bench_parser, compiled, copy_bandwidth_gbps,
-                          dtype_name, forced_triton, measure_modes, report)
+from bench.common import Inputs, PeerOp, bench_device, bench_parser, bench_shapes, run_peer_op
 from kernels.rope import apply_rope, apply_rope_ref, rope_inv_freq
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -31,30 +30,31 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 GPU_SHAPES = [(2, n // 2, 32, 8, 128) for n in (4096, 8192, 16_384)]  # (B, T, n_heads, n_kv, hd)
 QUICK_SHAPES = [(2, 8192, 32, 8, 128)]
 CPU_SHAPES = [(2, 32, 4, 2, 64)]
-PASSES = {"forward": 2, "backward": 2, "full": 4}  # reads + writes of q and k
 
 
-def providers(compile_: bool) -> dict:
-    found = {"torch": apply_rope_ref, "ours": forced_triton(apply_rope)}
-    if compile_:
-        found["torch.compile"] = compiled(apply_rope_ref)
-    try:
-        from liger_kernel.ops.rope import LigerRopeFunction
-    except ImportError:
-        return found
+def bytes_moved(shape, dtype) -> dict[str, int]:
+    """Least traffic per mode: forward reads q, k and writes them rotated; backward the same for
+    their gradients; full both — 2, 2 and 4 passes over q and k."""
+    B, T, nh, nkv, hd = shape
+    qk = B * T * (nh + nkv) * hd * dtype.itemsize
+    return {"forward": 2 * qk, "backward": 2 * qk, "full": 4 * qk}
 
-    def liger(q, k, pos, inv_freq, _tables={}):
+
+def liger():
+    from liger_kernel.ops.rope import LigerRopeFunction
+
+    tables = {}  # (positions, T) -> the HF-style (B, T, hd) cos/sin table, built outside the timing
+
+    def rope(q, k, pos, inv_freq):
         key = (pos.data_ptr(), q.shape[1])
-        if key not in _tables:  # the HF-style table, built once per input outside the timing
+        if key not in tables:
             angles = pos.float()[..., None] * inv_freq
             emb = torch.cat([angles, angles], dim=-1)
-            _tables[key] = (emb.cos().to(q.dtype), emb.sin().to(q.dtype))
-        cos, sin = _tables[key]
+            tables[key] = (emb.cos().to(q.dtype), emb.sin().to(q.dtype))
+        cos, sin = tables[key]
         qo, ko = LigerRopeFunction.apply(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, heads, T, hd)
         return qo.transpose(1, 2), ko.transpose(1, 2)
-
-    found["liger"] = liger
-    return found
+    return rope
 
 
 def packed_positions(B, T, device):
@@ -75,27 +75,18 @@ def make_inputs(shape, dtype, device) -> Inputs:
     return Inputs(args=(q, k, pos, inv_freq), wrt=(q, k), grad_out=(dq, dk))
 
 
+ROPE = PeerOp("rope", "rope", apply_rope_ref, apply_rope, liger, make_inputs, bytes_moved)
+
+
 def main(argv: list[str] | None = None):
     parser = bench_parser(__doc__, compile_provider=True)
     parser.add_argument("--tokens", type=int, nargs="*", help="token counts, 2 rows (default: the device's list)")
     args = parser.parse_args(argv)
-
-    device = bench_device()
-    dtype = bench_dtype(args.dtype, device)
     shapes = [(2, n // 2, 32, 8, 128) for n in args.tokens] if args.tokens else (
-        CPU_SHAPES if device != "cuda" else QUICK_SHAPES if args.quick else GPU_SHAPES)
-    copy_bw = copy_bandwidth_gbps(device)
-    records = []
-    for shape in shapes:
-        B, T, nh, nkv, hd = shape
-        qk_bytes = B * T * (nh + nkv) * hd * dtype.itemsize
-        records += measure_modes("rope", providers(compile_=not args.no_compile),
-                                 lambda: make_inputs(shape, dtype, device), shape, device,
-                                 bytes_moved={m: k * qk_bytes for m, k in PASSES.items()},
-                                 copy_bw_gbps=copy_bw, extra={"dtype": dtype_name(dtype)}, quick=args.quick)
+        bench_shapes(bench_device(), args.quick, GPU_SHAPES, QUICK_SHAPES, CPU_SHAPES))
     notes = ("shape (B, T, n_heads, n_kv, hd); llama3 frequencies; packed positions; "
              "bytes_moved: q and k read + written per pass")
-    return report("rope", records, device, args, notes=notes, copy_bw_gbps=copy_bw)
+    return run_peer_op(ROPE, args, shapes, notes=notes)
 
 
 if __name__ == "__main__":

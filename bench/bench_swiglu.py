@@ -19,26 +19,25 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import (Inputs, bench_device, bench_dtype, bench_parser, compiled, copy_bandwidth_gbps,
-                          dtype_name, forced_triton, measure_modes, report)
+from bench.common import Inputs, PeerOp, bench_device, bench_parser, bench_shapes, run_peer_op
 from kernels.swiglu import swiglu, swiglu_ref
 
 GPU_SHAPES = [(n, i) for i in (11_008, 14_336) for n in (4096, 8192, 16_384)]  # (tokens, intermediate)
 QUICK_SHAPES = [(16_384, 14_336)]
 CPU_SHAPES = [(64, 1000)]
-TENSORS_MOVED = {"forward": 3, "backward": 5, "full": 8}
 
 
-def providers(compile_: bool) -> dict:
-    found = {"torch": swiglu_ref, "ours": forced_triton(swiglu)}
-    if compile_:
-        found["torch.compile"] = compiled(swiglu_ref)
-    try:
-        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-    except ImportError:
-        return found
-    found["liger"] = LigerSiLUMulFunction.apply
-    return found
+def bytes_moved(shape, dtype) -> dict[str, int]:
+    """Least traffic per mode: forward reads gate, up and writes y; backward reads dy, gate, up and
+    writes d_gate, d_up; full both — 3, 5 and 8 tensors of ``shape``."""
+    tensor = shape[0] * shape[1] * dtype.itemsize
+    return {"forward": 3 * tensor, "backward": 5 * tensor, "full": 8 * tensor}
+
+
+def liger():
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+    return LigerSiLUMulFunction.apply
 
 
 def make_inputs(shape, dtype, device) -> Inputs:
@@ -49,26 +48,18 @@ def make_inputs(shape, dtype, device) -> Inputs:
     return Inputs(args=(gate, up), wrt=(gate, up), grad_out=dy)
 
 
+SWIGLU = PeerOp("swiglu", "swiglu", swiglu_ref, swiglu, liger, make_inputs, bytes_moved)
+
+
 def main(argv: list[str] | None = None):
     parser = bench_parser(__doc__, compile_provider=True)
     parser.add_argument("--tokens", type=int, nargs="*", help="token counts (default: the device's shape list)")
     parser.add_argument("--intermediate", type=int, default=14_336, help="I, with --tokens")
     args = parser.parse_args(argv)
-
-    device = bench_device()
-    dtype = bench_dtype(args.dtype, device)
     shapes = [(n, args.intermediate) for n in args.tokens] if args.tokens else (
-        CPU_SHAPES if device != "cuda" else QUICK_SHAPES if args.quick else GPU_SHAPES)
-    copy_bw = copy_bandwidth_gbps(device)
-    records = []
-    for shape in shapes:
-        tensor_bytes = shape[0] * shape[1] * dtype.itemsize
-        records += measure_modes("swiglu", providers(compile_=not args.no_compile),
-                                 lambda: make_inputs(shape, dtype, device), shape, device,
-                                 bytes_moved={m: k * tensor_bytes for m, k in TENSORS_MOVED.items()},
-                                 copy_bw_gbps=copy_bw, extra={"dtype": dtype_name(dtype)}, quick=args.quick)
+        bench_shapes(bench_device(), args.quick, GPU_SHAPES, QUICK_SHAPES, CPU_SHAPES))
     notes = "bytes_moved: forward 3, backward 5, full 8 tensors of tokens x intermediate"
-    return report("swiglu", records, device, args, notes=notes, copy_bw_gbps=copy_bw)
+    return run_peer_op(SWIGLU, args, shapes, notes=notes)
 
 
 if __name__ == "__main__":

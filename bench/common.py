@@ -196,7 +196,8 @@ def write_results(bench_name: str, records: Sequence[Record], device: str, notes
 
 def format_table(records: Sequence[Record]) -> str:
     """A plain-text table of the records for the terminal."""
-    lines = [f"{'op':<14}{'provider':<14}{'mode':<9}{'shape':<22}{'median ms':>11}{'GB/s':>9}{'%copy':>7}{'peak MiB':>10}"]
+    lines = [f"{'op':<14}{'provider':<14}{'mode':<9}{'shape':<22}{'median ms':>11}{'GB/s':>9}{'%copy':>7}"
+             f"{'peak MiB':>10}"]
     for r in records:
         row = r.to_json()
         gbps = f"{row['gbps']:.1f}" if "gbps" in row else "-"
@@ -287,6 +288,51 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn)
 
 
+def peer_providers(reference: Callable, ours: Callable, compile_: bool,
+                   liger: Callable[[], Callable]) -> dict[str, Callable]:
+    """The providers of an op that Liger-Kernel also has: ``torch`` (the eager reference), ``ours``,
+    ``torch.compile`` of the reference (when ``compile_``) and ``liger()`` (when ``liger_kernel``
+    is installed; ``liger`` imports it and returns the provider)."""
+    found = {"torch": reference, "ours": ours}
+    if compile_:
+        found["torch.compile"] = compiled(reference)
+    try:
+        found["liger"] = liger()
+    except ImportError:  # liger_kernel is not installed here: the comparison is left out
+        pass
+    return found
+
+
+@dataclass
+class PeerOp:
+    """An op that eager torch, torch.compile, ours and Liger-Kernel all provide, as its benchmark
+    defines it; `run_peer_op` measures it."""
+
+    bench: str  # the JSON file's stem, e.g. "rms_norm"
+    op: str  # the rows' op name
+    reference: Callable  # eager torch: the "torch" provider, compiled for "torch.compile"
+    ours: Callable  # our public op, run under force_triton
+    liger: Callable[[], Callable]  # imports liger_kernel (ImportError when absent), returns its provider
+    make_inputs: Callable[[Sequence[int], torch.dtype, str], Inputs]  # (shape, dtype, device)
+    bytes_moved: Callable[[Sequence[int], torch.dtype], Mapping[str, int]] | None = None  # memory-bound ops
+
+
+def run_peer_op(spec: PeerOp, args: argparse.Namespace, shapes: Sequence[Sequence[int]],
+                extra: Mapping | None = None, notes: str = "") -> pathlib.Path | None:
+    """Measure every provider of ``spec`` in every mode on each shape, print and write the result."""
+    device = bench_device()
+    dtype = bench_dtype(args.dtype, device)
+    copy_bw = copy_bandwidth_gbps(device) if spec.bytes_moved else None
+    providers = peer_providers(spec.reference, forced_triton(spec.ours), not args.no_compile, spec.liger)
+    records = []
+    for shape in shapes:
+        records += measure_modes(spec.op, providers, lambda: spec.make_inputs(shape, dtype, device), shape, device,
+                                 bytes_moved=spec.bytes_moved(shape, dtype) if spec.bytes_moved else None,
+                                 copy_bw_gbps=copy_bw, extra={"dtype": dtype_name(dtype), **(extra or {})},
+                                 quick=args.quick)
+    return report(spec.bench, records, device, args, notes=notes, copy_bw_gbps=copy_bw)
+
+
 def bench_parser(doc: str, compile_provider: bool = False) -> argparse.ArgumentParser:
     """The options every kernel benchmark takes; add the bench's own to the returned parser."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -297,6 +343,11 @@ def bench_parser(doc: str, compile_provider: bool = False) -> argparse.ArgumentP
     if compile_provider:
         parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     return parser
+
+
+def bench_shapes(device: str, quick: bool, gpu, quick_gpu, cpu):
+    """The shape list for this run: ``cpu`` on a CPU, else ``quick_gpu`` with ``--quick``, else ``gpu``."""
+    return cpu if not device.startswith("cuda") else quick_gpu if quick else gpu
 
 
 def bench_dtype(name: str | None, device: str) -> torch.dtype:
