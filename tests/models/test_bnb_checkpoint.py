@@ -57,8 +57,14 @@ def quantize_with_transformers(dense_dir, double_quant, **extra):
     quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                             bnb_4bit_use_double_quant=double_quant,
                                             bnb_4bit_compute_dtype=torch.float32, **extra)
-    return transformers.LlamaForCausalLM.from_pretrained(dense_dir, quantization_config=quant, device_map="cpu",
-                                                         dtype=torch.float32)
+    hf4 = transformers.LlamaForCausalLM.from_pretrained(dense_dir, quantization_config=quant, device_map="cpu",
+                                                        dtype=torch.float32)
+    # On CPUs with AVX512-BF16, bitsandbytes' inference forward repacks the weight and computes in
+    # bf16; the oracle must compute in fp32 like bnb_4bit_compute_dtype says, so keep that path off.
+    for module in hf4.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return hf4.eval()
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["double_quant", "single_quant"])
@@ -67,12 +73,7 @@ def bnb(request, dense_dir, tmp_path_factory):
     hf4 = quantize_with_transformers(dense_dir, request.param)
     folder = tmp_path_factory.mktemp("bnb4")
     hf4.save_pretrained(folder)
-    # On CPUs with AVX512-BF16, bitsandbytes' inference forward repacks the weight and computes in
-    # bf16; the oracle must compute in fp32 like bnb_4bit_compute_dtype says, so keep that path off.
-    for module in hf4.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    return folder, hf4.eval(), request.param
+    return folder, hf4, request.param
 
 
 def copy_folder(src, dst):
@@ -278,3 +279,19 @@ def test_wrong_shape_in_quant_state_named(bnb, tmp_path):
     with pytest.raises(InputError, match=r"quantized tensor 'model\.layers\.0\.mlp\.(up|down)_proj\.weight' "
                                          r"has shape \((64, 320|320, 64)\), expected"):
         load_model(folder)
+
+
+def test_skipped_modules_stay_dense(dense_dir, tmp_path):
+    """Linears in llm_int8_skip_modules are saved dense and load as nn.Linear; the rest as NF4."""
+    hf4 = quantize_with_transformers(dense_dir, True, llm_int8_skip_modules=["down_proj", "lm_head"])
+    hf4.save_pretrained(tmp_path)
+    ours, dense = load_model(tmp_path), load_model(dense_dir)
+    for name in linear_names():
+        module = ours.get_submodule(name)
+        if name.endswith("down_proj"):
+            assert type(module) is torch.nn.Linear and torch.equal(module.weight, dense.get_submodule(name).weight)
+        else:
+            assert isinstance(module, NF4Linear), name
+    ids = ids_batch()
+    with torch.no_grad():
+        assert_close(ours(ids), hf4(ids).logits, name="logits", atol=LOGITS_FP32_ATOL, rtol=0)
