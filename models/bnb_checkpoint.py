@@ -118,8 +118,14 @@ class BnbNF4Groups:
         self.done: dict[str, Path] = {}  # weight name -> file of its packed codes
 
     def prefix_of(self, name: str) -> str | None:
+        """The quantized linear a key belongs to (its packed ``.weight`` or a statistic), else None."""
         split = _split(name)
-        prefix = split[0] if split else name.removesuffix(".weight") if name.endswith(".weight") else None
+        if split is not None:
+            prefix = split[0]
+        elif name.endswith(".weight"):
+            prefix = name.removesuffix(".weight")
+        else:
+            return None
         return prefix if prefix in self.quantized else None
 
     def claims(self, name: str) -> bool:
@@ -153,7 +159,7 @@ class BnbNF4Groups:
         try:
             meta = json.loads(bytes(tensor.tolist()).decode("utf-8"))
         except (ValueError, TypeError, UnicodeDecodeError) as err:
-            raise InputError(f"{file}: tensor {prefix}.{QUANT_STATE_SUFFIX}nf4 is not a JSON quant state ({err})")
+            raise InputError(f"{file}: tensor {prefix}.{QUANT_STATE_SUFFIX}nf4 is not a JSON quant state ({err})") from None
         if not isinstance(meta, dict):
             raise InputError(f"{file}: tensor {prefix}.{QUANT_STATE_SUFFIX}nf4 is not a JSON object")
         return meta
