@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bench.targets import check, format_headlines
 from kernels.backend import force_triton
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
@@ -180,8 +181,9 @@ def environment(device: str) -> dict:
 
 
 def write_results(bench_name: str, records: Sequence[Record], device: str, notes: str = "",
-                  copy_bw_gbps: float | None = None, results_dir: pathlib.Path = RESULTS_DIR) -> pathlib.Path:
-    """Write ``{environment, notes, copy_bw_gbps, results: [...]}`` to
+                  copy_bw_gbps: float | None = None, results_dir: pathlib.Path = RESULTS_DIR,
+                  targets: Sequence[dict] = ()) -> pathlib.Path:
+    """Write ``{environment, notes, copy_bw_gbps, results: [...], targets: [...]}`` to
     ``results_dir/<bench_name>-<device name>-<UTC date>.json`` and return the path."""
     env = environment(device)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", env["device_name"]).strip("-").lower() or device
@@ -189,7 +191,7 @@ def write_results(bench_name: str, records: Sequence[Record], device: str, notes
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{bench_name}-{slug}-{stamp}.json"
     payload = {"bench": bench_name, "environment": env, "notes": notes, "copy_bw_gbps": copy_bw_gbps,
-               "results": [r.to_json() for r in records]}
+               "results": [r.to_json() for r in records], "targets": list(targets)}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 
@@ -361,15 +363,20 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def report(bench_name: str, records: Sequence[Record], device: str, args: argparse.Namespace,
            notes: str = "", copy_bw_gbps: float | None = None) -> pathlib.Path | None:
-    """Print the table and notes; unless ``--no-save``, write the JSON to ``args.out`` and return its path."""
+    """Print the table, the notes and the checks against the issue's targets (bench.targets); unless
+    ``--no-save``, write the JSON to ``args.out`` and return its path."""
     notes = "; ".join(n for n in (notes, "quick subset" if args.quick else "",
                                   "" if device.startswith("cuda") else CPU_NOTE) if n)
     if copy_bw_gbps:
         print(f"measured copy bandwidth: {copy_bw_gbps:.1f} GB/s")
     print(format_table(records))
     print(notes)
+    headlines = check(bench_name, [r.to_json() for r in records])
+    if headlines:
+        print(format_headlines(headlines, meaningful=device.startswith("cuda")))
     if args.no_save:
         return None
-    path = write_results(bench_name, records, device, notes=notes, copy_bw_gbps=copy_bw_gbps, results_dir=args.out)
+    path = write_results(bench_name, records, device, notes=notes, copy_bw_gbps=copy_bw_gbps, results_dir=args.out,
+                         targets=[h.to_json() for h in headlines])
     print("wrote", path)
     return path
