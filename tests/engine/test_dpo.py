@@ -1,0 +1,238 @@
+"""The DPO trainer: the reference policy is the same weights (adapter off, or the frozen initial
+adapter), precomputed reference log-probs equal on-the-fly ones, resume is exact, DPO holds no
+second model copy, and a short run on the SmolLM2 fixture learns held-out preferences."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.config import TrainConfig
+from engine.dpo import DPOOptions, DPOTrainer, ReferencePolicy, completion_logps
+from engine.dpo_data import PairBatchLoader, load_dpo_data
+from engine.errors import InputError
+from engine.lora import LoRAConfig, adapter_params, inject_lora, set_trainable
+from engine.metrics import read_metrics
+from engine.sft import SFTTrainer
+from models import load_model, load_tokenizer
+from models.config import LlamaConfig
+from models.loading import save_model
+from tests.tolerances import assert_close
+from tools.random_checkpoint import random_model
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFS = ROOT / "examples" / "license_prefs.jsonl"
+PREFS_EVAL = ROOT / "examples" / "license_prefs_eval.jsonl"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A 2-layer random Llama with the real SmolLM2 tokenizer and chat template."""
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    out = tmp_path_factory.mktemp("tiny-model")
+    save_model(random_model(config, seed=0), out)
+    for name in TOKENIZER_FILES:
+        shutil.copy(Path(smollm2_dir) / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pref_data(tmp_path_factory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("prefs")
+    lines = PREFS.read_text().splitlines()
+    (out / "train.jsonl").write_text("\n".join(lines[:16]) + "\n")
+    (out / "eval.jsonl").write_text("\n".join(PREFS_EVAL.read_text().splitlines()[:4]) + "\n")
+    return out / "train.jsonl", out / "eval.jsonl"
+
+
+def dpo_config(model_dir: Path, data: tuple[Path, Path], output: Path, **overrides) -> TrainConfig:
+    values = dict(model=str(model_dir), data=str(data[0]), eval_data=str(data[1]), output=str(output),
+                  max_steps=6, batch_size=2, grad_accum=2, lr=1e-2, warmup_steps=1, max_len=128, lora_r=4,
+                  lora_alpha=8, lora_dropout=0.1, seed=3, eval_every=0, save_every=0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def run_dpo(cfg: TrainConfig, **options) -> DPOTrainer:
+    trainer = DPOTrainer(cfg, progress=False, options=DPOOptions(**options))
+    trainer.setup()
+    trainer.train()
+    return trainer
+
+
+def lines(output: Path, kind: str) -> list[dict]:
+    """Metrics lines of one kind, without the wall-clock field tokens_per_s."""
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"}
+            for r in read_metrics(output / "metrics.jsonl") if r["kind"] == kind]
+
+
+def pair_batch(model_dir: Path, data: Path, n: int = 4):
+    pairs = load_dpo_data(data, load_tokenizer(model_dir), max_len=128).train[:n]
+    return PairBatchLoader(pairs, n, pad_id=2, shuffle=False).collate(list(range(n)))
+
+
+def lora_model(model_dir: Path) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = load_model(model_dir)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
+    set_trainable(model)
+    with torch.no_grad():
+        for name, p in adapter_params(model).items():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.2)
+    return model
+
+
+# ---------------------------------------------------------------------------- the reference policy
+
+def test_reference_with_adapter_disabled_equals_the_base_model_exactly(tiny_model_dir, pref_data):
+    batch = pair_batch(tiny_model_dir, pref_data[0])
+    base_logps, lengths = completion_logps(load_model(tiny_model_dir), batch)
+    model = lora_model(tiny_model_dir).train()
+    ref_logps, ref_lengths = ReferencePolicy(model, frozen_initial=False).logps(batch)
+    assert torch.equal(ref_logps, base_logps) and torch.equal(ref_lengths, lengths)
+    assert model.training  # restored
+    policy_logps, _ = completion_logps(model, batch)  # the adapter is on again, and it matters
+    assert not torch.allclose(policy_logps, base_logps, atol=1e-3)
+    # summed over the completion only: lengths are the completion tokens of each row
+    half = batch.input_ids.shape[0] // 2
+    assert lengths[:half].tolist() == [(batch.labels[i, 1:] != -100).sum().item() for i in range(half)]
+
+
+def test_frozen_initial_adapter_is_the_reference_and_training_weights_come_back(tiny_model_dir, pref_data):
+    batch = pair_batch(tiny_model_dir, pref_data[0])
+    model = lora_model(tiny_model_dir)
+    start, _ = completion_logps(model, batch)
+    reference = ReferencePolicy(model, frozen_initial=True)
+    with torch.no_grad():  # "training" moves the adapter away from where it started
+        for p in adapter_params(model).values():
+            p.add_(0.05 * torch.randn_like(p))
+    trained = {n: p.detach().clone() for n, p in adapter_params(model).items()}
+    moved, _ = completion_logps(model, batch)
+    ref, _ = reference.logps(batch)
+    assert torch.equal(ref, start) and not torch.allclose(moved, start, atol=1e-3)
+    assert all(torch.equal(p, trained[n]) for n, p in adapter_params(model).items())
+
+
+# ---------------------------------------------------------------------------- memory
+
+def test_dpo_holds_no_second_model_copy(tiny_model_dir, pref_data, tmp_path):
+    """Parameters + buffers of DPO's model take exactly the bytes of SFT's (same model and LoRA)."""
+    def model_bytes(model: torch.nn.Module) -> int:
+        tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    sft_data = tmp_path / "sft.jsonl"
+    sft_data.write_text("\n".join((ROOT / "examples" / "license_qa.jsonl").read_text().splitlines()[:8]) + "\n")
+    sft = SFTTrainer(dpo_config(tiny_model_dir, (sft_data, None), tmp_path / "sft", eval_data=None), progress=False)
+    sft.setup()
+    for precompute in (False, True):
+        dpo = DPOTrainer(dpo_config(tiny_model_dir, pref_data, tmp_path / f"dpo{precompute}"), progress=False,
+                         options=DPOOptions(precompute_ref=precompute))
+        dpo.setup()
+        assert model_bytes(dpo.model) == model_bytes(sft.model) > 0
+        assert sum(1 for m in dpo.__dict__.values() if isinstance(m, torch.nn.Module)) == 1
+
+
+# ---------------------------------------------------------------------------- resume and precompute
+
+@pytest.fixture(scope="module")
+def sft_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """An SFT adapter of the tiny model, the start of an SFT -> DPO chain."""
+    out = tmp_path_factory.mktemp("sft-run")
+    data = out / "qa.jsonl"
+    data.write_text("\n".join((ROOT / "examples" / "license_qa.jsonl").read_text().splitlines()[:8]) + "\n")
+    cfg = dpo_config(tiny_model_dir, (data, None), out / "run", eval_data=None, max_steps=3, grad_accum=1)
+    trainer = SFTTrainer(cfg, progress=False)
+    trainer.setup()
+    trainer.train()
+    return out / "run" / "adapter"
+
+
+@pytest.mark.parametrize("precompute, chain", [(False, False), (True, False), (False, True)],
+                         ids=["on-the-fly", "precomputed", "from-sft-adapter"])
+def test_resume_mid_dpo_is_exact(tiny_model_dir, pref_data, sft_adapter, tmp_path, precompute, chain):
+    init = dict(init_adapter=str(sft_adapter)) if chain else {}
+    full_out, part = tmp_path / "full", tmp_path / "part"
+    full = run_dpo(dpo_config(tiny_model_dir, pref_data, full_out, save_every=3, keep_checkpoints=5, **init),
+                   precompute_ref=precompute)
+    losses = [r["loss"] for r in lines(full_out, "train")]
+    assert len(losses) == 6 and all(r["rewards/accuracies"] >= 0 for r in lines(full_out, "train"))
+    step3 = full_out / "checkpoints" / "step-000003"
+    assert (step3 / "reference_logps.safetensors").is_file() == precompute
+
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step3, part / "checkpoints" / "step-000003")
+    shutil.copy(full_out / "config.json", part / "config.json")
+    kept = [r for r in read_metrics(full_out / "metrics.jsonl") if r["step"] <= 3]
+    (part / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    resumed = run_dpo(dpo_config(tiny_model_dir, pref_data, part, save_every=3, resume=True, **init),
+                      precompute_ref=precompute)
+    assert resumed.step == full.step == 6
+    assert lines(part, "train") == lines(full_out, "train")  # bitwise: losses and every metric
+    a = load_file(str(full_out / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(part / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_precomputed_reference_equals_on_the_fly(tiny_model_dir, pref_data, tmp_path):
+    runs = {p: run_dpo(dpo_config(tiny_model_dir, pref_data, tmp_path / str(p), max_steps=2), precompute_ref=p)
+            for p in (False, True)}
+    table = runs[True].ref_logps["train"]
+    assert table.shape == (len(runs[True].data.train), 2)
+    for kind in ("train", "eval"):
+        a, b = lines(tmp_path / "False", kind), lines(tmp_path / "True", kind)
+        for name in ("loss", "rewards/margins", "eval/rewards/margins", "rewards/chosen"):
+            if name in a[0]:
+                assert_close(torch.tensor([r[name] for r in b]), torch.tensor([r[name] for r in a]),
+                             torch.float32, name=f"{kind} {name}")
+
+
+def test_dpo_from_sft_adapter_starts_with_zero_rewards(tiny_model_dir, pref_data, sft_adapter, tmp_path):
+    """π_ref is the starting policy (base + SFT adapter): at step 0 every implicit reward is exactly
+    0, although the adapter does change the log-probs; the lineage names the parent."""
+    run_dpo(dpo_config(tiny_model_dir, pref_data, tmp_path / "run", max_steps=1, init_adapter=str(sft_adapter)))
+    first = lines(tmp_path / "run", "eval")[0]
+    assert first["step"] == 0
+    assert first["eval/rewards/chosen"] == first["eval/rewards/margins"] == first["eval/rewards/accuracies"] == 0
+    from engine.adapters import read_adapter_metadata
+
+    meta = read_adapter_metadata(tmp_path / "run" / "adapter")
+    assert meta["method"] == "dpo" and meta["parent"]["method"] == "sft"
+    assert meta["dpo"]["reference"] == "initial adapter (frozen)"
+
+
+def test_bad_dpo_options_are_input_errors(tiny_model_dir, pref_data, tmp_path):
+    with pytest.raises(InputError, match="DPO options: dpo beta must be positive"):
+        DPOTrainer(dpo_config(tiny_model_dir, pref_data, tmp_path), options=DPOOptions(beta=0))
+    with pytest.raises(InputError, match="not preference data"):
+        DPOTrainer(dpo_config(tiny_model_dir, (ROOT / "examples" / "license_qa.jsonl", None), tmp_path,
+                              eval_data=None), progress=False).setup()
+    assert not (tmp_path / "config.json").exists()
+
+
+# ---------------------------------------------------------------------------- real weights
+
+def test_dpo_on_smollm2_learns_held_out_preferences(smollm2_dir, tmp_path):
+    """8 steps on the license pairs with LoRA on the attention of the last 8 of 30 blocks (so the
+    backward stops there: CPU time). At step 0 π = π_ref (B = 0), so margins and accuracy are 0."""
+    targets = ",".join(f"model.layers.{i}.self_attn.{p}" for i in range(22, 30) for p in ("q_proj", "v_proj"))
+    cfg = TrainConfig(model=str(smollm2_dir), data=str(PREFS), eval_data=str(PREFS_EVAL), output=str(tmp_path / "run"),
+                      max_steps=8, batch_size=4, lr=2e-3, warmup_steps=1, max_len=128, lora_r=8, lora_alpha=16,
+                      lora_dropout=0.0, target_modules=targets, seed=0)
+    run_dpo(cfg)
+    evals = lines(tmp_path / "run", "eval")
+    before, after = evals[0], evals[-1]
+    assert before["eval/rewards/margins"] == 0 and before["eval/rewards/accuracies"] == 0
+    assert after["eval/rewards/accuracies"] > 0.5, after
+    assert after["eval/rewards/margins"] > before["eval/rewards/margins"], after
+    assert after["loss"] < before["loss"]
