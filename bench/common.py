@@ -182,8 +182,8 @@ def environment(device: str) -> dict:
 
 def write_results(bench_name: str, records: Sequence[Record], device: str, notes: str = "",
                   copy_bw_gbps: float | None = None, results_dir: pathlib.Path = RESULTS_DIR,
-                  targets: Sequence[dict] = ()) -> pathlib.Path:
-    """Write ``{environment, notes, copy_bw_gbps, results: [...], targets: [...]}`` to
+                  targets: Sequence[dict] = (), extra: Mapping | None = None) -> pathlib.Path:
+    """Write ``{environment, notes, copy_bw_gbps, results: [...], targets: [...], **extra}`` to
     ``results_dir/<bench_name>-<device name>-<UTC date>.json`` and return the path."""
     env = environment(device)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", env["device_name"]).strip("-").lower() or device
@@ -191,7 +191,7 @@ def write_results(bench_name: str, records: Sequence[Record], device: str, notes
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{bench_name}-{slug}-{stamp}.json"
     payload = {"bench": bench_name, "environment": env, "notes": notes, "copy_bw_gbps": copy_bw_gbps,
-               "results": [r.to_json() for r in records], "targets": list(targets)}
+               "results": [r.to_json() for r in records], "targets": list(targets), **(extra or {})}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 

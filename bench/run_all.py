@@ -1,0 +1,139 @@
+"""Run every kernel benchmark and print one table of the headline figures against the targets.
+
+    python -m bench.run_all                 # GPU: tests/kernels, then all shapes (about 8 minutes on an H100)
+    python -m bench.run_all --quick         # headline shapes only, no torch.compile, no tests (about 2 minutes)
+    python -m bench.run_all --out /tmp/b    # JSON elsewhere than bench/results/
+
+Steps: on a GPU (unless ``--quick`` or ``--no-tests``) ``python -m pytest tests/kernels -q`` first,
+its pass/fail recorded; then each ``bench.bench_<op>`` in its own process (a crash or an
+out-of-memory of one does not end the others; each starts with an empty CUDA cache), writing its
+JSON to ``--out``; then the checks of bench.targets over those files, printed and written to
+``run_all-<device>-<date>.json`` beside them. A time budget (``--budget-s``) bounds the whole run:
+each benchmark gets what is left minus a reserve for those after it, and one that runs out is
+stopped and reported.
+
+On a CPU the benchmarks run their small reference shapes, and the table says that the figures are
+not meaningful (its verdicts read ``cpu``): that run only proves the scripts work. Do not commit
+CPU results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+from bench.common import CPU_NOTE, RESULTS_DIR, bench_device, environment, write_results
+from bench.targets import check, format_headlines
+
+BENCHES = ("nf4", "lora", "rms_norm", "rope", "swiglu", "linear_cross_entropy")
+REPO = pathlib.Path(__file__).resolve().parent.parent
+RESERVE_S = 30  # kept back for each benchmark still to run, so that a slow one cannot starve them
+TESTS_MAX_S = 240
+
+
+def default_budget_s(device: str, quick: bool) -> float:
+    """8 minutes for a full GPU run (a device command may last 10), 2 for --quick; CPUs are slower."""
+    if device.startswith("cuda"):
+        return 120 if quick else 480
+    return 600 if quick else 1800
+
+
+def run_tests(timeout_s: float) -> dict:
+    """``pytest tests/kernels -q`` in a subprocess: its exit code, last line and duration."""
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "pytest", "tests/kernels", "-q", "-p", "no:cacheprovider"]
+    try:
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "seconds": round(time.perf_counter() - start, 1), "summary": ""}
+    lines = done.stdout.strip().splitlines() or [""]
+    print("\n".join(lines[-15:]))
+    return {"status": "passed" if done.returncode == 0 else "failed", "returncode": done.returncode,
+            "seconds": round(time.perf_counter() - start, 1), "summary": lines[-1]}
+
+
+def run_bench(name: str, out: pathlib.Path, quick: bool, timeout_s: float) -> dict:
+    """``python -m bench.bench_<name> --out OUT [--quick --no-compile]``; its status and JSON file."""
+    start, begun = time.perf_counter(), time.time()
+    cmd = [sys.executable, "-m", f"bench.bench_{name}", "--out", str(out)]
+    if quick:
+        cmd += ["--quick"] + (["--no-compile"] if name not in ("nf4", "lora") else [])
+    print(f"\n=== {' '.join(cmd[1:])}  (at most {timeout_s:.0f} s)", flush=True)
+    try:
+        done = subprocess.run(cmd, cwd=REPO, timeout=timeout_s)
+        status = "ok" if done.returncode == 0 else f"exit {done.returncode}"
+    except subprocess.TimeoutExpired:
+        status = "timeout"
+    written = [p for p in out.glob(f"{name}-*.json") if p.stat().st_mtime >= begun - 1]
+    path = max(written, key=lambda p: p.stat().st_mtime) if written else None
+    return {"bench": name, "status": status, "seconds": round(time.perf_counter() - start, 1),
+            "file": str(path) if path else None}
+
+
+def run_benches(names: list[str], out: pathlib.Path, quick: bool, deadline: float) -> list[dict]:
+    """Each benchmark in turn, within what is left of the budget."""
+    runs = []
+    for i, name in enumerate(names):
+        left = deadline - time.perf_counter() - RESERVE_S * (len(names) - i - 1)
+        if left < RESERVE_S:
+            runs.append({"bench": name, "status": "skipped: out of time", "seconds": 0.0, "file": None})
+            continue
+        runs.append(run_bench(name, out, quick, left))
+    return runs
+
+
+def headlines_of(runs: list[dict]) -> list:
+    """The bench.targets checks of every benchmark that wrote its JSON."""
+    headlines = []
+    for run in runs:
+        rows = json.loads(pathlib.Path(run["file"]).read_text())["results"] if run["file"] else []
+        headlines += check(run["bench"], rows)
+    return headlines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="headline shapes, no torch.compile, no tests")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR, help="folder for the JSON results")
+    parser.add_argument("--tests", action=argparse.BooleanOptionalAction, default=None,
+                        help="run pytest tests/kernels first (default: on a GPU, unless --quick)")
+    parser.add_argument("--only", nargs="*", choices=BENCHES, help="these benchmarks only")
+    parser.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the whole run")
+    args = parser.parse_args(argv)
+
+    device = bench_device()
+    gpu = device.startswith("cuda")
+    deadline = time.perf_counter() + (args.budget_s or default_budget_s(device, args.quick))
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = environment(device)
+    print(f"device {env['device_name']}, torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}")
+    if not gpu:
+        print("No GPU: the benchmarks run small reference shapes; their figures are NOT meaningful.")
+
+    tests = {"status": "not run"}
+    want_tests = args.tests if args.tests is not None else (gpu and not args.quick)
+    tests_s = min(TESTS_MAX_S, deadline - time.perf_counter() - RESERVE_S * len(BENCHES))
+    if want_tests:
+        tests = run_tests(tests_s) if tests_s >= RESERVE_S else {"status": "skipped: out of time"}
+    runs = run_benches(list(args.only or BENCHES), args.out, args.quick, deadline)
+    headlines = headlines_of(runs)
+
+    print("\n" + "\n".join(f"{r['bench']:<22}{r['status']:<22}{r['seconds']:>7.1f} s  {r['file'] or ''}" for r in runs))
+    print(f"tests/kernels: {tests['status']} {tests.get('summary', '')}")
+    print(format_headlines(headlines, meaningful=gpu))
+    if not gpu:
+        print("(CPU run: the verdicts read 'cpu'; the targets are defined on an H100/H200)")
+    notes = "; ".join(n for n in ("quick subset" if args.quick else "", "" if gpu else CPU_NOTE) if n)
+    path = write_results("run_all", [], device, notes=notes, results_dir=args.out,
+                         targets=[h.to_json() for h in headlines], extra={"tests": tests, "runs": runs})
+    print("wrote", path)
+    failed = tests["status"] in ("failed", "timeout") or any(r["status"] != "ok" for r in runs)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
