@@ -26,7 +26,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-METHODS = ("sft",)
+METHODS = ("sft", "dpo")
+DPO_LOSSES = ("sigmoid", "robust", "ipo", "hinge")
 FORMATS = ("auto", "text", "completion", "alpaca", "messages", "sharegpt")
 SCHEDULES = ("cosine", "linear", "constant")
 QUANTS = ("none", "nf4")
@@ -52,6 +53,11 @@ class TrainConfig:
     eval_split: float = _opt(0.0, "Fraction of --data held out for evaluation when --eval-data is not given.")
     output: str = _opt("outputs/run", "Output folder: adapter/, checkpoints/, metrics.jsonl, loss.png.")
     overwrite: bool = _opt(False, "Replace an output folder that already holds a finished run.")
+    # DPO (--method dpo)
+    dpo_beta: float = _opt(0.1, "DPO: beta, the strength of the KL regularisation towards the reference.")
+    dpo_loss: str = _opt("sigmoid", "DPO: loss (sigmoid = DPO, robust, ipo, hinge).", DPO_LOSSES)
+    dpo_label_smoothing: float = _opt(0.0, "DPO: label smoothing in [0, 0.5) (sigmoid and robust losses).")
+    precompute_ref: bool = _opt(False, "DPO: compute the reference log-probs once before training.")
     # length and batching
     max_len: int | None = _opt(None, "Maximum tokens per sample (default: min(model context, 2048)).")
     length_policy: str = _opt("truncate", "What to do with samples longer than --max-len.", LENGTH_POLICIES)
@@ -98,7 +104,8 @@ class TrainConfig:
         if not self.data:
             raise InputError("--data is required (a JSONL or JSON file)")
         for name, choices in (("method", METHODS), ("format", FORMATS), ("lr_schedule", SCHEDULES),
-                              ("quant", QUANTS), ("length_policy", LENGTH_POLICIES), ("dtype", DTYPES)):
+                              ("quant", QUANTS), ("length_policy", LENGTH_POLICIES), ("dtype", DTYPES),
+                              ("dpo_loss", DPO_LOSSES)):
             if getattr(self, name) not in choices:
                 raise InputError(f"--{_flag(name)} {getattr(self, name)!r}: expected one of {', '.join(choices)}")
         positive = ("batch_size", "grad_accum", "lora_r", "keep_checkpoints", "log_every", "max_bad_steps")
@@ -115,6 +122,8 @@ class TrainConfig:
             raise InputError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lr <= 0 or self.epochs <= 0:
             raise InputError("--lr and --epochs must be positive")
+        if self.method == "dpo" and self.pack:
+            raise InputError("--pack is for SFT: DPO batches chosen and rejected of each pair together")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

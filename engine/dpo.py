@@ -35,7 +35,6 @@ window's pairs); eval lines carry ``loss`` and the same metrics prefixed ``eval/
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,23 +44,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from engine.adapters import load_adapter_weights
 from engine.batching import Batch
-from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.config import TrainConfig
 from engine.data_render import IGNORE
 from engine.dpo_data import PairBatchLoader, load_dpo_data
 from engine.dpo_loss import IPO_MEANS_LOGPS, check_loss_options, dpo_losses, dpo_metrics, mean_metrics
-from engine.errors import EXIT_DIVERGED, InputError, RunStopped
-from engine.lora import disable_adapters, lora_modules, set_trainable
-from engine.metrics import MetricsLog
-from engine.run_output import lineage, prepare_output_dir, write_json
-from engine.schedule import default_warmup, lr_at
-from engine.setup import resolve_device, resolve_dtype, resolve_max_len
+from engine.errors import InputError
+from engine.lora import disable_adapters, lora_modules
 from engine.sft import SFTTrainer
 from kernels.linear_cross_entropy import sequence_logprobs
-from models import load_model, load_tokenizer
-from models.loading import read_config, resolve_model_dir
 
 REFERENCE_FILE = "reference_logps.safetensors"
 
@@ -77,10 +68,8 @@ class DPOOptions:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "DPOOptions":
-        default = cls()
-        return cls(beta=getattr(cfg, "dpo_beta", default.beta), loss=getattr(cfg, "dpo_loss", default.loss),
-                   label_smoothing=getattr(cfg, "dpo_label_smoothing", default.label_smoothing),
-                   precompute_ref=getattr(cfg, "precompute_ref", default.precompute_ref))
+        return cls(beta=cfg.dpo_beta, loss=cfg.dpo_loss, label_smoothing=cfg.dpo_label_smoothing,
+                   precompute_ref=cfg.precompute_ref)
 
     def validate(self) -> None:
         try:
@@ -146,56 +135,21 @@ class ReferencePolicy:
 class DPOTrainer(SFTTrainer):
     """A LoRA / QLoRA DPO run: SFT's loop, checkpoints, resume and outputs, with preference data and loss."""
 
+    method = "dpo"
+
     def __init__(self, cfg: TrainConfig, progress: bool = True, options: DPOOptions | None = None):
         super().__init__(cfg, progress)
         self.options = options or DPOOptions.from_config(cfg)
         self.options.validate()
         self.ref_logps: dict[str, torch.Tensor] = {}  # "train" / "eval" -> (pairs, 2) [chosen, rejected]
 
-    # ------------------------------------------------------------------ setup
-    # Same order as SFTTrainer.setup; it differs in `_load_data` and the reference (see the report
-    # on the hooks that would let SFTTrainer.setup serve both).
+    # ------------------------------------------------------------------ setup (SFTTrainer.setup's hooks)
 
-    def setup(self) -> None:
-        cfg = self.cfg
-        prepare_output_dir(self.output, resume=cfg.resume, overwrite=cfg.overwrite)
-        self.device = resolve_device(cfg.device)
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
-        model_dir = resolve_model_dir(cfg.model)
-        self.max_len = resolve_max_len(cfg.max_len, read_config(model_dir))
-        self.tokenizer = load_tokenizer(model_dir)
-        self._load_data()
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.train_loader.num_batches(0)
-                                                             / cfg.grad_accum))
-        self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
+    def _after_lora(self) -> None:
+        self.reference = ReferencePolicy(self.model, frozen_initial=self.cfg.init_adapter is not None)
 
-        torch.manual_seed(cfg.seed)
-        self.model = load_model(model_dir, dtype=self.dtype, device=self.device,
-                                quantize=None if cfg.quant == "none" else cfg.quant)
-        self.lora_cfg, self.parent_lineage = self._attach_lora()
-        self.reference = ReferencePolicy(self.model, frozen_initial=cfg.init_adapter is not None)
-        self.num_trainable = set_trainable(self.model)
-        grad_ckpt = cfg.grad_checkpointing if cfg.grad_checkpointing is not None else self.device.type == "cuda"
-        self.model.gradient_checkpointing = grad_ckpt
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                           eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-
-        resume_from = latest_checkpoint(self.output) if cfg.resume else None
-        if cfg.resume and resume_from is None:
-            raise InputError(f"--resume: no complete checkpoint in {self.output / 'checkpoints'}")
-        self.output.mkdir(parents=True, exist_ok=True)
-        if resume_from is not None:
-            state = load_checkpoint(resume_from, self.model, self.optimizer,
-                                    lambda d: load_adapter_weights(self.model, d))
-            self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
-            self.bad_in_a_row = state["bad_in_a_row"]
-        else:
-            write_json(self.output / "config.json", dict(cfg.to_json(), dpo=asdict(self.options)))
-            reports = [r for r in (self.data.train_report, self.data.eval_report) if r is not None]
-            write_json(self.output / "data_report.json", [r.__dict__ for r in reports])
+    def _after_setup(self, resume_from: Path | None) -> None:
         self._prepare_reference(resume_from)
-        self.metrics = MetricsLog(self.output / "metrics.jsonl", resume_step=self.step if resume_from else None)
 
     def _load_data(self) -> None:
         cfg = self.cfg
@@ -259,50 +213,8 @@ class DPOTrainer(SFTTrainer):
             parts.append(metrics)
         return (total / n_pairs).item(), sum(b.num_trainable for b in window), mean_metrics(parts)
 
-    # ------------------------------------------------------------------ one step (SFT's, with `_accumulate`)
-
-    def train_step(self, window: list[Batch]) -> dict[str, Any]:
-        loss, n_tokens, metrics = self._accumulate(window)
-        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
-        lr = lr_at(self.step, peak=self.cfg.lr, warmup=self.warmup, total=self.total_steps,
-                   schedule=self.cfg.lr_schedule)
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        if finite:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": n_tokens, "finite": finite,
-                "real_tokens": sum(int(b.attention_mask.sum()) for b in window), "metrics": metrics,
-                "samples": [self.data.train[row[0]].source for b in window
-                            for row in b.sample_ids[:len(b.sample_ids) // 2]]}
-
-    def _after_step(self, result: dict[str, Any], elapsed: float, bar: tqdm) -> None:
-        """SFTTrainer._after_step, with the DPO metrics in the train line."""
-        cfg = self.cfg
-        if not result["finite"]:
-            self.bad_in_a_row += 1
-            self.metrics.write("skip", self.step, loss=result["loss"], grad_norm=result["grad_norm"],
-                               samples=result["samples"])
-            if self.bad_in_a_row >= cfg.max_bad_steps:
-                raise RunStopped(f"{self.bad_in_a_row} steps in a row with a non-finite loss or gradient, "
-                                 f"the last at step {self.step} on pairs {', '.join(result['samples'][:8])}",
-                                 EXIT_DIVERGED)
-        else:
-            self.bad_in_a_row = 0
-        tok_s = result["real_tokens"] / max(elapsed, 1e-9)
-        if result["finite"] and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
-            self.metrics.write("train", self.step, loss=result["loss"], lr=result["lr"],
-                               grad_norm=result["grad_norm"], tokens=result["tokens"], tokens_per_s=tok_s,
-                               epoch=self.epoch, **result["metrics"])
-        bar.set_postfix(loss=f"{result['loss']:.4f}", acc=f"{result['metrics']['rewards/accuracies']:.2f}",
-                        lr=f"{result['lr']:.2e}")
-        bar.update(1)
-        if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
-            self._evaluate_and_log()
-        if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
-            self.save_checkpoint()
+    def _window_sources(self, window: list[Batch]) -> list[str]:
+        return [self.data.train[row[0]].source for b in window for row in b.sample_ids[:len(b.sample_ids) // 2]]
 
     # ------------------------------------------------------------------ eval, checkpoints, outputs
 
@@ -320,18 +232,12 @@ class DPOTrainer(SFTTrainer):
         self.model.train(was_training)
         return {"loss": total / pairs, "pairs": pairs, **{f"eval/{k}": v for k, v in mean_metrics(parts).items()}}
 
-    def _evaluate_and_log(self) -> dict[str, float]:
-        result = self.evaluate()
-        self.metrics.write("eval", self.step, **result)
-        if self.progress:
-            tqdm.write(f"step {self.step}: eval loss {result['loss']:.4f}, reward accuracy "
-                       f"{result['eval/rewards/accuracies']:.2f}, margin {result['eval/rewards/margins']:.4f}")
-        return result
+    def eval_summary(self, result: dict[str, float]) -> str:
+        return (f"eval loss {result['loss']:.4f}, reward accuracy {result['eval/rewards/accuracies']:.2f}, "
+                f"margin {result['eval/rewards/margins']:.4f}")
 
     def _adapter_metadata(self) -> dict[str, Any]:
-        files = [self.cfg.data] + ([self.cfg.eval_data] if self.cfg.eval_data else [])
-        record = lineage(method="dpo", base_model=self.cfg.model, data_files=files, steps=self.step,
-                         parent_adapter=self.cfg.init_adapter, parent_lineage=self.parent_lineage)
+        record = super()._adapter_metadata()
         record["dpo"] = dict(asdict(self.options),
                              reference="initial adapter (frozen)" if self.cfg.init_adapter else "base model")
         return record
@@ -342,9 +248,3 @@ class DPOTrainer(SFTTrainer):
         if self.ref_logps:
             save_file({k: v.contiguous() for k, v in self.ref_logps.items()},
                       str(adapter_folder.parent / REFERENCE_FILE))
-
-    def save_checkpoint(self) -> Path:
-        state = {"epoch": self.epoch, "batch_index": self.batch_index, "bad_in_a_row": self.bad_in_a_row,
-                 "total_steps": self.total_steps}
-        return save_checkpoint(self.output, self.step, self.model, self.optimizer, state,
-                               self._write_checkpoint_files, keep=self.cfg.keep_checkpoints)

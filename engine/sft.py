@@ -82,6 +82,8 @@ def accumulate_gradients(model: torch.nn.Module, window: list[Batch], device: to
 class SFTTrainer:
     """A LoRA / QLoRA supervised fine-tuning run, configured by a `TrainConfig`."""
 
+    method = "sft"  # recorded in the adapter's lineage
+
     def __init__(self, cfg: TrainConfig, progress: bool = True):
         cfg.validate()
         self.cfg = cfg
@@ -108,15 +110,7 @@ class SFTTrainer:
         model_cfg = read_config(model_dir)
         self.max_len = resolve_max_len(cfg.max_len, model_cfg)
         self.tokenizer = load_tokenizer(model_dir)
-        self.data = load_sft_data(cfg.data, self.tokenizer, format=None if cfg.format == "auto" else cfg.format,
-                                  max_len=self.max_len, length_policy=cfg.length_policy,
-                                  train_on_prompt=cfg.train_on_prompt, eval_path=cfg.eval_data,
-                                  eval_split=cfg.eval_split, seed=cfg.seed)
-        pad_id = self.tokenizer.pad_token_id
-        self.train_loader = BatchLoader(self.data.train, cfg.batch_size, pad_id=pad_id, seed=cfg.seed,
-                                        pack=cfg.pack, max_len=self.max_len)
-        self.eval_loader = (BatchLoader(self.data.eval, cfg.batch_size, pad_id=pad_id, shuffle=False)
-                            if self.data.eval else None)
+        self._load_data()
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.train_loader.num_batches(0)
                                                              / cfg.grad_accum))
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
@@ -125,6 +119,7 @@ class SFTTrainer:
         self.model = load_model(model_dir, dtype=self.dtype, device=self.device,
                                 quantize=None if cfg.quant == "none" else cfg.quant)
         self.lora_cfg, self.parent_lineage = self._attach_lora()
+        self._after_lora()
         self.num_trainable = set_trainable(self.model)
         grad_ckpt = cfg.grad_checkpointing if cfg.grad_checkpointing is not None else self.device.type == "cuda"
         self.model.gradient_checkpointing = grad_ckpt
@@ -145,7 +140,27 @@ class SFTTrainer:
             write_json(self.output / "config.json", cfg.to_json())
             reports = [r for r in (self.data.train_report, self.data.eval_report) if r is not None]
             write_json(self.output / "data_report.json", [r.__dict__ for r in reports])
+        self._after_setup(resume_from)
         self.metrics = MetricsLog(self.output / "metrics.jsonl", resume_step=self.step if resume_from else None)
+
+    def _load_data(self) -> None:
+        """``self.data`` (train / eval samples and reports) and the train / eval batch loaders."""
+        cfg = self.cfg
+        self.data = load_sft_data(cfg.data, self.tokenizer, format=None if cfg.format == "auto" else cfg.format,
+                                  max_len=self.max_len, length_policy=cfg.length_policy,
+                                  train_on_prompt=cfg.train_on_prompt, eval_path=cfg.eval_data,
+                                  eval_split=cfg.eval_split, seed=cfg.seed)
+        pad_id = self.tokenizer.pad_token_id
+        self.train_loader = BatchLoader(self.data.train, cfg.batch_size, pad_id=pad_id, seed=cfg.seed,
+                                        pack=cfg.pack, max_len=self.max_len)
+        self.eval_loader = (BatchLoader(self.data.eval, cfg.batch_size, pad_id=pad_id, shuffle=False)
+                            if self.data.eval else None)
+
+    def _after_lora(self) -> None:
+        """Hook: the adapter is attached, the optimizer and any checkpoint not yet loaded."""
+
+    def _after_setup(self, resume_from: Path | None) -> None:
+        """Hook: the model, optimizer and (when resuming) checkpoint are loaded; training has not begun."""
 
     def _attach_lora(self) -> tuple[LoRAConfig, dict | None]:
         """A fresh adapter from the flags, or the one in --init-adapter (its own r, alpha, targets)."""
@@ -175,9 +190,18 @@ class SFTTrainer:
 
     # ------------------------------------------------------------------ one step
 
+    def _accumulate(self, window: list[Batch]) -> tuple[float, int, dict[str, float]]:
+        """Backward of one window: (mean loss, trainable tokens, extra metrics for the train line)."""
+        loss, n_tokens = accumulate_gradients(self.model, window, self.device)
+        return loss, n_tokens, {}
+
+    def _window_sources(self, window: list[Batch]) -> list[str]:
+        """"file:line" of every sample in the window (named when a step is skipped)."""
+        return [self.data.train[i].source for b in window for row in b.sample_ids for i in row]
+
     def train_step(self, window: list[Batch]) -> dict[str, Any]:
         """One optimizer step over the micro-batches of one accumulation window."""
-        loss, n_tokens = accumulate_gradients(self.model, window, self.device)
+        loss, n_tokens, extra = self._accumulate(window)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
         lr = lr_at(self.step, peak=self.cfg.lr, warmup=self.warmup, total=self.total_steps,
@@ -189,8 +213,8 @@ class SFTTrainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": n_tokens, "finite": finite,
-                "real_tokens": sum(int(b.attention_mask.sum()) for b in window),
-                "samples": [self.data.train[i].source for b in window for row in b.sample_ids for i in row]}
+                "real_tokens": sum(int(b.attention_mask.sum()) for b in window), "metrics": extra,
+                "samples": self._window_sources(window)}
 
     # ------------------------------------------------------------------ loop
 
@@ -239,7 +263,7 @@ class SFTTrainer:
         if result["finite"] and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
             self.metrics.write("train", self.step, loss=result["loss"], lr=result["lr"],
                                grad_norm=result["grad_norm"], tokens=result["tokens"], tokens_per_s=tok_s,
-                               epoch=self.epoch)
+                               epoch=self.epoch, **result["metrics"])
         bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{result['lr']:.2e}", tok_s=f"{tok_s:.0f}")
         bar.update(1)
         if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
@@ -267,22 +291,29 @@ class SFTTrainer:
         result = self.evaluate()
         self.metrics.write("eval", self.step, **result)
         if self.progress:
-            tqdm.write(f"step {self.step}: eval loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
+            tqdm.write(f"step {self.step}: {self.eval_summary(result)}")
         return result
+
+    def eval_summary(self, result: dict[str, float]) -> str:
+        return f"eval loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}"
 
     def _adapter_metadata(self) -> dict[str, Any]:
         files = [self.cfg.data] + ([self.cfg.eval_data] if self.cfg.eval_data else [])
-        return lineage(method=self.cfg.method, base_model=self.cfg.model, data_files=files, steps=self.step,
+        return lineage(method=self.method, base_model=self.cfg.model, data_files=files, steps=self.step,
                        parent_adapter=self.cfg.init_adapter, parent_lineage=self.parent_lineage)
 
     def _write_adapter(self, folder: Path) -> None:
         save_adapter(self.model, self.lora_cfg, folder, self.cfg.model, metadata=self._adapter_metadata())
 
+    def _write_checkpoint_files(self, adapter_folder: Path) -> None:
+        """What a checkpoint holds beyond optimizer and RNG state: the adapter (DPO adds to it)."""
+        self._write_adapter(adapter_folder)
+
     def save_checkpoint(self) -> Path:
         state = {"epoch": self.epoch, "batch_index": self.batch_index, "bad_in_a_row": self.bad_in_a_row,
                  "total_steps": self.total_steps}
         return save_checkpoint(self.output, self.step, self.model, self.optimizer, state,
-                               self._write_adapter, keep=self.cfg.keep_checkpoints)
+                               self._write_checkpoint_files, keep=self.cfg.keep_checkpoints)
 
     def finish(self) -> dict[str, Any]:
         """Final eval, the adapter, the loss curve, and the completion marker (written last)."""
