@@ -28,6 +28,10 @@ TOLERANCES: dict[torch.dtype, Tol] = {
 
 # Model level: our logits against transformers' on the same weights (issue 2 acceptance).
 LOGITS_FP32_ATOL = 1e-4
+# Model level in bf16: rounding compounds over dozens of blocks (logit errors ~0.1-1 for every
+# implementation), so a whole bf16 model is held to the oracle: its mean |logit error| against
+# fp32 logits may be at most this multiple of transformers' bf16 model's on the same weights.
+BF16_MODEL_ERROR_VS_ORACLE = 1.25
 
 
 def tol(dtype: torch.dtype) -> Tol:

@@ -5,7 +5,6 @@ by transformers, so to_hf_config and save_model are checked on the way. Real wei
 fixture, fp32 within LOGITS_FP32_ATOL and bf16 within the bf16 row of the shared table.
 """
 
-import copy
 
 import pytest
 import torch
@@ -14,9 +13,9 @@ import transformers
 from engine.errors import InputError
 from models import load_model
 from models.config import LlamaConfig
-from models.llama import AttentionBias, LlamaForCausalLM, rope_inv_freq
+from models.llama import LlamaForCausalLM, rope_inv_freq
 from models.loading import save_model
-from tests.tolerances import LOGITS_FP32_ATOL, assert_close
+from tests.tolerances import BF16_MODEL_ERROR_VS_ORACLE, LOGITS_FP32_ATOL, assert_close
 
 V = 101
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -213,30 +212,16 @@ def test_smollm2_logits_match_transformers(smollm2, left):
 
 @torch.no_grad()
 def test_smollm2_bf16(smollm2):
-    """bf16 per block within the table; the whole 30-layer model no worse than transformers' bf16.
+    """The whole 30-layer model in bf16 is no worse than transformers' bf16 model on the same weights.
 
-    A block's attention branch in bf16 is compared with the same branch computed in fp32 from the
-    same bf16-rounded weights and input. (The MLP's down_proj sums 1536 bf16-rounded products, and
-    the residual adds round at the ~650-magnitude first-token activations: both exceed the op-level
-    table on a few elements, in transformers as in ours.) Rounding compounds over 30 blocks, so whole-model bf16 logits are held to
-    the oracle instead: their mean error against our fp32 logits, averaged over the prompts, must
-    stay within 1.25x that of transformers' bf16 model (measured: 0.155 vs 0.166, logits ~30).
+    Op-level bf16 accuracy is checked against the table in tests/kernels; through 30 blocks the
+    roundings compound (mean logit error ~0.15 on logits ~30, in transformers as in ours), so the
+    model is held to the oracle: BF16_MODEL_ERROR_VS_ORACLE times transformers' mean error against
+    our fp32 logits (measured: 0.155 vs 0.166).
     """
     folder, ours, _, prompts = smollm2
-    ids = torch.tensor([prompts[0]])
     bf16 = load_model(folder, dtype=torch.bfloat16)
     assert bf16.lm_head.weight.dtype == torch.bfloat16 and bf16.model.inv_freq.dtype == torch.float32
-    pos = torch.arange(ids.shape[1])[None]
-    causal = AttentionBias(None, is_causal=True)
-    x = bf16.model.embed_tokens(ids)
-    for layer in bf16.model.layers[:3]:
-        x = layer(x, pos, bf16.model.inv_freq, causal)
-    block, ref_block = bf16.model.layers[3], copy.deepcopy(bf16.model.layers[3]).float()
-    inv_freq = bf16.model.inv_freq
-    attn = block.self_attn(block.input_layernorm(x), pos, inv_freq, causal, None)
-    ref_attn = ref_block.self_attn(ref_block.input_layernorm(x.float()), pos, inv_freq, causal, None)
-    assert_close(attn, ref_attn, dtype=torch.bfloat16, name="SmolLM2 block 3 attention branch in bf16")
-
     hf_bf16 = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="eager")
     our_err = hf_err = 0.0
     for p in prompts:
@@ -244,4 +229,5 @@ def test_smollm2_bf16(smollm2):
         ref = ours(ids)
         our_err += float((bf16(ids).float() - ref).abs().mean()) / len(prompts)
         hf_err += float((hf_bf16(ids).logits.float() - ref).abs().mean()) / len(prompts)
-    assert our_err <= 1.25 * hf_err, f"bf16 logits mean error {our_err:.3f} vs transformers' {hf_err:.3f}"
+    assert our_err <= BF16_MODEL_ERROR_VS_ORACLE * hf_err, \
+        f"bf16 logits mean error {our_err:.3f} vs transformers' {hf_err:.3f}"
