@@ -12,11 +12,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
+from engine.metrics import read_metrics
 from tools.fixtures import smollm2_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def main() -> int:
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
-    evals = [json.loads(line) for line in open(Path(args.output) / "metrics.jsonl") if '"eval"' in line]
+    evals = [r for r in read_metrics(Path(args.output) / "metrics.jsonl") if r["kind"] == "eval"]
     before, after = evals[0]["loss"], evals[-1]["loss"]
     print(f"\nheld-out loss: {before:.3f} before -> {after:.3f} after ({100 * (before - after) / before:.0f}% lower)")
     print(f"\nQ: {QUESTION}")
