@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -46,7 +46,14 @@ class Sample:
 
 @dataclass
 class DataReport:
-    """What happened to the records of one file; ``lines[reason]`` holds the first few lines."""
+    """What happened to the records of one file; ``lines[reason]`` holds the first few lines.
+
+    Every count in ``REASONS`` is a field; `engine.dpo_data.PreferenceReport` adds its own.
+    """
+
+    REASONS: ClassVar[tuple[str, ...]] = ("truncated", "dropped_too_long", "skipped_missing_fields",
+                                          "skipped_empty_completion", "skipped_no_trainable_tokens")
+    NOUN: ClassVar[str] = "kept"
 
     file: str
     format: str = ""
@@ -66,9 +73,8 @@ class DataReport:
             first.append(line)
 
     def summary(self) -> str:
-        parts = [f"{self.file} ({self.format}): {self.loaded} loaded, {self.kept} kept"]
-        for reason in ("truncated", "dropped_too_long", "skipped_missing_fields",
-                       "skipped_empty_completion", "skipped_no_trainable_tokens"):
+        parts = [f"{self.file} ({self.format}): {self.loaded} loaded, {self.kept} {self.NOUN}"]
+        for reason in self.REASONS:
             n = getattr(self, reason)
             if n:
                 first = self.lines[reason]

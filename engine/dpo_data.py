@@ -45,19 +45,16 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from engine.batching import Batch, collate_padded, epoch_order
-from engine.data import LENGTH_POLICIES, Sample, split_eval
+from engine.data import LENGTH_POLICIES, DataReport, Sample, split_eval
 from engine.data_formats import read_records
 from engine.data_render import IGNORE, SpecialTokens
 from engine.errors import InputError
 
-FIRST_LINES_KEPT = 5
-REASONS = ("truncated", "dropped_too_long", "skipped_missing_fields", "skipped_empty_completion",
-           "skipped_identical", "skipped_empty_prompt")
 PREFERENCE_KEYS = ("chosen", "rejected")
 
 
@@ -78,35 +75,16 @@ class PreferencePair:
 
 
 @dataclass
-class PreferenceReport:
-    """What happened to the records of one file; ``lines[reason]`` holds the first few lines."""
+class PreferenceReport(DataReport):
+    """`DataReport` for preference files, with the pair-specific skip reasons."""
 
-    file: str
-    format: str = ""
-    loaded: int = 0
-    kept: int = 0
-    truncated: int = 0
-    dropped_too_long: int = 0
-    skipped_missing_fields: int = 0
-    skipped_empty_completion: int = 0
+    REASONS: ClassVar[tuple[str, ...]] = ("truncated", "dropped_too_long", "skipped_missing_fields",
+                                          "skipped_empty_completion", "skipped_identical",
+                                          "skipped_empty_prompt")
+    NOUN: ClassVar[str] = "pairs kept"
+
     skipped_identical: int = 0
     skipped_empty_prompt: int = 0
-    lines: dict[str, list[int]] = field(default_factory=dict)
-
-    def count(self, reason: str, line: int) -> None:
-        setattr(self, reason, getattr(self, reason) + 1)
-        first = self.lines.setdefault(reason, [])
-        if len(first) < FIRST_LINES_KEPT:
-            first.append(line)
-
-    def summary(self) -> str:
-        parts = [f"{self.file} ({self.format}): {self.loaded} loaded, {self.kept} pairs kept"]
-        for reason in REASONS:
-            n = getattr(self, reason)
-            if n:
-                lines = ", ".join(map(str, self.lines[reason])) + (", ..." if n > len(self.lines[reason]) else "")
-                parts.append(f"{n} {reason.replace('_', ' ')} (lines {lines})")
-        return "; ".join(parts)
 
 
 @dataclass
