@@ -2,20 +2,25 @@
 
 import json
 
+import peft
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.adapters import (CONFIG_NAME, WEIGHTS_NAME, load_adapter, load_adapter_weights,
-                             read_adapter_metadata, save_adapter)
+from engine.adapters import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    load_adapter,
+    load_adapter_weights,
+    read_adapter_metadata,
+    save_adapter,
+)
 from engine.errors import InputError
 from engine.lora import LoRAConfig, inject_lora, lora_modules
 from models.loading import load_model
 from tests.tolerances import LOGITS_FP32_ATOL, assert_close
-
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 
 @pytest.fixture(scope="module")

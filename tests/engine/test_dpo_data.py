@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from engine.data_render import IGNORE
-from engine.dpo_data import PairBatchLoader, PreferencePair, fit_length, load_dpo_data, load_preference_pairs
+from engine.dpo_data import (
+    PairBatchLoader,
+    PreferencePair,
+    fit_length,
+    load_dpo_data,
+    load_preference_pairs,
+)
 from engine.errors import InputError
 from tests.engine.data_doubles import TinyTokenizer
 

@@ -19,8 +19,14 @@ import math
 import pytest
 import torch
 
-from engine.dpo_loss import (METRIC_NAMES, dpo_losses, dpo_metrics, implicit_rewards, log_ratio_difference,
-                             mean_metrics)
+from engine.dpo_loss import (
+    METRIC_NAMES,
+    dpo_losses,
+    dpo_metrics,
+    implicit_rewards,
+    log_ratio_difference,
+    mean_metrics,
+)
 from tests.tolerances import assert_close
 
 NLS_POS = 0.554355244468527   # −log σ(0.3)

@@ -16,7 +16,13 @@ from engine.adapters import load_adapter, save_adapter
 from engine.data import Sample
 from engine.errors import EXIT_INPUT_ERROR, run_cli
 from engine.eval import main as eval_main
-from engine.evaluate import check_adapter_fits, compare, mean_loss, read_adapter, remove_lora
+from engine.evaluate import (
+    check_adapter_fits,
+    compare,
+    mean_loss,
+    read_adapter,
+    remove_lora,
+)
 from engine.lora import LoRAConfig, disable_adapters, inject_lora, lora_modules
 from models.config import LlamaConfig
 from models.loading import load_model, save_model

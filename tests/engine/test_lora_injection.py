@@ -8,9 +8,20 @@ import torch
 from torch import nn
 
 from engine.errors import InputError
-from engine.lora import (LLAMA_LINEARS, LoRAConfig, LoRALinear, adapter_params, dequantize_model,
-                         disable_adapters, find_targets, inject_lora, lora_modules, merge,
-                         quantize_model_nf4, set_trainable)
+from engine.lora import (
+    LLAMA_LINEARS,
+    LoRAConfig,
+    LoRALinear,
+    adapter_params,
+    dequantize_model,
+    disable_adapters,
+    find_targets,
+    inject_lora,
+    lora_modules,
+    merge,
+    quantize_model_nf4,
+    set_trainable,
+)
 from kernels.backend import set_kernel_mode
 from kernels.nf4 import dequantize_nf4
 from kernels.nf4_linear import NF4Linear

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 
 from engine.adapters import save_adapter
@@ -16,7 +17,6 @@ from engine.merge import main
 from models.loading import load_model
 from tests.tolerances import LOGITS_FP32_ATOL, assert_close
 
-transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[2]
 
 

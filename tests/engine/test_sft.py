@@ -24,30 +24,9 @@ from engine.errors import EXIT_INPUT_ERROR, EXIT_PREEMPTED, InputError
 from engine.lora import LoRAConfig, adapter_params, inject_lora, set_trainable
 from engine.metrics import read_metrics
 from engine.sft import SFTTrainer, accumulate_gradients
-from models.config import LlamaConfig
-from models.loading import save_model
 from tests.tolerances import assert_close
-from tools.random_checkpoint import random_model
 
 ROOT = Path(__file__).resolve().parents[2]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
-
-
-def tiny_config(vocab_size: int) -> LlamaConfig:
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
-    """A 2-layer random Llama with the real SmolLM2 tokenizer and chat template."""
-    out = tmp_path_factory.mktemp("tiny-model")
-    save_model(random_model(tiny_config(49152), seed=0), out)
-    for name in TOKENIZER_FILES:
-        shutil.copy(Path(smollm2_dir) / name, out / name)
-    return out
 
 
 @pytest.fixture(scope="module")

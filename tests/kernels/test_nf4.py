@@ -6,14 +6,23 @@ the interpreter on CPU and must reproduce the torch reference exactly (same fp32
 
 import json
 
+import bitsandbytes as bnb
 import pytest
 import torch
 
 from kernels.backend import force_triton
-from kernels.nf4 import (FLOAT_DTYPES, NF4_VALUES, NF4Tensor, dequantize_nf4, dynamic_map, from_bnb_state_dict,
-                         nf4_dequant_ref, quantize_nf4, to_bnb_state_dict)
+from kernels.nf4 import (
+    FLOAT_DTYPES,
+    NF4_VALUES,
+    NF4Tensor,
+    dequantize_nf4,
+    dynamic_map,
+    from_bnb_state_dict,
+    nf4_dequant_ref,
+    quantize_nf4,
+    to_bnb_state_dict,
+)
 
-bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional
 
 

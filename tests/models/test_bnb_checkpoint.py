@@ -11,8 +11,10 @@ linear's keys spread over shards, QLoRA on top, and one clear error per bad fold
 import json
 import shutil
 
+import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from engine.errors import InputError
@@ -23,9 +25,6 @@ from models import load_model
 from models.llama import LlamaForCausalLM
 from models.loading import load_weights, read_config
 from tests.tolerances import LOGITS_FP32_ATOL, assert_close
-
-transformers = pytest.importorskip("transformers")
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 # Row widths (64, 320) are multiples of the blocksize, as bitsandbytes' CPU dequantizer needs;
 # 320 x 64 weights have 320 blocks, so double quantization spans two nested blocks of 256.
