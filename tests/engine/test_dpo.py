@@ -218,3 +218,34 @@ def test_dpo_on_smollm2_learns_held_out_preferences(smollm2_dir, tmp_path):
     assert after["eval/rewards/accuracies"] > 0.5, after
     assert after["eval/rewards/margins"] > before["eval/rewards/margins"], after
     assert after["loss"] < before["loss"]
+
+
+def test_sft_then_dpo_chain_from_the_cli(tiny_model_dir, pref_data, tmp_path):
+    """`engine.train` SFT, then `--method dpo --init-adapter` from its adapter; lineage links them."""
+    import json
+    import subprocess
+    import sys
+
+    from engine.adapters import read_adapter_metadata
+
+    sft_data = tmp_path / "sft.jsonl"
+    sft_data.write_text("\n".join((ROOT / "examples" / "license_qa.jsonl").read_text().splitlines()[:8]) + "\n")
+    common = ["--model", str(tiny_model_dir), "--max-steps", "2", "--batch-size", "2", "--max-len", "128",
+              "--lora-r", "4"]
+    sft = subprocess.run([sys.executable, "-m", "engine.train", *common, "--data", str(sft_data),
+                          "--output", str(tmp_path / "sft")], cwd=ROOT, capture_output=True, text=True)
+    assert sft.returncode == 0, sft.stderr
+    dpo = subprocess.run([sys.executable, "-m", "engine.train", *common, "--method", "dpo", "--data",
+                          str(pref_data[0]), "--eval-data", str(pref_data[1]), "--init-adapter",
+                          str(tmp_path / "sft" / "adapter"), "--output", str(tmp_path / "dpo")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert dpo.returncode == 0, dpo.stderr
+    assert "reward accuracy" in dpo.stderr
+    record = read_adapter_metadata(tmp_path / "dpo" / "adapter")
+    assert record["method"] == "dpo" and record["steps"] == 2
+    assert record["parent_adapter"] == str((tmp_path / "sft" / "adapter").resolve())
+    assert record["parent"]["method"] == "sft" and record["parent"]["data"][0]["path"] == str(sft_data.resolve())
+    assert record["dpo"]["reference"] == "initial adapter (frozen)"
+    first_eval = next(json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()
+                      if json.loads(line)["kind"] == "eval")
+    assert first_eval["eval/rewards/margins"] == 0.0  # step 0: the policy is its own reference

@@ -1,0 +1,41 @@
+"""TrainConfig's CLI: defaults < TOML file < flags, validation errors name the flag."""
+
+import pytest
+
+from engine.config import TrainConfig, parse_config
+from engine.errors import InputError
+
+
+def test_toml_overrides_defaults_and_flags_override_toml(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('lr = 1e-4\nlora-r = 8\npack = true\ntarget_modules = "q_proj,v_proj"\n')
+    cfg = parse_config(["--config", str(toml), "--model", "m", "--data", "d.jsonl", "--lora-r", "32"])
+    assert cfg.lr == 1e-4 and cfg.pack is True and cfg.target_modules == "q_proj,v_proj"
+    assert cfg.lora_r == 32  # the flag wins over the file
+    assert cfg.batch_size == TrainConfig.batch_size  # untouched default
+
+
+def test_boolean_flags_forms():
+    base = ["--model", "m", "--data", "d"]
+    assert parse_config(base + ["--pack"]).pack is True
+    assert parse_config(base + ["--pack", "false"]).pack is False
+    assert parse_config(base + ["--no-pack"]).pack is False
+    assert parse_config(base).pack is False
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "d"], "--model is required"),
+    (["--model", "m", "--data", "d", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--model", "m", "--data", "d", "--eval-split", "1.5"], "--eval-split"),
+    (["--model", "m", "--data", "d", "--method", "dpo", "--pack"], "--pack is for SFT"),
+])
+def test_bad_values_name_the_flag(argv, message):
+    with pytest.raises(InputError, match=message):
+        parse_config(argv)
+
+
+def test_unknown_toml_key_names_the_file(tmp_path):
+    toml = tmp_path / "bad.toml"
+    toml.write_text("learning_rate = 1e-4\n")
+    with pytest.raises(InputError, match=r"bad\.toml: unknown option 'learning_rate'"):
+        parse_config(["--config", str(toml), "--model", "m", "--data", "d"])
