@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
 
 from engine.errors import InputError
 from kernels.nf4 import NF4Tensor, quantize_nf4
@@ -141,7 +142,8 @@ def load_weights(model: LlamaForCausalLM, model_dir: Path, dtype: torch.dtype, d
     seen: dict[str, Path] = {}
     files = weight_files(model_dir)
     bnb = BnbNF4Groups(files, expected, device) if is_bnb_nf4_checkpoint(model_dir) else None
-    for file in files:
+    # One step per shard; shown only on a terminal (disable=None), a 7B model takes a while.
+    for file in tqdm(files, desc=f"loading {model_dir.name}", unit="shard", disable=None, leave=False):
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
