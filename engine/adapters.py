@@ -232,6 +232,19 @@ def _check_shapes(path: Path, model: nn.Module, cfg: LoRAConfig, targets: list[s
                                  f"(r={r}, base {base.out_features}x{base.in_features})")
 
 
+def adapter_targets(model: nn.Module, adapter_dir: str | os.PathLike, cfg: LoRAConfig,
+                    weights: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """The modules of ``model`` (without LoRA; a meta-device model will do) that the adapter in
+    ``adapter_dir`` targets, after checking that its ``weights`` cover exactly those modules with
+    A (r, in) and B (out, r). Raises InputError naming adapter_config.json or the weights file."""
+    try:
+        targets = find_targets(model, cfg)
+    except InputError as err:
+        raise InputError(f"{Path(adapter_dir) / CONFIG_NAME}: {err}") from None
+    _check_shapes(Path(adapter_dir) / WEIGHTS_NAME, model, cfg, targets, weights)
+    return targets
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAConfig:
     """Inject LoRA into ``model`` per the folder's config and load its weights (as fp32); return the config.
 
@@ -239,11 +252,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAConfig
     """
     cfg = read_adapter_config(adapter_dir)
     weights = read_adapter_weights(adapter_dir)
-    try:
-        targets = find_targets(model, cfg)
-    except InputError as err:
-        raise InputError(f"{Path(adapter_dir) / CONFIG_NAME}: {err}") from None
-    _check_shapes(Path(adapter_dir) / WEIGHTS_NAME, model, cfg, targets, weights)
+    adapter_targets(model, adapter_dir, cfg, weights)
     inject_lora(model, cfg)
     modules = lora_modules(model)
     with torch.no_grad():

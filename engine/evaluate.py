@@ -27,11 +27,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from engine.adapters import CONFIG_NAME, WEIGHTS_NAME, _check_shapes, read_adapter_config, read_adapter_weights
+from engine.adapters import adapter_targets, read_adapter_config, read_adapter_weights
 from engine.batching import BatchLoader
 from engine.data import Sample
 from engine.errors import InputError
-from engine.lora import LoRAConfig, find_targets, inject_lora, lora_modules, lora_scale
+from engine.lora import LoRAConfig, inject_lora, lora_modules, lora_scale
 from engine.sft import count_trainable, loss_sum
 
 BASE = "base"
@@ -103,11 +103,7 @@ def read_adapter(path: str | Path, name: str | None = None) -> Adapter:
 def check_adapter_fits(model: nn.Module, adapter: Adapter) -> None:
     """Check the adapter's targets and every A/B shape against a model *without* LoRA (a meta-device
     model will do, nothing is computed), and record its layout. Raises InputError naming the file."""
-    try:
-        targets = find_targets(model, adapter.config)
-    except InputError as err:
-        raise InputError(f"{adapter.path / CONFIG_NAME}: {err}") from None
-    _check_shapes(adapter.path / WEIGHTS_NAME, model, adapter.config, targets, adapter.weights)
+    targets = adapter_targets(model, adapter.path, adapter.config, adapter.weights)
     cfg = adapter.config
     adapter.layout = {name: (cfg.rank_for(name), lora_scale(cfg.rank_for(name), cfg.alpha_for(name), cfg.use_rslora))
                       for name in targets}
