@@ -254,11 +254,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAConfig
     weights = read_adapter_weights(adapter_dir)
     adapter_targets(model, adapter_dir, cfg, weights)
     inject_lora(model, cfg)
-    modules = lora_modules(model)
-    with torch.no_grad():
-        for name, pair in weights.items():
-            modules[name].lora_A.copy_(pair["lora_A"].to(torch.float32))
-            modules[name].lora_B.copy_(pair["lora_B"].to(torch.float32))
+    assign_adapter_weights(model, weights)
     return cfg
 
 
@@ -275,7 +271,15 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> No
             got = tuple(weights[name][which].shape)
             if got != tuple(param.shape):
                 raise InputError(f"{path}: {name}.{which} has shape {got}, expected {tuple(param.shape)}")
-    with torch.no_grad():
-        for name, m in modules.items():
-            m.lora_A.copy_(weights[name]["lora_A"].to(torch.float32))
-            m.lora_B.copy_(weights[name]["lora_B"].to(torch.float32))
+    assign_adapter_weights(model, weights)
+
+
+@torch.no_grad()
+def assign_adapter_weights(model: nn.Module, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Copy ``{module: {"lora_A", "lora_B"}}`` into the model's LoRA parameters (cast to their fp32).
+
+    Shapes and module names must have been checked (`adapter_targets` or the caller)."""
+    modules = lora_modules(model)
+    for name, pair in weights.items():
+        modules[name].lora_A.copy_(pair["lora_A"])
+        modules[name].lora_B.copy_(pair["lora_B"])

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from engine.adapters import adapter_targets, read_adapter_config, read_adapter_weights
+from engine.adapters import adapter_targets, assign_adapter_weights, read_adapter_config, read_adapter_weights
 from engine.batching import BatchLoader
 from engine.data import Sample
 from engine.errors import InputError
@@ -141,10 +141,7 @@ class AdapterSwitcher:
             remove_lora(self.model)
             inject_lora(self.model, adapter.config)
         # With the same layout the existing LoRA modules only need the new weights.
-        modules = lora_modules(self.model)
-        for name, pair in adapter.weights.items():
-            modules[name].lora_A.copy_(pair["lora_A"])
-            modules[name].lora_B.copy_(pair["lora_B"])
+        assign_adapter_weights(self.model, adapter.weights)
         self.model.eval()  # no LoRA dropout
         self.active = adapter
 
