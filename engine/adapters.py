@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from engine.atomic import atomic_dir
 from engine.errors import InputError
 from engine.lora import ALL_LINEAR, LoRAConfig, find_targets, inject_lora, lora_modules
 
@@ -119,29 +119,10 @@ def save_adapter(model: nn.Module, lora_cfg: LoRAConfig, out_dir: str | os.PathL
     header = {"format": "pt"}
     if metadata is not None:
         header[METADATA_KEY] = json.dumps(metadata, sort_keys=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(adapter_state_dict(model), str(tmp / WEIGHTS_NAME), metadata=header)
-    (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _replace_dir(tmp, out)
+    with atomic_dir(out, fsync=True) as tmp:
+        save_file(adapter_state_dict(model), str(tmp / WEIGHTS_NAME), metadata=header)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``; an existing ``dst`` is moved aside first and removed after."""
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 # ----------------------------------------------------------------------------- load

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.atomic import fsync_files
 from engine.errors import InputError
 
 MARKER = "COMPLETE"
@@ -101,10 +102,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module,
     save_file(rng_tensors(), str(tmp / "rng.safetensors"))
     full_state = dict(state, step=step, python_rng=_python_rng_state())
     (tmp / "state.json").write_text(json.dumps(full_state, indent=2), encoding="utf-8")
-    for file in tmp.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
+    fsync_files(tmp)  # the marker below must never reach the disk before the files it vouches for
     (tmp / MARKER).write_text(str(step), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)

@@ -24,6 +24,7 @@ from torch import nn
 import models
 from models.loading import save_model, weight_files
 from engine.adapters import load_adapter
+from engine.atomic import atomic_dir
 from engine.errors import InputError, run_cli
 from engine.lora import MergeReport, dequantize_model, merge, quantize_model_nf4
 
@@ -85,19 +86,10 @@ def merge_to_folder(base: str, adapter: str, out: str | os.PathLike, dtype: torc
     report.dequantized += dequantize_model(model, dtype)  # NF4 layers the adapter did not target
     model.to(dtype)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         save_model(model, tmp, max_shard_bytes=max_shard_bytes)  # config.json + (sharded) safetensors
         write_side_files(model, Path(base_dir), tmp)
         (tmp / "README.md").write_text(readme_text(base, adapter, dtype, report))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from engine.atomic import atomic_dir
 from engine.errors import InputError, run_cli
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -393,24 +392,13 @@ def convert_gguf(gguf_path, out_dir, dtype: torch.dtype = torch.float32) -> Path
     cfg = hf_config(meta, reader, names, dtype)
     tok = build_tokenizer(meta)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         _write_json(tmp / "config.json", cfg)
         gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg[k] is not None}
         _write_json(tmp / "generation_config.json", gen)
         (tmp / "tokenizer.json").write_text(tok.tokenizer_json, encoding="utf-8")
         _write_json(tmp / "tokenizer_config.json", tok.tokenizer_config)
         write_weights(reader, cfg, tmp, dtype)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the finished folder is an ordinary one
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
