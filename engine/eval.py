@@ -22,7 +22,7 @@ import torch
 from engine.data import load_samples
 from engine.errors import InputError, run_cli
 from engine.evaluate import Adapter, Row, check_adapter_fits, compare, markdown_table, read_adapter, rows_to_json
-from engine.setup import resolve_device, resolve_dtype, resolve_max_len
+from engine.setup import DTYPES, resolve_device, resolve_dtype, resolve_max_len
 from models import load_model, load_tokenizer
 from models.llama import LlamaForCausalLM
 from models.loading import read_config, resolve_model_dir
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="Sequences per batch.")
     p.add_argument("--max-len", type=int, default=None,
                    help="Truncate samples to this many tokens (default: min(model context, 2048)).")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="Compute dtype (auto: bf16 on a GPU, fp32 on a CPU).")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
     p.add_argument("--quant", default="none", choices=("none", "nf4"), help="Quantize the base to NF4 (QLoRA).")

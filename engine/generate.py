@@ -17,9 +17,8 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from engine.errors import InputError, run_cli
+from engine.setup import DTYPES, resolve_device
 from models.llama import LlamaForCausalLM
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
@@ -92,15 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="compute dtype (default fp32)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     if args.max_new_tokens <= 0 or args.temperature < 0:
         raise InputError("--max-new-tokens must be > 0 and --temperature >= 0")
+    device = resolve_device(args.device)
 
     from models import load_model, load_tokenizer, resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
-    model = load_model(model_dir, dtype=DTYPES[args.dtype], device=args.device)
+    model = load_model(model_dir, dtype=DTYPES[args.dtype], device=device)
     tokenizer = load_tokenizer(model_dir)
     if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=True)
     eos = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids)
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     stream = TextStream(tokenizer)
     for token in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, eos, generator):
         sys.stdout.write(stream.push(token))

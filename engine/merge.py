@@ -27,8 +27,8 @@ from engine.adapters import load_adapter
 from engine.atomic import atomic_dir
 from engine.errors import InputError, run_cli
 from engine.lora import MergeReport, dequantize_model, merge, quantize_model_nf4
+from engine.setup import DTYPES
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

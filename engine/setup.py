@@ -8,7 +8,7 @@ from engine.errors import InputError
 from models.config import LlamaConfig
 
 DEFAULT_MAX_LEN = 2048
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # flag value -> dtype
 
 
 def resolve_device(name: str) -> torch.device:
@@ -27,7 +27,7 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto`` -> bf16 on a GPU (fp16 where bf16 is unsupported), fp32 on a CPU."""
     if name != "auto":
-        return _DTYPES[name]
+        return DTYPES[name]
     if device.type != "cuda":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -15,12 +15,12 @@ import math
 import torch
 
 from engine.errors import InputError, run_cli
+from engine.setup import DTYPES
 from models.config import LlamaConfig
 from models.llama import LlamaForCausalLM
 from models.loading import save_model
 from models.presets import PRESETS
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INIT_STD = 0.02
 
 
