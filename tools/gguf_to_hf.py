@@ -254,20 +254,25 @@ class TokenizerFiles:
     tokenizer_config: dict
 
 
+def _check_per_token(key: str, values, tokens: list[str]) -> None:
+    if len(values) != len(tokens):
+        raise InputError(f"GGUF metadata {key!r} has {len(values)} entries for {len(tokens)} tokens")
+
+
 def _added_tokens(tokens: list[str], types: list[int]) -> list[dict]:
     """CONTROL tokens are special (skipped by decode(skip_special_tokens)), USER_DEFINED are not;
     both are matched verbatim in the raw text (normalized False), as llama.cpp stores them raw."""
     return [
         {"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
          "normalized": False, "special": kind == _CONTROL}
-        for i, (tok, kind) in enumerate(zip(tokens, types)) if kind in (_CONTROL, _USER_DEFINED)
+        for i, (tok, kind) in enumerate(zip(tokens, types, strict=True)) if kind in (_CONTROL, _USER_DEFINED)
     ]
 
 
 def _template_processor(tokens: list[str], bos: int | None, eos: int | None) -> dict:
     """Post-processor adding ``bos`` before / ``eos`` after a sequence (None: not added)."""
     single, pair, special = [], [], {}
-    for tid, where in ((bos, "start"), (eos, "end")):
+    for tid in (bos, eos):
         if tid is None:
             continue
         special[tokens[tid]] = {"id": tokens[tid], "ids": [tid], "tokens": [tokens[tid]]}
@@ -302,7 +307,7 @@ def _spm_merges(tokens: list[str], scores: list[float]) -> list[list[str]]:
     the ids of its halves — the order HF's SentencePiece converter produces."""
     ids = {t: i for i, t in enumerate(tokens)}
     merges = []
-    for piece, score in zip(tokens, scores):
+    for piece, score in zip(tokens, scores, strict=True):
         local = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in ids and piece[k:] in ids]
         local.sort(key=lambda lr: (ids[lr[0]], ids[lr[1]]))
         merges += [(score, left, right) for left, right in local]
@@ -314,6 +319,7 @@ def _llama_spm_model(meta: dict, tokens: list[str]) -> dict:
     """Pieces of tokenizer.json for ``tokenizer.ggml.model == 'llama'`` (SentencePiece BPE with byte
     fallback, Llama-2 / TinyLlama / Mistral): the layout of HF's LlamaTokenizerFast (legacy)."""
     scores = _get(meta, "tokenizer.ggml.scores", required=True)
+    _check_per_token("tokenizer.ggml.scores", scores, tokens)
     unk = _get(meta, "tokenizer.ggml.unknown_token_id", 0)
     add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
     normalizers = ([{"type": "Prepend", "prepend": "▁"}] if add_prefix else [])
@@ -336,6 +342,7 @@ def build_tokenizer(meta: dict) -> TokenizerFiles:
     kind = _get(meta, "tokenizer.ggml.model", required=True)
     tokens = list(_get(meta, "tokenizer.ggml.tokens", required=True))
     types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    _check_per_token("tokenizer.ggml.token_type", types, tokens)
     if kind == "gpt2":
         parts, add_bos_default = _gpt2_model(meta, tokens), False
     elif kind == "llama":
@@ -374,6 +381,23 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _convert(reader, out_dir: Path, dtype: torch.dtype) -> None:
+    """Check everything (tensor names, config, tokenizer) before anything is written, then write."""
+    meta = read_fields(reader)
+    names = {t.name for t in reader.tensors}
+    for name in names - _SKIPPED:
+        hf_tensor_name(name)  # refuse foreign tensors before any work is done
+    cfg = hf_config(meta, reader, names, dtype)
+    tok = build_tokenizer(meta)
+    with atomic_dir(out_dir) as tmp:
+        _write_json(tmp / "config.json", cfg)
+        gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg[k] is not None}
+        _write_json(tmp / "generation_config.json", gen)
+        (tmp / "tokenizer.json").write_text(tok.tokenizer_json, encoding="utf-8")
+        _write_json(tmp / "tokenizer_config.json", tok.tokenizer_config)
+        write_weights(reader, cfg, tmp, dtype)
+
+
 def convert_gguf(gguf_path, out_dir, dtype: torch.dtype = torch.float32) -> Path:
     """Convert ``gguf_path`` into the HF folder ``out_dir`` (replaced if it exists); return it."""
     import gguf
@@ -385,20 +409,10 @@ def convert_gguf(gguf_path, out_dir, dtype: torch.dtype = torch.float32) -> Path
         reader = gguf.GGUFReader(str(gguf_path))
     except (ValueError, OSError) as err:
         raise InputError(f"{gguf_path}: not a readable GGUF file ({err})") from None
-    meta = read_fields(reader)
-    names = {t.name for t in reader.tensors}
-    for name in names - _SKIPPED:
-        hf_tensor_name(name)  # refuse foreign tensors before any work is done
-    cfg = hf_config(meta, reader, names, dtype)
-    tok = build_tokenizer(meta)
-
-    with atomic_dir(out_dir) as tmp:
-        _write_json(tmp / "config.json", cfg)
-        gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg[k] is not None}
-        _write_json(tmp / "generation_config.json", gen)
-        (tmp / "tokenizer.json").write_text(tok.tokenizer_json, encoding="utf-8")
-        _write_json(tmp / "tokenizer_config.json", tok.tokenizer_config)
-        write_weights(reader, cfg, tmp, dtype)
+    try:
+        _convert(reader, out_dir, dtype)
+    except InputError as err:  # the messages below name the key or tensor; add the file
+        raise InputError(f"{gguf_path}: {err}") from None
     return out_dir
 
 
