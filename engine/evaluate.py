@@ -68,9 +68,8 @@ def mean_loss(model: nn.Module, samples: list[Sample], *, batch_size: int, pad_i
     tokens = 0
     for batch in tqdm(loader.batches(0), total=loader.num_batches(0), desc=desc, unit="batch",
                       disable=not progress, leave=False, dynamic_ncols=True):
-        batch = batch.to(device)
-        total += loss_sum(model, batch).double()
-        tokens += count_trainable(batch)
+        tokens += count_trainable(batch)  # on the CPU batch: no device sync per batch
+        total += loss_sum(model, batch.to(device)).double()
     model.train(was_training)
     if tokens == 0:
         raise InputError(f"{desc}: no trainable tokens to evaluate")

@@ -278,13 +278,13 @@ class SFTTrainer:
         """Mean loss per trainable token on the eval set, and its perplexity."""
         was_training = self.model.training
         self.model.eval()
-        total, tokens = 0.0, 0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = 0
         for batch in self.eval_loader.batches(0):
-            batch = batch.to(self.device)
-            total += loss_sum(self.model, batch).item()
-            tokens += count_trainable(batch)
+            tokens += count_trainable(batch)  # on the CPU batch: no device sync per batch
+            total += loss_sum(self.model, batch.to(self.device)).double()
         self.model.train(was_training)
-        loss = total / max(tokens, 1)
+        loss = total.item() / max(tokens, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
 
     def _evaluate_and_log(self) -> dict[str, float]:
