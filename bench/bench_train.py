@@ -266,8 +266,8 @@ def versions() -> dict:
     return found
 
 
-CPU_NOTE = ("CPU: absolute times are not meaningful (2 cores shared with other jobs while this ran); the "
-            "ratio is, because both providers' steps were interleaved round by round on the same batch. "
+CPU_NOTE = ("CPU: absolute times say little about training speed (a small shared CPU); the ratio is the "
+            "figure, because both providers' steps were interleaved round by round on the same batch. "
             "Peak memory is not measured on a CPU.")
 GPU_NOTE = "GPU: providers run one after the other; peak memory is the CUDA allocator's peak during the steps."
 
