@@ -48,7 +48,7 @@ import torch
 from bench.common import RESULTS_DIR, environment
 from engine.batching import Batch
 from engine.lora import LoRAConfig, inject_lora, set_trainable
-from engine.sft import accumulate_gradients
+from engine.loss import accumulate_gradients
 from models import load_model
 from models.loading import save_model
 

@@ -23,7 +23,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from engine.data_formats import SKIP_EMPTY, SKIP_MISSING, detect_format, read_records, to_record
+from engine.data_formats import (
+    SKIP_EMPTY,
+    SKIP_MISSING,
+    detect_format,
+    read_records,
+    to_record,
+)
 from engine.data_render import IGNORE, SpecialTokens, render_record
 from engine.errors import InputError
 

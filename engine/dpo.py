@@ -48,7 +48,13 @@ from engine.batching import Batch
 from engine.config import TrainConfig
 from engine.data_render import IGNORE
 from engine.dpo_data import PairBatchLoader, load_dpo_data
-from engine.dpo_loss import IPO_MEANS_LOGPS, check_loss_options, dpo_losses, dpo_metrics, mean_metrics
+from engine.dpo_loss import (
+    IPO_MEANS_LOGPS,
+    check_loss_options,
+    dpo_losses,
+    dpo_metrics,
+    mean_metrics,
+)
 from engine.errors import InputError
 from engine.lora import disable_adapters, lora_modules
 from engine.sft import SFTTrainer

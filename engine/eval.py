@@ -21,7 +21,15 @@ import torch
 
 from engine.data import load_samples
 from engine.errors import InputError, run_cli
-from engine.evaluate import Adapter, Row, check_adapter_fits, compare, markdown_table, read_adapter, rows_to_json
+from engine.evaluate import (
+    Adapter,
+    Row,
+    check_adapter_fits,
+    compare,
+    markdown_table,
+    read_adapter,
+    rows_to_json,
+)
 from engine.setup import DTYPES, resolve_device, resolve_dtype, resolve_max_len
 from models import load_model, load_tokenizer
 from models.llama import LlamaForCausalLM

@@ -19,62 +19,23 @@ injected. ``activate(None)`` puts the plain base back (the "base" row).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from engine.adapters import adapter_targets, assign_adapter_weights, read_adapter_config, read_adapter_weights
-from engine.batching import BatchLoader
+from engine.adapters import (
+    adapter_targets,
+    assign_adapter_weights,
+    read_adapter_config,
+    read_adapter_weights,
+)
 from engine.data import Sample
-from engine.errors import InputError
 from engine.lora import LoRAConfig, inject_lora, lora_modules, lora_scale
-from engine.sft import count_trainable, loss_sum
+from engine.loss import LossResult, mean_loss
 
 BASE = "base"
-
-
-@dataclass(frozen=True)
-class LossResult:
-    """Mean loss per trainable token (nats), its perplexity, and N."""
-
-    loss: float
-    perplexity: float
-    tokens: int
-
-    def to_json(self) -> dict:
-        return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens}
-
-
-def perplexity(loss: float) -> float:
-    """exp(loss); inf where it overflows a float (a loss above ~709 nats)."""
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return math.inf
-
-
-@torch.no_grad()
-def mean_loss(model: nn.Module, samples: list[Sample], *, batch_size: int, pad_id: int,
-              device: torch.device | str, desc: str = "eval", progress: bool = True) -> LossResult:
-    """Σ loss over every trainable token of ``samples`` / their number (padded batches, file order)."""
-    loader = BatchLoader(samples, batch_size, pad_id=pad_id, shuffle=False)
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    tokens = 0
-    for batch in tqdm(loader.batches(0), total=loader.num_batches(0), desc=desc, unit="batch",
-                      disable=not progress, leave=False, dynamic_ncols=True):
-        tokens += count_trainable(batch)  # on the CPU batch: no device sync per batch
-        total += loss_sum(model, batch.to(device)).double()
-    model.train(was_training)
-    if tokens == 0:
-        raise InputError(f"{desc}: no trainable tokens to evaluate")
-    loss = total.item() / tokens
-    return LossResult(loss, perplexity(loss), tokens)
 
 
 # ----------------------------------------------------------------------------- adapters

@@ -22,12 +22,12 @@ from safetensors import safe_open
 from torch import nn
 
 import models
-from models.loading import save_model, weight_files
 from engine.adapters import load_adapter
 from engine.atomic import atomic_dir
 from engine.errors import InputError, run_cli
 from engine.lora import MergeReport, dequantize_model, merge, quantize_model_nf4
 from engine.setup import DTYPES
+from models.loading import save_model, weight_files
 
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

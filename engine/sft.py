@@ -5,7 +5,7 @@ One optimizer step, read top to bottom in `SFTTrainer.train_step`:
 1. take the next ``grad_accum`` micro-batches in the epoch order (a pure function of seed and epoch,
    so the data position (epoch, batch index) is all a resume needs);
 2. N = trainable tokens of the whole window (shifted labels that are not -100);
-3. per micro-batch: h = model.hidden_states(...), loss_sum = Σ CE(h[:, :-1] W_headᵀ, labels[:, 1:])
+3. per micro-batch (`engine.loss`): h = model.hidden_states(...), loss_sum = Σ CE(h[:, :-1] W_headᵀ, labels[:, 1:])
    through the fused linear + cross-entropy, and ``(loss_sum / N).backward()``; the accumulated
    gradient is then exactly that of one big batch of the window, however it was split;
 4. a non-finite loss or gradient never reaches the weights: the gradients are dropped, the step is
@@ -27,56 +27,25 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from engine.adapters import load_adapter, load_adapter_weights, read_adapter_metadata, save_adapter
+from engine.adapters import (
+    load_adapter,
+    load_adapter_weights,
+    read_adapter_metadata,
+    save_adapter,
+)
 from engine.batching import Batch, BatchLoader
 from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.config import TrainConfig
 from engine.data import load_sft_data
-from engine.data_render import IGNORE
 from engine.errors import EXIT_DIVERGED, EXIT_PREEMPTED, InputError, RunStopped
 from engine.lora import LoRAConfig, inject_lora, lora_modules, set_trainable
+from engine.loss import accumulate_gradients, mean_loss
 from engine.metrics import MetricsLog, plot_loss_curve
 from engine.run_output import COMPLETE, lineage, prepare_output_dir, write_json
 from engine.schedule import default_warmup, lr_at
 from engine.setup import resolve_device, resolve_dtype, resolve_max_len
-from kernels.linear_cross_entropy import linear_cross_entropy
 from models import load_model, load_tokenizer
 from models.loading import read_config, resolve_model_dir
-
-
-def shifted_labels(batch: Batch) -> torch.Tensor:
-    """labels[:, 1:] with -100 where the next token starts another packed document."""
-    labels = batch.labels[:, 1:].clone()
-    if batch.segment_ids is not None:
-        labels[batch.segment_ids[:, 1:] != batch.segment_ids[:, :-1]] = IGNORE
-    return labels
-
-
-def loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Σ over the batch's trainable tokens of -log p(next token), in fp32 (a 0-dim tensor)."""
-    hidden = model.hidden_states(batch.input_ids, batch.attention_mask, batch.position_ids, batch.segment_ids)
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), H)
-    return linear_cross_entropy(hidden, model.lm_head.weight, shifted_labels(batch).reshape(-1), reduction="sum")
-
-
-def count_trainable(batch: Batch) -> int:
-    return int((shifted_labels(batch) != IGNORE).sum())
-
-
-def accumulate_gradients(model: torch.nn.Module, window: list[Batch], device: torch.device) -> tuple[float, int]:
-    """Backward of one accumulation window, normalised by its total trainable tokens N.
-
-    Each micro-batch contributes ``loss_sum / N``, so the summed gradient is the gradient of the
-    mean loss over all N tokens of the window: the same as one batch holding all of them.
-    Returns (mean loss, N).
-    """
-    n_tokens = sum(count_trainable(b) for b in window)
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    for batch in window:
-        part = loss_sum(model, batch.to(device))
-        (part / max(n_tokens, 1)).backward()
-        total += part.detach()
-    return (total / max(n_tokens, 1)).item(), n_tokens
 
 
 class SFTTrainer:
@@ -273,19 +242,10 @@ class SFTTrainer:
 
     # ------------------------------------------------------------------ eval, checkpoints, outputs
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss per trainable token on the eval set, and its perplexity."""
-        was_training = self.model.training
-        self.model.eval()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        tokens = 0
-        for batch in self.eval_loader.batches(0):
-            tokens += count_trainable(batch)  # on the CPU batch: no device sync per batch
-            total += loss_sum(self.model, batch.to(self.device)).double()
-        self.model.train(was_training)
-        loss = total.item() / max(tokens, 1)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+        return mean_loss(self.model, self.data.eval, batch_size=self.cfg.batch_size,
+                         pad_id=self.tokenizer.pad_token_id, device=self.device, progress=False).to_json()
 
     def _evaluate_and_log(self) -> dict[str, float]:
         result = self.evaluate()

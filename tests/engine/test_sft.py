@@ -22,8 +22,9 @@ from engine.config import TrainConfig
 from engine.data import Sample
 from engine.errors import EXIT_INPUT_ERROR, EXIT_PREEMPTED, InputError
 from engine.lora import LoRAConfig, adapter_params, inject_lora, set_trainable
+from engine.loss import accumulate_gradients
 from engine.metrics import read_metrics
-from engine.sft import SFTTrainer, accumulate_gradients
+from engine.sft import SFTTrainer
 from tests.tolerances import assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
