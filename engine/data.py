@@ -17,6 +17,7 @@ raises naming the file and line of the first one. Formats, rendering and masking
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -163,24 +164,33 @@ def split_eval(samples: list[Sample], fraction: float, seed: int) -> tuple[list[
     return train, [s for i, s in enumerate(samples) if i in held]
 
 
-def load_sft_data(path: str | Path, tokenizer: Any, *, format: str | None = None,
-                  max_len: int | None = None, length_policy: str = "truncate",
-                  train_on_prompt: bool = False, eval_path: str | Path | None = None,
-                  eval_split: float = 0.0, seed: int = 0) -> SFTData:
-    """Training (and evaluation) samples: from ``eval_path`` or an ``eval_split`` of ``path``.
+def load_with_eval(load_file: Callable[[str | Path], tuple[list, DataReport]], path: str | Path,
+                   eval_path: str | Path | None, eval_split: float, seed: int
+                   ) -> tuple[list, list, DataReport, DataReport | None]:
+    """(train, held out, train report, eval report) from ``eval_path`` or an ``eval_split`` of ``path``.
 
-    Both files are parsed and checked before either is tokenized, so a malformed eval file also
-    fails before any work.
+    ``load_file`` reads one file (SFT samples or preference pairs). Both files are parsed and
+    checked before either is tokenized, so a malformed eval file also fails before any work.
     """
     if eval_path is not None and eval_split:
         raise InputError("give either an eval file or eval_split, not both")
     if eval_path is not None:
         read_records(eval_path)  # fail early on a malformed eval file
-    options = dict(format=format, max_len=max_len, length_policy=length_policy,
-                   train_on_prompt=train_on_prompt)
-    train, train_report = load_samples(path, tokenizer, **options)
+    train, train_report = load_file(path)
     if eval_path is None:
         train, held = split_eval(train, eval_split, seed)
-        return SFTData(train, held, train_report, None)
-    held, eval_report = load_samples(eval_path, tokenizer, **options)
-    return SFTData(train, held, train_report, eval_report)
+        return train, held, train_report, None
+    held, eval_report = load_file(eval_path)
+    return train, held, train_report, eval_report
+
+
+def load_sft_data(path: str | Path, tokenizer: Any, *, format: str | None = None,
+                  max_len: int | None = None, length_policy: str = "truncate",
+                  train_on_prompt: bool = False, eval_path: str | Path | None = None,
+                  eval_split: float = 0.0, seed: int = 0) -> SFTData:
+    """Training (and evaluation) samples: from ``eval_path`` or an ``eval_split`` of ``path``."""
+    def load_file(file: str | Path) -> tuple[list[Sample], DataReport]:
+        return load_samples(file, tokenizer, format=format, max_len=max_len, length_policy=length_policy,
+                            train_on_prompt=train_on_prompt)
+
+    return SFTData(*load_with_eval(load_file, path, eval_path, eval_split, seed))

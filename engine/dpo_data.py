@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from engine.batching import Batch, collate_padded, epoch_order
-from engine.data import LENGTH_POLICIES, DataReport, Sample, split_eval
+from engine.data import LENGTH_POLICIES, DataReport, Sample, load_with_eval
 from engine.data_formats import read_records
 from engine.data_render import IGNORE, SpecialTokens
 from engine.errors import InputError
@@ -282,21 +282,11 @@ def load_preference_pairs(path: str | Path, tokenizer: Any, *, max_len: int | No
 def load_dpo_data(path: str | Path, tokenizer: Any, *, max_len: int | None = None,
                   length_policy: str = "truncate", eval_path: str | Path | None = None,
                   eval_split: float = 0.0, seed: int = 0) -> DPOData:
-    """Training (and evaluation) pairs: from ``eval_path`` or an ``eval_split`` of ``path``.
+    """Training (and evaluation) pairs: from ``eval_path`` or an ``eval_split`` of ``path``."""
+    def load_file(file: str | Path) -> tuple[list[PreferencePair], PreferenceReport]:
+        return load_preference_pairs(file, tokenizer, max_len=max_len, length_policy=length_policy)
 
-    Both files are parsed before either is tokenized, so a malformed eval file fails early too.
-    """
-    if eval_path is not None and eval_split:
-        raise InputError("give either an eval file or eval_split, not both")
-    if eval_path is not None:
-        read_records(eval_path)
-    options = dict(max_len=max_len, length_policy=length_policy)
-    train, train_report = load_preference_pairs(path, tokenizer, **options)
-    if eval_path is None:
-        train, held = split_eval(train, eval_split, seed)
-        return DPOData(train, held, train_report, None)
-    held, eval_report = load_preference_pairs(eval_path, tokenizer, **options)
-    return DPOData(train, held, train_report, eval_report)
+    return DPOData(*load_with_eval(load_file, path, eval_path, eval_split, seed))
 
 
 # ----------------------------------------------------------------------------- batches
