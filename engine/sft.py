@@ -113,7 +113,7 @@ class SFTTrainer:
         self.metrics = MetricsLog(self.output / "metrics.jsonl", resume_step=self.step if resume_from else None)
 
     def _load_data(self) -> None:
-        """``self.data`` (train / eval samples and reports) and the train / eval batch loaders."""
+        """``self.data`` (train / eval samples and reports) and the training batch loader."""
         cfg = self.cfg
         self.data = load_sft_data(cfg.data, self.tokenizer, format=None if cfg.format == "auto" else cfg.format,
                                   max_len=self.max_len, length_policy=cfg.length_policy,
@@ -122,8 +122,6 @@ class SFTTrainer:
         pad_id = self.tokenizer.pad_token_id
         self.train_loader = BatchLoader(self.data.train, cfg.batch_size, pad_id=pad_id, seed=cfg.seed,
                                         pack=cfg.pack, max_len=self.max_len)
-        self.eval_loader = (BatchLoader(self.data.eval, cfg.batch_size, pad_id=pad_id, shuffle=False)
-                            if self.data.eval else None)
 
     def _after_lora(self) -> None:
         """Hook: the adapter is attached, the optimizer and any checkpoint not yet loaded."""
@@ -191,7 +189,7 @@ class SFTTrainer:
         """Run to ``total_steps``; returns the final eval metrics (empty without an eval set)."""
         cfg = self.cfg
         previous_handler = self._install_sigterm()
-        if self.step == 0 and self.eval_loader is not None:
+        if self.step == 0 and self.data.eval:
             self._evaluate_and_log()
         batches = self._batches_from_position()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train",
@@ -277,7 +275,7 @@ class SFTTrainer:
 
     def finish(self) -> dict[str, Any]:
         """Final eval, the adapter, the loss curve, and the completion marker (written last)."""
-        final_eval = self._evaluate_and_log() if self.eval_loader is not None else {}
+        final_eval = self._evaluate_and_log() if self.data.eval else {}
         self._write_adapter(self.output / "adapter")
         plot_loss_curve(self.output / "metrics.jsonl", self.output / "loss.png")
         summary = {"steps": self.step, "trainable_parameters": self.num_trainable, "eval": final_eval,
