@@ -24,3 +24,16 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
     for name in TOKENIZER_FILES:
         shutil.copy(Path(smollm2_dir) / name, out / name)
     return out
+
+
+def write_hf_llama(path: Path, tie_word_embeddings: bool) -> Path:
+    """A tiny random Llama (vocab 97, hidden 64, GQA 4/2, 2 blocks) saved by transformers itself."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=tie_word_embeddings)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    return path

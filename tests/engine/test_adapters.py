@@ -20,19 +20,14 @@ from engine.adapters import (
 from engine.errors import InputError
 from engine.lora import LoRAConfig, inject_lora, lora_modules
 from models.loading import load_model
+from tests.engine.conftest import write_hf_llama
 from tests.tolerances import LOGITS_FP32_ATOL, assert_close
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    """A tiny random HF Llama folder written by transformers itself."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("hf_llama")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-    return path
+    """A tiny random HF Llama folder (tied head) written by transformers itself."""
+    return write_hf_llama(tmp_path_factory.mktemp("hf_llama"), tie_word_embeddings=True)
 
 
 def hf_model(path):

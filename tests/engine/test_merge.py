@@ -15,6 +15,7 @@ from engine.errors import InputError, run_cli
 from engine.lora import LoRAConfig, inject_lora, lora_modules, quantize_model_nf4
 from engine.merge import main
 from models.loading import load_model
+from tests.engine.conftest import write_hf_llama
 from tests.tolerances import LOGITS_FP32_ATOL, assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,12 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """A tiny random HF Llama folder (untied head) with stand-in tokenizer files to be copied."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=False)
-    path = tmp_path_factory.mktemp("base")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    path = write_hf_llama(tmp_path_factory.mktemp("base"), tie_word_embeddings=False)
     (path / "tokenizer.json").write_text('{"stand-in": true}\n')
     (path / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
     return path
