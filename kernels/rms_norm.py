@@ -1,5 +1,4 @@
-"""RMSNorm, ``y = x · rsqrt(mean(x², -1) + eps) · w``, fused forward and backward; optionally fused
-with the residual add that precedes it in a Llama block.
+"""RMSNorm, ``y = x · rsqrt(mean(x², -1) + eps) · w``, fused forward and backward.
 
 Formula, per row ``x ∈ R^H`` (all math in fp32; ``y`` written in ``x.dtype``)::
 
@@ -12,12 +11,8 @@ Backward, with ``g = dy ⊙ w``. Since ``∂r/∂x_j = -r³ x_j / H``::
     dx_j = r g_j + Σ_i g_i x_i ∂r/∂x_j = r (g_j − n_j · (Σ_i g_i n_i) / H)
     dw   = Σ_rows dy ⊙ n                  (accumulated in fp32: per-program partial sums, then a sum)
 
-Residual variant: ``h = x + residual`` (rounded to ``x.dtype``, as the unfused model does), then
-``y = rms_norm(h)``; it returns ``(y, h)``. Both inputs receive the same gradient,
-``dh_total = dh + rms_norm backward(dy)``.
-
-Shapes: ``x`` (and ``residual``) ``(..., H)``, ``weight`` ``(H,)``; ``y`` (and ``h``) like ``x``.
-Saved for backward: ``x`` (or ``h``) and the reciprocal RMS ``r`` (one fp32 per row, B·T floats);
+Shapes: ``x`` ``(..., H)``, ``weight`` ``(H,)``; ``y`` like ``x``.
+Saved for backward: ``x`` and the reciprocal RMS ``r`` (one fp32 per row, B·T floats);
 ``weight`` is a parameter, so keeping a reference to it costs no memory. ``n`` is recomputed.
 
 HF's LlamaRMSNorm computes ``n`` in fp32 like this op but then rounds ``n`` to the input dtype
@@ -43,18 +38,11 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return (xf * rstd * weight.float()).to(x.dtype)
 
 
-def rms_norm_residual_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rms_norm(x + residual), x + residual)``, the sum taken in ``x.dtype``."""
-    h = x + residual
-    return rms_norm_ref(h, weight, eps), h
-
-
 @triton.jit
 def _cast_rne(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
     """fp32 -> ``dtype``, rounding to nearest even. GPUs round natively; the Triton interpreter
-    truncates fp32 -> bf16, so there the bits are rounded first (the cast is then exact). It matters
-    for ``h``, which the norm reads back: a truncated h would bias every downstream value."""
+    truncates fp32 -> bf16, so there the bits are rounded first (the cast is then exact) and the
+    interpreter gives the GPU's bits."""
     if EMULATE_RNE:  # nested ifs: constexpr `and` is not supported by every Triton release
         if dtype == tl.bfloat16:
             bits = x.to(tl.uint32, bitcast=True)
@@ -64,20 +52,13 @@ def _cast_rne(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(x_ptr, res_ptr, h_ptr, w_ptr, y_ptr, rstd_ptr,
-                         x_row_stride, res_row_stride, h_row_stride, y_row_stride, n_cols, eps,
-                         HAS_RESIDUAL: tl.constexpr, EMULATE_RNE: tl.constexpr, BLOCK_H: tl.constexpr):
-    """One program per row: (optionally h = x + res, stored) then y = h · r · w, r stored."""
+def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, x_row_stride, y_row_stride, n_cols, eps,
+                         EMULATE_RNE: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One program per row: y = x · r · w, r stored."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        res = tl.load(res_ptr + row * res_row_stride + cols, mask=mask, other=0.0)
-        # round the sum to the stream dtype first: the norm sees exactly the h it returns
-        x = _cast_rne(x.to(tl.float32) + res.to(tl.float32), h_ptr.dtype.element_ty, EMULATE_RNE)
-        tl.store(h_ptr + row * h_row_stride + cols, x, mask=mask)
-    x = x.to(tl.float32)
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = _cast_rne(x * rstd * w, y_ptr.dtype.element_ty, EMULATE_RNE)
@@ -86,11 +67,9 @@ def _rms_norm_fwd_kernel(x_ptr, res_ptr, h_ptr, w_ptr, y_ptr, rstd_ptr,
 
 
 @triton.jit
-def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dh_ptr, dx_ptr, dw_partial_ptr,
-                         dy_row_stride, x_row_stride, dh_row_stride, dx_row_stride,
-                         n_rows, n_cols, rows_per_program,
-                         HAS_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, EMULATE_RNE: tl.constexpr,
-                         BLOCK_H: tl.constexpr):
+def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
+                         dy_row_stride, x_row_stride, dx_row_stride, n_rows, n_cols, rows_per_program,
+                         COMPUTE_DW: tl.constexpr, EMULATE_RNE: tl.constexpr, BLOCK_H: tl.constexpr):
     """Each program walks a contiguous chunk of rows: dx per row, dw summed over its rows in fp32."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
@@ -107,8 +86,6 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dh_ptr, dx_ptr, dw_part
         n = x * rstd
         g = dy * w
         dx = rstd * (g - n * (tl.sum(g * n, axis=0) / n_cols))
-        if HAS_DH:
-            dx += tl.load(dh_ptr + r64 * dh_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
         dx = _cast_rne(dx, dx_ptr.dtype.element_ty, EMULATE_RNE)
         tl.store(dx_ptr + r64 * dx_row_stride + cols, dx, mask=mask)
         if COMPUTE_DW:
@@ -132,22 +109,17 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _rms_norm_fwd(x, residual, weight, eps):
-    """Returns ``(y, h or None, rstd)`` with ``y``/``h`` shaped ``(N, H)`` and ``rstd`` ``(N,)`` fp32."""
-    x2 = _rows(x)
+def _rms_norm_fwd(x2, weight, eps):
+    """``x2`` (N, H) -> ``(y (N, H), rstd (N,) fp32)``."""
     n_rows, n_cols = x2.shape
     block, num_warps = _launch_config(n_cols)
-    res2 = _rows(residual) if residual is not None else x2
-    h = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if residual is not None else None
-    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    y = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
     if n_rows:
         _rms_norm_fwd_kernel[(n_rows,)](
-            x2, res2, h if h is not None else y, weight.contiguous(), y, rstd,
-            x2.stride(0), res2.stride(0), (h if h is not None else y).stride(0), y.stride(0), n_cols, eps,
-            HAS_RESIDUAL=residual is not None, EMULATE_RNE=interpreting(), BLOCK_H=block,
-            num_warps=num_warps)
-    return y, h, rstd
+            x2, weight.contiguous(), y, rstd, x2.stride(0), y.stride(0), n_cols, eps,
+            EMULATE_RNE=interpreting(), BLOCK_H=block, num_warps=num_warps)
+    return y, rstd
 
 
 def _num_programs(n_rows: int, device: torch.device) -> int:
@@ -157,22 +129,19 @@ def _num_programs(n_rows: int, device: torch.device) -> int:
     return max(1, min(n_rows, 4))
 
 
-def _rms_norm_bwd(dy, x2, weight, rstd, dh, compute_dw):
-    """Returns ``(dx (N, H), dw (H,) or None)``; ``dh`` the gradient of the residual output or None."""
+def _rms_norm_bwd(dy, x2, weight, rstd, compute_dw):
+    """Returns ``(dx (N, H), dw (H,) or None)``."""
     n_rows, n_cols = x2.shape
     block, num_warps = _launch_config(n_cols)
     dy2 = _rows(dy)
-    dh2 = _rows(dh) if dh is not None else dy2
     dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
     n_prog = _num_programs(n_rows, x2.device)
     dw_partial = torch.empty((n_prog, n_cols) if compute_dw else (1,), dtype=torch.float32, device=x2.device)
     if n_rows:
         _rms_norm_bwd_kernel[(n_prog,)](
-            dy2, x2, weight.contiguous(), rstd, dh2, dx, dw_partial,
-            dy2.stride(0), x2.stride(0), dh2.stride(0), dx.stride(0),
-            n_rows, n_cols, triton.cdiv(n_rows, n_prog),
-            HAS_DH=dh is not None, COMPUTE_DW=compute_dw, EMULATE_RNE=interpreting(), BLOCK_H=block,
-            num_warps=num_warps)
+            dy2, x2, weight.contiguous(), rstd, dx, dw_partial,
+            dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols, triton.cdiv(n_rows, n_prog),
+            COMPUTE_DW=compute_dw, EMULATE_RNE=interpreting(), BLOCK_H=block, num_warps=num_warps)
     if not compute_dw:
         return dx, None
     dw = dw_partial.sum(0) if n_rows else torch.zeros(n_cols, dtype=torch.float32, device=x2.device)
@@ -180,32 +149,25 @@ def _rms_norm_bwd(dy, x2, weight, rstd, dh, compute_dw):
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """``residual is None``: returns ``y``; otherwise ``(y, h)`` with ``h = x + residual``."""
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x2 = _rows(x)
+        y, rstd = _rms_norm_fwd(x2, weight, eps)
+        # backward needs the input and r; n = x·r is recomputed.
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.shape = x.shape
+        return y.view(x.shape)
 
     @staticmethod
-    def forward(ctx, x, residual, weight, eps):
-        y, h, rstd = _rms_norm_fwd(x, residual, weight, eps)
-        # backward needs the normalized input (x, or h when fused) and r; n = x·r is recomputed.
-        ctx.save_for_backward(h if h is not None else _rows(x), weight, rstd)
-        ctx.shape, ctx.has_residual = x.shape, residual is not None
-        if h is None:
-            return y.view(x.shape)
-        return y.view(x.shape), h.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy, dh=None):
+    def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
-        dx, dw = _rms_norm_bwd(dy, x2, weight, rstd, dh, compute_dw=ctx.needs_input_grad[2])
-        dx = dx.view(ctx.shape)
-        return dx, (dx if ctx.has_residual else None), dw, None
+        dx, dw = _rms_norm_bwd(dy, x2, weight, rstd, compute_dw=ctx.needs_input_grad[1])
+        return dx.view(ctx.shape), dw, None
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} must be (H,) with H = x.shape[-1] = {x.shape[-1]}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"rms_norm_residual: residual {tuple(residual.shape)} {residual.dtype} must match "
-                         f"x {tuple(x.shape)} {x.dtype}")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -215,14 +177,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """
     _check(x, weight)
     if use_triton(x, weight):
-        return RMSNormFunction.apply(x, None, weight, float(eps))
+        return RMSNormFunction.apply(x, weight, float(eps))
     return rms_norm_ref(x, weight, eps)
 
-
-def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``h = x + residual`` and ``y = rms_norm(h, weight, eps)`` in one pass; returns ``(y, h)``."""
-    _check(x, weight, residual)
-    if use_triton(x, residual, weight):
-        return RMSNormFunction.apply(x, residual, weight, float(eps))
-    return rms_norm_residual_ref(x, residual, weight, eps)

@@ -18,13 +18,6 @@ path computes cos/sin in the kernel, one (hd/2) vector per token, never a (B, T,
 instead casts cos/sin to the input dtype before multiplying, so in bf16 it differs from this op by
 about one ulp.
 
-In place (``inplace=True``) is a memory hint; always use the returned tensors. It writes the
-outputs into q and k, safe whenever nothing else needs their pre-rotation values — the backward
-never does (see above). When autograd is not recording (inference, no_grad) it always applies.
-When it is, autograd must track the mutation (``mark_dirty``): it refuses leaves that require grad
-and raises at backward time if another op saved q or k (version counter), so misuse fails loudly;
-and it cannot track one Function mutating a *view* (e.g. ``q_proj(x).view(B, T, nh, hd)``) while
-returning two tensors, so for views under autograd fresh outputs are written instead.
 The backward always writes fresh gradient tensors (autograd may share or expand incoming ones).
 """
 
@@ -166,14 +159,10 @@ def _rope_launch(q, k, qo, ko, position_ids, inv_freq, inverse: bool) -> None:
 
 class RoPEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, position_ids, inv_freq, inplace):
-        if inplace:
-            qo, ko = q, k
-            ctx.mark_dirty(q, k)
-        else:
-            q, k = _unit_last_stride(q), _unit_last_stride(k)
-            qo, ko = torch.empty_like(q, memory_format=torch.contiguous_format), \
-                torch.empty_like(k, memory_format=torch.contiguous_format)
+    def forward(ctx, q, k, position_ids, inv_freq):
+        q, k = _unit_last_stride(q), _unit_last_stride(k)
+        qo = torch.empty_like(q, memory_format=torch.contiguous_format)
+        ko = torch.empty_like(k, memory_format=torch.contiguous_format)
         _rope_launch(q, k, qo, ko, position_ids, inv_freq, inverse=False)
         # the rotation is linear and its inverse needs only the angles: save positions, not q/k
         ctx.save_for_backward(position_ids, inv_freq)
@@ -186,10 +175,10 @@ class RoPEFunction(torch.autograd.Function):
         dq = torch.empty(dq_out.shape, dtype=dq_out.dtype, device=dq_out.device)
         dk = torch.empty(dk_out.shape, dtype=dk_out.dtype, device=dk_out.device)
         _rope_launch(dq_out, dk_out, dq, dk, position_ids, inv_freq, inverse=True)
-        return dq, dk, None, None, None
+        return dq, dk, None, None
 
 
-def _check(q, k, position_ids, inv_freq, inplace) -> None:
+def _check(q, k, position_ids, inv_freq) -> None:
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"apply_rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be (B, T, heads, head_dim)")
     B, T, _, hd = q.shape
@@ -201,30 +190,18 @@ def _check(q, k, position_ids, inv_freq, inplace) -> None:
         raise ValueError(f"apply_rope: position_ids must be integers, got {position_ids.dtype}")
     if inv_freq.shape != (hd // 2,):
         raise ValueError(f"apply_rope: inv_freq {tuple(inv_freq.shape)} must be (head_dim/2,) = ({hd // 2},)")
-    if inplace and (q.stride(-1) != 1 or k.stride(-1) != 1):
-        raise ValueError("apply_rope: inplace=True needs q and k with a unit stride along head_dim")
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
-               *, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
+               inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate ``q (B, T, n_heads, hd)`` and ``k (B, T, n_kv, hd)`` by ``position_ids · inv_freq``.
 
     Triton (one launch for q and k) when ``kernels.backend.use_triton`` says so, else
-    ``apply_rope_ref``. ``inplace=True`` writes into q and k (see the module docstring for when
-    that is safe) and returns them.
+    ``apply_rope_ref``. Returns new tensors; q and k are not modified.
     """
-    _check(q, k, position_ids, inv_freq, inplace)
+    _check(q, k, position_ids, inv_freq)
     inv_freq = inv_freq.to(device=q.device, dtype=torch.float32)
     position_ids = position_ids.to(q.device)
     if use_triton(q, k, position_ids, inv_freq):
-        inv_freq = inv_freq.contiguous()
-        recording = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-        if inplace and not recording:
-            _rope_launch(q, k, q, k, position_ids, inv_freq, inverse=False)
-            return q, k
-        inplace = inplace and not (q._is_view() or k._is_view())  # autograd limit, see module docstring
-        return RoPEFunction.apply(q, k, position_ids, inv_freq, inplace)
-    q_out, k_out = apply_rope_ref(q, k, position_ids, inv_freq)
-    if inplace:
-        return q.copy_(q_out), k.copy_(k_out)
-    return q_out, k_out
+        return RoPEFunction.apply(q, k, position_ids, inv_freq.contiguous())
+    return apply_rope_ref(q, k, position_ids, inv_freq)
