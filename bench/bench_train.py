@@ -6,8 +6,8 @@ LoRA (r = 16, alpha = 32, dropout 0.05, every linear of the decoder blocks), SDP
 per-block gradient checkpointing (non-reentrant); AdamW with torch's defaults on the LoRA
 parameters only:
 
-* ``ours``: `models.load_model` (``quantize="nf4"`` for QLoRA) + `engine.lora.inject_lora`, the step
-  of `engine.sft.SFTTrainer` (`accumulate_gradients`: hidden states through the fused linear +
+* ``ours``: `models.load_model` (``quantize="nf4"`` for QLoRA) + `engine.adapters.inject_lora`, the step
+  of `engine.recipes.sft` (`backward_window`: hidden states through the fused linear +
   cross-entropy, no (N, V) logits), in the model's dtype as the trainer runs it;
 * ``hf_peft``: ``transformers.AutoModelForCausalLM`` (``attn_implementation="sdpa"``; for QLoRA
   ``BitsAndBytesConfig`` NF4 with double quantization and bf16 compute) + ``peft.get_peft_model``,
@@ -46,9 +46,9 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS_DIR, environment
-from engine.batching import Batch
-from engine.lora import LoRAConfig, inject_lora, set_trainable
-from engine.loss import accumulate_gradients
+from engine.adapters import LoRAConfig, inject_lora, set_trainable
+from engine.data.batching import Batch
+from engine.recipes.sft import backward_window
 from models import load_model
 from models.loading import save_model
 
@@ -98,11 +98,10 @@ def build_ours(case: Case, ids: torch.Tensor) -> Callable[[], float]:
     mask = torch.ones_like(ids)
     batch = Batch(input_ids=ids, labels=ids, attention_mask=mask,
                   position_ids=torch.arange(ids.shape[1], device=ids.device).expand_as(ids), segment_ids=None,
-                  sample_ids=[[i] for i in range(ids.shape[0])], num_trainable=ids.shape[0] * (ids.shape[1] - 1),
-                  epoch=0, index=0)
+                  sample_ids=[[i] for i in range(ids.shape[0])], epoch=0, index=0)
 
     def step() -> float:
-        loss, _ = accumulate_gradients(model, [batch], torch.device(case.device))
+        loss, _ = backward_window(model, [batch], torch.device(case.device))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

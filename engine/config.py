@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from engine.errors import InputError
+from engine.recipes import RECIPES
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-METHODS = ("sft", "dpo")
+METHODS = tuple(RECIPES)
 DPO_LOSSES = ("sigmoid", "robust", "ipo", "hinge")
 FORMATS = ("auto", "text", "completion", "alpaca", "messages", "sharegpt")
 SCHEDULES = ("cosine", "linear", "constant")

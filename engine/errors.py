@@ -14,13 +14,13 @@ import os
 import sys
 from collections.abc import Callable
 
+from models.errors import InputError
+
+__all__ = ["EXIT_DIVERGED", "EXIT_INPUT_ERROR", "EXIT_PREEMPTED", "InputError", "RunStopped", "run_cli"]
+
 EXIT_INPUT_ERROR = 2
 EXIT_DIVERGED = 3      # a training run stopped after too many non-finite steps in a row
 EXIT_PREEMPTED = 75    # SIGTERM: a checkpoint was saved, `--resume` continues (EX_TEMPFAIL)
-
-
-class InputError(Exception):
-    """Bad input from the user; the message alone must tell them what to fix."""
 
 
 class RunStopped(Exception):

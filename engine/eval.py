@@ -7,7 +7,7 @@ For the base and for each adapter: the mean loss per trainable token and the per
 domain set (SFT data in any format `engine.train` reads; only completion / assistant tokens count)
 and on general text (``{"text": ...}`` lines, every token counts: a rise there against the base is
 forgetting). The base is loaded once; the adapters are read and checked against its shapes before
-any weight is loaded, then applied one after the other (see `engine.evaluate`). Writes
+any weight is loaded, then applied one after the other (see `engine.comparison`). Writes
 ``OUT/eval.md`` (the markdown table, also printed), ``OUT/eval.json`` and ``OUT/eval.png``.
 """
 
@@ -19,18 +19,11 @@ from pathlib import Path
 
 import torch
 
-from engine.data import load_samples
+from engine.adapters import Adapter, check_adapter_fits, read_adapter
+from engine.comparison import Row, compare, markdown_table, rows_to_json
+from engine.data.samples import load_samples
 from engine.errors import InputError, run_cli
-from engine.evaluate import (
-    Adapter,
-    Row,
-    check_adapter_fits,
-    compare,
-    markdown_table,
-    read_adapter,
-    rows_to_json,
-)
-from engine.setup import DTYPES, resolve_device, resolve_dtype, resolve_max_len
+from engine.run.setup import DTYPES, resolve_device, resolve_dtype, resolve_max_len
 from models import load_model, load_tokenizer
 from models.llama import LlamaForCausalLM
 from models.loading import read_config, resolve_model_dir

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from engine.errors import InputError, run_cli
-from engine.setup import DTYPES, resolve_device
+from engine.run.setup import DTYPES, resolve_device
 from models.llama import LlamaForCausalLM
 
 

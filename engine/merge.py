@@ -22,12 +22,12 @@ from safetensors import safe_open
 from torch import nn
 
 import models
-from engine.adapters import load_adapter
-from engine.atomic import atomic_dir
+from engine.adapters import MergeReport, load_adapter, merge
 from engine.errors import InputError, run_cli
-from engine.lora import MergeReport, dequantize_model, merge, quantize_model_nf4
-from engine.setup import DTYPES
+from engine.run.atomic import atomic_dir
+from engine.run.setup import DTYPES
 from models.loading import save_model, weight_files
+from models.quantized import dequantize_linears, quantize_linears
 
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -80,10 +80,10 @@ def merge_to_folder(base: str, adapter: str, out: str | os.PathLike, dtype: torc
     # Load at the checkpoint's own precision and round each merged weight once, to ``dtype``.
     model = models.load_model(base, dtype=stored_dtype(base_dir, dtype), device="cpu")
     if quant == "nf4":
-        quantize_model_nf4(model)
+        quantize_linears(model)
     load_adapter(model, adapter)
     report = merge(model, dtype)
-    report.dequantized += dequantize_model(model, dtype)  # NF4 layers the adapter did not target
+    report.dequantized += dequantize_linears(model, dtype)  # NF4 layers the adapter did not target
     model.to(dtype)
 
     with atomic_dir(out) as tmp:

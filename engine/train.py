@@ -5,6 +5,8 @@
     python -m engine.train --config run.toml --lr 1e-4        # flags override the TOML file
     python -m engine.train --method dpo --model M --data prefs.jsonl --init-adapter runs/sft/adapter
 
+Each ``--method`` is a recipe in `engine.recipes` (``train(cfg, progress)``).
+
 Exit status: 0 done; 2 bad input (one line on stderr, nothing half-written); 3 diverged
 (too many non-finite steps in a row); 75 stopped by SIGTERM after saving a checkpoint
 (continue with --resume).
@@ -12,10 +14,12 @@ Exit status: 0 done; 2 bad input (one line on stderr, nothing half-written); 3 d
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from engine.config import parse_config
 from engine.errors import run_cli
+from engine.recipes import RECIPES
 
 DESCRIPTION = ("Fine-tune a Llama-family model with LoRA (or QLoRA with --quant nf4), by SFT or DPO. Writes the PEFT-format "
                "adapter to OUTPUT/adapter, metrics to OUTPUT/metrics.jsonl and the loss curve to OUTPUT/loss.png.")
@@ -23,24 +27,11 @@ DESCRIPTION = ("Fine-tune a Llama-family model with LoRA (or QLoRA with --quant 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv, prog="python -m engine.train", description=DESCRIPTION)
-    # heavy imports only after the flags are known to be valid
-    if cfg.method == "dpo":
-        from engine.dpo import DPOTrainer as Trainer
-    else:
-        from engine.sft import SFTTrainer as Trainer
-
-    trainer = Trainer(cfg)
-    trainer.setup()
-    print(f"model {cfg.model}: {trainer.num_trainable:,} trainable LoRA parameters; "
-          f"{len(trainer.data.train)} training samples, {len(trainer.data.eval)} eval samples; "
-          f"{trainer.total_steps} steps", file=sys.stderr)
-    for report in (trainer.data.train_report, trainer.data.eval_report):
-        if report is not None:
-            print(f"data: {report.summary()}", file=sys.stderr)
-    result = trainer.train()
-    if result:
-        print(f"final {trainer.eval_summary(result)}", file=sys.stderr)
-    print(f"adapter written to {trainer.output / 'adapter'}", file=sys.stderr)
+    recipe = importlib.import_module(RECIPES[cfg.method])  # heavy imports only once the flags are valid
+    run = recipe.train(cfg, progress=True)
+    if run.final_eval:
+        print(f"final {recipe.summarize(run.final_eval)}", file=sys.stderr)
+    print(f"adapter written to {run.output / 'adapter'}", file=sys.stderr)
     return 0
 
 

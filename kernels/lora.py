@@ -238,18 +238,19 @@ def _lowrank_down_kernel(
 
 @triton.jit
 def _lora_matmul_kernel(
-    a_ptr, b_ptr, h_ptr, u_ptr, bias_ptr, c_ptr, M, N, K, R, M_BUCKET,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_hm, stride_hr, stride_ur, stride_un,
+    x_ptr, w_ptr, h_ptr, u_ptr, bias_ptr, c_ptr, M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_hm, stride_hr, stride_ur, stride_un,
     stride_cm, stride_cn,
     lowrank_scale, seed, p,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """C[M, N] = lowrank_scale · [keep ⊙] (H[M, R] · U[R, N]) + A[M, K] · B[K, N] (+ bias[N]).
-    Forward: A = x, B = Wᵀ, H = h, U = Bᵀ_lora, scale s. Backward dX: A = dY, B = W, H = dH,
-    U = A_lora, scale 1/(1−p), keep = the forward's dropout mask of x (N = in)."""
-    # Grouped tile order: GROUP_M row-tiles run next to each other and share B's column tile in L2.
+    """C[M, N] = lowrank_scale · [keep ⊙] (H[M, R] · U[R, N]) + X[M, K] · W[K, N] (+ bias[N]).
+    Forward: X = x, W = Wᵀ (the base weight), H = h, U = Bᵀ (LoRA's B), scale s. Backward dX:
+    X = dY, W = W, H = dH, U = A (LoRA's A), scale 1/(1−p), keep = the forward's dropout mask of x
+    (N = in)."""
+    # Grouped tile order: GROUP_M row-tiles run next to each other and share W's column tile in L2.
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     group = pid // (GROUP_M * num_n)
@@ -275,14 +276,14 @@ def _lora_matmul_kernel(
         acc = tl.where(_keep_mask(seed, rows, cols, N, p), acc, 0.0)
     acc = acc * lowrank_scale
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak
-    b_ptrs = b_ptr + ks[:, None] * stride_bk + cols[None, :].to(tl.int64) * stride_bn
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk
+    w_ptrs = w_ptr + ks[:, None] * stride_wk + cols[None, :].to(tl.int64) * stride_wn
     for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_ptrs, mask=ks[None, :] < K - k0, other=0.0)
-        b = tl.load(b_ptrs, mask=ks[:, None] < K - k0, other=0.0)
-        acc = _dot(a, b, acc, DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        x = tl.load(x_ptrs, mask=ks[None, :] < K - k0, other=0.0)
+        w = tl.load(w_ptrs, mask=ks[:, None] < K - k0, other=0.0)
+        acc = _dot(x, w, acc, DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
     out_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     out_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
@@ -386,7 +387,7 @@ def _dropout_args(drop: _Dropout | None) -> dict:
     return {"seed": drop.seed if drop else 0, "p": drop.p if drop else 0.0, "DROPOUT": drop is not None}
 
 
-def _down_proj(x: torch.Tensor, u: torch.Tensor, scale: float, drop: _Dropout | None) -> torch.Tensor:
+def _lowrank_down(x: torch.Tensor, u: torch.Tensor, scale: float, drop: _Dropout | None) -> torch.Tensor:
     """fp32 ``scale · drop(x) · u`` for x (M, K), u (K, R) any strides → (M, R) contiguous."""
     (m, k), r = x.shape, u.shape[1]
     h = torch.empty((m, r), dtype=torch.float32, device=x.device)
@@ -401,19 +402,19 @@ def _down_proj(x: torch.Tensor, u: torch.Tensor, scale: float, drop: _Dropout | 
     return h
 
 
-def _matmul(a, b, h, u, lowrank_scale: float, bias, drop: _Dropout | None) -> torch.Tensor:
-    """``lowrank_scale · [keep ⊙](h·u) + a·b (+ bias)`` for a (M, K), b (K, N), h (M, R), u (R, N)
-    (any strides) → (M, N) contiguous in a's dtype."""
-    (m, k), n, r = a.shape, b.shape[1], h.shape[1]
-    c = torch.empty((m, n), dtype=a.dtype, device=a.device)
+def _matmul(x, w, h, u, lowrank_scale: float, bias, drop: _Dropout | None) -> torch.Tensor:
+    """``lowrank_scale · [keep ⊙](h·u) + x·w (+ bias)`` for x (M, K), w (K, N), h (M, R), u (R, N)
+    (any strides) → (M, N) contiguous in x's dtype."""
+    (m, k), n, r = x.shape, w.shape[1], h.shape[1]
+    c = torch.empty((m, n), dtype=x.dtype, device=x.device)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     _launch(_lora_matmul_kernel, _matmul_tuned, grid, ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"),
-            a, b, h, u, bias if bias is not None else c, c, m, n, k, r, triton.next_power_of_2(m),
-            *a.stride(), *b.stride(), *h.stride(), *u.stride(), *c.stride(), lowrank_scale,
-            **_dropout_args(drop), HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(a.dtype),
+            x, w, h, u, bias if bias is not None else c, c, m, n, k, r, triton.next_power_of_2(m),
+            *x.stride(), *w.stride(), *h.stride(), *u.stride(), *c.stride(), lowrank_scale,
+            **_dropout_args(drop), HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x.dtype),
             BLOCK_R=_block_r(r))
     return c
 
@@ -455,10 +456,10 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, bias, scale: float, drop: _Dropout | None):
         w = _dense_weight(weight, x.dtype)
-        a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        lora_a, lora_b = lora_A.to(x.dtype), lora_B.to(x.dtype)
         keep_scale = 1.0 / (1.0 - drop.p) if drop else 1.0
-        h = _down_proj(x, a.t(), keep_scale, drop)  # (N, r) fp32 = drop(x)·Aᵀ
-        y = _matmul(x, w.t(), h, b.t(), scale, bias, None)
+        h = _lowrank_down(x, lora_a.t(), keep_scale, drop)  # (N, r) fp32 = drop(x)·Aᵀ
+        y = _matmul(x, w.t(), h, lora_b.t(), scale, bias, None)
         # x for dA (no (N, in) mask: the seed regenerates it), h (N, r) for dB, A and B for dX and
         # dH; the frozen weight as the parameter itself, or packed NF4 to re-dequantize in backward.
         ctx.save_for_backward(x, h, lora_A, lora_B, w if isinstance(weight, torch.Tensor) else None)
@@ -471,14 +472,14 @@ class LoRALinearFunction(torch.autograd.Function):
         x, h, lora_A, lora_B, w = ctx.saved_tensors
         s, drop = ctx.scale, ctx.drop
         keep_scale = 1.0 / (1.0 - drop.p) if drop else 1.0
-        a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        lora_a, lora_b = lora_A.to(x.dtype), lora_B.to(x.dtype)
         dy = dy.to(x.dtype)
         dx = d_a = d_b = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            dh = _down_proj(dy, b, s, None)  # (N, r) = s·dY·B
+            dh = _lowrank_down(dy, lora_b, s, None)  # (N, r) = s·dY·B
         if ctx.needs_input_grad[0]:
             w = w if w is not None else _dense_weight(ctx.nf4_weight, x.dtype)
-            dx = _matmul(dy, w, dh, a, keep_scale, None, drop)  # dY·W + keep/(1−p) ⊙ dH·A
+            dx = _matmul(dy, w, dh, lora_a, keep_scale, None, drop)  # dY·W + keep/(1−p) ⊙ dH·A
         if ctx.needs_input_grad[2]:
             d_a = _wgrad(dh, x, keep_scale, drop).to(lora_A.dtype)  # dHᵀ·drop(x)
         if ctx.needs_input_grad[3]:

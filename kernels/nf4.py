@@ -26,18 +26,17 @@ within 1/65535 of a midpoint, i.e. by at most one code step of an absmax, and ma
 byte-identical to bitsandbytes'.
 
 Shapes: ``packed`` (ceil(n/2),) uint8; ``absmax`` (ceil(n/blocksize),) fp32, or uint8 codes with
-``nested_absmax`` (ceil(n_blocks/256),) fp32. bitsandbytes stores ``packed`` as (n/2, 1); see
-`to_bnb_state_dict`.
+``nested_absmax`` (ceil(n_blocks/256),) fp32. bitsandbytes stores ``packed`` as (n/2, 1); its
+state-dict keys are read and written by `models.bnb_checkpoint`.
 
 Layout of this file: reference (quantize and dequantize, plain torch) -> Triton dequant kernel ->
-launcher -> public ops -> bitsandbytes state-dict conversion. Dequantization has no autograd
+launcher -> public ops. Dequantization has no autograd
 Function: its inputs are integer codes and frozen statistics, nothing to differentiate; the
 gradient path through a frozen NF4 weight lives in `kernels/nf4_linear.py`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 
@@ -126,7 +125,7 @@ class NF4Tensor:
 # 1. Reference: quantization and dequantization in plain torch
 # ----------------------------------------------------------------------------------------------
 
-def _check_blocksize(blocksize: int) -> None:
+def check_blocksize(blocksize: int) -> None:
     if blocksize not in VALID_BLOCKSIZES:
         raise ValueError(f"blocksize={blocksize!r}: expected one of {VALID_BLOCKSIZES}")
 
@@ -190,7 +189,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         raise ValueError(f"weight: must be contiguous (got strides {weight.stride()} for shape {tuple(weight.shape)})")
     if weight.numel() == 0:
         raise ValueError("weight: is empty")
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
     absmax, scaled = _blockwise_scale(weight.reshape(-1).float(), blocksize)
     code = nf4_code(weight.device)
     codes = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2)  # ties go to the lower code
@@ -289,65 +288,3 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.T
         return _nf4_dequant_triton(q, dtype)
     return nf4_dequant_ref(q, dtype)
 
-
-# ----------------------------------------------------------------------------------------------
-# 5. bitsandbytes serialization (QuantState.as_dict(packed=True) and Linear4bit's weight key)
-# ----------------------------------------------------------------------------------------------
-
-_QS_KEY = "weight.quant_state.bitsandbytes__nf4"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _norm_prefix(prefix: str) -> str:
-    return prefix if not prefix or prefix.endswith(".") else prefix + "."
-
-
-def to_bnb_state_dict(q: NF4Tensor, prefix: str = "") -> dict[str, torch.Tensor]:
-    """bitsandbytes' serialized keys for a Linear4bit weight under module ``prefix`` (e.g.
-    ``"model.layers.0.mlp.up_proj."``): packed weight (n/2, 1) uint8, absmax, quant_map, nested
-    tensors, and the JSON of the non-tensor fields packed as a uint8 tensor (bnb's key order)."""
-    p = _norm_prefix(prefix)
-    meta = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": _dtype_name(q.dtype), "shape": list(q.shape)}
-    out = {p + "weight": q.packed.view(-1, 1), p + "weight.absmax": q.absmax, p + "weight.quant_map": q.code}
-    if q.double_quant:
-        out[p + "weight.nested_absmax"] = q.nested_absmax
-        out[p + "weight.nested_quant_map"] = q.nested_code.clone()
-        meta.update(nested_blocksize=q.nested_blocksize, nested_dtype="float32", nested_offset=q.offset.item())
-    out[p + _QS_KEY] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
-    return out
-
-
-def _require(state_dict: dict, key: str) -> torch.Tensor:
-    if key not in state_dict:
-        raise ValueError(f"bitsandbytes state dict: missing key {key!r}")
-    return state_dict[key]
-
-
-def from_bnb_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "") -> NF4Tensor:
-    """Rebuild an `NF4Tensor` from bitsandbytes' keys under ``prefix`` (see `to_bnb_state_dict`)."""
-    p = _norm_prefix(prefix)
-    meta = json.loads(bytes(_require(state_dict, p + _QS_KEY).cpu().tolist()).decode("utf-8"))
-    if meta.get("quant_type") != "nf4":
-        raise ValueError(f"{p}{_QS_KEY}: quant_type {meta.get('quant_type')!r} not supported, expected 'nf4'")
-    _check_blocksize(meta["blocksize"])
-    packed = _require(state_dict, p + "weight")
-    packed = (packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)).reshape(-1)  # quant_storage
-    shape = torch.Size(meta["shape"])
-    if packed.numel() != -(-math.prod(shape) // 2):
-        raise ValueError(f"{p}weight: {packed.numel()} bytes do not hold shape {tuple(shape)} at 4 bits")
-    nested = p + "weight.nested_absmax" in state_dict
-    absmax = _require(state_dict, p + "weight.absmax")
-    q = NF4Tensor(packed=packed, absmax=absmax if nested else absmax.float(), blocksize=meta["blocksize"],
-                  shape=shape, dtype=getattr(torch, meta["dtype"]),
-                  code=_require(state_dict, p + "weight.quant_map").float())
-    if nested:
-        q.nested_absmax = state_dict[p + "weight.nested_absmax"].float()
-        q.nested_code = _require(state_dict, p + "weight.nested_quant_map").float()
-        q.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=packed.device)
-        q.nested_blocksize = int(meta["nested_blocksize"])
-    if q.absmax.numel() != -(-q.numel // q.blocksize):
-        raise ValueError(f"{p}weight.absmax: {q.absmax.numel()} scales, expected one per {q.blocksize} elements")
-    return q

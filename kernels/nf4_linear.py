@@ -15,18 +15,16 @@ Shapes: x (..., in) fp32/bf16/fp16; Q of shape (out, in); bias (out,) or None ->
 x.dtype. The matmul runs in x.dtype (the compute dtype), whatever dtype Q was quantized from.
 
 Layout: reference -> (the Triton dequant kernel lives in kernels/nf4.py) -> autograd.Function ->
-public op -> `NF4Linear` module.
+public op. The module that stores a weight this way is `models.quantized.NF4Linear`.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from kernels.backend import use_triton
-from kernels.nf4 import FLOAT_DTYPES, NESTED_BLOCKSIZE, NF4Tensor, dequantize_nf4, nf4_dequant_ref, quantize_nf4
-from kernels.nf4 import from_bnb_state_dict as nf4_from_bnb_state_dict
+from kernels.nf4 import FLOAT_DTYPES, NF4Tensor, dequantize_nf4, nf4_dequant_ref
 
 # ----------------------------------------------------------------------------------------------
 # 1. Reference (differentiated by autograd; it keeps the dense W for backward, fine for tests)
@@ -86,70 +84,3 @@ def nf4_linear(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = None) 
         return _NF4LinearFunction.apply(x, q, bias)
     return nf4_linear_ref(x, q, bias)
 
-
-# ----------------------------------------------------------------------------------------------
-# 4. Module
-# ----------------------------------------------------------------------------------------------
-
-
-class NF4Linear(nn.Module):
-    """A frozen linear layer whose weight is stored in NF4.
-
-    The NF4 tensors are buffers (``weight_packed``, ``weight_absmax``, ``weight_quant_map`` and,
-    with double quantization, ``weight_nested_absmax``, ``weight_nested_quant_map``,
-    ``weight_offset``), so ``.to()`` and ``state_dict()`` carry them; ``weight_nf4`` reassembles
-    the `NF4Tensor`. The bias, if any, is a Parameter with ``requires_grad=False``.
-    """
-
-    def __init__(self, q: NF4Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        if len(q.shape) != 2:
-            raise ValueError(f"q: expected a 2-D (out, in) weight, got shape {tuple(q.shape)}")
-        self.out_features, self.in_features = q.shape
-        self.blocksize, self.weight_dtype, self.nested_blocksize = q.blocksize, q.dtype, q.nested_blocksize
-        self.register_buffer("weight_packed", q.packed)
-        self.register_buffer("weight_absmax", q.absmax)
-        self.register_buffer("weight_quant_map", q.code)
-        if q.double_quant:
-            self.register_buffer("weight_nested_absmax", q.nested_absmax)
-            self.register_buffer("weight_nested_quant_map", q.nested_code)
-            self.register_buffer("weight_offset", q.offset)
-        if bias is not None and bias.shape != (self.out_features,):
-            raise ValueError(f"bias: expected shape ({self.out_features},), got {tuple(bias.shape)}")
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-
-    @property
-    def weight_nf4(self) -> NF4Tensor:
-        nested = hasattr(self, "weight_nested_absmax")
-        return NF4Tensor(
-            packed=self.weight_packed, absmax=self.weight_absmax, blocksize=self.blocksize,
-            shape=torch.Size((self.out_features, self.in_features)), dtype=self.weight_dtype,
-            code=self.weight_quant_map,
-            nested_absmax=self.weight_nested_absmax if nested else None,
-            nested_code=self.weight_nested_quant_map if nested else None,
-            offset=self.weight_offset if nested else None,
-            nested_blocksize=self.nested_blocksize if nested else NESTED_BLOCKSIZE,
-        )
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
-        """Quantize a dense ``nn.Linear`` (its weight in its own dtype) into an `NF4Linear`."""
-        q = quantize_nf4(linear.weight.detach().contiguous(), blocksize=blocksize, double_quant=double_quant)
-        return cls(q, linear.bias)
-
-    @classmethod
-    def from_bnb_state_dict(cls, state_dict: dict[str, torch.Tensor], prefix: str,
-                            bias: torch.Tensor | None = None) -> NF4Linear:
-        """Build from bitsandbytes' Linear4bit keys under ``prefix``; ``bias`` defaults to
-        ``state_dict[prefix + "bias"]`` when present."""
-        q = nf4_from_bnb_state_dict(state_dict, prefix)
-        if bias is None:
-            bias = state_dict.get((prefix if not prefix or prefix.endswith(".") else prefix + ".") + "bias")
-        return cls(q, bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nf4_linear(x, self.weight_nf4, self.bias)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"blocksize={self.blocksize}, double_quant={hasattr(self, 'weight_nested_absmax')}")

@@ -14,22 +14,23 @@ quantized linear ``<prefix>`` (a module name such as ``model.layers.0.mlp.up_pro
 
 Everything else (embeddings, norms, lm_head, modules in ``llm_int8_skip_modules``) is stored
 dense. The keys of one linear may be spread over several shards, so `BnbNF4Groups` collects them
-until a linear is complete, then rebuilds its `NF4Tensor` with `kernels.nf4.from_bnb_state_dict`
-(byte-compatible with bitsandbytes). Only decoder-block linears may be quantized: our lm_head and
-embeddings stay dense, as transformers keeps them.
+until a linear is complete, then rebuilds its `NF4Tensor` with `from_bnb_state_dict` (byte-compatible
+with bitsandbytes; `to_bnb_state_dict` is the way back). Only decoder-block linears may be
+quantized: our lm_head and embeddings stay dense, as transformers keeps them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from engine.errors import InputError
-from kernels.nf4 import NF4Tensor, from_bnb_state_dict
+from kernels.nf4 import NF4Tensor, check_blocksize
+from models.errors import InputError
 
 QUANT_STATE_SUFFIX = "weight.quant_state.bitsandbytes__"
 # The keys of one quantized linear, after "<prefix>."; the last two only with double quantization.
@@ -38,6 +39,70 @@ NESTED_SUFFIXES = ("weight.nested_absmax", "weight.nested_quant_map")
 _BNB_KEY = re.compile(r"^(?P<prefix>.+?)\.(?P<suffix>weight\.(absmax|quant_map|nested_absmax|nested_quant_map"
                       r"|quant_state\.bitsandbytes__\w+))$")
 _BLOCK_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj$")
+
+
+# ----------------------------------------------------------------------------- one linear's keys, both ways
+
+
+def module_prefix(prefix: str) -> str:
+    """``"model.layers.0.mlp.up_proj"`` or ``"...up_proj."`` -> ``"...up_proj."`` (``""`` stays ``""``)."""
+    return prefix if not prefix or prefix.endswith(".") else prefix + "."
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def to_bnb_state_dict(q: NF4Tensor, prefix: str = "") -> dict[str, torch.Tensor]:
+    """bitsandbytes' serialized keys for a Linear4bit weight under module ``prefix`` (e.g.
+    ``"model.layers.0.mlp.up_proj"``): packed weight (n/2, 1) uint8, absmax, quant_map, nested
+    tensors, and the JSON of the non-tensor fields packed as a uint8 tensor (bnb's key order)."""
+    p = module_prefix(prefix)
+    meta = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": _dtype_name(q.dtype), "shape": list(q.shape)}
+    out = {p + "weight": q.packed.view(-1, 1), p + "weight.absmax": q.absmax, p + "weight.quant_map": q.code}
+    if q.double_quant:
+        out[p + "weight.nested_absmax"] = q.nested_absmax
+        out[p + "weight.nested_quant_map"] = q.nested_code.clone()
+        meta.update(nested_blocksize=q.nested_blocksize, nested_dtype="float32", nested_offset=q.offset.item())
+    out[p + QUANT_STATE_SUFFIX + "nf4"] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+    return out
+
+
+def _require(state_dict: dict, key: str) -> torch.Tensor:
+    if key not in state_dict:
+        raise ValueError(f"bitsandbytes state dict: missing key {key!r}")
+    return state_dict[key]
+
+
+def from_bnb_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "") -> NF4Tensor:
+    """Rebuild an `NF4Tensor` from bitsandbytes' keys under ``prefix`` (see `to_bnb_state_dict`)."""
+    p = module_prefix(prefix)
+    key = p + QUANT_STATE_SUFFIX + "nf4"
+    meta = json.loads(bytes(_require(state_dict, key).cpu().tolist()).decode("utf-8"))
+    if meta.get("quant_type") != "nf4":
+        raise ValueError(f"{key}: quant_type {meta.get('quant_type')!r} not supported, expected 'nf4'")
+    check_blocksize(meta["blocksize"])
+    packed = _require(state_dict, p + "weight")
+    packed = (packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)).reshape(-1)  # quant_storage
+    shape = torch.Size(meta["shape"])
+    if packed.numel() != -(-math.prod(shape) // 2):
+        raise ValueError(f"{p}weight: {packed.numel()} bytes do not hold shape {tuple(shape)} at 4 bits")
+    nested = p + "weight.nested_absmax" in state_dict
+    absmax = _require(state_dict, p + "weight.absmax")
+    q = NF4Tensor(packed=packed, absmax=absmax if nested else absmax.float(), blocksize=meta["blocksize"],
+                  shape=shape, dtype=getattr(torch, meta["dtype"]),
+                  code=_require(state_dict, p + "weight.quant_map").float())
+    if nested:
+        q.nested_absmax = state_dict[p + "weight.nested_absmax"].float()
+        q.nested_code = _require(state_dict, p + "weight.nested_quant_map").float()
+        q.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=packed.device)
+        q.nested_blocksize = int(meta["nested_blocksize"])
+    if q.absmax.numel() != -(-q.numel // q.blocksize):
+        raise ValueError(f"{p}weight.absmax: {q.absmax.numel()} scales, expected one per {q.blocksize} elements")
+    return q
+
+
+# ----------------------------------------------------------------------------- checkpoint folders
 
 
 def is_bnb_nf4_checkpoint(model_dir: Path) -> bool:

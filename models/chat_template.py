@@ -33,7 +33,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from engine.errors import InputError
+from models.errors import InputError
 
 LLAMA2_TEMPLATE = (
     "{% if messages and messages[0]['role'] == 'system' %}"

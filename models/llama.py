@@ -47,16 +47,16 @@ def rope_inv_freq(cfg: LlamaConfig, device: torch.device | str | None = None) ->
 # Attention mask and KV cache
 
 @dataclass
-class AttentionBias:
-    """What SDPA needs: either ``is_causal`` (no explicit mask) or a boolean ``mask`` (B, 1, T, S),
+class AttentionMask:
+    """What SDPA needs: either ``is_causal`` (no explicit mask) or a boolean ``allowed`` (B, 1, T, S),
     True = may attend. Both off means attend to every key (one new token after the cache)."""
-    mask: torch.Tensor | None
+    allowed: torch.Tensor | None
     is_causal: bool
 
 
-def build_attention_bias(key_real: torch.Tensor | None, segment_ids: torch.Tensor | None,
+def build_attention_mask(key_real: torch.Tensor | None, segment_ids: torch.Tensor | None,
                          sliding_window: int | None, past: int, T: int,
-                         device: torch.device) -> AttentionBias:
+                         device: torch.device) -> AttentionMask:
     """Allowed (query i, key j), in absolute indices qi = past + i, kj = j < past + T:
     kj <= qi (causal), kj > qi - window (Mistral, as transformers: the token and window-1 before),
     key j is a real token (key_real (B, S)), same segment (segment_ids (B, T), no cache).
@@ -68,9 +68,9 @@ def build_attention_bias(key_real: torch.Tensor | None, segment_ids: torch.Tenso
     windowed = sliding_window is not None and S > sliding_window
     if key_real is None and segment_ids is None and not windowed:
         if past == 0:
-            return AttentionBias(None, is_causal=T > 1)
+            return AttentionMask(None, is_causal=T > 1)
         if T == 1:
-            return AttentionBias(None, is_causal=False)
+            return AttentionMask(None, is_causal=False)
     qi = torch.arange(past, S, device=device)[:, None]  # (T, 1)
     kj = torch.arange(S, device=device)[None, :]  # (1, S)
     allowed = kj <= qi  # (T, S)
@@ -82,7 +82,7 @@ def build_attention_bias(key_real: torch.Tensor | None, segment_ids: torch.Tenso
     if segment_ids is not None:
         allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])  # (B, T, T)
     allowed = allowed | (kj == qi)
-    return AttentionBias(allowed[:, None], is_causal=False)  # (B|1, 1, T, S)
+    return AttentionMask(allowed[:, None], is_causal=False)  # (B|1, 1, T, S)
 
 
 class KVCache:
@@ -154,7 +154,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=bias)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
-                bias: AttentionBias, cache: KVCache | None) -> torch.Tensor:
+                mask: AttentionMask, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, nkv, hd)
@@ -163,7 +163,7 @@ class LlamaAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.mask, is_causal=bias.is_causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed, is_causal=mask.is_causal,
                                            enable_gqa=self.n_kv != self.n_heads)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)
@@ -194,8 +194,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
-                bias: AttentionBias, cache: KVCache | None = None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), position_ids, inv_freq, bias, cache)
+                mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), position_ids, inv_freq, mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -239,14 +239,14 @@ class LlamaModel(nn.Module):
             cache.next_position += new_real.sum(dim=1)
             cache.padded = cache.padded or attention_mask is not None
             key_real = cache.key_real[:, :past + T] if cache.padded else None
-        bias = build_attention_bias(key_real, segment_ids, self.config.sliding_window, past, T, device)
+        mask = build_attention_mask(key_real, segment_ids, self.config.sliding_window, past, T, device)
 
         h = self.embed_tokens(input_ids)  # (B, T, H)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, position_ids, self.inv_freq, bias, cache, use_reentrant=False)
+                h = checkpoint(layer, h, position_ids, self.inv_freq, mask, cache, use_reentrant=False)
             else:
-                h = layer(h, position_ids, self.inv_freq, bias, cache)
+                h = layer(h, position_ids, self.inv_freq, mask, cache)
         if cache is not None:
             cache.length += T
         return self.norm(h)

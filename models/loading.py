@@ -5,7 +5,8 @@ Loading builds the model on the meta device (no memory), then reads tensor after
 it as the module's parameter: a 7B model never exists twice in memory. `expected_tensors` is the
 one map from HF tensor names to ours; our module tree mirrors transformers' names, so the map is the
 identity on names and its job is to list every tensor with its shape, derived from the config.
-Weights are read with safetensors only; pickled ``.bin`` files are never opened.
+Weights are read with safetensors only; pickled ``.bin`` files are never opened, and every file a
+folder names (the shards of an index) must lie inside that folder.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from engine.errors import InputError
 from kernels.nf4 import NF4Tensor, quantize_nf4
-from kernels.nf4_linear import NF4Linear
 from models.bnb_checkpoint import BnbNF4Groups, is_bnb_nf4_checkpoint
 from models.config import LlamaConfig
+from models.errors import InputError
 from models.llama import LlamaForCausalLM, rope_inv_freq
 from models.presets import PRESETS
+from models.quantized import NF4Linear, should_quantize
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -57,7 +58,9 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
 
 
 def _download(hub_id: str, name: str) -> Path:
-    from huggingface_hub import snapshot_download  # imported here: only downloads need it
+    from huggingface_hub import (
+        snapshot_download,  # imported here: only downloads need it
+    )
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
     try:
@@ -105,6 +108,18 @@ def expected_tensors(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def contained_file(folder: Path, name: str, named_by: Path) -> Path:
+    """``folder / name``, refused (InputError naming ``named_by``) unless it resolves inside ``folder``:
+    a file a model folder names may not be an absolute path, climb out with ``..`` or be a symlink
+    to somewhere else."""
+    root = folder.resolve()
+    path = (folder / name).resolve()
+    if Path(name).is_absolute() or not path.is_relative_to(root) or path == root:
+        raise InputError(f"{named_by}: {name!r} points outside the model folder {folder}; "
+                         "shards must be files inside it")
+    return folder / name
+
+
 def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a folder: the shards its index lists, or model.safetensors."""
     index = model_dir / INDEX_FILE
@@ -113,7 +128,9 @@ def weight_files(model_dir: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise InputError(f"{index}: not a safetensors index with a weight_map ({err})") from None
-        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise InputError(f"{index}: weight_map must map tensor names to shard file names")
+        files = [contained_file(model_dir, f, index) for f in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise InputError(f"{index}: shard(s) missing from {model_dir}: {', '.join(missing)}")
@@ -202,16 +219,15 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor | NF4Tensor) -> No
 QUANTIZE_CHOICES = (None, "nf4")
 
 
-def load_model(name_or_path: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
-               quantize: str | None = None, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> LlamaForCausalLM:
+def load_model(name_or_path: str | os.PathLike, *, quantize: str | None = None,
+               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> LlamaForCausalLM:
     """A model folder, preset name or hub id -> `LlamaForCausalLM` in ``dtype`` on ``device``, eval mode.
 
     ``quantize="nf4"`` (QLoRA) stores every decoder-block linear in NF4, quantizing each weight as
     it is read, so the dense model never exists whole on the device (``dtype`` is then the
-    compute dtype and the dtype the weights are quantized from). ``adapter`` is a PEFT-format
-    folder whose LoRA layers are injected and loaded on top. A pre-quantized bitsandbytes NF4
+    compute dtype and the dtype the weights are quantized from). A pre-quantized bitsandbytes NF4
     folder loads its quantized linears as NF4 whatever ``quantize`` says (the checkpoint decides).
+    Adapters go on top with `engine.adapters.load_adapter` (or `engine.adapters.load_adapted_model`).
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise InputError(f"dtype {dtype}: expected torch.float32, torch.bfloat16 or torch.float16")
@@ -222,17 +238,12 @@ def load_model(name_or_path: str | os.PathLike, *, adapter: str | os.PathLike | 
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     load_weights(model, model_dir, dtype, device, transform=_quantize_nf4 if quantize == "nf4" else None)
-    if adapter is not None:
-        from engine.adapters import load_adapter  # engine builds on models, not the reverse
-
-        load_adapter(model, adapter)
     return model.eval()
 
 
 def _quantize_nf4(name: str, tensor: torch.Tensor) -> torch.Tensor | NF4Tensor:
-    """The per-tensor hook of QLoRA loading: decoder-block linear weights become NF4."""
-    is_block_linear = name.startswith("model.layers.") and name.endswith("_proj.weight")
-    return quantize_nf4(tensor) if is_block_linear else tensor
+    """The per-tensor hook of QLoRA loading: the linears `should_quantize` selects become NF4."""
+    return quantize_nf4(tensor) if should_quantize(name) else tensor
 
 
 def save_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,

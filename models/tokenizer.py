@@ -24,8 +24,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _Backend
 
-from engine.errors import InputError
 from models.chat_template import LLAMA2_TEMPLATE, render_chat
+from models.errors import InputError
 
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -175,7 +175,9 @@ def load_tokenizer(name_or_path) -> Tokenizer:
     """The tokenizer of a local model folder, a preset name or a hub id."""
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
-        from models.loading import resolve_model_dir  # lazy: only names need the hub machinery
+        from models.loading import (
+            resolve_model_dir,  # lazy: only names need the hub machinery
+        )
 
         path = resolve_model_dir(name_or_path)
     return Tokenizer.from_dir(path)

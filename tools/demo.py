@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine.metrics import read_metrics
+from engine.run.metrics import read_metrics
 from tools.fixtures import smollm2_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,11 +26,12 @@ QUESTION = "The project I forked has a NOTICE file; what does Apache 2.0 require
 def answer(model_dir: Path, adapter: Path | None) -> str:
     import torch
 
+    from engine.adapters import load_adapted_model
     from engine.generate import generate
-    from models import load_model, load_tokenizer
+    from models import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, adapter=str(adapter) if adapter else None)
+    model = load_adapted_model(model_dir, adapter)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
     ids = torch.tensor([tokenizer.encode(prompt)])
     out = list(generate(model, ids, max_new_tokens=60, eos_token_ids=tokenizer.eos_token_ids))

@@ -34,8 +34,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from engine.atomic import atomic_dir
 from engine.errors import InputError, run_cli
+from engine.run.atomic import atomic_dir
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MAX_SHARD_BYTES = 4 * 1024**3

@@ -15,7 +15,7 @@ import math
 import torch
 
 from engine.errors import InputError, run_cli
-from engine.setup import DTYPES
+from engine.run.setup import DTYPES
 from models.config import LlamaConfig
 from models.llama import LlamaForCausalLM
 from models.loading import save_model

@@ -1,28 +1,20 @@
-"""LoRA by explicit module replacement: configuration, `LoRALinear`, injection, merge, QLoRA bases.
+"""LoRA: its configuration (`LoRAConfig`, PEFT's field meanings) and the `LoRALinear` module.
 
 A LoRA linear computes, for a frozen base weight W (out, in) and trainable A (r, in), B (out, r):
 
     y = x W^T + b + s * dropout(x) A^T B^T,      s = alpha / r   (rsLoRA: alpha / sqrt(r))
 
-as in PEFT, so our adapters and PEFT's are interchangeable. `inject_lora` swaps the named
-`nn.Linear` (or `NF4Linear`, for QLoRA) modules of a model for `LoRALinear`s that own them; nothing
-is patched. Module names follow HF's tree (``model.layers.0.self_attn.q_proj``), so the target
-rules below are PEFT's:
-
-* ``target_modules = "all-linear"``: every linear layer except the output head ``lm_head``;
-* a list of names: a module matches when its full name equals an entry or ends in ``.entry``;
-* any other string: a regular expression that must match the full module name (``re.fullmatch``).
-
-``rank_pattern`` / ``alpha_pattern`` (PEFT's per-module overrides: pattern -> r / alpha) apply to
-the first pattern ``p`` for which ``(.*\\.)?(p)$`` matches the module name.
+as in PEFT, so our adapters and PEFT's are interchangeable. The product runs through the fused
+kernel `kernels.lora.lora_linear` (B·A is never formed). Which modules get one is
+`engine.adapters.targets`; ``rank_pattern`` / ``alpha_pattern`` (PEFT's per-module overrides:
+pattern -> r / alpha) apply to the first pattern ``p`` for which ``(.*\\.)?(p)$`` matches the module
+name.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -30,8 +22,7 @@ from torch import nn
 
 from engine.errors import InputError
 from kernels.lora import lora_linear
-from kernels.nf4 import dequantize_nf4
-from kernels.nf4_linear import NF4Linear
+from models.quantized import NF4Linear
 
 ALL_LINEAR = "all-linear"
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -143,200 +134,3 @@ def _module_device(module: nn.Module) -> torch.device:
     if isinstance(module, NF4Linear):
         return module.weight_nf4.device
     return module.weight.device
-
-
-# ----------------------------------------------------------------------------- target selection
-
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, NF4Linear))
-
-
-def _is_excluded(cfg: LoRAConfig, name: str) -> bool:
-    ex = cfg.exclude_modules
-    if not ex:
-        return False
-    if isinstance(ex, str):
-        return re.fullmatch(ex, name) is not None
-    return any(name == e or name.endswith("." + e) for e in ex)
-
-
-def find_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
-    """Names of the modules `inject_lora` would replace, in model order; nothing is changed.
-
-    Raises InputError when a target matches no module, matches a module that is not a linear
-    layer, or selects the output head (its weight is read directly by the fused loss).
-    """
-    modules = dict(model.named_modules())
-    if any(isinstance(m, LoRALinear) for m in modules.values()):
-        raise InputError("the model already has LoRA adapters; load or inject only once")
-    tm = cfg.target_modules
-    if tm == ALL_LINEAR:
-        names = [n for n, m in modules.items() if _is_linear(m) and n.split(".")[-1] != OUTPUT_HEAD]
-        if not names:
-            raise InputError("target_modules='all-linear' matched no linear layer in the model")
-    elif isinstance(tm, str):
-        names = [n for n in modules if n and re.fullmatch(tm, n)]
-        if not names:
-            raise InputError(f"target_modules regex {tm!r} matches no module name (it must match the whole "
-                             f"name, e.g. 'model.layers.0.self_attn.q_proj')")
-    else:
-        names = [n for n in modules if n and any(n == t or n.endswith("." + t) for t in tm)]
-        for target in tm:
-            if not any(n == target or n.endswith("." + target) for n in names):
-                available = sorted({n.split(".")[-1] for n, m in modules.items() if _is_linear(m)})
-                raise InputError(f"LoRA target module {target!r} matches no module in the model; "
-                                 f"linear layers are named {', '.join(available)}")
-    names = [n for n in names if not _is_excluded(cfg, n)]
-    for n in names:
-        if n.split(".")[-1] == OUTPUT_HEAD:
-            raise InputError(f"LoRA on the output head {n!r} is not supported (the loss reads its weight directly)")
-        if not _is_linear(modules[n]):
-            raise InputError(f"LoRA target {n!r} is a {type(modules[n]).__name__}, not a linear layer")
-    if not names:
-        raise InputError("every LoRA target module is excluded by exclude_modules")
-    return names
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` in place of the one named ``name``, in the same train/eval mode."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module.train(getattr(parent, child).training))
-
-
-def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
-    """Replace each target linear by a `LoRALinear` owning it; return the replaced names.
-
-    Uses the global torch RNG for A's initialisation (seed it for reproducible runs). Freezes
-    nothing else: call `set_trainable` to make the LoRA weights the only trainable ones.
-    """
-    names = find_targets(model, cfg)
-    for name in names:
-        base = model.get_submodule(name)
-        r, alpha = cfg.rank_for(name), cfg.alpha_for(name)
-        _set_submodule(model, name, LoRALinear(base, r, alpha, cfg.dropout, cfg.use_rslora))
-    return names
-
-
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every `LoRALinear` of the model by module name, in model order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The LoRA parameters by name (``<module>.lora_A`` / ``<module>.lora_B``), in model order."""
-    params: dict[str, nn.Parameter] = {}
-    for name, m in lora_modules(model).items():
-        params[f"{name}.lora_A"] = m.lora_A
-        params[f"{name}.lora_B"] = m.lora_B
-    return params
-
-
-def set_trainable(model: nn.Module) -> int:
-    """Freeze everything but the LoRA weights; return the number of trainable elements."""
-    lora = {id(p) for p in adapter_params(model).values()}
-    if not lora:
-        raise ValueError("set_trainable: the model has no LoRA adapters (call inject_lora first)")
-    for p in model.parameters():
-        p.requires_grad_(id(p) in lora)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-@contextlib.contextmanager
-def disable_adapters(model: nn.Module) -> Iterator[None]:
-    """Within the block every LoRALinear computes its base only (DPO's reference model)."""
-    modules = list(lora_modules(model).values())
-    if not modules:
-        raise ValueError("disable_adapters: the model has no LoRA adapters")
-    previous = [m.adapter_enabled for m in modules]
-    for m in modules:
-        m.adapter_enabled = False
-    try:
-        yield
-    finally:
-        for m, was in zip(modules, previous):
-            m.adapter_enabled = was
-
-
-# ----------------------------------------------------------------------------- merge and quantization
-
-@dataclass
-class MergeReport:
-    merged: list[str]  # modules whose LoRA update was folded into the weight
-    dequantized: list[str]  # NF4 bases turned dense (merged ones onto their dequantized weight)
-
-    def summary(self) -> str:
-        text = f"merged LoRA into {len(self.merged)} linear layers"
-        if self.dequantized:
-            text += (f"; the base was NF4: {len(self.dequantized)} layers were dequantized and the adapter "
-                     f"merged onto the dequantized weights (they carry NF4 rounding, not the original weights)")
-        return text
-
-
-@torch.no_grad()
-def merge(model: nn.Module, dtype: torch.dtype | None = None) -> MergeReport:
-    """Fold W' = W + s B A into each base and put a plain ``nn.Linear`` back in place of the LoRALinear.
-
-    The sum is formed in fp32 and rounded once to ``dtype`` (default: the base's dtype; for an
-    NF4 base, the dtype it was quantized from); an NF4 base is dequantized first.
-    """
-    report = MergeReport(merged=[], dequantized=[])
-    for name, m in lora_modules(model).items():
-        base = m.base
-        if isinstance(base, NF4Linear):
-            q = base.weight_nf4
-            weight, out_dtype = dequantize_nf4(q, dtype=torch.float32), q.dtype
-            report.dequantized.append(name)
-        else:
-            weight, out_dtype = base.weight.float(), base.weight.dtype
-        merged = (weight + m.delta_weight().to(weight.device)).to(dtype or out_dtype)
-        linear = nn.Linear(m.in_features, m.out_features, bias=base.bias is not None, device="meta")
-        linear.weight = nn.Parameter(merged, requires_grad=False)
-        if base.bias is not None:
-            linear.bias = nn.Parameter(base.bias.detach().to(dtype or base.bias.dtype), requires_grad=False)
-        _set_submodule(model, name, linear)
-        report.merged.append(name)
-    if not report.merged:
-        raise ValueError("merge: the model has no LoRA adapters")
-    return report
-
-
-@torch.no_grad()
-def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
-    """Replace every `NF4Linear` by a dense ``nn.Linear`` with its dequantized weight in ``dtype``
-    (default: the dtype it was quantized from)."""
-    names = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, NF4Linear):
-            q = module.weight_nf4
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-            linear.weight = nn.Parameter(dequantize_nf4(q, dtype=dtype or q.dtype), requires_grad=False)
-            if module.bias is not None:
-                linear.bias = nn.Parameter(module.bias.detach().to(dtype or module.bias.dtype), requires_grad=False)
-            _set_submodule(model, name, linear)
-            names.append(name)
-    return names
-
-
-def should_quantize(weight_name: str) -> bool:
-    """Whether a checkpoint tensor is a decoder-block linear weight that QLoRA stores in NF4.
-
-    ``model.layers.N.<...>_proj.weight``: the attention and MLP projections; embeddings, norms and
-    the output head stay in full precision. The loader uses this to quantize layer by layer.
-    """
-    return weight_name.startswith("model.layers.") and weight_name.endswith("_proj.weight")
-
-
-def quantize_model_nf4(model: nn.Module, blocksize: int = 64, double_quant: bool = True) -> list[str]:
-    """Convert every decoder-block linear (also those inside LoRALinears) to an `NF4Linear`; return names."""
-    converted = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            if isinstance(module.base, nn.Linear):
-                module.base = NF4Linear.from_linear(module.base, blocksize=blocksize,
-                                                    double_quant=double_quant).train(module.training)
-                converted.append(name)
-        elif isinstance(module, nn.Linear) and should_quantize(name + ".weight"):
-            _set_submodule(model, name, NF4Linear.from_linear(module, blocksize=blocksize, double_quant=double_quant))
-            converted.append(name)
-    return converted

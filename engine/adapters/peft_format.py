@@ -26,9 +26,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from engine.atomic import atomic_dir
+from engine.adapters.lora import ALL_LINEAR, LoRAConfig
+from engine.adapters.targets import find_targets, inject_lora, lora_modules
 from engine.errors import InputError
-from engine.lora import ALL_LINEAR, LoRAConfig, find_targets, inject_lora, lora_modules
+from engine.run.atomic import atomic_dir
+from models import load_model
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -264,3 +266,14 @@ def assign_adapter_weights(model: nn.Module, weights: dict[str, dict[str, torch.
     for name, pair in weights.items():
         modules[name].lora_A.copy_(pair["lora_A"])
         modules[name].lora_B.copy_(pair["lora_B"])
+
+
+def load_adapted_model(name_or_path: str | os.PathLike, adapter: str | os.PathLike | None = None, *,
+                       quantize: str | None = None, dtype: torch.dtype = torch.float32,
+                       device: torch.device | str = "cpu") -> nn.Module:
+    """`models.load_model` with the PEFT-format ``adapter`` folder on top (checked before it is
+    applied; none: the plain base), in eval mode."""
+    model = load_model(name_or_path, quantize=quantize, dtype=dtype, device=device)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    return model.eval()

@@ -11,10 +11,6 @@ attention_mask 0 and labels -100 on padding; position ids as the model's default
 
 Packed batches (``pack=True``): rows of exactly ``max_len`` tokens (see `engine.packing`), built
 from the documents in epoch order, ``batch_size`` rows per batch, with segment ids.
-
-Every batch carries ``num_trainable``, the number of labels the shifted loss will use
-(``labels[:, 1:] != -100``), so the training loop can normalise a whole accumulation window by
-its total trainable tokens.
 """
 
 from __future__ import annotations
@@ -24,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.data import Sample
-from engine.data_render import IGNORE
-from engine.packing import pack_row, plan_rows
+from engine.data.packing import pack_row, plan_rows
+from engine.data.render import IGNORE
+from engine.data.samples import Sample
 
 _SEED_STRIDE = 1_000_003  # a prime, so (seed, epoch) pairs map to distinct generator seeds
 
@@ -47,15 +43,13 @@ class Batch:
     position_ids: torch.Tensor
     segment_ids: torch.Tensor | None  # only for packed batches
     sample_ids: list[list[int]]       # indices into the sample list, per row
-    num_trainable: int                # labels used by the shifted loss
     epoch: int
     index: int                        # batch index within the epoch
 
     def to(self, device: str | torch.device) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask),
-                     move(self.position_ids), move(self.segment_ids), self.sample_ids,
-                     self.num_trainable, self.epoch, self.index)
+                     move(self.position_ids), move(self.segment_ids), self.sample_ids, self.epoch, self.index)
 
 
 def collate_padded(samples: list[Sample], pad_id: int, pad_to_multiple_of: int = 1) -> dict:
@@ -117,6 +111,4 @@ class BatchLoader:
         else:
             tensors = collate_padded([self.samples[row[0]] for row in chunk], self.pad_id,
                                      self.pad_to_multiple_of)
-        trainable = int((tensors["labels"][:, 1:] != IGNORE).sum())
-        return Batch(**tensors, sample_ids=chunk, num_trainable=trainable, epoch=epoch,
-                     index=index)
+        return Batch(**tensors, sample_ids=chunk, epoch=epoch, index=index)

@@ -19,7 +19,7 @@ import bisect
 
 import torch
 
-from engine.data_render import IGNORE
+from engine.data.render import IGNORE
 
 
 def plan_rows(lengths: list[int], order: list[int], max_len: int) -> list[list[int]]:

@@ -4,7 +4,7 @@
     data.train                      # list of `PreferencePair` (prompt, chosen, rejected token ids)
     print(data.train_report.summary())
 
-Record forms (JSONL or JSON array, parsed by `engine.data_formats.read_records`, so a malformed line
+Record forms (JSONL or JSON array, parsed by `engine.data.reading.read_records`, so a malformed line
 raises ``InputError("file:line: ...")`` before any work); the form is decided per record:
 
 * text            {"prompt": str, "chosen": str, "rejected": str}: raw text, no chat template;
@@ -49,10 +49,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from engine.batching import Batch, collate_padded, epoch_order
-from engine.data import LENGTH_POLICIES, DataReport, Sample, load_with_eval
-from engine.data_formats import read_records
-from engine.data_render import IGNORE, SpecialTokens
+from engine.data.batching import Batch, collate_padded, epoch_order
+from engine.data.reading import read_records
+from engine.data.render import IGNORE, SpecialTokens
+from engine.data.samples import LENGTH_POLICIES, DataReport, Sample, load_with_eval
 from engine.errors import InputError
 
 PREFERENCE_KEYS = ("chosen", "rejected")
@@ -319,6 +319,4 @@ class PairBatchLoader:
     def collate(self, chunk: list[int], epoch: int = 0, index: int = 0) -> Batch:
         rows = [self.pairs[i].rows() for i in chunk]
         tensors = collate_padded([c for c, _ in rows] + [r for _, r in rows], self.pad_id)
-        trainable = int((tensors["labels"][:, 1:] != IGNORE).sum())
-        return Batch(**tensors, sample_ids=[[i] for i in chunk] * 2, num_trainable=trainable,
-                     epoch=epoch, index=index)
+        return Batch(**tensors, sample_ids=[[i] for i in chunk] * 2, epoch=epoch, index=index)

@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.data_formats import Record
+from engine.data.formats import Record
 from engine.errors import InputError
 
 IGNORE = -100

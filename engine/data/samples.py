@@ -24,14 +24,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from engine.data_formats import (
-    SKIP_EMPTY,
-    SKIP_MISSING,
-    detect_format,
-    read_records,
-    to_record,
-)
-from engine.data_render import IGNORE, SpecialTokens, render_record
+from engine.data.formats import SKIP_EMPTY, SKIP_MISSING, detect_format, to_record
+from engine.data.reading import read_records
+from engine.data.render import IGNORE, SpecialTokens, render_record
 from engine.errors import InputError
 
 LENGTH_POLICIES = ("truncate", "drop", "error")
@@ -47,7 +42,8 @@ class Sample:
     source: str  # "file:line", for reports and error messages
 
     @property
-    def num_trainable(self) -> int:
+    def loss_tokens(self) -> int:
+        """Labels the loss is taken on (not -100)."""
         return sum(label != IGNORE for label in self.labels)
 
 

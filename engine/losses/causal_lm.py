@@ -14,11 +14,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from engine.batching import Batch, BatchLoader
-from engine.data import Sample
-from engine.data_render import IGNORE
+from engine.data.batching import Batch, BatchLoader
+from engine.data.render import IGNORE
+from engine.data.samples import Sample
 from engine.errors import InputError
-from kernels.linear_cross_entropy import linear_cross_entropy
+from kernels.linear_cross_entropy import linear_cross_entropy, sequence_logprobs
 
 
 def shifted_labels(batch: Batch) -> torch.Tensor:
@@ -36,24 +36,21 @@ def loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return linear_cross_entropy(hidden, model.lm_head.weight, shifted_labels(batch).reshape(-1), reduction="sum")
 
 
-def count_trainable(batch: Batch) -> int:
-    return int((shifted_labels(batch) != IGNORE).sum())
+def completion_logps(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_t log p(y_t | y_<t) over each row's trainable tokens (rows,) fp32, their counts (rows,)).
 
-
-def accumulate_gradients(model: torch.nn.Module, window: list[Batch], device: torch.device) -> tuple[float, int]:
-    """Backward of one accumulation window, normalised by its total trainable tokens N.
-
-    Each micro-batch contributes ``loss_sum / N``, so the summed gradient is the gradient of the
-    mean loss over all N tokens of the window: the same as one batch holding all of them.
-    Returns (mean loss, N).
+    For preference pairs the trainable tokens are the completion's (labels -100 on the prompt and
+    the padding). Hidden state t predicts token t + 1, so the labels are shifted by one; the head
+    runs fused (`kernels.linear_cross_entropy.sequence_logprobs`: no (N, V) logits).
     """
-    n_tokens = sum(count_trainable(b) for b in window)
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    for batch in window:
-        part = loss_sum(model, batch.to(device))
-        (part / max(n_tokens, 1)).backward()
-        total += part.detach()
-    return (total / max(n_tokens, 1)).item(), n_tokens
+    hidden = model.hidden_states(batch.input_ids, batch.attention_mask, batch.position_ids)
+    labels = batch.labels[:, 1:]
+    logps = sequence_logprobs(hidden[:, :-1], model.lm_head.weight, labels, IGNORE)
+    return logps, (labels != IGNORE).sum(1)
+
+
+def count_loss_tokens(batch: Batch) -> int:
+    return int((shifted_labels(batch) != IGNORE).sum())
 
 
 @dataclass(frozen=True)
@@ -87,7 +84,7 @@ def mean_loss(model: nn.Module, samples: list[Sample], *, batch_size: int, pad_i
     tokens = 0
     for batch in tqdm(loader.batches(0), total=loader.num_batches(0), desc=desc, unit="batch",
                       disable=not progress, leave=False, dynamic_ncols=True):
-        tokens += count_trainable(batch)  # on the CPU batch: no device sync per batch
+        tokens += count_loss_tokens(batch)  # on the CPU batch: no device sync per batch
         total += loss_sum(model, batch.to(device)).double()
     model.train(was_training)
     if tokens == 0:

@@ -7,11 +7,13 @@ Layout of ``OUTPUT/checkpoints/step-000120/``:
                                  ``{name}.exp_avg_sq``, ``{name}.step``
     rng.safetensors              torch CPU (and CUDA) generator states
     state.json                   step, data position, counters, run config, python RNG state
+    <name>.safetensors           tensors a method keeps beside them (DPO: reference log-probs)
     COMPLETE                     written last: a folder without it is ignored
 
 A checkpoint is written into ``.tmp-step-000120`` and renamed into place only when complete, and
 older checkpoints are removed only after that, so a kill at any moment (``kill -9`` included) leaves
-the previous checkpoint loadable. No pickle anywhere: tensors in safetensors, the rest in JSON.
+the previous checkpoint loadable; a save that fails (a full disk) removes its temporary folder.
+No pickle anywhere: tensors in safetensors, the rest in JSON.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.atomic import fsync_files
 from engine.errors import InputError
+from engine.run.atomic import fsync_files
 
 MARKER = "COMPLETE"
 PREFIX = "step-"
@@ -89,27 +91,45 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                    write_adapter: Callable[[Path], None], keep: int) -> Path:
-    """Write checkpoint ``step`` atomically, then keep only the newest ``keep`` ones."""
+                    write_adapter: Callable[[Path], None], keep: int,
+                    extras: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write checkpoint ``step`` atomically, then keep only the newest ``keep`` ones.
+
+    ``extras``: ``{name: tensors}`` saved as ``name.safetensors`` (read back with `load_extra`).
+    """
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".tmp-{PREFIX}{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write_adapter(tmp / "adapter")
-    save_file(optimizer_tensors(model, optimizer), str(tmp / "optimizer.safetensors"))
-    save_file(rng_tensors(), str(tmp / "rng.safetensors"))
-    full_state = dict(state, step=step, python_rng=_python_rng_state())
-    (tmp / "state.json").write_text(json.dumps(full_state, indent=2), encoding="utf-8")
-    fsync_files(tmp)  # the marker below must never reach the disk before the files it vouches for
-    (tmp / MARKER).write_text(str(step), encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        write_adapter(tmp / "adapter")
+        save_file(optimizer_tensors(model, optimizer), str(tmp / "optimizer.safetensors"))
+        save_file(rng_tensors(), str(tmp / "rng.safetensors"))
+        for name, tensors in (extras or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
+        full_state = dict(state, step=step, python_rng=_python_rng_state())
+        (tmp / "state.json").write_text(json.dumps(full_state, indent=2), encoding="utf-8")
+        fsync_files(tmp)  # the marker below must never reach the disk before the files it vouches for
+        (tmp / MARKER).write_text(str(step), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _fsync_dir(root)
     prune_checkpoints(output_dir, keep)
     return final
+
+
+def load_extra(checkpoint: Path, name: str) -> dict[str, torch.Tensor]:
+    """The ``extras[name]`` tensors a checkpoint was saved with."""
+    path = checkpoint / f"{name}.safetensors"
+    if not path.is_file():
+        raise InputError(f"{path}: missing from the checkpoint (was it written by another method?)")
+    return load_file(str(path))
 
 
 def _python_rng_state() -> list[Any]:

@@ -1,4 +1,4 @@
-"""engine.evaluate / engine.eval: losses equal a direct cross-entropy on full logits, switching
+"""engine.comparison / engine.eval: losses equal a direct cross-entropy on full logits, switching
 adapters equals loading each alone, the base row equals the adapter-disabled model, the CLI end to
 end on the SmolLM2 fixture, and bad input."""
 
@@ -12,18 +12,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.adapters import load_adapter, save_adapter
-from engine.data import Sample
-from engine.errors import EXIT_INPUT_ERROR, run_cli
-from engine.eval import main as eval_main
-from engine.evaluate import (
+from engine.adapters import (
+    LoRAConfig,
     check_adapter_fits,
-    compare,
-    mean_loss,
+    disable_adapters,
+    inject_lora,
+    load_adapter,
+    lora_modules,
     read_adapter,
     remove_lora,
+    save_adapter,
 )
-from engine.lora import LoRAConfig, disable_adapters, inject_lora, lora_modules
+from engine.comparison import compare
+from engine.data.samples import Sample
+from engine.errors import EXIT_INPUT_ERROR, run_cli
+from engine.eval import main as eval_main
+from engine.losses.causal_lm import mean_loss
 from models.config import LlamaConfig
 from models.loading import load_model, save_model
 from tests.tolerances import assert_close
@@ -97,7 +101,7 @@ def test_mean_loss_equals_direct_cross_entropy(tiny, batch_size):
     samples = tiny_samples()
     model = load_model(model_dir)
     base = mean_loss(model, samples, batch_size=batch_size, pad_id=PAD, device="cpu", progress=False)
-    assert base.tokens == sum(s.num_trainable for s in samples)
+    assert base.tokens == sum(s.loss_tokens for s in samples)
     assert_close(torch.tensor(base.loss), torch.tensor(direct_loss(model, samples)), torch.float32, "base loss")
     assert math.isclose(base.perplexity, math.exp(base.loss), rel_tol=1e-12)
     load_adapter(model, adapters["b"])
@@ -199,10 +203,10 @@ def test_cli_end_to_end(smol, capsys):
     assert (base["name"], tuned["name"]) == ("base", str(adapter))
 
     # The base's domain loss equals a direct computation on the same samples.
-    from engine.data import load_samples
+    from engine.data.samples import load_samples
     from models import load_tokenizer
     samples, _ = load_samples(root / "domain.jsonl", load_tokenizer(model_dir), max_len=96)
-    assert base["domain"]["tokens"] == sum(s.num_trainable for s in samples)
+    assert base["domain"]["tokens"] == sum(s.loss_tokens for s in samples)
     assert_close(torch.tensor(base["domain"]["loss"]), torch.tensor(direct_loss(model, samples)),
                  torch.float32, "base domain loss")
 

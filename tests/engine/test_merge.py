@@ -10,11 +10,11 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from engine.adapters import save_adapter
+from engine.adapters import LoRAConfig, inject_lora, lora_modules, save_adapter
 from engine.errors import InputError, run_cli
-from engine.lora import LoRAConfig, inject_lora, lora_modules, quantize_model_nf4
 from engine.merge import main
 from models.loading import load_model
+from models.quantized import quantize_linears
 from tests.engine.conftest import write_hf_llama
 from tests.tolerances import LOGITS_FP32_ATOL, assert_close
 
@@ -38,7 +38,7 @@ def make_adapter(base_dir, out, quant=False):
     """Save an adapter with non-zero B; return the logits of base (NF4-rounded if ``quant``) + adapter."""
     model = load_model(base_dir)
     if quant:
-        quantize_model_nf4(model)
+        quantize_linears(model)
     cfg = LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"))
     torch.manual_seed(1)
     inject_lora(model, cfg)

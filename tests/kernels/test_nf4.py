@@ -1,10 +1,9 @@
-"""NF4: byte-identical to bitsandbytes, Triton dequant == reference, error bounds, bnb keys, bad input.
+"""NF4: byte-identical to bitsandbytes, Triton dequant == reference, error bounds, bad input.
 
 bitsandbytes (CPU) is the oracle for quantization and serialization; the Triton kernel runs under
 the interpreter on CPU and must reproduce the torch reference exactly (same fp32 math).
 """
 
-import json
 
 import bitsandbytes as bnb
 import pytest
@@ -17,11 +16,10 @@ from kernels.nf4 import (
     NF4Tensor,
     dequantize_nf4,
     dynamic_map,
-    from_bnb_state_dict,
     nf4_dequant_ref,
     quantize_nf4,
-    to_bnb_state_dict,
 )
+from models.bnb_checkpoint import from_bnb_state_dict
 
 F = bnb.functional
 
@@ -134,35 +132,6 @@ def test_values_on_the_code_grid_roundtrip_exactly(n):
     assert torch.equal(dequantize_nf4(quantize_nf4(w2, 64, double_quant=True), torch.float32), w2)
 
 
-@pytest.mark.parametrize("double_quant", [False, True])
-def test_state_dict_equals_bnb_linear4bit(double_quant):
-    w = _weight((64, 128), torch.bfloat16, seed=7)
-    lin = bnb.nn.Linear4bit(128, 64, bias=False, quant_type="nf4", compress_statistics=double_quant)
-    lin.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=double_quant)
-    expected = {"layer." + k: v for k, v in lin.to("cpu").state_dict().items()}
-    ours = to_bnb_state_dict(quantize_nf4(w, 64, double_quant), "layer.")
-    assert ours.keys() == expected.keys()
-    for key in ours:
-        assert ours[key].dtype == expected[key].dtype and torch.equal(ours[key], expected[key]), key
-    meta = json.loads(bytes(ours["layer.weight.quant_state.bitsandbytes__nf4"].tolist()))
-    assert meta["shape"] == [64, 128] and meta["dtype"] == "bfloat16"
-
-
-@pytest.mark.parametrize("double_quant", [False, True])
-def test_state_dict_roundtrip_both_ways(double_quant):
-    w = _weight((32, 192), torch.float16, seed=8)
-    q = quantize_nf4(w, 64, double_quant)
-    sd = to_bnb_state_dict(q, "m.up_proj")  # trailing dot added
-    # ours -> bitsandbytes
-    state = F.QuantState.from_dict({k.removeprefix("m.up_proj.weight."): v for k, v in sd.items()
-                                    if k != "m.up_proj.weight"}, device="cpu")
-    assert torch.equal(F.dequantize_4bit(sd["m.up_proj.weight"], state, quant_type="nf4"), nf4_dequant_ref(q, w.dtype))
-    # bitsandbytes' keys -> ours
-    back = from_bnb_state_dict(sd, "m.up_proj.")
-    assert back.shape == w.shape and back.dtype == w.dtype and back.blocksize == 64
-    assert torch.equal(dequantize_nf4(back, torch.float32), dequantize_nf4(q, torch.float32))
-
-
 def test_to_device_keeps_everything():
     q = quantize_nf4(_weight((8, 64), torch.float32), 64, True).to("cpu")
     assert q.packed.device.type == q.nested_absmax.device.type == "cpu" and q.offset is not None
@@ -179,16 +148,9 @@ def test_quantize_rejects_bad_input(weight, blocksize, match):
         quantize_nf4(weight, blocksize)
 
 
-def test_dequantize_and_load_reject_bad_input():
+def test_dequantize_rejects_bad_input():
     q = quantize_nf4(torch.randn(4, 64), 64)
     with pytest.raises(TypeError, match="dtype"):
         dequantize_nf4(q, torch.int8)
     with pytest.raises(TypeError, match="q: expected an NF4Tensor"):
         dequantize_nf4(torch.zeros(4))
-    sd = to_bnb_state_dict(q, "x.")
-    with pytest.raises(ValueError, match="missing key 'x.weight.absmax'"):
-        from_bnb_state_dict({k: v for k, v in sd.items() if not k.endswith("absmax")}, "x.")
-    meta = json.dumps({"quant_type": "fp4", "blocksize": 64, "dtype": "float32", "shape": [4, 64]})
-    sd["x.weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(meta.encode()), dtype=torch.uint8)
-    with pytest.raises(ValueError, match="quant_type 'fp4' not supported"):
-        from_bnb_state_dict(sd, "x.")

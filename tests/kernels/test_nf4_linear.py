@@ -1,11 +1,11 @@
-"""NF4Linear: forward and input/bias gradients vs dense fp32 math on the dequantized weight."""
+"""nf4_linear: forward and input/bias gradients vs dense fp32 math on the dequantized weight."""
 
 import pytest
 import torch
 
 from kernels.backend import force_triton, use_reference
-from kernels.nf4 import dequantize_nf4, nf4_dequant_ref, quantize_nf4, to_bnb_state_dict
-from kernels.nf4_linear import NF4Linear, nf4_linear
+from kernels.nf4 import nf4_dequant_ref, quantize_nf4
+from kernels.nf4_linear import nf4_linear
 from tests.tolerances import assert_close
 
 SHAPES = [(1, 64, 32), (5, 123, 77), (2, 7, 256, 96)]  # (..., tokens, in, out) in the last three
@@ -63,34 +63,6 @@ def test_backward_saves_no_dense_weight():
         with force_triton():
             nf4_linear(x, q).sum().backward()
     assert (512, 256) not in saved and (256, 512) not in saved
-
-
-def test_module_from_linear_state_dict_and_to():
-    torch.manual_seed(3)
-    dense = torch.nn.Linear(128, 48)
-    layer = NF4Linear.from_linear(dense, blocksize=64, double_quant=True)
-    assert (layer.in_features, layer.out_features) == (128, 48) and not layer.bias.requires_grad
-    x = torch.randn(2, 5, 128)
-    expected = torch.nn.functional.linear(x, dequantize_nf4(layer.weight_nf4, torch.float32), dense.bias)
-    assert_close(layer(x), expected, torch.float32, "y")
-    # Buffers carry everything: a fresh module loaded from the state dict computes the same thing.
-    clone = NF4Linear.from_linear(torch.nn.Linear(128, 48), blocksize=64, double_quant=True)
-    clone.load_state_dict(layer.state_dict())
-    assert torch.equal(clone(x), layer(x))
-    moved = layer.to("cpu")
-    assert moved.weight_nf4.offset.device.type == "cpu" and all(p.device.type == "cpu" for p in moved.buffers())
-
-
-def test_module_from_bnb_state_dict():
-    torch.manual_seed(4)
-    dense = torch.nn.Linear(192, 32)
-    q = quantize_nf4(dense.weight.detach(), 64, True)
-    sd = {**to_bnb_state_dict(q, "model.layers.0.mlp.down_proj."), "model.layers.0.mlp.down_proj.bias": dense.bias}
-    layer = NF4Linear.from_bnb_state_dict(sd, "model.layers.0.mlp.down_proj.")
-    assert torch.equal(layer.bias, dense.bias) and layer.weight_nf4.shape == (32, 192)
-    x = torch.randn(3, 192)
-    assert_close(layer(x), torch.nn.functional.linear(x, nf4_dequant_ref(q, torch.float32), dense.bias),
-                 torch.float32, "y")
 
 
 def test_bad_inputs_name_the_argument():

@@ -11,19 +11,21 @@ linear's keys spread over shards, QLoRA on top, and one clear error per bad fold
 import json
 import shutil
 
+import bitsandbytes
 import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from engine.adapters import LoRAConfig, adapter_params, inject_lora
 from engine.errors import InputError
-from engine.lora import LoRAConfig, adapter_params, inject_lora
-from kernels.nf4 import dequantize_nf4, quantize_nf4
-from kernels.nf4_linear import NF4Linear
+from kernels.nf4 import dequantize_nf4, nf4_dequant_ref, quantize_nf4
 from models import load_model
+from models.bnb_checkpoint import from_bnb_state_dict, to_bnb_state_dict
 from models.llama import LlamaForCausalLM
 from models.loading import load_weights, read_config
+from models.quantized import NF4Linear
 from tests.tolerances import LOGITS_FP32_ATOL, assert_close
 
 # Row widths (64, 320) are multiples of the blocksize, as bitsandbytes' CPU dequantizer needs;
@@ -294,3 +296,50 @@ def test_skipped_modules_stay_dense(dense_dir, tmp_path):
     ids = ids_batch()
     with torch.no_grad():
         assert_close(ours(ids), hf4(ids).logits, name="logits", atol=LOGITS_FP32_ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------- one linear's keys, both ways
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_state_dict_equals_bnb_linear4bit(double_quant):
+    w = _bnb_weight((64, 128), torch.bfloat16, seed=7)
+    lin = bitsandbytes.nn.Linear4bit(128, 64, bias=False, quant_type="nf4", compress_statistics=double_quant)
+    lin.weight = bitsandbytes.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=double_quant)
+    expected = {"layer." + k: v for k, v in lin.to("cpu").state_dict().items()}
+    ours = to_bnb_state_dict(quantize_nf4(w, 64, double_quant), "layer.")
+    assert ours.keys() == expected.keys()
+    for key in ours:
+        assert ours[key].dtype == expected[key].dtype and torch.equal(ours[key], expected[key]), key
+    meta = json.loads(bytes(ours["layer.weight.quant_state.bitsandbytes__nf4"].tolist()))
+    assert meta["shape"] == [64, 128] and meta["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_state_dict_roundtrip_both_ways(double_quant):
+    w = _bnb_weight((32, 192), torch.float16, seed=8)
+    q = quantize_nf4(w, 64, double_quant)
+    sd = to_bnb_state_dict(q, "m.up_proj")  # trailing dot added
+    # ours -> bitsandbytes
+    state = bnb_functional.QuantState.from_dict({k.removeprefix("m.up_proj.weight."): v for k, v in sd.items()
+                                    if k != "m.up_proj.weight"}, device="cpu")
+    assert torch.equal(bnb_functional.dequantize_4bit(sd["m.up_proj.weight"], state, quant_type="nf4"), nf4_dequant_ref(q, w.dtype))
+    # bitsandbytes' keys -> ours
+    back = from_bnb_state_dict(sd, "m.up_proj.")
+    assert back.shape == w.shape and back.dtype == w.dtype and back.blocksize == 64
+    assert torch.equal(dequantize_nf4(back, torch.float32), dequantize_nf4(q, torch.float32))
+
+
+def test_from_bnb_state_dict_rejects_bad_keys():
+    q = quantize_nf4(torch.randn(4, 64), 64)
+    sd = to_bnb_state_dict(q, "x.")
+    with pytest.raises(ValueError, match="missing key 'x.weight.absmax'"):
+        from_bnb_state_dict({k: v for k, v in sd.items() if not k.endswith("absmax")}, "x.")
+    meta = json.dumps({"quant_type": "fp4", "blocksize": 64, "dtype": "float32", "shape": [4, 64]})
+    sd["x.weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(meta.encode()), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="quant_type 'fp4' not supported"):
+        from_bnb_state_dict(sd, "x.")
+
+
+def _bnb_weight(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 0.05).to(dtype)

@@ -47,7 +47,8 @@ def test_fused_ops_equal_reference_on_smollm2(model_and_batch):
     with force_triton():
         logits, loss, grad = logits_and_loss(model, ids, mask)
     real = mask.bool()
-    # 30 blocks of fp32 round-off in a different order: the model-level row of the table.
+    # 30 blocks of fp32 round-off in a different order: the model-level row of the table, for the
+    # logits and for the gradient at the hidden state (a function of those logits through softmax).
     assert_close(logits[real], ref_logits[real], torch.float32, name="logits", atol=LOGITS_FP32_ATOL)
     assert_close(loss, ref_loss, torch.float32, name="loss")
-    assert_close(grad, ref_grad, torch.float32, name="d loss / d hidden")
+    assert_close(grad, ref_grad, torch.float32, name="d loss / d hidden", atol=LOGITS_FP32_ATOL)

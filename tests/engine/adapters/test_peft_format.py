@@ -10,15 +10,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.adapters import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
+    LoRAConfig,
+    inject_lora,
     load_adapter,
     load_adapter_weights,
+    lora_modules,
     read_adapter_metadata,
     save_adapter,
 )
+from engine.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from engine.errors import InputError
-from engine.lora import LoRAConfig, inject_lora, lora_modules
 from models.loading import load_model
 from tests.engine.conftest import write_hf_llama
 from tests.tolerances import LOGITS_FP32_ATOL, assert_close

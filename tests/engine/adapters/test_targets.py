@@ -7,26 +7,24 @@ import pytest
 import torch
 from torch import nn
 
-from engine.errors import InputError
-from engine.lora import (
-    LLAMA_LINEARS,
+from engine.adapters import (
     LoRAConfig,
     LoRALinear,
     adapter_params,
-    dequantize_model,
     disable_adapters,
     find_targets,
     inject_lora,
     lora_modules,
     merge,
-    quantize_model_nf4,
     set_trainable,
 )
+from engine.adapters.lora import LLAMA_LINEARS
+from engine.errors import InputError
 from kernels.backend import set_kernel_mode
 from kernels.nf4 import dequantize_nf4
-from kernels.nf4_linear import NF4Linear
 from models.config import LlamaConfig
 from models.llama import LlamaForCausalLM
+from models.quantized import NF4Linear, dequantize_linears, quantize_linears
 from tests.tolerances import assert_close
 
 N_LAYERS = 2
@@ -196,10 +194,10 @@ def test_merge_matches_unmerged_and_restores_plain_linears():
 def test_qlora_base_matches_lora_on_dequantized_base_and_merges():
     """NF4 base: the LoRA model equals LoRA on the dequantized dense weights, before and after merge."""
     qmodel = tiny_model()
-    quantized = quantize_model_nf4(qmodel)
+    quantized = quantize_linears(qmodel)
     assert len(quantized) == 7 * N_LAYERS and not any(m.training for m in qmodel.modules())
     dense = copy.deepcopy(qmodel)
-    assert len(dequantize_model(dense)) == 7 * N_LAYERS
+    assert len(dequantize_linears(dense)) == 7 * N_LAYERS
     torch.manual_seed(3)
     inject_lora(qmodel, LoRAConfig(r=4, target_modules=("q_proj", "up_proj")))
     torch.manual_seed(3)
@@ -215,5 +213,5 @@ def test_qlora_base_matches_lora_on_dequantized_base_and_merges():
     report = merge(qmodel)
     assert sorted(report.dequantized) == sorted(report.merged) and len(report.merged) == 2 * N_LAYERS
     assert "NF4" in report.summary()
-    dequantize_model(qmodel)
+    dequantize_linears(qmodel)
     assert_close(qmodel(ids), expected, torch.float32, "merged QLoRA logits")

@@ -9,10 +9,11 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.batching import BatchLoader, collate_padded, epoch_order
-from engine.data import Sample
-from engine.data_render import IGNORE
-from engine.packing import plan_rows
+from engine.data.batching import BatchLoader, collate_padded, epoch_order
+from engine.data.packing import plan_rows
+from engine.data.render import IGNORE
+from engine.data.samples import Sample
+from engine.losses.causal_lm import count_loss_tokens
 from tests.tolerances import assert_close
 
 PAD = 0
@@ -34,7 +35,7 @@ def make_samples(n: int, max_len: int, seed: int = 0) -> list[Sample]:
 def assert_batches_equal(a, b):
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert (x.epoch, x.index, x.sample_ids, x.num_trainable) == (y.epoch, y.index, y.sample_ids, y.num_trainable)
+        assert (x.epoch, x.index, x.sample_ids, count_loss_tokens(x)) == (y.epoch, y.index, y.sample_ids, count_loss_tokens(y))
         for name in ("input_ids", "labels", "attention_mask", "position_ids", "segment_ids"):
             tx, ty = getattr(x, name), getattr(y, name)
             assert (tx is None and ty is None) or torch.equal(tx, ty), name
@@ -65,7 +66,7 @@ def test_padded_batches_pad_right_and_cover_each_sample_once(n, batch_size):
             assert batch.attention_mask[row].tolist() == [1] * k + [0] * (width - k)
             assert batch.position_ids[row, :k].tolist() == list(range(k))
         assert batch.segment_ids is None
-        assert batch.num_trainable == sum(samples[r[0]].num_trainable for r in batch.sample_ids)
+        assert count_loss_tokens(batch) == sum(samples[r[0]].loss_tokens for r in batch.sample_ids)
 
 
 def test_pad_to_multiple_of_rounds_the_width_up():
@@ -96,11 +97,11 @@ def test_packed_rows_are_full_length_with_per_document_positions_and_segments(n,
             assert batch.attention_mask[row].tolist() == [1] * pos + [0] * (max_len - pos)
             assert (batch.segment_ids[row, pos:] == len(docs)).all() and (batch.labels[row, pos:] == IGNORE).all()
             placed += docs
-        assert batch.num_trainable == int((batch.labels[:, 1:] != IGNORE).sum())
+        assert count_loss_tokens(batch) == int((batch.labels[:, 1:] != IGNORE).sum())
     assert sorted(placed) == list(range(n))  # every document exactly once
     tokens = Counter(t for b in batches for t in b.input_ids[b.attention_mask.bool()].tolist())
     assert tokens == Counter(t for s in samples for t in s.input_ids)  # token multiset preserved
-    assert sum(b.num_trainable for b in batches) == sum(s.num_trainable for s in samples)
+    assert sum(count_loss_tokens(b) for b in batches) == sum(s.loss_tokens for s in samples)
 
 
 def test_best_fit_keeps_rows_full_and_is_a_function_of_the_order():

@@ -1,7 +1,7 @@
 """Preference data: the three record forms, labels only on completions, the skip report, the length
 policy, one concatenated batch per B pairs with a resumable order, and the license example files.
 
-Uses the small real BPE tokenizer of tests/engine/data_doubles.py (ChatML template, BOS added) and
+Uses the small real BPE tokenizer of tests/engine/data/doubles.py (ChatML template, BOS added) and
 the SmolLM2 fixture tokenizer for the example files."""
 
 from __future__ import annotations
@@ -13,18 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.data_render import IGNORE
-from engine.dpo_data import (
+from engine.data.preferences import (
     PairBatchLoader,
     PreferencePair,
     fit_length,
     load_dpo_data,
     load_preference_pairs,
 )
+from engine.data.render import IGNORE
 from engine.errors import InputError
-from tests.engine.data_doubles import TinyTokenizer
+from tests.engine.data.doubles import TinyTokenizer
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 USER = {"role": "user", "content": "What is the capital of France?"}
 
 

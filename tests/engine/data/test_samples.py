@@ -1,6 +1,6 @@
 """engine.data / data_formats / data_render: loading, format detection, rendering, masking,
 length policy, skip counts and the eval split, against a small real BPE tokenizer
-(tests/engine/data_doubles.py) and the SmolLM2 fixture tokenizer with its real chat template."""
+(tests/engine/data/doubles.py) and the SmolLM2 fixture tokenizer with its real chat template."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from engine.batching import BatchLoader, collate_padded
-from engine.data import load_samples, load_sft_data, split_eval
-from engine.data_formats import ALPACA_PROMPT
-from engine.data_render import IGNORE
+from engine.data.batching import BatchLoader, collate_padded
+from engine.data.formats import ALPACA_PROMPT
+from engine.data.render import IGNORE
+from engine.data.samples import load_samples, load_sft_data, split_eval
 from engine.errors import InputError
-from tests.engine.data_doubles import LLAMA2, UNSTABLE, TinyTokenizer
+from engine.losses.causal_lm import count_loss_tokens
+from tests.engine.data.doubles import LLAMA2, UNSTABLE, TinyTokenizer
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -312,5 +313,5 @@ def test_license_qa_with_the_smollm2_tokenizer_and_its_real_template(smollm2_dir
     trained = load_samples(path, tok, max_len=256, train_on_prompt=True)[0]
     assert all(s.labels[1:] == s.input_ids[1:] for s in trained)
     packed = list(BatchLoader(samples, 4, pad_id=tok.pad_token_id, pack=True, max_len=256).batches(0))
-    assert sum(b.num_trainable for b in packed) == sum(s.num_trainable for s in samples)
+    assert sum(count_loss_tokens(b) for b in packed) == sum(s.loss_tokens for s in samples)
     assert sum(b.input_ids.shape[0] for b in packed) <= len(samples) // 2  # >= 2 samples per row

@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 
-from engine.dpo_loss import (
+from engine.losses.preference import (
     METRIC_NAMES,
     dpo_losses,
     dpo_metrics,

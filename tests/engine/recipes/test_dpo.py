@@ -12,17 +12,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine.adapters import LoRAConfig, adapter_params, inject_lora, set_trainable
 from engine.config import TrainConfig
-from engine.dpo import DPOOptions, DPOTrainer, ReferencePolicy, completion_logps
-from engine.dpo_data import PairBatchLoader, load_dpo_data
+from engine.data.preferences import PairBatchLoader, load_dpo_data
 from engine.errors import InputError
-from engine.lora import LoRAConfig, adapter_params, inject_lora, set_trainable
-from engine.metrics import read_metrics
-from engine.sft import SFTTrainer
+from engine.losses.causal_lm import completion_logps
+from engine.recipes import dpo, sft
+from engine.recipes.dpo import REFERENCE_EXTRA, DPOOptions
+from engine.recipes.dpo_reference import ReferencePolicy
+from engine.run.metrics import read_metrics
+from engine.run.session import Run
 from models import load_model, load_tokenizer
 from tests.tolerances import assert_close
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PREFS = ROOT / "examples" / "license_prefs.jsonl"
 PREFS_EVAL = ROOT / "examples" / "license_prefs_eval.jsonl"
 
@@ -44,11 +47,8 @@ def dpo_config(model_dir: Path, data: tuple[Path, Path], output: Path, **overrid
     return TrainConfig(**values)
 
 
-def run_dpo(cfg: TrainConfig, **options) -> DPOTrainer:
-    trainer = DPOTrainer(cfg, progress=False, options=DPOOptions(**options))
-    trainer.setup()
-    trainer.train()
-    return trainer
+def run_dpo(cfg: TrainConfig, **options) -> Run:
+    return dpo.train(cfg, progress=False, options=DPOOptions(**options))
 
 
 def lines(output: Path, kind: str) -> list[dict]:
@@ -108,21 +108,21 @@ def test_frozen_initial_adapter_is_the_reference_and_training_weights_come_back(
 # ---------------------------------------------------------------------------- memory
 
 def test_dpo_holds_no_second_model_copy(tiny_model_dir, pref_data, tmp_path):
-    """Parameters + buffers of DPO's model take exactly the bytes of SFT's (same model and LoRA)."""
+    """Parameters + buffers of DPO's model take exactly the bytes of SFT's (same model and LoRA),
+    and the run holds that one model only."""
     def model_bytes(model: torch.nn.Module) -> int:
         tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
     sft_data = tmp_path / "sft.jsonl"
     sft_data.write_text("\n".join((ROOT / "examples" / "license_qa.jsonl").read_text().splitlines()[:8]) + "\n")
-    sft = SFTTrainer(dpo_config(tiny_model_dir, (sft_data, None), tmp_path / "sft", eval_data=None), progress=False)
-    sft.setup()
+    sft_run = sft.train(dpo_config(tiny_model_dir, (sft_data, None), tmp_path / "sft", eval_data=None, max_steps=1),
+                        progress=False)
     for precompute in (False, True):
-        dpo = DPOTrainer(dpo_config(tiny_model_dir, pref_data, tmp_path / f"dpo{precompute}"), progress=False,
-                         options=DPOOptions(precompute_ref=precompute))
-        dpo.setup()
-        assert model_bytes(dpo.model) == model_bytes(sft.model) > 0
-        assert sum(1 for m in dpo.__dict__.values() if isinstance(m, torch.nn.Module)) == 1
+        dpo_run = run_dpo(dpo_config(tiny_model_dir, pref_data, tmp_path / f"dpo{precompute}", max_steps=1),
+                          precompute_ref=precompute)
+        assert model_bytes(dpo_run.model) == model_bytes(sft_run.model) > 0
+        assert sum(1 for m in vars(dpo_run).values() if isinstance(m, torch.nn.Module)) == 1
 
 
 # ---------------------------------------------------------------------------- resume and precompute
@@ -134,9 +134,7 @@ def sft_adapter(tiny_model_dir, tmp_path_factory) -> Path:
     data = out / "qa.jsonl"
     data.write_text("\n".join((ROOT / "examples" / "license_qa.jsonl").read_text().splitlines()[:8]) + "\n")
     cfg = dpo_config(tiny_model_dir, (data, None), out / "run", eval_data=None, max_steps=3, grad_accum=1)
-    trainer = SFTTrainer(cfg, progress=False)
-    trainer.setup()
-    trainer.train()
+    sft.train(cfg, progress=False)
     return out / "run" / "adapter"
 
 
@@ -169,7 +167,7 @@ def test_resume_mid_dpo_is_exact(tiny_model_dir, pref_data, sft_adapter, tmp_pat
 def test_precomputed_reference_equals_on_the_fly(tiny_model_dir, pref_data, tmp_path):
     runs = {p: run_dpo(dpo_config(tiny_model_dir, pref_data, tmp_path / str(p), max_steps=2), precompute_ref=p)
             for p in (False, True)}
-    table = runs[True].ref_logps["train"]
+    table = runs[True].extras[REFERENCE_EXTRA]["train"]
     assert table.shape == (len(runs[True].data.train), 2)
     for kind in ("train", "eval"):
         a, b = lines(tmp_path / "False", kind), lines(tmp_path / "True", kind)
@@ -195,10 +193,10 @@ def test_dpo_from_sft_adapter_starts_with_zero_rewards(tiny_model_dir, pref_data
 
 def test_bad_dpo_options_are_input_errors(tiny_model_dir, pref_data, tmp_path):
     with pytest.raises(InputError, match="DPO options: dpo beta must be positive"):
-        DPOTrainer(dpo_config(tiny_model_dir, pref_data, tmp_path), options=DPOOptions(beta=0))
+        run_dpo(dpo_config(tiny_model_dir, pref_data, tmp_path), beta=0)
     with pytest.raises(InputError, match="not preference data"):
-        DPOTrainer(dpo_config(tiny_model_dir, (ROOT / "examples" / "license_qa.jsonl", None), tmp_path,
-                              eval_data=None), progress=False).setup()
+        run_dpo(dpo_config(tiny_model_dir, (ROOT / "examples" / "license_qa.jsonl", None), tmp_path,
+                           eval_data=None))
     assert not (tmp_path / "config.json").exists()
 
 

@@ -16,18 +16,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.batching import BatchLoader
-from engine.checkpoint import latest_checkpoint, load_checkpoint
+from engine.adapters import LoRAConfig, adapter_params, inject_lora, set_trainable
 from engine.config import TrainConfig
-from engine.data import Sample
+from engine.data.batching import BatchLoader
+from engine.data.samples import Sample
 from engine.errors import EXIT_INPUT_ERROR, EXIT_PREEMPTED, InputError
-from engine.lora import LoRAConfig, adapter_params, inject_lora, set_trainable
-from engine.loss import accumulate_gradients
-from engine.metrics import read_metrics
-from engine.sft import SFTTrainer
+from engine.recipes import sft
+from engine.recipes.sft import backward_window
+from engine.run.checkpoint import latest_checkpoint, load_checkpoint
+from engine.run.metrics import read_metrics
+from engine.run.session import Run
 from tests.tolerances import assert_close
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +49,8 @@ def run_config(model_dir: Path, data: tuple[Path, Path], output: Path, **overrid
     return TrainConfig(**values)
 
 
-def train(cfg: TrainConfig) -> SFTTrainer:
-    trainer = SFTTrainer(cfg, progress=False)
-    trainer.setup()
-    trainer.train()
-    return trainer
+def train(cfg: TrainConfig) -> Run:
+    return sft.train(cfg, progress=False)
 
 
 def train_losses(output: Path) -> list[float]:
@@ -83,7 +81,7 @@ def test_accumulation_equals_big_batch(tiny_model_dir):
     def grads(batch_size: int) -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)
         loader = BatchLoader(samples, batch_size, pad_id=2, shuffle=False)
-        accumulate_gradients(model, list(loader.batches(0)), torch.device("cpu"))
+        backward_window(model, list(loader.batches(0)), torch.device("cpu"))
         return {n: p.grad.clone() for n, p in adapter_params(model).items()}
 
     big, small = grads(8), grads(1)
@@ -127,7 +125,7 @@ def test_pinned_loss_curve_and_exact_resume(tiny_model_dir, qa_data, tmp_path):
 def test_finished_run_is_not_overwritten(tiny_model_dir, qa_data, tmp_path):
     train(run_config(tiny_model_dir, qa_data, tmp_path / "run", max_steps=1))
     with pytest.raises(InputError, match="finished run.*--overwrite"):
-        SFTTrainer(run_config(tiny_model_dir, qa_data, tmp_path / "run", max_steps=1), progress=False).setup()
+        train(run_config(tiny_model_dir, qa_data, tmp_path / "run", max_steps=1))
     train(run_config(tiny_model_dir, qa_data, tmp_path / "run", max_steps=1, overwrite=True))
 
 
@@ -136,7 +134,7 @@ def test_finished_run_is_not_overwritten(tiny_model_dir, qa_data, tmp_path):
 KILL_DURING_SAVE = textwrap.dedent("""
     import sys, time, torch
     from pathlib import Path
-    from engine.checkpoint import save_checkpoint
+    from engine.run.checkpoint import save_checkpoint
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
     model(torch.ones(1, 3)).sum().backward(); opt.step()
@@ -232,8 +230,8 @@ def test_sft_on_smollm2_lowers_held_out_loss(smollm2_dir, tmp_path):
 
 def test_qlora_trains_on_an_nf4_base(tiny_model_dir, qa_data, tmp_path):
     """--quant nf4: block linears are NF4 (the base never dense), LoRA wraps them, the run finishes."""
-    from engine.lora import lora_modules
-    from kernels.nf4_linear import NF4Linear
+    from engine.adapters import lora_modules
+    from models.quantized import NF4Linear
 
     trainer = train(run_config(tiny_model_dir, qa_data, tmp_path / "qlora", quant="nf4", max_steps=3))
     modules = lora_modules(trainer.model)

@@ -1,0 +1,89 @@
+"""The base model against its adapters: loss and perplexity of each on each evaluation set.
+
+For one evaluation set of samples (input_ids, labels with -100 where no loss is taken):
+
+    loss = (1 / N) Σ_{trainable t} -log p(labels[t+1] | tokens ≤ t),    perplexity = exp(loss)
+
+with N the number of trainable (shifted) labels, summed over the whole set before dividing (a mean
+per token, not a mean of batch means). The domain set is SFT data, so only completion / assistant
+tokens count; the general set is plain text, so every token after the first does. The same
+`engine.losses.causal_lm.mean_loss` as training's evaluation computes it, so eval and train losses
+agree. The base is loaded once; the adapters are switched in and out of it
+(`engine.adapters.switcher`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.adapters.switcher import Adapter, AdapterSwitcher, check_adapter_fits
+from engine.adapters.targets import remove_lora
+from engine.data.samples import Sample
+from engine.losses.causal_lm import LossResult, mean_loss
+
+BASE = "base"
+
+
+@dataclass
+class Row:
+    """One line of the comparison: a name ("base" or the adapter) and its results per set."""
+
+    name: str
+    results: dict[str, LossResult]
+
+    def delta(self, base: "Row", set_name: str) -> float:
+        """loss(this) - loss(base) on one set: negative = better than the base."""
+        return self.results[set_name].loss - base.results[set_name].loss
+
+
+def compare(model: nn.Module, adapters: list[Adapter], sets: dict[str, list[Sample]], *, batch_size: int,
+            pad_id: int, device: torch.device | str, progress: bool = True) -> list[Row]:
+    """The base row, then one row per adapter, each evaluated on every set (e.g. domain, general)."""
+    remove_lora(model)
+    for adapter in adapters:
+        check_adapter_fits(model, adapter)
+    switcher = AdapterSwitcher(model)
+    rows = []
+    for adapter in [None, *adapters]:
+        switcher.activate(adapter)
+        name = BASE if adapter is None else adapter.name
+        results = {set_name: mean_loss(model, samples, batch_size=batch_size, pad_id=pad_id, device=device,
+                                       desc=f"{name} / {set_name}", progress=progress)
+                   for set_name, samples in sets.items()}
+        rows.append(Row(name, results))
+    switcher.activate(None)
+    return rows
+
+
+def markdown_table(rows: list[Row], set_names: list[str]) -> str:
+    """Rows: base, each adapter. Per set: loss, perplexity, and the loss change against the base
+    (with the perplexity change in percent)."""
+    header = ["model"]
+    for s in set_names:
+        header += [f"{s} loss", f"{s} ppl", f"Δ {s} vs base"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    base = rows[0]
+    for row in rows:
+        cells = [row.name]
+        for s in set_names:
+            r = row.results[s]
+            cells += [f"{r.loss:.4f}", f"{r.perplexity:.3f}"]
+            if row is base:
+                cells.append("—")
+            else:
+                ppl_change = 100.0 * (r.perplexity / base.results[s].perplexity - 1.0)
+                cells.append(f"{row.delta(base, s):+.4f} ({ppl_change:+.1f}% ppl)")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def rows_to_json(rows: list[Row]) -> list[dict]:
+    base = rows[0]
+    return [{"name": row.name,
+             **{s: {**r.to_json(), "delta_loss_vs_base": row.delta(base, s),
+                    "perplexity_ratio_vs_base": r.perplexity / base.results[s].perplexity}
+                for s, r in row.results.items()}}
+            for row in rows]

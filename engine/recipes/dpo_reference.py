@@ -1,0 +1,82 @@
+"""DPO's reference policy π_ref on the training model itself, never a second copy of the weights.
+
+* a fresh adapter: π_ref is the base model, i.e. the same model inside
+  `engine.adapters.disable_adapters` (every LoRALinear computes its frozen base only);
+* ``--init-adapter DIR`` (continued training, e.g. DPO after SFT): π_ref is the starting policy,
+  base + the initial adapter, frozen. Its A, B are kept as frozen copies (adapter-sized, no base
+  weights) and copied into the live LoRA parameters under ``torch.no_grad`` for the reference
+  forward, the trained values being copied back bitwise right after. This happens before the
+  policy forward of each micro-batch, so no autograd graph ever sees the swap.
+
+`precompute_reference` scores every pair with π_ref once (``--precompute-ref``): a (pairs, 2)
+table [chosen, rejected] per split, saved in checkpoints so a resumed run uses the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from tqdm import tqdm
+
+from engine.adapters import disable_adapters, lora_modules
+from engine.data.batching import Batch
+from engine.data.preferences import PairBatchLoader, PreferencePair
+from engine.losses.causal_lm import completion_logps
+
+
+class ReferencePolicy:
+    """π_ref on the training model itself: adapters off, or the frozen initial adapter swapped in."""
+
+    def __init__(self, model: torch.nn.Module, frozen_initial: bool):
+        self.model = model
+        self.initial = None
+        if frozen_initial:  # copies of A and B only: r·(in + out) numbers per adapted linear
+            self.initial = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone())
+                            for n, m in lora_modules(model).items()}
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        if self.initial is None:
+            with disable_adapters(self.model):
+                yield
+            return
+        modules = lora_modules(self.model)
+        with torch.no_grad():
+            trained = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in modules.items()}
+            for name, (a, b) in self.initial.items():
+                modules[name].lora_A.copy_(a)
+                modules[name].lora_B.copy_(b)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, (a, b) in trained.items():
+                    modules[name].lora_A.copy_(a)
+                    modules[name].lora_B.copy_(b)
+
+    @torch.no_grad()
+    def logps(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """`completion_logps` of π_ref, in eval mode (no dropout, no RNG drawn)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.active():
+                return completion_logps(self.model, batch)
+        finally:
+            self.model.train(was_training)
+
+
+def precompute_reference(reference: ReferencePolicy, pairs: list[PreferencePair], batch_size: int, pad_id: int,
+                         device: torch.device, desc: str, progress: bool) -> torch.Tensor:
+    """π_ref's log-probs of every pair: (pairs, 2) fp32 on the CPU, columns [chosen, rejected]."""
+    loader = PairBatchLoader(pairs, batch_size, pad_id=pad_id, shuffle=False)
+    table = torch.empty(len(pairs), 2, dtype=torch.float32)
+    for batch in tqdm(loader.batches(0), total=loader.num_batches(0), disable=not progress, desc=desc,
+                      leave=False):
+        logps, _ = reference.logps(batch.to(device))
+        half = logps.shape[0] // 2
+        ids = [row[0] for row in batch.sample_ids[:half]]
+        table[ids] = torch.stack([logps[:half], logps[half:]], 1).cpu()
+    return table
