@@ -32,7 +32,11 @@ the GEMM's 2·N flops per weight, so a fused dequant-GEMM would save little at N
 Dropout mask: ``keep[i, j] = U(seed, i·in + j) ≥ p`` with U Triton's ``tl.rand`` (Philox-4x32-10).
 The forward, the dX epilogue and the dA kernel regenerate it from the seed, so no (N, in) mask is
 stored. ``dropout_keep_mask`` recomputes the same mask in plain torch, bit for bit, so the
-reference given the same ``seed`` applies the same mask as the kernels.
+reference given the same ``seed`` applies the same mask as the kernels. Without a ``seed`` the
+public op draws one from torch's generator for the kernels, and also for the reference when the
+kernel mode is forced (``ENGINE_KERNELS=reference`` or ``triton``), so that A/B runs and tests
+compare the same masks; in the default ``auto`` mode the reference (a CPU run) draws a cheaper
+mask from torch's generator instead.
 
 Saved for backward: ``x`` (needed for dA; it is the layer input that autograd keeps alive
 anyway), ``h`` (N, r) in fp32 (tiny: r ≪ in; recomputing it would re-read x), ``lora_A``,
@@ -55,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import interpreting, use_triton
+from kernels.backend import interpreting, kernel_mode, use_triton
 from kernels.nf4 import NF4Tensor, dequantize_nf4
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -509,11 +513,14 @@ def lora_linear(x, weight, lora_A, lora_B, scale, dropout_p=0.0, training=False,
         raise ValueError(f"lora_linear: {' and '.join(frozen)} requires grad, but the base layer is frozen "
                          f"(no gradient is computed for it); call .requires_grad_(False) on it")
     dense = weight if isinstance(weight, torch.Tensor) else None
-    if x.dtype not in _KERNEL_DTYPES or x.numel() == 0 or not use_triton(x, dense, lora_A, lora_B, bias):
+    triton_path = x.dtype in _KERNEL_DTYPES and x.numel() > 0 and use_triton(x, dense, lora_A, lora_B, bias)
+    dropping = training and dropout_p > 0
+    if dropping and seed is None and (triton_path or kernel_mode() != "auto"):
+        # the kernels' mask, from a seed drawn alike in both forced modes (A/B runs compare the same masks)
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    if not triton_path:
         return lora_linear_ref(x, weight, lora_A, lora_B, scale, dropout_p, training, bias, seed=seed)
-    drop = None
-    if training and dropout_p > 0:
-        drop = _Dropout(int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else int(seed), float(dropout_p))
+    drop = _Dropout(int(seed), float(dropout_p)) if dropping else None
     n_out, n_in = weight.shape
     y = LoRALinearFunction.apply(x.reshape(-1, n_in), weight, lora_A, lora_B, bias, float(scale), drop)
     return y.view(*x.shape[:-1], n_out)

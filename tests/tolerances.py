@@ -42,6 +42,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
                  name: str = "tensor", atol: float | None = None, rtol: float | None = None) -> None:
     """Assert ``|actual - expected| <= atol + rtol * |expected|`` elementwise, in fp64.
 
+    Non-finite values must sit at the same positions and be the same value (NaN where the
+    reference has NaN, +inf where it has +inf); a NaN or an infinity anywhere else fails.
     ``dtype`` picks the row of the table (default: ``actual.dtype``); explicit ``atol``/``rtol``
     override it (only for spec'd figures such as LOGITS_FP32_ATOL). On failure the message gives
     the max and mean absolute difference and where the worst element is.
@@ -52,7 +54,16 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a = actual.detach().to(torch.float64).cpu()
     e = expected.detach().to(torch.float64).cpu()
-    assert torch.isfinite(a).all() == torch.isfinite(e).all(), f"{name}: non-finite values differ"
+    finite_a, finite_e = torch.isfinite(a), torch.isfinite(e)
+    if not torch.equal(finite_a, finite_e):
+        where = tuple(int(i) for i in (finite_a != finite_e).nonzero()[0])
+        raise AssertionError(f"{name}: non-finite values at other positions than the reference's: at {where} "
+                             f"got {a[where].item()}, expected {e[where].item()} "
+                             f"({int((finite_a != finite_e).sum())} such elements)")
+    special = ~finite_e
+    if special.any() and not torch.equal(a[special].nan_to_num(nan=0.5), e[special].nan_to_num(nan=0.5)):
+        raise AssertionError(f"{name}: non-finite values differ from the reference's (inf sign or NaN)")
+    a, e = torch.where(special, 0.0, a), torch.where(special, 0.0, e)
     diff = (a - e).abs()
     bad = diff > atol + rtol * e.abs()
     if bad.any():
