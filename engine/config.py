@@ -1,205 +1,218 @@
-"""The one source of a run's configuration: `TrainConfig`, and the CLI generated from it.
+"""The one source of a run's configuration: `TrainConfig`, every field with its type, range and help.
 
-Every option is a dataclass field whose metadata carries its help text; `build_parser` turns the
-fields into argparse flags (``lora_r`` -> ``--lora-r``), a TOML file given with ``--config`` only
-overrides field defaults, and the command line overrides the file:
+Every option is a dataclass field; its metadata carries the help text and what values it takes
+(choices, or a numeric range). The command line is generated from the fields (`engine.cli`:
+``lora_r`` -> ``--lora-r``), a TOML file given with ``--config`` only overrides field defaults,
+and the command line overrides the file:
 
     defaults  <  --config FILE.toml  <  command-line flags
 
+One validation path (`check_value`) serves flags, TOML and Python callers: the type (a TOML string
+"false" is not a boolean, 4.0 is not an int), finiteness (no NaN or infinity anywhere) and the
+range; the message names the flag (and, from a TOML file, its line).
+
 Values that depend on the model or the machine (dtype, max_len, gradient checkpointing) default to
-``None`` and are settled by `resolve_defaults` once the model config and device are known.
+``None`` and are settled once the model config and device are known (`engine.run.setup`); values
+that depend on the method (the learning rate) are settled from `METHOD_DEFAULTS` here.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
+import math
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, get_type_hints
 
 from engine.errors import InputError
-from engine.recipes import RECIPES
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
-METHODS = tuple(RECIPES)
+METHODS = ("sft", "dpo")  # each the name of a module in engine/recipes/
 DPO_LOSSES = ("sigmoid", "robust", "ipo", "hinge")
 FORMATS = ("auto", "text", "completion", "alpaca", "messages", "sharegpt")
 SCHEDULES = ("cosine", "linear", "constant")
 QUANTS = ("none", "nf4")
 LENGTH_POLICIES = ("truncate", "drop", "error")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+MAX_SEED = 2**63 - 1
+# Defaults that differ by --method, used when the field is left unset (None).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {"lr": 2e-4},
+    "dpo": {"lr": 5e-6},
+}
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
-    meta = {"help": help, "choices": choices}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
+@dataclass(frozen=True)
+class Range:
+    """Numeric bounds: ``low`` (inclusive unless ``low_open``) to ``high`` (exclusive if ``high_open``)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return " and ".join(parts)
+
+
+POSITIVE = Range(0, low_open=True)
+AT_LEAST_0 = Range(0)
+AT_LEAST_1 = Range(1)
+FRACTION = Range(0, 1, high_open=True)
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, range: Range | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "range": range})
 
 
 @dataclass
 class TrainConfig:
     # what to train
-    model: str = _opt(None, "Model: a local Hugging Face folder or a preset name (e.g. llama2-7b, smollm2-135m).")
-    data: str = _opt(None, "Training data: a JSONL or JSON file.")
+    model: str = _opt(None, "Model: a local Hugging Face folder or a preset name (e.g. llama2-7b, smollm2-135m). "
+                      "Required.")
+    data: str = _opt(None, "Training data: a JSONL or JSON file. Required.")
     method: str = _opt("sft", "Training method.", METHODS)
     format: str = _opt("auto", "Data format; 'auto' detects it from the fields of each file.", FORMATS)
     eval_data: str | None = _opt(None, "Held-out data file for evaluation (same formats as --data).")
-    eval_split: float = _opt(0.0, "Fraction of --data held out for evaluation when --eval-data is not given.")
+    eval_split: float = _opt(0.0, "Fraction of --data held out for evaluation when --eval-data is not given.",
+                             range=FRACTION)
+    skip_invalid_records: bool = _opt(False, "Skip records with a missing or mistyped field (counted in "
+                                      "data_report.json) instead of stopping with an error naming them.")
     output: str = _opt("outputs/run", "Output folder: adapter/, checkpoints/, metrics.jsonl, loss.png.")
-    overwrite: bool = _opt(False, "Replace an output folder that already holds a finished run.")
+    overwrite: bool = _opt(False, "Replace the run in --output (finished or not), once the new run has "
+                           "passed its setup. Only a run folder of ours is ever replaced.")
     # DPO (--method dpo)
-    dpo_beta: float = _opt(0.1, "DPO: beta, the strength of the KL regularisation towards the reference.")
+    dpo_beta: float = _opt(0.1, "DPO: beta, the strength of the KL regularisation towards the reference.",
+                           range=POSITIVE)
     dpo_loss: str = _opt("sigmoid", "DPO: loss (sigmoid = DPO, robust, ipo, hinge).", DPO_LOSSES)
-    dpo_label_smoothing: float = _opt(0.0, "DPO: label smoothing in [0, 0.5) (sigmoid and robust losses).")
+    dpo_label_smoothing: float = _opt(0.0, "DPO: label smoothing (sigmoid and robust losses).",
+                                      range=Range(0, 0.5, high_open=True))
     precompute_ref: bool = _opt(False, "DPO: compute the reference log-probs once before training.")
     # length and batching
-    max_len: int | None = _opt(None, "Maximum tokens per sample (default: min(model context, 2048)).")
+    max_len: int | None = _opt(None, "Maximum tokens per sample (default: min(model context, 2048)).",
+                               range=Range(2))
     length_policy: str = _opt("truncate", "What to do with samples longer than --max-len.", LENGTH_POLICIES)
     pack: bool = _opt(False, "Pack samples into full rows of --max-len tokens (attention never crosses samples).")
     train_on_prompt: bool = _opt(False, "Also compute the loss on prompt / user tokens.")
-    batch_size: int = _opt(4, "Sequences per micro-batch.")
-    grad_accum: int = _opt(1, "Micro-batches per optimizer step.")
-    epochs: float = _opt(1.0, "Passes over the training data (ignored when --max-steps is set).")
-    max_steps: int | None = _opt(None, "Optimizer steps to run (overrides --epochs).")
+    batch_size: int = _opt(4, "Sequences per micro-batch (pairs for DPO).", range=AT_LEAST_1)
+    grad_accum: int = _opt(1, "Micro-batches per optimizer step.", range=AT_LEAST_1)
+    epochs: float = _opt(1.0, "Passes over the training data (ignored when --max-steps is set).", range=POSITIVE)
+    max_steps: int | None = _opt(None, "Optimizer steps to run (default: from --epochs).", range=AT_LEAST_1)
     # optimisation
-    lr: float = _opt(2e-4, "Peak learning rate.")
+    lr: float | None = _opt(None, "Peak learning rate (default: 2e-4 for --method sft, 5e-6 for dpo).",
+                            range=POSITIVE)
     lr_schedule: str = _opt("cosine", "Learning-rate schedule after warmup.", SCHEDULES)
-    warmup_steps: int | None = _opt(None, "Linear warmup steps (default: 3% of the run).")
-    weight_decay: float = _opt(0.0, "AdamW weight decay on the LoRA weights.")
-    adam_beta1: float = _opt(0.9, "AdamW beta1.")
-    adam_beta2: float = _opt(0.999, "AdamW beta2.")
-    adam_eps: float = _opt(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _opt(1.0, "Clip the global gradient norm to this value (0 disables).")
-    max_bad_steps: int = _opt(5, "Stop after this many consecutive steps with a non-finite loss or gradient.")
+    warmup_steps: int | None = _opt(None, "Linear warmup steps (default: 3% of the run).", range=AT_LEAST_0)
+    weight_decay: float = _opt(0.0, "AdamW weight decay on the LoRA weights.", range=AT_LEAST_0)
+    adam_beta1: float = _opt(0.9, "AdamW beta1.", range=FRACTION)
+    adam_beta2: float = _opt(0.999, "AdamW beta2.", range=FRACTION)
+    adam_eps: float = _opt(1e-8, "AdamW epsilon.", range=POSITIVE)
+    max_grad_norm: float = _opt(1.0, "Clip the global gradient norm to this value (0 disables).", range=AT_LEAST_0)
+    max_bad_steps: int = _opt(5, "Stop after this many consecutive steps with a non-finite loss or gradient.",
+                              range=AT_LEAST_1)
     # LoRA
-    lora_r: int = _opt(16, "LoRA rank.")
-    lora_alpha: float = _opt(32.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with --rslora).")
-    lora_dropout: float = _opt(0.05, "Dropout on the LoRA input.")
+    lora_r: int = _opt(16, "LoRA rank (at most the smallest dimension of a targeted linear).", range=AT_LEAST_1)
+    lora_alpha: float = _opt(32.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with --rslora).",
+                             range=POSITIVE)
+    lora_dropout: float = _opt(0.05, "Dropout on the LoRA input.", range=FRACTION)
     rslora: bool = _opt(False, "Rank-stabilised LoRA scaling alpha/sqrt(r).")
     target_modules: str = _opt("all-linear", "Comma-separated module names (q_proj,...,down_proj) or 'all-linear'.")
-    init_adapter: str | None = _opt(None, "Start from this PEFT-format adapter folder (ours or made elsewhere).")
+    init_adapter: str | None = _opt(None, "Start from this PEFT-format adapter folder (ours or made elsewhere); "
+                                    "its own r, alpha and targets are used.")
     quant: str = _opt("none", "Quantize the frozen base: 'nf4' for QLoRA.", QUANTS)
     # machine
     device: str = _opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
     dtype: str = _opt("auto", "Compute dtype of the frozen base: auto (bf16 on GPU, fp32 on CPU).", DTYPES)
-    grad_checkpointing: bool | None = _opt(None, "Recompute each block in backward (default: on for GPU).")
-    seed: int = _opt(42, "Seed for LoRA init, data order and dropout.")
+    grad_checkpointing: bool | None = _opt(None, "Recompute each block in backward (default: on for a GPU, "
+                                           "off for a CPU).")
+    seed: int = _opt(42, "Seed for LoRA init, data order and dropout.", range=Range(0, MAX_SEED))
     # schedule of evaluation and checkpoints
-    eval_every: int = _opt(0, "Evaluate every N steps (0: only at the end).")
-    save_every: int = _opt(0, "Write a resumable checkpoint every N steps (0: only at the end).")
-    keep_checkpoints: int = _opt(2, "Keep the newest N checkpoints.")
-    resume: bool = _opt(False, "Continue from the newest complete checkpoint in --output.")
-    log_every: int = _opt(1, "Write a metrics line every N steps.")
+    eval_every: int = _opt(0, "Evaluate every N steps (0: at the start and the end only).", range=AT_LEAST_0)
+    save_every: int = _opt(0, "Write a resumable checkpoint every N steps (0: only on SIGTERM).",
+                           range=AT_LEAST_0)
+    keep_checkpoints: int = _opt(2, "Keep the newest N checkpoints.", range=AT_LEAST_1)
+    resume: bool = _opt(False, "Continue from the newest complete checkpoint in --output (refused when the "
+                        "checkpoint was made for other data, model or settings).")
+    log_every: int = _opt(1, "Write a metrics line every N steps.", range=AT_LEAST_1)
+
+    def __post_init__(self) -> None:
+        for name, value in METHOD_DEFAULTS.get(self.method, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def validate(self) -> None:
-        """Raise InputError for values no run can use."""
+        """Raise InputError for the first value no run can use, naming its flag."""
+        for f in fields(self):
+            problem = check_value(f.name, getattr(self, f.name))
+            if problem is not None:
+                raise InputError(f"--{flag_name(f.name)}: {problem}")
         if not self.model:
             raise InputError("--model is required (a local folder or a preset name)")
         if not self.data:
             raise InputError("--data is required (a JSONL or JSON file)")
-        for name, choices in (("method", METHODS), ("format", FORMATS), ("lr_schedule", SCHEDULES),
-                              ("quant", QUANTS), ("length_policy", LENGTH_POLICIES), ("dtype", DTYPES),
-                              ("dpo_loss", DPO_LOSSES)):
-            if getattr(self, name) not in choices:
-                raise InputError(f"--{_flag(name)} {getattr(self, name)!r}: expected one of {', '.join(choices)}")
-        positive = ("batch_size", "grad_accum", "lora_r", "keep_checkpoints", "log_every", "max_bad_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise InputError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "max_len"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise InputError(f"--{_flag(name)} must be >= 1, got {value}")
-        if not 0.0 <= self.eval_split < 1.0:
-            raise InputError(f"--eval-split must be in [0, 1), got {self.eval_split}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise InputError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.lr <= 0 or self.epochs <= 0:
-            raise InputError("--lr and --epochs must be positive")
+        if not self.output:
+            raise InputError("--output must name a folder")
+        if self.eval_data is not None and self.eval_split:
+            raise InputError("--eval-data and --eval-split both choose an eval set: give one of them")
         if self.method == "dpo" and self.pack:
             raise InputError("--pack is for SFT: DPO batches chosen and rejected of each pair together")
+        if self.dpo_label_smoothing and self.dpo_loss not in ("sigmoid", "robust"):
+            raise InputError(f"--dpo-label-smoothing applies to the sigmoid and robust losses, not {self.dpo_loss!r}")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+_HINTS = get_type_hints(TrainConfig)
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
-def _scalar_type(hint: Any) -> Any:
-    """The argparse converter for a field's type hint (`int | None` -> int)."""
+def field_kind(name: str) -> tuple[type, bool]:
+    """(scalar type, optional) of a field: ``int | None`` -> (int, True)."""
+    hint = _HINTS[name]
     args = getattr(hint, "__args__", None)
     if args:
-        hint = next(a for a in args if a is not type(None))
-    return {int: int, float: float, str: str, bool: _parse_bool}[hint]
+        return next(a for a in args if a is not type(None)), type(None) in args
+    return hint, False
 
 
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per `TrainConfig` field, defaults left unset (None)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", metavar="FILE.toml", help="TOML file of field = value overrides "
-                        "(keys as the flags, with - or _); command-line flags win.")
-    hints = get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
-        kind = _scalar_type(hints[f.name])
-        help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
-        if kind is _parse_bool:
-            # --pack / --no-pack, plus --pack=false style for scripts
-            parser.add_argument(f"--{_flag(f.name)}", dest=f.name, nargs="?", const=True, default=None,
-                                type=_parse_bool, help=help_text + f" (default: {f.default})")
-            parser.add_argument(f"--no-{_flag(f.name)}", dest=f.name, action="store_false", default=None,
-                                help=argparse.SUPPRESS)
-        else:
-            parser.add_argument(f"--{_flag(f.name)}", dest=f.name, type=kind, default=None,
-                                choices=f.metadata["choices"], metavar=None if f.metadata["choices"] else f.name.upper(),
-                                help=help_text + f" (default: {f.default})")
-    return parser
+def check_value(name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for field ``name`` (its type, finiteness, choices, range), or None."""
+    kind, optional = field_kind(name)
+    meta = _FIELDS[name].metadata
+    if value is None:
+        return None if optional or _FIELDS[name].default is None else "a value is required"
+    if kind is bool and not isinstance(value, bool):
+        return f"expected true or false, got {_shown(value)}"
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        return f"expected a whole number, got {_shown(value)}"
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"expected a number, got {_shown(value)}"
+        if not math.isfinite(value):
+            return f"expected a finite number, got {value}"
+    if kind is str and not isinstance(value, str):
+        return f"expected a string, got {_shown(value)}"
+    if meta["choices"] and value not in meta["choices"]:
+        return f"{value!r}: expected one of {', '.join(meta['choices'])}"
+    if meta["range"] is not None and not meta["range"].holds(value):
+        return f"expected a value {meta['range'].describe()}, got {value:g}"
+    return None
 
 
-def load_toml(path: str) -> dict[str, Any]:
-    """Read a TOML override file; unknown keys are errors naming the file."""
-    file = Path(path)
-    if not file.is_file():
-        raise InputError(f"{path}: config file not found")
-    try:
-        raw = tomllib.loads(file.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:
-        raise InputError(f"{path}: not valid TOML ({err})") from None
-    known = {f.name for f in fields(TrainConfig)}
-    overrides = {}
-    for key, value in raw.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            raise InputError(f"{path}: unknown option {key!r}")
-        overrides[name] = value
-    return overrides
-
-
-def parse_config(argv: list[str] | None, prog: str = "engine.train",
-                 description: str = "") -> TrainConfig:
-    """Build a validated TrainConfig from defaults, an optional TOML file and the command line."""
-    parser = build_parser(prog, description)
-    args = parser.parse_args(argv)
-    values = load_toml(args.config) if args.config else {}
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
-    cfg = TrainConfig(**values)
-    cfg.validate()
-    return cfg
+def _shown(value: Any) -> str:
+    kind = {str: "the string", float: "the number", int: "the number", bool: "the boolean",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+    return f"{kind} {value!r}" if isinstance(value, (str, int, float, bool)) else kind

@@ -13,16 +13,16 @@ any weight is loaded, then applied one after the other (see `engine.comparison`)
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from engine.adapters import Adapter, check_adapter_fits, read_adapter
+from engine.cli import ArgumentParser
 from engine.comparison import Row, compare, markdown_table, rows_to_json
 from engine.data.samples import load_samples
 from engine.errors import InputError, run_cli
+from engine.run.folder import model_files_in, write_json
 from engine.run.setup import DTYPES, resolve_device, resolve_dtype, resolve_max_len
 from models import load_model, load_tokenizer
 from models.llama import LlamaForCausalLM
@@ -32,22 +32,24 @@ DOMAIN, GENERAL = "domain", "general"
 DATA_FORMATS = ("auto", "text", "completion", "alpaca", "messages", "sharegpt")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.eval", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="Base model: a local Hugging Face folder or a preset name.")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m engine.eval", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="Base model: a local Hugging Face folder or a preset name. Required.")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="A PEFT-format adapter folder for this base; repeat for several.")
-    p.add_argument("--data", required=True, help="Domain evaluation set (JSONL/JSON, SFT formats).")
+    p.add_argument("--data", required=True, help="Domain evaluation set (JSONL/JSON, SFT formats). Required.")
     p.add_argument("--format", default="auto", choices=DATA_FORMATS, help="Format of --data (default: detect).")
     p.add_argument("--general", default=None, help="General text ({\"text\": ...} lines) for the forgetting check.")
-    p.add_argument("--out", default="outputs/eval", help="Folder for eval.md, eval.json and eval.png.")
-    p.add_argument("--batch-size", type=int, default=4, help="Sequences per batch.")
+    p.add_argument("--out", default="outputs/eval", help="Folder for eval.md, eval.json and eval.png "
+                   "(default: outputs/eval; those three files are replaced, nothing else).")
+    p.add_argument("--batch-size", type=int, default=4, help="Sequences per batch (default: 4).")
     p.add_argument("--max-len", type=int, default=None,
                    help="Truncate samples to this many tokens (default: min(model context, 2048)).")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
-                   help="Compute dtype (auto: bf16 on a GPU, fp32 on a CPU).")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-    p.add_argument("--quant", default="none", choices=("none", "nf4"), help="Quantize the base to NF4 (QLoRA).")
+                   help="Compute dtype (default auto: bf16 on a GPU, fp32 on a CPU).")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto).")
+    p.add_argument("--quant", default="none", choices=("none", "nf4"),
+                   help="Quantize the base to NF4, as a QLoRA adapter was trained (default: none).")
     p.add_argument("--no-progress", action="store_true", help="No progress bars.")
     return p
 
@@ -80,17 +82,31 @@ def plot(rows: list[Row], set_names: list[str], png: Path) -> None:
         ax.bar_label(bars, labels=[f"ppl {row.results[s].perplexity:.2f}" for s in set_names], fontsize=7)
     ax.set_xticks(range(len(set_names)), [f"{s} loss" for s in set_names])
     ax.set_ylabel("cross-entropy (nats / token)")
-    ax.legend(fontsize=8)
+    ax.margins(y=0.15)  # room for the perplexity labels above the bars
+    # the legend goes under the axes, never over the bars
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(len(rows), 3), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
 
 
+def check_out(out: Path) -> None:
+    """``--out`` must be a folder (or not exist yet) that does not hold a model."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder (eval.md, eval.json and eval.png go in a folder)")
+    if out.is_dir() and model_files_in(out):
+        raise InputError(f"--out {out}: holds a model ({', '.join(model_files_in(out)[:3])}); choose another folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise InputError(f"--batch-size {args.batch_size}: expected at least 1")
+    if args.max_len is not None and args.max_len < 2:
+        raise InputError(f"--max-len {args.max_len}: expected at least 2")
+    out = Path(args.out)
+    check_out(out)
     # Everything the user can get wrong is checked before the weights are loaded.
     model_dir = resolve_model_dir(args.model)
     max_len = resolve_max_len(args.max_len, read_config(model_dir))
@@ -112,14 +128,13 @@ def main(argv: list[str] | None = None) -> int:
 
     table = markdown_table(rows, list(sets))
     print(table)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.md").write_text(table + "\n")
     result = {"model": args.model, "data": args.data, "general": args.general, "adapters": args.adapter,
               "dtype": str(dtype).removeprefix("torch."), "quant": args.quant, "max_len": max_len,
               "data_reports": {k: r.__dict__ for k, r in reports.items()}, "rows": rows_to_json(rows)}
-    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, list(sets), out / "eval.png")
+    write_json(out / "eval.json", result)
+    (out / "eval.md").write_text(table + "\n")
     print(f"wrote {out / 'eval.md'}, {out / 'eval.json'}, {out / 'eval.png'}")
     return 0
 

@@ -1,7 +1,11 @@
 """Text generation with the KV cache: greedy or top-p sampling, streamed to stdout.
 
-    python -m engine.generate --model NAME_OR_DIR --prompt TEXT [--chat] [--max-new-tokens N]
-                              [--temperature T --top-p P] [--seed S] [--dtype fp32|bf16|fp16]
+    python -m engine.generate --model NAME_OR_DIR [--adapter DIR] --prompt TEXT [--chat]
+                              [--max-new-tokens N] [--temperature T --top-p P] [--seed S]
+                              [--dtype fp32|bf16|fp16] [--quant nf4]
+
+``--adapter`` applies a PEFT-format adapter (ours or made elsewhere) on top of the base, unmerged:
+the same tokens as generating from the folder `engine.merge` writes (greedy, same dtype).
 
 The prompt is run once through the model (prefill, filling the cache), then one token per step
 attends to the cache. Generation stops at any end-of-sequence id (the config's and the tokenizer's,
@@ -10,12 +14,13 @@ incl. generation_config.json) or after N new tokens.
 
 from __future__ import annotations
 
-import argparse
+import math
 import sys
 from collections.abc import Iterable, Iterator
 
 import torch
 
+from engine.cli import ArgumentParser
 from engine.errors import InputError, run_cli
 from engine.run.setup import DTYPES, resolve_device
 from models.llama import LlamaForCausalLM
@@ -81,32 +86,59 @@ class TextStream:
         return new
 
 
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m engine.generate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="Model folder, preset name or hub id. Required.")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="A PEFT-format adapter folder applied on top of the model (default: none).")
+    parser.add_argument("--prompt", required=True, help="Prompt text. Required.")
+    parser.add_argument("--chat", action="store_true", help="Wrap the prompt as a user turn in the chat template.")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="Maximum new tokens (default: 128).")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples.")
+    parser.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass in (0, 1] (default: 1.0).")
+    parser.add_argument("--seed", type=int, default=0, help="Sampling seed (default: 0).")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="Compute dtype (default: fp32).")
+    parser.add_argument("--quant", default="none", choices=("none", "nf4"),
+                        help="Quantize the base to NF4, as a QLoRA adapter was trained (default: none).")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or "
+                        "cuda:N (default: auto).")
+    return parser
+
+
+def check_sampling(args) -> None:
+    """Sampling flags no generation can use: InputError naming the flag."""
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise InputError(f"--temperature {args.temperature}: expected a finite number >= 0 (0 = greedy)")
+    if not (math.isfinite(args.top_p) and 0.0 < args.top_p <= 1.0):
+        raise InputError(f"--top-p {args.top_p}: expected a number in (0, 1]")
+    if args.max_new_tokens <= 0:
+        raise InputError(f"--max-new-tokens {args.max_new_tokens}: expected at least 1")
+    if not 0 <= args.seed < 2**63:
+        raise InputError(f"--seed {args.seed}: expected 0 <= seed < 2**63")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="model folder, preset name or hub id")
-    parser.add_argument("--prompt", required=True, help="prompt text")
-    parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="maximum new tokens (default 128)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="compute dtype (default fp32)")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
-    args = parser.parse_args(argv)
-    if args.max_new_tokens <= 0 or args.temperature < 0:
-        raise InputError("--max-new-tokens must be > 0 and --temperature >= 0")
+    args = build_parser().parse_args(argv)
+    check_sampling(args)
     device = resolve_device(args.device)
 
-    from models import load_model, load_tokenizer, resolve_model_dir
+    from engine.adapters import load_adapted_model
+    from models import load_tokenizer, resolve_model_dir
+    from models.loading import read_config
 
     model_dir = resolve_model_dir(args.model)
-    model = load_model(model_dir, dtype=DTYPES[args.dtype], device=device)
+    context = read_config(model_dir).max_position_embeddings
     tokenizer = load_tokenizer(model_dir)
     if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
         prompt_ids = tokenizer.encode(text, add_special_tokens=False)
     else:
         prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=True)
+    if len(prompt_ids) + args.max_new_tokens > context:
+        raise InputError(f"--max-new-tokens {args.max_new_tokens}: the prompt's {len(prompt_ids)} tokens plus "
+                         f"{args.max_new_tokens} new ones exceed the model's context of {context} tokens")
+    model = load_adapted_model(model_dir, args.adapter, quantize=None if args.quant == "none" else args.quant,
+                               dtype=DTYPES[args.dtype], device=device)
     eos = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     stream = TextStream(tokenizer)

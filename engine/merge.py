@@ -7,12 +7,17 @@ single ``model.safetensors``), ``config.json``, ``generation_config.json``, the 
 files and a README saying what was merged. With ``--quant nf4`` (an adapter trained with QLoRA) the
 base is first rounded to NF4 exactly as in training and the adapter is merged onto its dequantized
 weights; the README and the console say so. The folder is built under a temporary name and renamed.
+
+``--out`` is checked before any weight is read: never the base model's folder or the adapter's,
+nor a folder holding them; an existing folder is replaced (``--overwrite``) only when it is a merged
+folder this command wrote (its ``merge.json``) or is empty.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -22,13 +27,22 @@ from safetensors import safe_open
 from torch import nn
 
 import models
-from engine.adapters import MergeReport, load_adapter, merge
+from engine.adapters import (
+    MergeReport,
+    adapter_targets,
+    load_adapter,
+    merge,
+    read_adapter_config,
+    read_adapter_weights,
+)
+from engine.cli import ArgumentParser
 from engine.errors import InputError, run_cli
-from engine.run.atomic import atomic_dir
+from engine.atomic import atomic_dir
 from engine.run.setup import DTYPES
-from models.loading import save_model, weight_files
+from models.loading import read_config, save_model, weight_files
 from models.quantized import dequantize_linears, quantize_linears
 
+MERGE_MARKER = "merge.json"  # what makes a folder one this command wrote (and may replace)
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -68,15 +82,46 @@ def readme_text(base: str, adapter: str, dtype: torch.dtype, report: MergeReport
     return "\n".join(lines)
 
 
+def check_out(out: Path, base_dir: Path, adapter: Path, overwrite: bool) -> None:
+    """Raise InputError unless ``out`` may receive the merged model (see the module docstring)."""
+    for what, path in (("the base model", base_dir), ("the adapter", adapter)):
+        if path.exists() and (_inside(out, path) or _inside(path, out)):
+            raise InputError(f"--out {out}: is or holds {what} ({path}), which the merge reads; choose another folder")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    if not any(out.iterdir()):
+        return
+    if not _written_by_merge(out):
+        raise InputError(f"--out {out}: holds files not written by engine.merge (no {MERGE_MARKER}); nothing "
+                         "there is replaced: choose another folder")
+    if not overwrite:
+        raise InputError(f"--out {out}: already holds a merged model (pass --overwrite to replace it)")
+
+
+def _written_by_merge(folder: Path) -> bool:
+    """Its merge.json, or (folders merged before that marker existed) the README this command writes."""
+    readme = folder / "README.md"
+    return (folder / MERGE_MARKER).is_file() or (
+        readme.is_file() and "Written by `python -m engine.merge`." in readme.read_text(errors="replace"))
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 def merge_to_folder(base: str, adapter: str, out: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
                     quant: str = "none", max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> MergeReport:
     """Load ``base`` (+ NF4 rounding when ``quant='nf4'``) and ``adapter``, merge, write an HF folder at ``out``."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out}: already exists (pass --overwrite to replace it)")
     if quant not in ("none", "nf4"):
         raise InputError(f"--quant must be 'none' or 'nf4', got {quant!r}")
     base_dir = models.resolve_model_dir(base)
+    check_out(out, base_dir, Path(adapter), overwrite)
+    adapter_cfg, adapter_weights = read_adapter_config(adapter), read_adapter_weights(adapter)
+    with torch.device("meta"):  # the adapter fits the base: checked before any weight is read
+        adapter_targets(models.LlamaForCausalLM(read_config(base_dir)), adapter, adapter_cfg, adapter_weights)
     # Load at the checkpoint's own precision and round each merged weight once, to ``dtype``.
     model = models.load_model(base, dtype=stored_dtype(base_dir, dtype), device="cpu")
     if quant == "nf4":
@@ -90,26 +135,31 @@ def merge_to_folder(base: str, adapter: str, out: str | os.PathLike, dtype: torc
         save_model(model, tmp, max_shard_bytes=max_shard_bytes)  # config.json + (sharded) safetensors
         write_side_files(model, Path(base_dir), tmp)
         (tmp / "README.md").write_text(readme_text(base, adapter, dtype, report))
+        marker = {"format": "lora-engine merge", "base": base, "adapter": str(adapter),
+                  "dtype": HF_DTYPE_NAMES[dtype], "quant": quant, "dequantized": report.dequantized}
+        (tmp / MERGE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return report
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m engine.merge", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="Base model: preset name or HF-format folder.")
-    p.add_argument("--adapter", required=True, help="PEFT-format LoRA adapter folder.")
-    p.add_argument("--out", required=True, help="Output folder for the merged HF-format model.")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="Dtype of the merged weights.")
+    p = ArgumentParser(prog="python -m engine.merge", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="Base model: preset name or HF-format folder. Required.")
+    p.add_argument("--adapter", required=True, help="PEFT-format LoRA adapter folder. Required.")
+    p.add_argument("--out", required=True, help="Output folder for the merged HF-format model. Required.")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="Dtype of the merged weights "
+                   "(default: bf16).")
     p.add_argument("--quant", choices=("none", "nf4"), default="none",
-                   help="nf4: the adapter was trained with QLoRA; merge onto the NF4-rounded base.")
-    p.add_argument("--max-shard-gb", type=float, default=2.0, help="Largest safetensors shard, in GiB.")
-    p.add_argument("--overwrite", action="store_true", help="Replace an existing --out folder.")
+                   help="nf4: the adapter was trained with QLoRA; merge onto the NF4-rounded base (default: none).")
+    p.add_argument("--max-shard-gb", type=float, default=2.0, help="Largest safetensors shard, in GiB (default: 2).")
+    p.add_argument("--overwrite", action="store_true", help="Replace --out when it holds a merged model this "
+                   "command wrote.")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not args.max_shard_gb > 0:
-        raise InputError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
+    if not (math.isfinite(args.max_shard_gb) and args.max_shard_gb > 0):
+        raise InputError(f"--max-shard-gb must be a positive number, got {args.max_shard_gb}")
     report = merge_to_folder(args.model, args.adapter, args.out, DTYPES[args.dtype], args.quant,
                              int(args.max_shard_gb * 1024**3), args.overwrite)
     print(f"{report.summary()}; wrote {args.out}")

@@ -5,11 +5,11 @@
     python -m engine.train --config run.toml --lr 1e-4        # flags override the TOML file
     python -m engine.train --method dpo --model M --data prefs.jsonl --init-adapter runs/sft/adapter
 
-Each ``--method`` is a recipe in `engine.recipes` (``train(cfg, progress)``).
+Each ``--method NAME`` is the recipe ``engine.recipes.NAME`` (``train(cfg, progress)``).
 
-Exit status: 0 done; 2 bad input (one line on stderr, nothing half-written); 3 diverged
-(too many non-finite steps in a row); 75 stopped by SIGTERM after saving a checkpoint
-(continue with --resume).
+Exit status (also in --help): 0 done; 2 bad input (one line on stderr, nothing half-written);
+3 diverged (non-finite steps in a row, no successful step, or a non-finite adapter); 74 an I/O
+error such as a full disk; 75 stopped by SIGTERM after saving a checkpoint (continue with --resume).
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-from engine.config import parse_config
+from engine.cli import parse_config
 from engine.errors import run_cli
-from engine.recipes import RECIPES
 
 DESCRIPTION = ("Fine-tune a Llama-family model with LoRA (or QLoRA with --quant nf4), by SFT or DPO. Writes the PEFT-format "
                "adapter to OUTPUT/adapter, metrics to OUTPUT/metrics.jsonl and the loss curve to OUTPUT/loss.png.")
@@ -27,7 +26,7 @@ DESCRIPTION = ("Fine-tune a Llama-family model with LoRA (or QLoRA with --quant 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv, prog="python -m engine.train", description=DESCRIPTION)
-    recipe = importlib.import_module(RECIPES[cfg.method])  # heavy imports only once the flags are valid
+    recipe = importlib.import_module(f"engine.recipes.{cfg.method}")  # heavy imports once the flags are valid
     run = recipe.train(cfg, progress=True)
     if run.final_eval:
         print(f"final {recipe.summarize(run.final_eval)}", file=sys.stderr)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -30,6 +29,7 @@ from models.errors import InputError
 from models.llama import LlamaForCausalLM, rope_inv_freq
 from models.presets import PRESETS
 from models.quantized import NF4Linear, should_quantize
+from models.safetensors_io import save_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -267,12 +267,12 @@ def save_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, *, max_shard
     config = {**model.config.to_hf_config(), "torch_dtype": dtype, **(extra_config or {})}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if len(shards) == 1:
-        save_file({n: state[n].contiguous() for n in names}, out / SINGLE_FILE, metadata={"format": "pt"})
+        save_safetensors({n: state[n].contiguous() for n in names}, out / SINGLE_FILE, metadata={"format": "pt"})
         return out
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: state[n].contiguous() for n in shard}, out / fname, metadata={"format": "pt"})
+        save_safetensors({n: state[n].contiguous() for n in shard}, out / fname, metadata={"format": "pt"})
         weight_map.update({n: fname for n in shard})
     total = sum(state[n].numel() * state[n].element_size() for n in names)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

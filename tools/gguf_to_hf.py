@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from engine.errors import InputError, run_cli
-from engine.run.atomic import atomic_dir
+from engine.atomic import atomic_dir
+from models.safetensors_io import save_safetensors
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MAX_SHARD_BYTES = 4 * 1024**3
@@ -211,7 +211,7 @@ def write_weights(reader, cfg: dict, out: Path, dtype: torch.dtype) -> None:
                 state[hf_tensor_name(t.name)] = _hf_tensor(t, cfg, dtype)
                 weight_map[hf_tensor_name(t.name)] = name
                 bar.update()
-            save_file(state, str(out / name), metadata={"format": "pt"})
+            save_safetensors(state, out / name, metadata={"format": "pt"})
     if len(shards) > 1:
         index = {"metadata": {}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

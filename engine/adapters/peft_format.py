@@ -23,14 +23,14 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from engine.adapters.lora import ALL_LINEAR, LoRAConfig
 from engine.adapters.targets import find_targets, inject_lora, lora_modules
 from engine.errors import InputError
-from engine.run.atomic import atomic_dir
+from engine.atomic import atomic_dir
 from models import load_model
+from models.safetensors_io import save_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -122,7 +122,7 @@ def save_adapter(model: nn.Module, lora_cfg: LoRAConfig, out_dir: str | os.PathL
     if metadata is not None:
         header[METADATA_KEY] = json.dumps(metadata, sort_keys=True)
     with atomic_dir(out, fsync=True) as tmp:
-        save_file(adapter_state_dict(model), str(tmp / WEIGHTS_NAME), metadata=header)
+        save_safetensors(adapter_state_dict(model), tmp / WEIGHTS_NAME, metadata=header)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 
@@ -163,9 +163,21 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
 
 def read_adapter_metadata(adapter_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The ``metadata`` dict given to `save_adapter`, or None when the adapter has none."""
-    with safe_open(str(Path(adapter_dir) / WEIGHTS_NAME), framework="pt") as f:
-        text = (f.metadata() or {}).get(METADATA_KEY)
-    return json.loads(text) if text is not None else None
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(METADATA_KEY)
+    except Exception as err:  # safetensors raises its own error types for corrupt headers/files
+        raise InputError(f"{path}: cannot read safetensors file ({err})") from None
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError as err:
+        raise InputError(f"{path}: the {METADATA_KEY!r} header (lineage) is not valid JSON ({err})") from None
+    if not isinstance(record, dict):
+        raise InputError(f"{path}: the {METADATA_KEY!r} header (lineage) must be a JSON object")
+    return record
 
 
 def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
@@ -192,6 +204,13 @@ def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, dict[str, 
         for which in ("lora_A", "lora_B"):
             if which not in pair:
                 raise InputError(f"{path}: {module}.{which}.weight is missing")
+            tensor = pair[which]
+            if not tensor.is_floating_point():
+                raise InputError(f"{path}: {module}.{which}.weight has dtype {tensor.dtype}, expected floats")
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise InputError(f"{path}: {module}.{which}.weight has {bad} non-finite values (NaN or inf): "
+                                 "the adapter is broken (was its run diverging?)")
     return weights
 
 

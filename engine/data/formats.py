@@ -1,6 +1,7 @@
 """SFT data formats: detect a file's format and turn each parsed record into one `Record`.
 
-Files are parsed first, whole, by `engine.data.reading`. Formats and the fields they need (detected per file, or forced with ``format=``):
+Files are parsed first, whole, by `engine.data.reading`. Formats and the fields they need
+(detected per file, or forced with ``format=``):
 
     text        {"text": str}
     completion  {"prompt": str, "completion": str}
@@ -10,8 +11,10 @@ Files are parsed first, whole, by `engine.data.reading`. Formats and the fields 
 
 Detection: a record matches a format when it has all of that format's fields ("text" only when no
 other format matches, because Alpaca dumps often carry a pre-rendered "text" too). A file has one
-format: records matching none of them are skipped as missing fields; records of two different
-formats in one file, or a file where no record matches, raise `InputError` listing the keys seen.
+format; records of two different formats in one file, or a file where no record matches, raise
+`InputError` listing the keys seen. A record of the file that lacks a field of its format, or has
+one of the wrong type, is `Invalid` (an error naming file, line and field, unless the caller skips
+such records); one with nothing to learn (an empty completion) is skipped as `SKIP_EMPTY`.
 """
 
 from __future__ import annotations
@@ -47,8 +50,23 @@ ALPACA_PROMPT_NO_INPUT = (
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
-SKIP_MISSING = "missing_fields"
 SKIP_EMPTY = "empty_completion"
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """A record its file's format cannot read: ``problem`` names the field and what is wrong."""
+
+    problem: str
+
+
+def _field_problem(obj: dict, name: str, path: str | None = None) -> Invalid:
+    where = path or f"field {name!r}"
+    if name not in obj:
+        return Invalid(f"{where} is missing")
+    if obj[name] is None:
+        return Invalid(f"{where} is null, expected a string")
+    return Invalid(f"{where} must be a string, got {type(obj[name]).__name__}")
 
 
 @dataclass(frozen=True)
@@ -81,25 +99,26 @@ def _accepted() -> str:
     return "; ".join(f"{f} ({', '.join(keys)})" for f, keys in FORMAT_FIELDS.items())
 
 
-def detect_format(records: list[tuple[int, dict]], path: str | Path, forced: str | None = None) -> str:
-    """The format of a file: `forced` when given (and valid), else detected from record keys."""
+def detect_format(records: list, path: str | Path, forced: str | None = None) -> str:
+    """The format of a file (its records: `engine.data.reading.RawRecord`): `forced` when given (and
+    valid), else detected from record keys."""
     if forced not in (None, "auto"):
         if forced not in FORMAT_FIELDS:
             raise InputError(f"format={forced!r} is not a known data format; expected one of "
                              f"{', '.join(FORMATS)} (or auto)")
         return forced
     first_line: dict[str, int] = {}
-    for line, obj in records:
-        matches = _formats_of(obj)
+    for raw in records:
+        matches = _formats_of(raw.value)
         if len(matches) > 1:
-            raise InputError(f"{path}:{line}: ambiguous record, it has the fields of "
+            raise InputError(f"{path}:{raw.where}: ambiguous record, it has the fields of "
                              f"{' and '.join(matches)}; pass the format explicitly "
                              f"(accepted: {_accepted()})")
         if matches:
-            first_line.setdefault(matches[0], line)
+            first_line.setdefault(matches[0], raw.line)
     if len(first_line) == 1:
         return next(iter(first_line))
-    keys = Counter(k for _, obj in records for k in obj)
+    keys = Counter(k for raw in records for k in raw.value)
     seen = ", ".join(f"{k} (x{n})" for k, n in keys.most_common(20))
     if not first_line:
         raise InputError(f"{path}: unknown data format; keys seen: {seen}; accepted formats: "
@@ -112,41 +131,46 @@ def detect_format(records: list[tuple[int, dict]], path: str | Path, forced: str
 # ----------------------------------------------------------------------------- normalisation
 
 
-def to_record(obj: dict, line: int, fmt: str, use_chat_template: bool) -> Record | str:
-    """Normalise one parsed object of format `fmt` to a `Record`, or return a skip reason.
+def to_record(obj: dict, line: int, fmt: str, use_chat_template: bool) -> Record | Invalid | str:
+    """Normalise one parsed object of format `fmt` to a `Record`; or `Invalid` (a field missing or
+    of the wrong type); or `SKIP_EMPTY` (nothing to learn).
 
     Alpaca becomes a chat (user: instruction + blank line + input; assistant: output) when the
     tokenizer has a chat template, and the Stanford Alpaca prompt + response otherwise.
-    Reasons: `SKIP_MISSING` (a field missing or of the wrong type), `SKIP_EMPTY` (nothing to learn).
     """
     if fmt == "text":
         text = obj.get("text")
         if not isinstance(text, str):
-            return SKIP_MISSING
+            return _field_problem(obj, "text")
         return Record(line, "text", text=text) if text.strip() else SKIP_EMPTY
     if fmt == "completion":
-        prompt, completion = obj.get("prompt"), obj.get("completion")
-        if not isinstance(prompt, str) or not isinstance(completion, str):
-            return SKIP_MISSING
-        if not completion.strip():
+        for name in ("prompt", "completion"):
+            if not isinstance(obj.get(name), str):
+                return _field_problem(obj, name)
+        if not obj["completion"].strip():
             return SKIP_EMPTY
-        return Record(line, "completion", prompt=prompt, completion=completion)
+        return Record(line, "completion", prompt=obj["prompt"], completion=obj["completion"])
     if fmt == "alpaca":
         return _alpaca_record(obj, line, use_chat_template)
-    turns = obj.get("messages") if fmt == "messages" else obj.get("conversations")
-    messages = _messages(turns, fmt)
-    if messages is None:
-        return SKIP_MISSING
+    key = "messages" if fmt == "messages" else "conversations"
+    messages = _messages(obj.get(key), fmt, key)
+    if isinstance(messages, Invalid):
+        return messages
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         return SKIP_EMPTY
     return Record(line, "chat", messages=messages)
 
 
-def _alpaca_record(obj: dict, line: int, use_chat_template: bool) -> Record | str:
-    instruction, extra, output = obj.get("instruction"), obj.get("input", ""), obj.get("output")
+def _alpaca_record(obj: dict, line: int, use_chat_template: bool) -> Record | Invalid | str:
+    for name in ("instruction", "output"):
+        if not isinstance(obj.get(name), str):
+            return _field_problem(obj, name)
+    instruction, extra, output = obj["instruction"], obj.get("input", ""), obj["output"]
     extra = "" if extra is None else extra
-    if not all(isinstance(v, str) for v in (instruction, extra, output)) or not instruction.strip():
-        return SKIP_MISSING
+    if not isinstance(extra, str):
+        return Invalid(f"field 'input' must be a string or null, got {type(extra).__name__}")
+    if not instruction.strip():
+        return Invalid("field 'instruction' is empty")
     if not output.strip():
         return SKIP_EMPTY
     if use_chat_template:
@@ -158,18 +182,23 @@ def _alpaca_record(obj: dict, line: int, use_chat_template: bool) -> Record | st
     return Record(line, "completion", prompt=prompt, completion=output)
 
 
-def _messages(turns: Any, fmt: str) -> tuple[dict[str, str], ...] | None:
-    """Validated {"role", "content"} turns, or None when the list is missing or malformed."""
-    if not isinstance(turns, list) or not turns:
-        return None
+def _messages(turns: Any, fmt: str, key: str) -> tuple[dict[str, str], ...] | Invalid:
+    """Validated {"role", "content"} turns, or `Invalid` naming the first malformed one."""
+    if not isinstance(turns, list):
+        return Invalid(f"field {key!r} is missing" if turns is None else
+                       f"field {key!r} must be a list of turns, got {type(turns).__name__}")
+    if not turns:
+        return Invalid(f"field {key!r} is an empty list")
     role_key, content_key = ("role", "content") if fmt == "messages" else ("from", "value")
     out = []
-    for turn in turns:
-        if not isinstance(turn, dict) or not isinstance(turn.get(content_key), str):
-            return None
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            return Invalid(f"{key}[{i}] must be an object, got {type(turn).__name__}")
+        if not isinstance(turn.get(content_key), str):
+            return _field_problem(turn, content_key, f"{key}[{i}].{content_key}")
         role = turn.get(role_key)
-        role = role if fmt == "messages" else SHAREGPT_ROLES.get(role)
-        if role not in ROLES:
-            return None
-        out.append({"role": role, "content": turn[content_key]})
+        known = ROLES if fmt == "messages" else tuple(SHAREGPT_ROLES)
+        if role not in known:
+            return Invalid(f"{key}[{i}].{role_key} is {role!r}, expected one of {', '.join(known)}")
+        out.append({"role": role if fmt == "messages" else SHAREGPT_ROLES[role], "content": turn[content_key]})
     return tuple(out)

@@ -24,9 +24,12 @@ including the last end-of-turn token (any EOS id); without one, EOS is appended.
 tokenized once and shared by both rows; labels are -100 on the prompt and the completion tokens
 on the completion (then shifted by the loss, as for SFT).
 
-Skipped and counted in a `PreferenceReport` (with the first line numbers): a missing or mistyped
-prompt / chosen / rejected, an empty completion, identical chosen and rejected (also when they only
-became identical through truncation), an empty prompt. Nothing left raises `InputError`.
+A missing or mistyped prompt / chosen / rejected is an error naming file, line and field (with
+``skip_invalid=True``, ``--skip-invalid-records``: a skip counted as ``skipped_missing_fields``).
+Skipped and counted in a `PreferenceReport` (with the first line numbers): an empty completion,
+identical chosen and rejected (also when they only became identical through truncation), an empty
+prompt. Nothing left raises `InputError`. Tokenization is bounded by ``max_len``: a long prompt is
+encoded from its end, long completions from their start (`engine.data.render.encode_head`).
 
 Length policy for a pair whose prompt P plus longer completion C exceed ``max_len`` = L:
 
@@ -50,9 +53,16 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from engine.data.batching import Batch, collate_padded, epoch_order
+from engine.data.formats import Invalid
 from engine.data.reading import read_records
-from engine.data.render import IGNORE, SpecialTokens
-from engine.data.samples import LENGTH_POLICIES, DataReport, Sample, load_with_eval
+from engine.data.render import IGNORE, SpecialTokens, encode_head, encode_tail
+from engine.data.samples import (
+    LENGTH_POLICIES,
+    DataReport,
+    Sample,
+    invalid_record,
+    load_with_eval,
+)
 from engine.errors import InputError
 
 PREFERENCE_KEYS = ("chosen", "rejected")
@@ -94,6 +104,9 @@ class DPOData:
     train_report: PreferenceReport
     eval_report: PreferenceReport | None  # None when the eval set was split off the training file
 
+    def max_token_id(self) -> int:
+        return max(max(p.prompt + p.chosen + p.rejected) for p in self.train + self.eval)
+
 
 # ----------------------------------------------------------------------------- normalisation
 
@@ -107,25 +120,29 @@ class _Parsed:
     rejected: Any
 
 
-def _messages(value: Any) -> tuple[dict[str, str], ...] | None:
-    """A validated tuple of {"role", "content"} messages, or None when malformed."""
+def _messages(value: Any, key: str) -> tuple[dict[str, str], ...] | Invalid:
+    """A validated tuple of {"role", "content"} messages, or `Invalid` naming the first bad one."""
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
-        return None
+        return Invalid(f"field {key!r} must be a string or a list of messages, got {type(value).__name__}")
     out = []
-    for m in value:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            return None
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            return Invalid(f"{key}[{i}] must be a message object, got {type(m).__name__}")
+        for part in ("role", "content"):
+            if not isinstance(m.get(part), str):
+                return Invalid(f"{key}[{i}].{part} is missing" if part not in m else
+                               f"{key}[{i}].{part} must be a string, got {type(m[part]).__name__}")
         out.append({"role": m["role"], "content": m["content"]})
     return tuple(out)
 
 
-def _completion(value: Any) -> tuple[dict[str, str], ...] | None:
+def _completion(value: Any, key: str) -> tuple[dict[str, str], ...] | Invalid:
     """A conversational completion: a message list, one message, or the assistant's text."""
     if isinstance(value, str):
         return ({"role": "assistant", "content": value},)
-    return _messages(value)
+    return _messages(value, key)
 
 
 def _split_text(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -137,30 +154,34 @@ def _split_text(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def parse_record(obj: dict) -> _Parsed | str:
-    """The record's form and parts, or the name of the skip reason."""
-    chosen, rejected = obj.get("chosen"), obj.get("rejected")
-    if chosen is None or rejected is None:
-        return "skipped_missing_fields"
+def parse_record(obj: dict) -> _Parsed | Invalid:
+    """The record's form and parts, or `Invalid` naming the missing or mistyped field."""
+    for key in PREFERENCE_KEYS:
+        if obj.get(key) is None:
+            return Invalid(f"field {key!r} is missing")
+    chosen, rejected = obj["chosen"], obj["rejected"]
     if "prompt" not in obj:
         if isinstance(chosen, str) and isinstance(rejected, str):
             return _Parsed("implicit-text", *_split_text(chosen, rejected))
-        c, r = _messages(chosen), _messages(rejected)
-        if c is None or r is None:
-            return "skipped_missing_fields"
+        c, r = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+        for part in (c, r):
+            if isinstance(part, Invalid):
+                return part
         k = 0
         while k < min(len(c), len(r)) and c[k] == r[k]:
             k += 1
         return _Parsed("implicit-conversational", c[:k], c[k:], r[k:])
     prompt = obj["prompt"]
     if isinstance(prompt, str):
-        if not isinstance(chosen, str) or not isinstance(rejected, str):
-            return "skipped_missing_fields"
+        for key in PREFERENCE_KEYS:
+            if not isinstance(obj[key], str):
+                return Invalid(f"field {key!r} must be a string like the prompt, got {type(obj[key]).__name__}")
         return _Parsed("text", prompt, chosen, rejected)
-    p, c, r = _messages(prompt), _completion(chosen), _completion(rejected)
-    if p is None or c is None or r is None:
-        return "skipped_missing_fields"
-    return _Parsed("conversational", p, c, r)
+    parts = (_messages(prompt, "prompt"), _completion(chosen, "chosen"), _completion(rejected, "rejected"))
+    for part in parts:
+        if isinstance(part, Invalid):
+            return part
+    return _Parsed("conversational", *parts)
 
 
 def _is_empty(part: Any) -> bool:
@@ -192,12 +213,22 @@ def _end_at_stop(ids: list[int], special: SpecialTokens) -> list[int]:
     return ids[: last + 1] if last is not None else ids + [special.eos_id]
 
 
-def tokenize_pair(parsed: _Parsed, tokenizer: Any, special: SpecialTokens,
-                  source: str) -> tuple[list[int], list[int], list[int]]:
-    """(prompt ids, chosen ids, rejected ids) of a checked record; see the module docstring."""
+def tokenize_pair(parsed: _Parsed, tokenizer: Any, special: SpecialTokens, source: str,
+                  max_len: int | None = None) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, chosen ids, rejected ids) of a checked record; see the module docstring.
+
+    With ``max_len``: at most the prompt's last ``max_len`` tokens and each completion's first
+    ``max_len + 1`` (then `fit_length` cuts them as the length policy says).
+    """
+    def completion(ids_of_text: str, end_with_eos: bool) -> list[int]:
+        ids = encode_head(tokenizer, ids_of_text, max_len)
+        if max_len is not None and len(ids) > max_len:
+            return ids  # cut: its end is beyond what is kept
+        return ids + [special.eos_id] if end_with_eos else _end_at_stop(ids, special)
+
     if parsed.form.endswith("text"):
-        prompt = _encode(tokenizer, parsed.prompt)
-        chosen, rejected = (_encode(tokenizer, t) + [special.eos_id] for t in (parsed.chosen, parsed.rejected))
+        prompt_text = parsed.prompt
+        chosen, rejected = (completion(t, end_with_eos=True) for t in (parsed.chosen, parsed.rejected))
     else:
         if not special.has_chat_template:
             raise InputError(f"{source}: conversational preference data needs a chat template and this "
@@ -210,10 +241,10 @@ def tokenize_pair(parsed: _Parsed, tokenizer: Any, special: SpecialTokens,
             if not full.startswith(prompt_text):
                 raise InputError(f"{source}: the chat template is not prefix-stable (the rendered prompt is "
                                  "not a prefix of the rendered conversation); use prompt/chosen/rejected strings")
-            completions.append(_end_at_stop(_encode(tokenizer, full[len(prompt_text):]), special))
-        prompt = _encode(tokenizer, prompt_text)
+            completions.append(completion(full[len(prompt_text):], end_with_eos=False))
         chosen, rejected = completions
-    if special.adds_bos and prompt[:1] != [special.bos_id]:
+    prompt, cut = encode_tail(tokenizer, prompt_text, max_len) if max_len else (_encode(tokenizer, prompt_text), False)
+    if special.adds_bos and not cut and prompt[:1] != [special.bos_id]:
         prompt = [special.bos_id, *prompt]
     return prompt, chosen, rejected
 
@@ -233,7 +264,8 @@ def fit_length(prompt: list[int], chosen: list[int], rejected: list[int],
 # ----------------------------------------------------------------------------- files
 
 def load_preference_pairs(path: str | Path, tokenizer: Any, *, max_len: int | None = None,
-                          length_policy: str = "truncate") -> tuple[list[PreferencePair], PreferenceReport]:
+                          length_policy: str = "truncate",
+                          skip_invalid: bool = False) -> tuple[list[PreferencePair], PreferenceReport]:
     """Parse, check, tokenize and length-check every record of one file."""
     if length_policy not in LENGTH_POLICIES:
         raise InputError(f"length_policy={length_policy!r}; expected one of {', '.join(LENGTH_POLICIES)}")
@@ -241,28 +273,35 @@ def load_preference_pairs(path: str | Path, tokenizer: Any, *, max_len: int | No
         raise InputError(f"max_len={max_len}; expected at least 2 tokens")
     path = Path(path)
     records = read_records(path)
-    if not any(k in obj for _, obj in records for k in PREFERENCE_KEYS):
-        seen = ", ".join(f"{k} (x{n})" for k, n in Counter(k for _, o in records for k in o).most_common(20))
+    if not any(k in raw.value for raw in records for k in PREFERENCE_KEYS):
+        keys = Counter(k for raw in records for k in raw.value)
+        seen = ", ".join(f"{k} (x{n})" for k, n in keys.most_common(20))
         raise InputError(f"{path}: not preference data; keys seen: {seen}; expected prompt/chosen/rejected "
                          "(strings or message lists) or chosen/rejected conversations")
     special = SpecialTokens.of(tokenizer)
     report = PreferenceReport(file=str(path), loaded=len(records))
     forms: Counter[str] = Counter()
     pairs = []
-    for line, obj in records:
-        parsed = parse_record(obj)
-        reason = parsed if isinstance(parsed, str) else check_parsed(parsed)
+    for raw in records:
+        line, source = raw.line, f"{path}:{raw.where}"
+        parsed = parse_record(raw.value)
+        if isinstance(parsed, Invalid):
+            if not skip_invalid:
+                raise invalid_record(path, raw.where, parsed.problem, "a preference pair needs prompt, chosen "
+                                     "and rejected (strings or messages), or two conversations")
+            report.count("skipped_missing_fields", line)
+            continue
+        reason = check_parsed(parsed)
         if reason is not None:
             report.count(reason, line)
             continue
         forms[parsed.form] += 1
-        source = f"{path}:{line}"
-        prompt, chosen, rejected = tokenize_pair(parsed, tokenizer, special, source)
+        prompt, chosen, rejected = tokenize_pair(parsed, tokenizer, special, source, max_len)
         longest = len(prompt) + max(len(chosen), len(rejected))
         if max_len is not None and longest > max_len:
             if length_policy == "error":
-                raise InputError(f"{source}: pair has {longest} tokens (prompt + longer completion), more than "
-                                 f"max_len={max_len} (length_policy='error'; use 'truncate' or 'drop')")
+                raise InputError(f"{source}: pair has more than max_len={max_len} tokens (prompt + longer "
+                                 "completion; length_policy='error'; use 'truncate' or 'drop')")
             if length_policy == "drop":
                 report.count("dropped_too_long", line)
                 continue
@@ -281,10 +320,11 @@ def load_preference_pairs(path: str | Path, tokenizer: Any, *, max_len: int | No
 
 def load_dpo_data(path: str | Path, tokenizer: Any, *, max_len: int | None = None,
                   length_policy: str = "truncate", eval_path: str | Path | None = None,
-                  eval_split: float = 0.0, seed: int = 0) -> DPOData:
+                  eval_split: float = 0.0, seed: int = 0, skip_invalid: bool = False) -> DPOData:
     """Training (and evaluation) pairs: from ``eval_path`` or an ``eval_split`` of ``path``."""
     def load_file(file: str | Path) -> tuple[list[PreferencePair], PreferenceReport]:
-        return load_preference_pairs(file, tokenizer, max_len=max_len, length_policy=length_policy)
+        return load_preference_pairs(file, tokenizer, max_len=max_len, length_policy=length_policy,
+                                     skip_invalid=skip_invalid)
 
     return DPOData(*load_with_eval(load_file, path, eval_path, eval_split, seed))
 

@@ -12,6 +12,13 @@ document.
 * chat:        the chat template's rendering; labels: each assistant turn's tokens up to and
   including its end-of-turn token (any of the tokenizer's EOS ids).
 
+Bounded work: with ``max_tokens`` (the run's --max-len), no piece of text is tokenized beyond what
+the sample can keep. A long text is encoded by prefixes cut at a space (`encode_head`), growing
+until it yields more tokens than are needed plus a margin, so one 50 MB record costs memory in
+proportion to --max-len, not to its length; the first tokens of a prefix cut at a word boundary
+are those of the whole text. The result is then at most a few tokens over ``max_tokens``, which
+tells the length policy that the sample is too long.
+
 [BOS] is prepended when the tokenizer adds one itself (``encode(x, add_special_tokens=True)``
 starts with it) and the text does not start with it already (templates often write it).
 
@@ -35,6 +42,46 @@ from engine.data.formats import Record
 from engine.errors import InputError
 
 IGNORE = -100
+HEAD_CHARS_PER_TOKEN = 8  # first guess of characters per token when only a prefix of a text is needed
+HEAD_MARGIN = 32          # tokens encoded past the limit, so that the cut cannot change the ones kept
+
+
+def _cut_at_space(text: str, pos: int, keep_tail: bool = False) -> int:
+    """A cut near ``pos`` at a space: for a head, the last space before ``pos`` (keep ``text[:cut]``);
+    for a tail, the first space after it (keep ``text[cut:]``); ``pos`` itself when none is near."""
+    if keep_tail:
+        found = text.find(" ", pos, pos + (len(text) - pos) // 2)
+        return found + 1 if found >= 0 else pos
+    found = text.rfind(" ", pos // 2, pos)
+    return found if found >= 0 else pos
+
+
+def encode_head(tokenizer: Any, text: str, limit: int | None) -> list[int]:
+    """The tokens of ``text``, or only its first ``limit + 1`` when it has more than ``limit``;
+    ``limit`` None: all of them. Long texts are encoded by growing prefixes (module docstring)."""
+    if limit is None:
+        return _encode(tokenizer, text)
+    chars = HEAD_CHARS_PER_TOKEN * (limit + HEAD_MARGIN)
+    while chars < len(text):
+        ids = _encode(tokenizer, text[:_cut_at_space(text, chars)])
+        if len(ids) > limit + HEAD_MARGIN:
+            return ids[:limit + 1]
+        chars *= 2
+    ids = _encode(tokenizer, text)
+    return ids if len(ids) <= limit else ids[:limit + 1]
+
+
+def encode_tail(tokenizer: Any, text: str, limit: int) -> tuple[list[int], bool]:
+    """(the last ``limit`` tokens of ``text`` or all of them, whether tokens were left out), encoding
+    growing suffixes cut after a space (a prompt cut from the left, `engine.data.preferences`)."""
+    chars = HEAD_CHARS_PER_TOKEN * (limit + HEAD_MARGIN)
+    while chars < len(text):
+        ids = _encode(tokenizer, text[_cut_at_space(text, len(text) - chars, keep_tail=True):])
+        if len(ids) > limit + HEAD_MARGIN:
+            return ids[-limit:], True
+        chars *= 2
+    ids = _encode(tokenizer, text)
+    return (ids[-limit:], True) if len(ids) > limit else (ids, False)
 
 
 @dataclass(frozen=True)
@@ -61,18 +108,40 @@ class SpecialTokens:
         return cls(bos, eos, stops, adds_bos, bool(template))
 
 
-def render_record(rec: Record, tokenizer: Any, special: SpecialTokens, *,
-                  train_on_prompt: bool = False, source: str = "") -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` of one record; see the module docstring for the layout."""
+class _Budget:
+    """Encodes the pieces of one sample in order, stopping once ``limit`` tokens are reached."""
+
+    def __init__(self, tokenizer: Any, limit: int | None):
+        self.tokenizer, self.left = tokenizer, None if limit is None else limit + 1
+
+    def encode(self, text: str) -> tuple[list[int], bool]:
+        """(tokens, cut): ``cut`` when the text went on beyond the budget."""
+        if self.left is None:
+            return _encode(self.tokenizer, text), False
+        if self.left <= 0:
+            return [], bool(text)
+        ids = encode_head(self.tokenizer, text, self.left)
+        cut = len(ids) > self.left
+        ids = ids[:self.left]
+        self.left -= len(ids)
+        return ids, cut
+
+
+def render_record(rec: Record, tokenizer: Any, special: SpecialTokens, *, train_on_prompt: bool = False,
+                  source: str = "", max_tokens: int | None = None) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of one record; see the module docstring for the layout.
+
+    With ``max_tokens``, a sample longer than that is returned with a few tokens more than
+    ``max_tokens`` (not all of them): enough for the length policy to act on.
+    """
+    budget = _Budget(tokenizer, max_tokens)
     if rec.kind == "text":
-        pieces = [(tokenizer.encode(rec.text, add_special_tokens=False), True),
-                  ([special.eos_id], True)]
+        pieces = [(budget.encode(rec.text)[0], True), ([special.eos_id], True)]
     elif rec.kind == "completion":
-        pieces = [(tokenizer.encode(rec.prompt, add_special_tokens=False), train_on_prompt),
-                  (tokenizer.encode(rec.completion, add_special_tokens=False), True),
+        pieces = [(budget.encode(rec.prompt)[0], train_on_prompt), (budget.encode(rec.completion)[0], True),
                   ([special.eos_id], True)]
     else:
-        pieces = _chat_pieces(rec, tokenizer, special, train_on_prompt, source)
+        pieces = _chat_pieces(rec, budget, special, train_on_prompt, source)
     ids = [t for piece, _ in pieces for t in piece]
     labels = [t if trained else IGNORE for piece, trained in pieces for t in piece]
     if special.adds_bos and ids[:1] != [special.bos_id]:
@@ -82,9 +151,10 @@ def render_record(rec: Record, tokenizer: Any, special: SpecialTokens, *,
     return ids, labels
 
 
-def _chat_pieces(rec: Record, tokenizer: Any, special: SpecialTokens, train_on_prompt: bool,
+def _chat_pieces(rec: Record, budget: _Budget, special: SpecialTokens, train_on_prompt: bool,
                  source: str) -> list[tuple[list[int], bool]]:
     """Token pieces of a rendered chat, each flagged trained or not (prefix-rendering method)."""
+    tokenizer = budget.tokenizer
     if not special.has_chat_template:
         raise InputError(f"{source}: conversational data needs a chat template and this "
                          "tokenizer has none; use prompt/completion or text format instead")
@@ -104,15 +174,16 @@ def _chat_pieces(rec: Record, tokenizer: Any, special: SpecialTokens, train_on_p
     pieces: list[tuple[list[int], bool]] = []
     pos, last_stop = 0, None
     for start, end in cuts:
-        pieces.append((_encode(tokenizer, full[pos:start]), train_on_prompt))
-        turn = _encode(tokenizer, full[start:end])
-        last_stop = max((j for j, t in enumerate(turn) if t in special.stop_ids), default=None)
+        pieces.append((budget.encode(full[pos:start])[0], train_on_prompt))
+        turn, cut = budget.encode(full[start:end])
+        # a turn cut by the budget ends beyond what is kept: all of what is kept is trained on
+        last_stop = None if cut else max((j for j, t in enumerate(turn) if t in special.stop_ids), default=None)
         if last_stop is None:
             pieces.append((turn, True))
         else:
             pieces += [(turn[: last_stop + 1], True), (turn[last_stop + 1:], train_on_prompt)]
         pos = end
-    pieces.append((_encode(tokenizer, full[pos:]), train_on_prompt))
+    pieces.append((budget.encode(full[pos:])[0], train_on_prompt))
     if last_stop is None:  # the final assistant turn has no end-of-turn token: teach it to stop
         pieces.append(([special.eos_id], True))
     return pieces

@@ -6,8 +6,12 @@
 
 Order of work, so that bad input fails before anything expensive: parse the whole file (a
 malformed line raises `InputError` naming file and line), detect the format, normalise every
-record, and only then tokenize. Samples that cannot be trained on are skipped and counted in a
-`DataReport` (with the first few line numbers per reason); a file with nothing left raises.
+record, and only then tokenize. A record with a missing or mistyped field is an error naming file,
+line and field, or, with ``skip_invalid=True`` (``--skip-invalid-records``), a skip counted as
+``skipped_missing_fields``. Samples that cannot be trained on (an empty completion, no trainable
+token left) are skipped and counted in a `DataReport` (with the first few line numbers per
+reason); a file with nothing left raises. Tokenization is bounded by ``max_len``
+(`engine.data.render`): memory follows --max-len, not the length of a record.
 
 Length policy for samples longer than ``max_len`` tokens: "truncate" keeps the first ``max_len``
 tokens (a sample left with no trainable token is then skipped as such), "drop" skips it, "error"
@@ -24,7 +28,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from engine.data.formats import SKIP_EMPTY, SKIP_MISSING, detect_format, to_record
+from engine.data.formats import (
+    FORMAT_FIELDS,
+    SKIP_EMPTY,
+    Invalid,
+    detect_format,
+    to_record,
+)
 from engine.data.reading import read_records
 from engine.data.render import IGNORE, SpecialTokens, render_record
 from engine.errors import InputError
@@ -86,6 +96,12 @@ class DataReport:
         return "; ".join(parts)
 
 
+def invalid_record(path: Path, where: str, problem: str, what: str) -> InputError:
+    """The error for a record that its file's format cannot read (strict mode)."""
+    return InputError(f"{path}:{where}: {problem} ({what}); fix the record, or pass --skip-invalid-records "
+                      "to skip such records (they are counted in data_report.json)")
+
+
 @dataclass
 class SFTData:
     train: list[Sample]
@@ -93,10 +109,13 @@ class SFTData:
     train_report: DataReport
     eval_report: DataReport | None  # None when the eval set was split off the training file
 
+    def max_token_id(self) -> int:
+        return max(max(s.input_ids) for s in self.train + self.eval)
+
 
 def load_samples(path: str | Path, tokenizer: Any, *, format: str | None = None,
                  max_len: int | None = None, length_policy: str = "truncate",
-                 train_on_prompt: bool = False) -> tuple[list[Sample], DataReport]:
+                 train_on_prompt: bool = False, skip_invalid: bool = False) -> tuple[list[Sample], DataReport]:
     """Parse, detect, normalise, tokenize and length-check every record of one file."""
     if length_policy not in LENGTH_POLICIES:
         raise InputError(f"length_policy={length_policy!r}; expected one of "
@@ -109,23 +128,25 @@ def load_samples(path: str | Path, tokenizer: Any, *, format: str | None = None,
     report = DataReport(file=str(path), format=detect_format(records, path, format),
                         loaded=len(records))
     normalised = []
-    for line, obj in records:
-        rec = to_record(obj, line, report.format, special.has_chat_template)
-        if rec == SKIP_MISSING:
-            report.count("skipped_missing_fields", line)
+    for raw in records:
+        rec = to_record(raw.value, raw.line, report.format, special.has_chat_template)
+        if isinstance(rec, Invalid):
+            if not skip_invalid:
+                fields = ", ".join(FORMAT_FIELDS[report.format])
+                raise invalid_record(path, raw.where, rec.problem, f"format {report.format}: {fields}")
+            report.count("skipped_missing_fields", raw.line)
         elif rec == SKIP_EMPTY:
-            report.count("skipped_empty_completion", line)
+            report.count("skipped_empty_completion", raw.line)
         else:
-            normalised.append(rec)
+            normalised.append((rec, f"{path}:{raw.where}"))
     samples = []
-    for rec in normalised:
-        source = f"{path}:{rec.line}"
-        ids, labels = render_record(rec, tokenizer, special, train_on_prompt=train_on_prompt,
-                                    source=source)
+    for rec, source in normalised:
+        ids, labels = render_record(rec, tokenizer, special, train_on_prompt=train_on_prompt, source=source,
+                                    max_tokens=max_len)
         if max_len is not None and len(ids) > max_len:
             if length_policy == "error":
-                raise InputError(f"{source}: sample has {len(ids)} tokens, more than max_len="
-                                 f"{max_len} (length_policy='error'; use 'truncate' or 'drop')")
+                raise InputError(f"{source}: sample has more than max_len={max_len} tokens "
+                                 "(length_policy='error'; use 'truncate' or 'drop')")
             if length_policy == "drop":
                 report.count("dropped_too_long", rec.line)
                 continue
@@ -183,10 +204,10 @@ def load_with_eval(load_file: Callable[[str | Path], tuple[list, DataReport]], p
 def load_sft_data(path: str | Path, tokenizer: Any, *, format: str | None = None,
                   max_len: int | None = None, length_policy: str = "truncate",
                   train_on_prompt: bool = False, eval_path: str | Path | None = None,
-                  eval_split: float = 0.0, seed: int = 0) -> SFTData:
+                  eval_split: float = 0.0, seed: int = 0, skip_invalid: bool = False) -> SFTData:
     """Training (and evaluation) samples: from ``eval_path`` or an ``eval_split`` of ``path``."""
     def load_file(file: str | Path) -> tuple[list[Sample], DataReport]:
         return load_samples(file, tokenizer, format=format, max_len=max_len, length_policy=length_policy,
-                            train_on_prompt=train_on_prompt)
+                            train_on_prompt=train_on_prompt, skip_invalid=skip_invalid)
 
     return SFTData(*load_with_eval(load_file, path, eval_path, eval_split, seed))

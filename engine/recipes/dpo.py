@@ -139,7 +139,8 @@ def train(cfg: TrainConfig, progress: bool = True, options: DPOOptions | None = 
     options.validate()
     with Run.open(cfg, METHOD, progress) as run:
         run.data = load_dpo_data(cfg.data, run.tokenizer, max_len=run.max_len, length_policy=cfg.length_policy,
-                                 eval_path=cfg.eval_data, eval_split=cfg.eval_split, seed=cfg.seed)
+                                 eval_path=cfg.eval_data, eval_split=cfg.eval_split, seed=cfg.seed,
+                                 skip_invalid=cfg.skip_invalid_records)
         pad_id = run.tokenizer.pad_token_id
         loader = PairBatchLoader(run.data.train, cfg.batch_size, pad_id=pad_id, seed=cfg.seed)
         eval_loader = PairBatchLoader(run.data.eval, cfg.batch_size, pad_id=pad_id, shuffle=False) \

@@ -59,12 +59,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> Run:
         run.data = load_sft_data(cfg.data, run.tokenizer, format=None if cfg.format == "auto" else cfg.format,
                                  max_len=run.max_len, length_policy=cfg.length_policy,
                                  train_on_prompt=cfg.train_on_prompt, eval_path=cfg.eval_data,
-                                 eval_split=cfg.eval_split, seed=cfg.seed)
+                                 eval_split=cfg.eval_split, seed=cfg.seed, skip_invalid=cfg.skip_invalid_records)
         pad_id = run.tokenizer.pad_token_id
         loader = BatchLoader(run.data.train, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, pack=cfg.pack,
                              max_len=run.max_len)
         run.plan(loader.num_batches(0))
         run.build_model()
+        run.loss_label = "cross-entropy (nats / token)"
 
         def evaluate() -> dict[str, Any]:
             return mean_loss(run.model, run.data.eval, batch_size=cfg.batch_size, pad_id=pad_id,

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from engine.errors import InputError
-from engine.run.atomic import fsync_files
+from engine.atomic import fsync_files
+from models.safetensors_io import save_safetensors
 
 MARKER = "COMPLETE"
 PREFIX = "step-"
@@ -105,10 +106,10 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module,
     tmp.mkdir()
     try:
         write_adapter(tmp / "adapter")
-        save_file(optimizer_tensors(model, optimizer), str(tmp / "optimizer.safetensors"))
-        save_file(rng_tensors(), str(tmp / "rng.safetensors"))
+        save_safetensors(optimizer_tensors(model, optimizer), tmp / "optimizer.safetensors")
+        save_safetensors(rng_tensors(), tmp / "rng.safetensors")
         for name, tensors in (extras or {}).items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
+            save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
         full_state = dict(state, step=step, python_rng=_python_rng_state())
         (tmp / "state.json").write_text(json.dumps(full_state, indent=2), encoding="utf-8")
         fsync_files(tmp)  # the marker below must never reach the disk before the files it vouches for
@@ -164,14 +165,25 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """The JSON state of a complete checkpoint (step, data position, what it was made for...)."""
+    if not (path / MARKER).is_file():
+        raise InputError(f"{path}: checkpoint is incomplete (no {MARKER} marker)")
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path / 'state.json'}: unreadable checkpoint state ({err})") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{path / 'state.json'}: expected a JSON object")
+    return state
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     load_adapter_weights: Callable[[Path], None]) -> dict[str, Any]:
     """Restore adapter weights, optimizer and RNG states; return the JSON state (step, data position...)."""
-    if not (path / MARKER).is_file():
-        raise InputError(f"{path}: checkpoint is incomplete (no {MARKER} marker)")
+    state = read_state(path)
     load_adapter_weights(path / "adapter")
     load_optimizer_tensors(model, optimizer, load_file(str(path / "optimizer.safetensors")), path)
     restore_rng(load_file(str(path / "rng.safetensors")))
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     _restore_python_rng(state.pop("python_rng"))
     return state

@@ -1,7 +1,8 @@
 """Metrics of a run: one JSON object per line in ``OUTPUT/metrics.jsonl``, and a loss-curve PNG.
 
-Lines carry a ``kind`` ("train", "eval", "skip", "summary") and the optimizer ``step``. On resume
-the file is cut back to the resumed step, so it always reads as one uninterrupted run.
+Lines carry a ``kind`` ("train", "eval", "skip", "warning", "resume", "summary") and the optimizer
+``step``. On resume the file is cut back to the resumed step, so it always reads as one
+uninterrupted run; a torn last line (a write cut short by a kill or a full disk) is dropped then.
 """
 
 from __future__ import annotations
@@ -25,13 +26,21 @@ class MetricsLog:
             self.path.write_text("", encoding="utf-8")
             return
         kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+                if (record := _parse(line)) is not None and record.get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def write(self, kind: str, step: int, **values: Any) -> None:
         record = {"kind": kind, "step": step, **{k: _jsonable(v) for k, v in values.items()}}
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _jsonable(value: Any) -> Any:
@@ -41,15 +50,18 @@ def _jsonable(value: Any) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Every complete line of a metrics file (a torn last line is left out)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [record for line in lines if (record := _parse(line)) is not None]
 
 
-def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> None:
-    """Train loss per step and eval loss at its steps, on one chart."""
+def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, ylabel: str = "loss") -> None:
+    """Train loss per step and eval loss at its steps, on one chart with integer step ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train" and isinstance(r.get("loss"), float)]
@@ -60,7 +72,8 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> None:
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.5)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

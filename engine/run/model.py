@@ -11,14 +11,20 @@ from torch import nn
 
 from engine.adapters import (
     LoRAConfig,
+    adapter_params,
+    adapter_targets,
+    find_targets,
     inject_lora,
     load_adapter,
     lora_modules,
+    read_adapter_config,
     read_adapter_metadata,
+    read_adapter_weights,
     set_trainable,
 )
 from engine.config import TrainConfig
-from models import load_model
+from engine.errors import InputError
+from models import LlamaConfig, LlamaForCausalLM, load_model
 
 
 @dataclass
@@ -37,6 +43,38 @@ def lora_config_from_flags(cfg: TrainConfig) -> LoRAConfig:
         t.strip() for t in cfg.target_modules.split(",") if t.strip())
     return LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
                       use_rslora=cfg.rslora)
+
+
+def check_model_fits(cfg: TrainConfig, model_config: LlamaConfig, max_token_id: int) -> None:
+    """Before any weight is loaded: the data's token ids fit the vocabulary, the adapter's targets
+    exist, and the rank is at most the smallest dimension of a targeted linear (a larger one would
+    only allocate parameters that add no capacity). Checked on a meta-device model: no memory."""
+    if max_token_id >= model_config.vocab_size:
+        raise InputError(f"{cfg.data}: token id {max_token_id} is outside the model's vocabulary of "
+                         f"{model_config.vocab_size} (the tokenizer has more tokens than the model's embedding)")
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(model_config)
+    if cfg.init_adapter:
+        adapter_cfg = read_adapter_config(cfg.init_adapter)
+        adapter_targets(skeleton, cfg.init_adapter, adapter_cfg, read_adapter_weights(cfg.init_adapter))
+        return
+    lora_cfg = lora_config_from_flags(cfg)
+    for name in find_targets(skeleton, lora_cfg):
+        linear = skeleton.get_submodule(name)
+        smallest = min(linear.in_features, linear.out_features)
+        if lora_cfg.rank_for(name) > smallest:
+            raise InputError(f"--lora-r {lora_cfg.rank_for(name)}: more than the smallest dimension ({smallest}) of "
+                             f"the targeted linear {name} ({linear.out_features}x{linear.in_features}); use at "
+                             f"most {smallest}")
+
+
+def non_finite_parameter(model: nn.Module) -> str | None:
+    """The name of the first adapter tensor with a NaN or an infinity (with how many), else None."""
+    for name, param in adapter_params(model).items():
+        bad = int((~torch.isfinite(param.detach())).sum())
+        if bad:
+            return f"{name}: {bad} of {param.numel()} values are NaN or infinite"
+    return None
 
 
 def build_model(cfg: TrainConfig, model_dir: Path, device: torch.device, dtype: torch.dtype) -> TrainableModel:

@@ -1,20 +1,25 @@
 """`Run`: what every training method shares around its own loss, called by the recipe in order.
 
-    with Run.open(cfg, method="sft", progress=True) as run:   # flags, output folder, device, tokenizer
-        data = ...                                              # the recipe's own data
+    with Run.open(cfg, method="sft", progress=True) as run:   # flags, output folder (read only), tokenizer
+        run.data = ...                                          # the recipe's own data, checked
         run.plan(steps_per_epoch)                               # total steps, warmup
-        trainable = run.build_model()                           # base (+NF4) + LoRA, the rest frozen
-        run.start(trainable, reports, evaluate, summarize)      # optimizer; resume, or a fresh folder
+        run.build_model()                                       # lock the folder; base (+NF4) + LoRA
+        run.start(reports, evaluate, summarize)                 # optimizer; resume, or begin the folder
         for window in run.windows(loader):                      # grad_accum micro-batches per step
             run.end_step(train_step(run, window))               # log, guard, eval, checkpoint, SIGTERM
-        return run.finish()                                     # final eval, adapter, completion marker
+        run.finish()                                            # final checks and eval, adapter, marker
 
-The recipe's step computes its loss per micro-batch, calls ``backward`` and then
-``run.optimizer.step(loss, run.step)`` (guard, clip, schedule, AdamW), and returns a `StepResult`.
-Everything else is here: the data position (epoch, batch index) that makes resume exact, the
-count of non-finite steps in a row (stop with `EXIT_DIVERGED` after ``max_bad_steps``), metrics
-lines, evaluation and checkpoints on their schedules, and SIGTERM (checkpoint at the next step
-boundary, exit with `EXIT_PREEMPTED`).
+Nothing is written before `start`: every input (flags, output folder, data, model and adapter
+folders, sizes that follow from flags) is checked first, and a setup that fails leaves no trace
+(the folder `build_model` created to hold its lock is removed again). The recipe's step computes
+its loss per micro-batch, calls ``backward`` and then ``run.optimizer.step(loss, run.step)``
+(guard, clip, schedule, AdamW), and returns a `StepResult`. Everything else is here: the data
+position (epoch, batch index) that makes resume exact, what the checkpoint was made for
+(`engine.run.fingerprint`), the count of non-finite steps in a row (stop with `EXIT_DIVERGED`
+after ``max_bad_steps``), metrics lines, evaluation and checkpoints on their schedules, SIGTERM
+(checkpoint at the next step boundary, exit with `EXIT_PREEMPTED`), and the final rule: a run
+with no successful optimizer step, or whose adapter is not finite, fails with `EXIT_DIVERGED`
+and no completion marker.
 """
 
 from __future__ import annotations
@@ -35,10 +40,21 @@ from engine.adapters import load_adapter_weights, save_adapter
 from engine.config import TrainConfig
 from engine.data.batching import Batch
 from engine.errors import EXIT_DIVERGED, EXIT_PREEMPTED, InputError, RunStopped
-from engine.run.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from engine.run.folder import COMPLETE, lineage, prepare_output_dir, write_json
+from engine.run.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
+from engine.run.fingerprint import compare_identity, run_identity
+from engine.run.folder import COMPLETE, RunFolder, lineage, write_json
 from engine.run.metrics import MetricsLog, plot_loss_curve
-from engine.run.model import TrainableModel, build_model
+from engine.run.model import (
+    TrainableModel,
+    build_model,
+    check_model_fits,
+    non_finite_parameter,
+)
 from engine.run.optimizer import Optimizer, Update
 from engine.run.schedule import default_warmup
 from engine.run.setup import resolve_device, resolve_dtype, resolve_max_len
@@ -66,12 +82,14 @@ class Run:
     def __init__(self, cfg: TrainConfig, method: str, progress: bool):
         self.cfg, self.method, self.progress = cfg, method, progress
         self.output = Path(cfg.output)
-        self.step = self.epoch = self.batch_index = self.bad_in_a_row = 0
+        self.step = self.epoch = self.batch_index = self.bad_in_a_row = self.applied_steps = 0
         self.data: Any = None                                 # the recipe's data (train / eval, reports)
         self.final_eval: dict[str, Any] = {}
         self.extras: dict[str, dict[str, torch.Tensor]] = {}  # method tensors saved in checkpoints
         self.lineage_extra: dict[str, Any] = {}               # method fields of the adapter's lineage
-        self._stop_requested = False
+        self.loss_label = "loss"                              # y axis of loss.png
+        self.warnings: list[str] = []                         # repeated in the summary
+        self._begun = self._stop_requested = False
 
     # ------------------------------------------------------------------ before the first write
 
@@ -80,19 +98,25 @@ class Run:
         """Check the flags and the output folder; settle device, dtype, model folder and tokenizer."""
         cfg.validate()
         run = cls(cfg, method, progress)
-        prepare_output_dir(run.output, resume=cfg.resume, overwrite=cfg.overwrite)
         run.device = resolve_device(cfg.device)
         run.dtype = resolve_dtype(cfg.dtype, run.device)
         run.model_dir = resolve_model_dir(cfg.model)
-        run.max_len = resolve_max_len(cfg.max_len, read_config(run.model_dir))
+        run.model_config = read_config(run.model_dir)
+        run.max_len = resolve_max_len(cfg.max_len, run.model_config)
+        run.folder = RunFolder(run.output, resume=cfg.resume, overwrite=cfg.overwrite)
+        run.protected = [run.model_dir, *(Path(p) for p in (cfg.data, cfg.eval_data, cfg.init_adapter) if p)]
+        run.folder.check(run.protected)
         run.tokenizer = load_tokenizer(run.model_dir)
         return run
 
     def __enter__(self) -> Run:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        return None
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not self._begun:
+            self.folder.abandon()  # nothing was written: leave no folder behind
+        else:
+            self.folder.release()
 
     def plan(self, steps_per_epoch: int) -> None:
         """``total_steps`` (``--max-steps``, or ``--epochs`` passes of ``grad_accum`` micro-batches)
@@ -102,6 +126,13 @@ class Run:
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
 
     def build_model(self) -> TrainableModel:
+        """Check that the model can take the adapter and the data, lock the output folder, then load
+        the weights (base, NF4 with --quant nf4, the adapter)."""
+        check_model_fits(self.cfg, self.model_config, self.data.max_token_id())
+        self.identity = run_identity(self.cfg, self.model_dir, self.max_len, self.dtype)
+        if self.cfg.resume:
+            self._resume_point()  # a checkpoint made for another run fails here, before any weight is read
+        self.folder.claim(self.protected)
         self.trainable = build_model(self.cfg, self.model_dir, self.device, self.dtype)
         self.model = self.trainable.model
         return self.trainable
@@ -110,9 +141,10 @@ class Run:
 
     def start(self, reports: list, evaluate: Callable[[], dict[str, Any]] | None,
               summarize: Callable[[dict[str, Any]], str]) -> Path | None:
-        """Build the optimizer, then resume from the newest checkpoint (``--resume``) or begin a
-        fresh folder (config.json, data_report.json). Returns the checkpoint resumed from, if any,
-        so that the recipe can read its own extras there (`engine.run.checkpoint.load_extra`).
+        """Build the optimizer, then resume from the newest checkpoint (``--resume``, refused when
+        it was made for something else) or begin the folder (an old run replaced by --overwrite
+        only now; run.json, config.json, data_report.json). Returns the checkpoint resumed from, if
+        any, so that the recipe can read its own extras there (`engine.run.checkpoint.load_extra`).
 
         ``evaluate()`` returns the eval metrics (None without an eval set: no evaluation);
         ``summarize`` turns them into the one line printed at each evaluation.
@@ -123,29 +155,49 @@ class Run:
         self.optimizer = Optimizer(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                    weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
                                    schedule=cfg.lr_schedule, warmup=self.warmup, total_steps=self.total_steps)
-        resume_from = latest_checkpoint(self.output) if cfg.resume else None
-        if cfg.resume and resume_from is None:
-            raise InputError(f"--resume: no complete checkpoint in {self.output / 'checkpoints'}")
-        self.output.mkdir(parents=True, exist_ok=True)
+        resume_from, notes = self._resume_point() if cfg.resume else (None, [])  # again, under the lock
+        self._begun = True
         if resume_from is not None:
             state = load_checkpoint(resume_from, self.model, self.optimizer.adamw,
                                     lambda folder: load_adapter_weights(self.model, folder))
             self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
             self.bad_in_a_row = state["bad_in_a_row"]
+            self.applied_steps = state.get("applied_steps", self.step)
         else:
+            self.folder.begin(self.method)
             write_json(self.output / "config.json", cfg.to_json())
             write_json(self.output / "data_report.json", [r.__dict__ for r in reports if r is not None])
         self.metrics = MetricsLog(self.output / "metrics.jsonl", resume_step=self.step if resume_from else None)
+        if notes:
+            self.metrics.write("resume", self.step, changed=notes)
         if self.progress:
-            self._announce(reports, resume_from)
+            self._announce(reports, resume_from, notes)
         return resume_from
 
-    def _announce(self, reports: list, resume_from: Path | None) -> None:
+    def _resume_point(self) -> tuple[Path, list[str]]:
+        """The newest complete checkpoint, after checking what it was made for (InputError on a
+        mismatch, naming the fields); returns it with the accepted schedule changes."""
+        checkpoint = latest_checkpoint(self.output)
+        if checkpoint is None:
+            raise InputError(f"--resume: no complete checkpoint in {self.output / 'checkpoints'}")
+        saved = read_state(checkpoint).get("made_for")
+        if saved is None:
+            return checkpoint, ["the checkpoint records no identity (written by an older version): not checked"]
+        mismatches, notes = compare_identity(saved, self.identity)
+        if mismatches:
+            raise InputError(f"--resume: {checkpoint} was made for another run: {'; '.join(mismatches)}. "
+                             "Resume with the original settings, or start a new run (another --output, or "
+                             "--overwrite)")
+        return checkpoint, notes
+
+    def _announce(self, reports: list, resume_from: Path | None, notes: list[str]) -> None:
         """What is about to happen, on stderr: the model, the adapter, the data, the steps."""
         data = self.data
         where = f"resuming at step {self.step} from {resume_from}" if resume_from else f"{self.total_steps} steps"
         print(f"model {self.cfg.model}: {self.trainable.trainable_parameters:,} trainable LoRA parameters; "
               f"{len(data.train)} training samples, {len(data.eval)} eval samples; {where}", file=sys.stderr)
+        for note in notes:
+            print(f"resume: changed since the checkpoint: {note}", file=sys.stderr)
         for report in reports:
             if report is not None:
                 print(f"data: {report.summary()}", file=sys.stderr)
@@ -197,6 +249,7 @@ class Run:
                                  EXIT_DIVERGED)
         else:
             self.bad_in_a_row = 0
+            self.applied_steps += 1
         tok_s = result.real_tokens / max(elapsed, 1e-9)
         if update.applied and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
             self.metrics.write("train", self.step, loss=result.loss, lr=update.lr, grad_norm=update.grad_norm,
@@ -215,6 +268,13 @@ class Run:
     def _request_stop(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         self._stop_requested = True
 
+    def warn(self, message: str) -> None:
+        """A warning for the log (a ``warning`` metrics line), stderr and the final summary."""
+        self.warnings.append(message)
+        self.metrics.write("warning", self.step, message=message)
+        if self.progress:
+            tqdm.write(f"warning at step {self.step}: {message}", file=sys.stderr)
+
     # ------------------------------------------------------------------ eval, checkpoints, outputs
 
     def evaluate(self) -> dict[str, Any]:
@@ -222,7 +282,7 @@ class Run:
         result = self.evaluate_fn()
         self.metrics.write("eval", self.step, **result)
         if self.progress:
-            tqdm.write(f"step {self.step}: {self.summarize(result)}")
+            tqdm.write(f"step {self.step}: {self.summarize(result)}", file=sys.stderr)
         return result
 
     def adapter_metadata(self) -> dict[str, Any]:
@@ -237,17 +297,26 @@ class Run:
 
     def save_checkpoint(self) -> Path:
         state = {"epoch": self.epoch, "batch_index": self.batch_index, "bad_in_a_row": self.bad_in_a_row,
-                 "total_steps": self.total_steps}
+                 "applied_steps": self.applied_steps, "total_steps": self.total_steps, "made_for": self.identity}
         return save_checkpoint(self.output, self.step, self.model, self.optimizer.adamw, state, self.write_adapter,
                                keep=self.cfg.keep_checkpoints, extras=self.extras)
 
     def finish(self) -> dict[str, Any]:
-        """Final eval, the adapter, the loss curve, the summary line and the completion marker (last)."""
+        """Check the outcome, then the final eval, the adapter, the loss curve, the summary line
+        and the completion marker (last). A run with no successful step or a non-finite adapter
+        stops with `EXIT_DIVERGED` before writing any of them."""
+        if self.applied_steps == 0:
+            raise RunStopped(f"no optimizer step succeeded in {self.step} steps (every loss or gradient was "
+                             f"non-finite; see the skip lines of {self.output / 'metrics.jsonl'})", EXIT_DIVERGED)
+        bad = non_finite_parameter(self.model)
+        if bad is not None:
+            raise RunStopped(f"the trained adapter has non-finite values ({bad}); no adapter was written. "
+                             "Lower --lr or check the data", EXIT_DIVERGED)
         self.final_eval = self.evaluate() if self.evaluate_fn is not None else {}
         self.write_adapter(self.output / "adapter")
-        plot_loss_curve(self.output / "metrics.jsonl", self.output / "loss.png")
+        plot_loss_curve(self.output / "metrics.jsonl", self.output / "loss.png", ylabel=self.loss_label)
         summary = {"steps": self.step, "trainable_parameters": self.trainable.trainable_parameters,
-                   "eval": self.final_eval, "adapter": str(self.output / "adapter")}
+                   "eval": self.final_eval, "adapter": str(self.output / "adapter"), "warnings": self.warnings}
         self.metrics.write("summary", self.step, **summary)
         write_json(self.output / COMPLETE, summary)
         return self.final_eval

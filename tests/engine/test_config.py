@@ -2,7 +2,8 @@
 
 import pytest
 
-from engine.config import TrainConfig, parse_config
+from engine.cli import parse_config
+from engine.config import TrainConfig
 from engine.errors import InputError
 
 
@@ -25,7 +26,7 @@ def test_boolean_flags_forms():
 
 @pytest.mark.parametrize("argv, message", [
     (["--data", "d"], "--model is required"),
-    (["--model", "m", "--data", "d", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--model", "m", "--data", "d", "--batch-size", "0"], "--batch-size: expected a value >= 1, got 0"),
     (["--model", "m", "--data", "d", "--eval-split", "1.5"], "--eval-split"),
     (["--model", "m", "--data", "d", "--method", "dpo", "--pack"], "--pack is for SFT"),
 ])
@@ -37,5 +38,5 @@ def test_bad_values_name_the_flag(argv, message):
 def test_unknown_toml_key_names_the_file(tmp_path):
     toml = tmp_path / "bad.toml"
     toml.write_text("learning_rate = 1e-4\n")
-    with pytest.raises(InputError, match=r"bad\.toml: unknown option 'learning_rate'"):
+    with pytest.raises(InputError, match=r"bad\.toml:1: unknown option 'learning_rate'"):
         parse_config(["--config", str(toml), "--model", "m", "--data", "d"])

@@ -100,3 +100,38 @@ def test_cli_chat_answers_paris(smollm2_dir):
                      "--max-new-tokens", "16")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout, result.stdout
+
+
+def test_generate_with_an_adapter_equals_the_merged_folder(smollm2_dir, tmp_path):
+    """``generate --adapter DIR`` on the base gives, greedily, the very tokens of the folder that
+    ``engine.merge`` writes from that adapter (fp32, the real SmolLM2 weights, an adapter that
+    changes the answer)."""
+    from engine.adapters import LoRAConfig, adapter_params, inject_lora, save_adapter
+    from engine.errors import run_cli
+    from engine.merge import main as merge_main
+    from models import load_model
+
+    model = load_model(smollm2_dir)
+    torch.manual_seed(0)
+    inject_lora(model, LoRAConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj", "down_proj")))
+    with torch.no_grad():
+        for name, p in adapter_params(model).items():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.02)
+    adapter = save_adapter(model, LoRAConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj", "down_proj")),
+                           tmp_path / "adapter", str(smollm2_dir))
+    merged = tmp_path / "merged"
+    with pytest.raises(SystemExit) as done:
+        run_cli(merge_main, ["--model", str(smollm2_dir), "--adapter", str(adapter), "--out", str(merged),
+                             "--dtype", "fp32"])
+    assert done.value.code == 0
+
+    def tokens(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "engine.generate", "--prompt", "The capital of France is",
+                                 "--max-new-tokens", "16", *args], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    with_adapter = tokens("--model", str(smollm2_dir), "--adapter", str(adapter))
+    assert with_adapter == tokens("--model", str(merged))
+    assert with_adapter != tokens("--model", str(smollm2_dir))  # the adapter changes the answer

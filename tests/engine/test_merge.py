@@ -119,7 +119,12 @@ def test_existing_output_not_overwritten(base_dir, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     args = ["--model", str(base_dir), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "out")]
-    with pytest.raises(InputError, match="already exists"):
-        main(args)
+    for extra in ([], ["--overwrite"]):  # a folder merge did not write is never replaced
+        with pytest.raises(InputError, match="holds files not written by engine.merge"):
+            main(args + extra)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    assert main(args + ["--overwrite"]) == 0 and not (tmp_path / "out" / "keep.txt").exists()
+    (tmp_path / "out" / "keep.txt").unlink()
+    assert main(args) == 0  # an empty folder is fine
+    with pytest.raises(InputError, match="already holds a merged model"):
+        main(args)
+    assert main(args + ["--overwrite"]) == 0 and (tmp_path / "out" / "merge.json").is_file()

@@ -83,7 +83,7 @@ def test_implicit_prompt_forms(tmp_path):
     assert report.format == "conversational (1), implicit-conversational (1), implicit-text (1)"
 
 
-def test_invalid_pairs_are_skipped_and_counted_with_their_lines(tmp_path):
+def test_invalid_pairs_are_errors_or_counted_skips_with_their_lines(tmp_path):
     tok = TinyTokenizer()
     good = {"prompt": "Question?", "chosen": " yes", "rejected": " no"}
     records = [good,
@@ -97,7 +97,14 @@ def test_invalid_pairs_are_skipped_and_counted_with_their_lines(tmp_path):
                {"prompt": "Question?", "chosen": 3, "rejected": " no"},           # 9 mistyped
                {"prompt": [USER], "chosen": [{"role": "assistant"}], "rejected": "no"},  # 10 malformed
                good]
-    pairs, report = load_preference_pairs(write(tmp_path, records), tok)
+    path = write(tmp_path, records)
+    with pytest.raises(InputError, match=r":2: field 'chosen' is missing \(a preference pair needs"):
+        load_preference_pairs(path, tok)
+    for line, record, problem in ((9, records[8], "field 'chosen' must be a string like the prompt, got int"),
+                                  (10, records[9], r"chosen\[0\]\.content is missing")):
+        with pytest.raises(InputError, match=rf":1: {problem}"):
+            load_preference_pairs(write(tmp_path, [record], name=f"one-{line}.jsonl"), tok)
+    pairs, report = load_preference_pairs(path, tok, skip_invalid=True)
     assert len(pairs) == report.kept == 2 and report.loaded == 11
     assert report.lines == {"skipped_missing_fields": [2, 3, 9, 10], "skipped_identical": [4],
                             "skipped_empty_prompt": [5, 6, 7], "skipped_empty_completion": [8]}

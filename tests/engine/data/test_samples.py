@@ -84,8 +84,10 @@ def test_format_can_be_forced_and_json_array_files_keep_line_numbers(tmp_path):
     tok = TinyTokenizer()
     samples, report = load_samples(path, tok)
     assert report.format == "completion"  # "text" loses to a full match of another format
-    assert [s.source.rsplit(":", 1)[1] for s in samples] == ["2", "7"]
-    forced, report = load_samples(path, tok, format="text")
+    assert [s.source.rsplit(":", 1)[1] for s in samples] == ["2 (array element 0)", "7 (array element 1)"]
+    with pytest.raises(InputError, match=r"d\.json:7 \(array element 1\): field 'text' is missing \(format text"):
+        load_samples(path, tok, format="text")
+    forced, report = load_samples(path, tok, format="text", skip_invalid=True)
     assert report.format == "text" and report.kept == 1 and report.skipped_missing_fields == 1
     assert decoded_spans(tok, forced[0]) == ["t</s>"]
 
@@ -184,14 +186,20 @@ def test_length_policies_truncate_drop_error(tmp_path):
     samples, report = load_samples(path, tok, max_len=max_len, length_policy="drop")
     assert (report.kept, report.dropped_too_long, report.lines["dropped_too_long"]) == (2, 2, [2, 3])
     assert [s.source[-1] for s in samples] == ["1", "4"]
-    with pytest.raises(InputError, match=r"d\.jsonl:2: sample has \d+ tokens, more than max_len=12"):
+    with pytest.raises(InputError, match=r"d\.jsonl:2: sample has more than max_len=12 tokens"):
         load_samples(path, tok, max_len=max_len, length_policy="error")
 
 
-def test_skipped_samples_are_counted_with_their_lines(tmp_path):
+def test_invalid_records_are_errors_naming_line_and_field_or_counted_skips(tmp_path):
     rows = [{"prompt": "Q:", "completion": " ok"}, {"prompt": "Q:"}, {"prompt": "Q:", "completion": "  "},
             {"prompt": 3, "completion": "x"}, {"prompt": "Q:", "completion": " fine"}]
-    samples, report = load_samples(write_jsonl(tmp_path / "d.jsonl", rows), TinyTokenizer())
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(InputError, match=r"d\.jsonl:2: field 'completion' is missing \(format completion: "
+                                         r"prompt, completion\); .*--skip-invalid-records"):
+        load_samples(path, TinyTokenizer())
+    with pytest.raises(InputError, match=r"e\.jsonl:2: field 'prompt' must be a string, got int"):
+        load_samples(write_jsonl(tmp_path / "e.jsonl", rows[2:]), TinyTokenizer())
+    samples, report = load_samples(path, TinyTokenizer(), skip_invalid=True)
     assert (report.loaded, report.kept) == (5, 2)
     assert report.skipped_missing_fields == 2 and report.lines["skipped_missing_fields"] == [2, 4]
     assert report.skipped_empty_completion == 1 and report.lines["skipped_empty_completion"] == [3]
@@ -199,14 +207,18 @@ def test_skipped_samples_are_counted_with_their_lines(tmp_path):
     chats = [{"messages": [{"role": "user", "content": "hi"}]},
              {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
              {"messages": [{"role": "robot", "content": "hi"}]}, {"messages": CHAT}]
-    _, report = load_samples(write_jsonl(tmp_path / "c.jsonl", chats), TinyTokenizer())
+    with pytest.raises(InputError, match=r"c\.jsonl:3: messages\[0\]\.role is 'robot', expected one of system"):
+        load_samples(write_jsonl(tmp_path / "c.jsonl", chats), TinyTokenizer())
+    _, report = load_samples(write_jsonl(tmp_path / "c.jsonl", chats), TinyTokenizer(), skip_invalid=True)
     assert (report.kept, report.skipped_empty_completion, report.skipped_missing_fields) == (1, 2, 1)
 
 
 def test_every_sample_invalid_is_an_error(tmp_path):
     rows = [{"prompt": "Q:", "completion": ""}, {"prompt": "Q:", "completion": None}]
-    with pytest.raises(InputError, match=r"d\.jsonl: no usable samples.*1 skipped empty completion"):
+    with pytest.raises(InputError, match=r"d\.jsonl:2: field 'completion' is null, expected a string"):
         load_samples(write_jsonl(tmp_path / "d.jsonl", rows), TinyTokenizer())
+    with pytest.raises(InputError, match=r"d\.jsonl: no usable samples.*1 skipped empty completion"):
+        load_samples(write_jsonl(tmp_path / "d.jsonl", rows), TinyTokenizer(), skip_invalid=True)
 
 
 @pytest.mark.parametrize("suffix,content,where", [
@@ -315,3 +327,40 @@ def test_license_qa_with_the_smollm2_tokenizer_and_its_real_template(smollm2_dir
     packed = list(BatchLoader(samples, 4, pad_id=tok.pad_token_id, pack=True, max_len=256).batches(0))
     assert sum(count_loss_tokens(b) for b in packed) == sum(s.loss_tokens for s in samples)
     assert sum(b.input_ids.shape[0] for b in packed) <= len(samples) // 2  # >= 2 samples per row
+
+
+# ---------------------------------------------------------------------------- bounded tokenization
+
+class CountingTokenizer:
+    """A real tokenizer that records the longest text it was asked to encode."""
+
+    def __init__(self, inner):
+        self.inner, self.longest = inner, 0
+
+    def encode(self, text, add_special_tokens=False):
+        self.longest = max(self.longest, len(text))
+        return self.inner.encode(text, add_special_tokens=add_special_tokens)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_huge_record_is_tokenized_only_as_far_as_max_len_needs(tmp_path):
+    words = "the quick brown fox jumps over the lazy dog " * 20_000  # ~900k characters
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": words}])
+    tok = CountingTokenizer(TinyTokenizer())
+    samples, report = load_samples(path, tok, max_len=64)
+    assert tok.longest < 20_000 and report.truncated == 1 and len(samples[0].input_ids) == 64
+    whole, _ = load_samples(path, TinyTokenizer())  # unbounded: the same first 64 tokens
+    assert samples[0].input_ids == whole[0].input_ids[:64] and samples[0].labels == whole[0].labels[:64]
+
+
+def test_encode_tail_keeps_the_last_tokens_of_a_long_text():
+    from engine.data.render import encode_tail
+
+    tok = TinyTokenizer()
+    text = "the quick brown fox jumps over the lazy dog " * 5_000
+    ids, cut = encode_tail(tok, text, 40)
+    assert cut and ids == tok.encode(text, add_special_tokens=False)[-40:]
+    short, cut = encode_tail(tok, "a short prompt", 40)
+    assert not cut and short == tok.encode("a short prompt", add_special_tokens=False)

@@ -145,8 +145,14 @@ def test_resume_mid_dpo_is_exact(tiny_model_dir, pref_data, sft_adapter, tmp_pat
     full_out, part = tmp_path / "full", tmp_path / "part"
     full = run_dpo(dpo_config(tiny_model_dir, pref_data, full_out, save_every=3, keep_checkpoints=5, **init),
                    precompute_ref=precompute)
-    losses = [r["loss"] for r in lines(full_out, "train")]
-    assert len(losses) == 6 and all(r["rewards/accuracies"] >= 0 for r in lines(full_out, "train"))
+    train_lines = lines(full_out, "train")
+    losses = [r["loss"] for r in train_lines]
+    assert len(losses) == 6
+    for r in train_lines:  # 4 pairs per window (batch 2, accumulation 2): accuracy in quarters
+        assert r["rewards/accuracies"] * 4 == round(r["rewards/accuracies"] * 4) and 0 <= r["rewards/accuracies"] <= 1
+        assert abs(r["rewards/margins"] - (r["rewards/chosen"] - r["rewards/rejected"])) < 1e-6
+        assert r["logps/chosen"] < 0 and r["logps/rejected"] < 0
+    assert any(r["rewards/margins"] != 0 for r in train_lines[1:])  # the policy moved off the reference
     step3 = full_out / "checkpoints" / "step-000003"
     assert (step3 / "reference_logps.safetensors").is_file() == precompute
 
@@ -228,9 +234,8 @@ def test_sft_then_dpo_chain_from_the_cli(tiny_model_dir, pref_data, tmp_path):
 
     sft_data = tmp_path / "sft.jsonl"
     sft_data.write_text("\n".join((ROOT / "examples" / "license_qa.jsonl").read_text().splitlines()[:8]) + "\n")
-    common = ["--model", str(tiny_model_dir), "--max-steps", "2", "--batch-size", "2", "--max-len", "128",
-              "--lora-r", "4"]
-    sft = subprocess.run([sys.executable, "-m", "engine.train", *common, "--data", str(sft_data),
+    common = ["--model", str(tiny_model_dir), "--max-steps", "2", "--batch-size", "2", "--max-len", "128"]
+    sft = subprocess.run([sys.executable, "-m", "engine.train", *common, "--lora-r", "4", "--data", str(sft_data),
                           "--output", str(tmp_path / "sft")], cwd=ROOT, capture_output=True, text=True)
     assert sft.returncode == 0, sft.stderr
     dpo = subprocess.run([sys.executable, "-m", "engine.train", *common, "--method", "dpo", "--data",

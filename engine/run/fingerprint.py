@@ -1,0 +1,78 @@
+"""What a run was made for, recorded in every checkpoint, so that ``--resume`` refuses to continue
+a checkpoint under different conditions.
+
+`run_identity` lists everything that decides the run's numbers: the method and its options, the
+model (name, SHA-256 of config.json, and the names and sizes of its weight files: hashing a 7B
+model's weights at every start would take minutes), the data files with their SHA-256, the data
+pipeline (format, lengths, packing, prompt masking), the batch geometry, the seed, quantization
+and dtype, the adapter's shape (or the starting adapter's SHA-256) and the optimizer's settings.
+
+`compare_identity` sorts the differences between a saved identity and the current one:
+
+* a change of the learning-rate schedule (``lr``, ``lr_schedule``, ``warmup_steps``) or of the
+  run's length (``max_steps``, ``epochs``) is accepted as deliberate and reported as a note, as is
+  a model or data file that moved (same SHA-256, another path or name);
+* any other difference is a mismatch: ``--resume`` stops with exit 2 naming the fields.
+
+Evaluation, checkpoint and logging intervals, the device and gradient checkpointing are not part
+of it: they do not change the numbers (the device only by rounding).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import TrainConfig
+from engine.run.folder import file_sha256
+from models.loading import weight_files
+
+IDENTITY_FIELDS = ("method", "format", "eval_split", "max_len", "length_policy", "pack", "train_on_prompt",
+                   "skip_invalid_records", "batch_size", "grad_accum", "seed", "quant", "weight_decay",
+                   "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm", "lora_r", "lora_alpha",
+                   "lora_dropout", "rslora", "target_modules", "dpo_beta", "dpo_loss", "dpo_label_smoothing",
+                   "precompute_ref", "rpo_alpha")
+ADAPTER_FIELDS = ("lora_r", "lora_alpha", "rslora", "target_modules")  # replaced by the starting adapter's hash
+SCHEDULE_FIELDS = ("lr", "lr_schedule", "warmup_steps", "max_steps", "epochs")
+NOTE_FIELDS = (*SCHEDULE_FIELDS, "model_name")
+
+
+def run_identity(cfg: TrainConfig, model_dir: Path, max_len: int, dtype: torch.dtype) -> dict[str, Any]:
+    """The identity of a run (see the module docstring); plain JSON values."""
+    fields = {name: getattr(cfg, name) for name in IDENTITY_FIELDS if hasattr(cfg, name)}
+    fields["max_len"] = max_len  # the resolved length, not the flag's None
+    if cfg.init_adapter:
+        for name in ADAPTER_FIELDS:
+            fields.pop(name, None)
+        fields["init_adapter_sha256"] = file_sha256(Path(cfg.init_adapter) / "adapter_model.safetensors")
+    fields["dtype"] = str(dtype).removeprefix("torch.")
+    fields["model_name"] = cfg.model
+    fields["model"] = {"config_sha256": file_sha256(model_dir / "config.json"),
+                       "weights": {f.name: f.stat().st_size for f in weight_files(model_dir)}}
+    fields["data"] = {"path": str(Path(cfg.data).resolve()), "sha256": file_sha256(cfg.data)}
+    fields["eval_data"] = ({"path": str(Path(cfg.eval_data).resolve()), "sha256": file_sha256(cfg.eval_data)}
+                           if cfg.eval_data else None)
+    fields.update({name: getattr(cfg, name) for name in SCHEDULE_FIELDS})
+    return fields
+
+
+def compare_identity(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(mismatches, notes): "field: checkpoint X, now Y" for each difference."""
+    mismatches, notes = [], []
+    for name in sorted(saved.keys() | current.keys()):
+        before, now = saved.get(name), current.get(name)
+        if before == now:
+            continue
+        line = f"{name}: checkpoint {_short(before)}, now {_short(now)}"
+        same_file = isinstance(before, dict) and isinstance(now, dict) and before.get("sha256") == now.get("sha256")
+        (notes if name in NOTE_FIELDS or same_file else mismatches).append(line)
+    return mismatches, notes
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict) and "sha256" in value:
+        return f"{value.get('path')} (sha256 {value['sha256'][:12]}…)"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
