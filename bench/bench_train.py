@@ -86,7 +86,7 @@ def lora_optimizer(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], to
 # ----------------------------------------------------------------------------- providers
 
 def build_ours(case: Case, ids: torch.Tensor) -> Callable[[], float]:
-    """Our model + LoRA and a function running one SFTTrainer-style step (returns the loss)."""
+    """Our model + LoRA and a function running one step of the SFT recipe (returns the loss)."""
     model = load_model(case.model_dir, dtype=case.torch_dtype, device=case.device,
                        quantize=None if case.quant == "none" else case.quant)
     torch.manual_seed(0)

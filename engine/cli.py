@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import textwrap
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
@@ -35,12 +36,40 @@ EXIT_CODES = """exit status:
 NEW_ADAPTER_FLAGS = ("lora_r", "lora_alpha", "target_modules", "rslora")
 
 
+class BoolFlag(argparse.Action):
+    """``--pack`` / ``--no-pack``, and ``--pack true|false`` for scripts: one option, shown once."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any):
+        negatives = [f"--no-{name[2:]}" for name in option_strings]
+        super().__init__(option_strings + negatives, dest, nargs="?", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if option_string.startswith("--no-"):
+            if values is not None:
+                parser.error(f"argument {option_string}: takes no value")
+            setattr(namespace, self.dest, False)
+        else:
+            try:
+                setattr(namespace, self.dest, True if values is None else _parse_bool(values))
+            except argparse.ArgumentTypeError as err:
+                parser.error(f"argument {option_string}: {err}")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, BoolFlag):
+            return " / ".join(action.option_strings)
+        return super()._format_action_invocation(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors (exit 2), the exit codes in the help, and ``--debug``."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("epilog", EXIT_CODES)
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        if kwargs.get("description") and "\n" not in kwargs["description"]:
+            kwargs["description"] = textwrap.fill(kwargs["description"], width=100)
         super().__init__(*args, **kwargs)
         self.add_argument("--debug", action="store_true", help="Show the traceback of any error.")
 
@@ -69,18 +98,16 @@ def _default_text(f) -> str:
 
 def build_parser(prog: str, description: str) -> ArgumentParser:
     """One flag per `TrainConfig` field, defaults left unset (None) so that a TOML file can fill them."""
-    parser = ArgumentParser(prog=prog, description=description)
+    parser = ArgumentParser(prog=prog, description=description,
+                            usage=f"{prog} --model MODEL --data FILE [--method sft|dpo] [options]")
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file of field = value overrides "
                         "(keys as the flags, with - or _); command-line flags win.")
     for f in fields(TrainConfig):
         kind, _ = field_kind(f.name)
         flag = f"--{flag_name(f.name)}"
         help_text = (f.metadata["help"] + _default_text(f)).replace("%", "%%")  # argparse formats help with %
-        if kind is bool:  # --pack / --no-pack, plus --pack=false for scripts
-            parser.add_argument(flag, dest=f.name, nargs="?", const=True, default=None, type=_parse_bool,
-                                metavar="BOOL", help=f"{flag} / --no-{flag_name(f.name)}: {help_text}")
-            parser.add_argument(f"--no-{flag_name(f.name)}", dest=f.name, action="store_false", default=None,
-                                help=argparse.SUPPRESS)
+        if kind is bool:  # --pack / --no-pack, plus --pack false for scripts
+            parser.add_argument(flag, dest=f.name, action=BoolFlag, default=None, help=help_text)
         else:
             choices = f.metadata["choices"]
             parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=choices,

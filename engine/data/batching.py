@@ -9,7 +9,7 @@ right with ``pad_id`` to the longest sample (rounded up to ``pad_to_multiple_of`
 attention_mask 0 and labels -100 on padding; position ids as the model's default,
 ``cumsum(mask) - 1`` clamped at 0; no segment ids. The last batch may be smaller.
 
-Packed batches (``pack=True``): rows of exactly ``max_len`` tokens (see `engine.packing`), built
+Packed batches (``pack=True``): rows of exactly ``max_len`` tokens (see `engine.data.packing`), built
 from the documents in epoch order, ``batch_size`` rows per batch, with segment ids.
 """
 

@@ -10,7 +10,7 @@ In a packed row each document gets its own segment id (0, 1, ... in row order) a
 restarting at 0; the padding that fills the rest of the row gets the next segment id, its own,
 and attention_mask 0. The model lets a token attend only to earlier tokens of its own segment, so
 attention never crosses documents. Labels at each document's first position are -100 already
-(`engine.data_render`), so no document's first token is predicted from the previous one.
+(`engine.data.render`), so no document's first token is predicted from the previous one.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ Length policy for a pair whose prompt P plus longer completion C exceed ``max_le
 * ``drop``: skip the pair (counted); ``error``: raise naming the file and line.
 
 Batches (`PairBatchLoader`): B pairs per batch in a deterministic, resumable epoch order
-(`engine.batching.epoch_order`), as ONE padded `Batch` of 2B rows ``[c_1 … c_B, r_1 … r_B]`` so a
+(`engine.data.batching.epoch_order`), as ONE padded `Batch` of 2B rows ``[c_1 … c_B, r_1 … r_B]`` so a
 single forward scores both sides; ``sample_ids[row] = [pair index]``.
 """
 

@@ -16,7 +16,7 @@ reason); a file with nothing left raises. Tokenization is bounded by ``max_len``
 Length policy for samples longer than ``max_len`` tokens: "truncate" keeps the first ``max_len``
 tokens (a sample left with no trainable token is then skipped as such), "drop" skips it, "error"
 raises naming the file and line of the first one. Formats, rendering and masking are described in
-`engine.data_formats` and `engine.data_render`; batching and packing in `engine.batching`.
+`engine.data.formats` and `engine.data.render`; batching and packing in `engine.data.batching`.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Sample:
 class DataReport:
     """What happened to the records of one file; ``lines[reason]`` holds the first few lines.
 
-    Every count in ``REASONS`` is a field; `engine.dpo_data.PreferenceReport` adds its own.
+    Every count in ``REASONS`` is a field; `engine.data.preferences.PreferenceReport` adds its own.
     """
 
     REASONS: ClassVar[tuple[str, ...]] = ("truncated", "dropped_too_long", "skipped_missing_fields",

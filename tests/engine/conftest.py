@@ -1,29 +1,6 @@
-"""Fixtures shared by the training-loop tests (SFT and DPO)."""
+"""Fixtures shared by the engine tests (the tiny SmolLM2-tokenizer model is in tests/conftest.py)."""
 
-import shutil
 from pathlib import Path
-
-import pytest
-
-from models.config import LlamaConfig
-from models.loading import save_model
-from tools.random_checkpoint import random_model
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
-    """A 2-layer random Llama (hidden 32, GQA, tied head) with the real SmolLM2 tokenizer and chat template."""
-    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    out = tmp_path_factory.mktemp("tiny-model")
-    save_model(random_model(config, seed=0), out)
-    for name in TOKENIZER_FILES:
-        shutil.copy(Path(smollm2_dir) / name, out / name)
-    return out
 
 
 def write_hf_llama(path: Path, tie_word_embeddings: bool) -> Path:

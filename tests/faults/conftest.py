@@ -20,12 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from models.config import LlamaConfig
-from models.loading import save_model
-from tools.random_checkpoint import random_model
-
 ROOT = Path(__file__).resolve().parents[2]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 MODULES = {"train": "engine.train", "eval": "engine.eval", "merge": "engine.merge", "generate": "engine.generate"}
 
 
@@ -88,20 +83,6 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, smollm2_dir) -> Path:
-    """A 2-layer random Llama (hidden 32) with the real SmolLM2 tokenizer and chat template."""
-    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    out = tmp_path_factory.mktemp("fault-model")
-    save_model(random_model(config, seed=0), out)
-    for name in TOKENIZER_FILES:
-        shutil.copy(Path(smollm2_dir) / name, out / name)
-    return out
-
-
-@pytest.fixture(scope="session")
 def sft_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fault-data") / "qa.jsonl"
     out.write_text("\n".join((ROOT / "examples" / "license_qa.jsonl").read_text().splitlines()[:8]) + "\n")
@@ -115,10 +96,10 @@ def train_args(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def finished_run(tiny_model, sft_data, tmp_path_factory) -> Path:
+def finished_run(tiny_model_dir, sft_data, tmp_path_factory) -> Path:
     """A finished run (with a checkpoint at step 1), copied by the tests that need a pristine one."""
     out = tmp_path_factory.mktemp("fault-runs") / "finished"
-    result = cli_process("train", *train_args(tiny_model, sft_data, out, "--save-every", "1"))
+    result = cli_process("train", *train_args(tiny_model_dir, sft_data, out, "--save-every", "1"))
     assert result.returncode == 0, result.stderr
     return out
 

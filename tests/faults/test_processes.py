@@ -41,12 +41,12 @@ def one_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_a_second_writer_is_refused_while_a_run_holds_the_folder(tiny_model, sft_data, tmp_path):
+def test_a_second_writer_is_refused_while_a_run_holds_the_folder(tiny_model_dir, sft_data, tmp_path):
     out = tmp_path / "busy"
-    proc = start_long_run(tiny_model, sft_data, out)
+    proc = start_long_run(tiny_model_dir, sft_data, out)
     try:
         for extra in ([], ["--overwrite"], ["--resume"]):
-            result = cli_process("train", *train_args(tiny_model, sft_data, out), *extra)
+            result = cli_process("train", *train_args(tiny_model_dir, sft_data, out), *extra)
             assert result.returncode == 2, result.stderr
             assert f"in use by another run (PID {proc.pid})" in one_line(result)
         assert (out / "config.json").is_file() and (out / "run.json").is_file()  # the holder's files are intact
@@ -56,17 +56,17 @@ def test_a_second_writer_is_refused_while_a_run_holds_the_folder(tiny_model, sft
     assert proc.returncode == 75  # it stopped on its own terms, with a checkpoint
 
 
-def test_kill_9_leaves_no_lock_behind(tiny_model, sft_data, tmp_path):
+def test_kill_9_leaves_no_lock_behind(tiny_model_dir, sft_data, tmp_path):
     out = tmp_path / "killed"
-    proc = start_long_run(tiny_model, sft_data, out)
+    proc = start_long_run(tiny_model_dir, sft_data, out)
     proc.send_signal(signal.SIGTERM)  # first a checkpoint to resume from
     assert proc.wait(timeout=120) == 75
-    proc = subprocess.Popen([sys.executable, "-m", "engine.train", *map(str, train_args(tiny_model, sft_data, out)),
+    proc = subprocess.Popen([sys.executable, "-m", "engine.train", *map(str, train_args(tiny_model_dir, sft_data, out)),
                              "--resume", "--max-steps", "100000"], cwd=ROOT, stderr=subprocess.DEVNULL)
     time.sleep(8)
     proc.kill()  # kill -9 while it holds the lock
     proc.wait()
-    args = train_args(tiny_model, sft_data, out)
+    args = train_args(tiny_model_dir, sft_data, out)
     args[args.index("--max-steps") + 1] = "100000"
     result = cli_process("train", *args, "--resume", "--max-steps", str(_checkpoint_step(out) + 1))
     assert result.returncode == 0, result.stderr
@@ -111,7 +111,7 @@ def one_line_of_stop(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_memory_follows_max_len_not_the_record(tiny_model, tmp_path):
+def test_memory_follows_max_len_not_the_record(tiny_model_dir, tmp_path):
     """One 12 MB record with --max-len 96: tokenized only as far as the sample can keep (whole, the
     tokenizer would take gigabytes for it)."""
     small, huge = tmp_path / "small.jsonl", tmp_path / "huge.jsonl"
@@ -122,7 +122,7 @@ def test_memory_follows_max_len_not_the_record(tiny_model, tmp_path):
         code = ("import resource, sys\nfrom engine.errors import run_cli\nfrom engine.train import main\n"
                 "try:\n    run_cli(main, sys.argv[1:])\nexcept SystemExit as e:\n    c = e.code\n"
                 "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, c)\n")
-        args = train_args(tiny_model, data, tmp_path / data.stem, "--max-steps", "1")
+        args = train_args(tiny_model_dir, data, tmp_path / data.stem, "--max-steps", "1")
         out = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
         rss, status = out.stdout.split()[-2:]
         assert status in ("0", "None"), out.stderr
@@ -150,9 +150,9 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def test_a_full_disk_is_one_line_and_leaves_no_temporary_folder(tiny_model, sft_data, small_disk):
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_folder(tiny_model_dir, sft_data, small_disk):
     out = small_disk / "run"
-    result = cli_process("train", *train_args(tiny_model, sft_data, out, "--save-every", "1"))
+    result = cli_process("train", *train_args(tiny_model_dir, sft_data, out, "--save-every", "1"))
     assert result.returncode == 74, result.stderr
     line = one_line_of_stop(result)
     assert "No space left on device" in line and str(small_disk) in line
@@ -161,12 +161,12 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_folder(tiny_model, sft_
     assert not (out / "run_complete.json").exists()
 
 
-def test_a_read_only_output_is_one_line(tiny_model, sft_data, tmp_path):
+def test_a_read_only_output_is_one_line(tiny_model_dir, sft_data, tmp_path):
     disk = tmp_path / "ro"
     if not _mount_tmpfs(disk, "1m", read_only=True):
         pytest.skip("mounting a read-only tmpfs is not permitted here")
     try:
-        result = cli_process("train", *train_args(tiny_model, sft_data, disk / "run"))
+        result = cli_process("train", *train_args(tiny_model_dir, sft_data, disk / "run"))
         assert result.returncode == 74, result.stderr
         assert "Read-only file system" in one_line_of_stop(result)
         assert snapshot(disk) == {}
@@ -174,7 +174,7 @@ def test_a_read_only_output_is_one_line(tiny_model, sft_data, tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def test_rlimit_file_size_is_reported_like_a_full_disk(tiny_model, sft_data, tmp_path):
+def test_rlimit_file_size_is_reported_like_a_full_disk(tiny_model_dir, sft_data, tmp_path):
     """Without mounting: RLIMIT_FSIZE makes writes past 20 kB fail (EFBIG), as a full disk would."""
     out = tmp_path / "run"
 
@@ -182,7 +182,7 @@ def test_rlimit_file_size_is_reported_like_a_full_disk(tiny_model, sft_data, tmp
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
     result = subprocess.run([sys.executable, "-m", "engine.train",
-                             *map(str, train_args(tiny_model, sft_data, out, "--save-every", "1"))],
+                             *map(str, train_args(tiny_model_dir, sft_data, out, "--save-every", "1"))],
                             cwd=ROOT, capture_output=True, text=True, preexec_fn=limit)
     assert result.returncode == 74, result.stderr
     assert "File too large" in one_line_of_stop(result)

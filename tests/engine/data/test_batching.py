@@ -1,4 +1,4 @@
-"""engine.batching / engine.packing: the seeded epoch order, padded batches, packed rows, and
+"""engine.data.batching / engine.data.packing: the seeded epoch order, padded batches, packed rows, and
 resuming at (epoch, batch index)."""
 
 from __future__ import annotations
