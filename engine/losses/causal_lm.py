@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -44,9 +45,34 @@ def completion_logps(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor
     runs fused (`kernels.linear_cross_entropy.sequence_logprobs`: no (N, V) logits).
     """
     hidden = model.hidden_states(batch.input_ids, batch.attention_mask, batch.position_ids)
+    return hidden_logps(hidden, model.lm_head.weight, batch)
+
+
+def hidden_logps(hidden: torch.Tensor, head_weight: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """`completion_logps` from hidden states (B, T, H) already computed."""
     labels = batch.labels[:, 1:]
-    logps = sequence_logprobs(hidden[:, :-1], model.lm_head.weight, labels, IGNORE)
+    logps = sequence_logprobs(hidden[:, :-1], head_weight, labels, IGNORE)
     return logps, (labels != IGNORE).sum(1)
+
+
+@torch.no_grad()
+def completion_kl(policy_hidden: torch.Tensor, ref_hidden: torch.Tensor, head_weight: torch.Tensor,
+                  batch: Batch, chunk_tokens: int = 256) -> tuple[float, int]:
+    """(Σ_t KL(π(·|t) ‖ π_ref(·|t)), number of t) over the trainable positions t of ``batch``.
+
+    KL(π ‖ π_ref) = Σ_v π(v) (log π(v) − log π_ref(v)), the exact divergence over the whole
+    vocabulary at each position that predicts a trainable token; the logits are formed
+    ``chunk_tokens`` positions at a time (two (chunk, V) fp32 blocks), never for all positions.
+    """
+    keep = batch.labels[:, 1:] != IGNORE
+    pol = policy_hidden[:, :-1][keep]  # (N, H)
+    ref = ref_hidden[:, :-1][keep]
+    total = torch.zeros((), dtype=torch.float64, device=pol.device)
+    for start in range(0, pol.shape[0], chunk_tokens):
+        lp = F.log_softmax(pol[start:start + chunk_tokens].float() @ head_weight.float().t(), dim=-1)
+        lr = F.log_softmax(ref[start:start + chunk_tokens].float() @ head_weight.float().t(), dim=-1)
+        total += (lp.exp() * (lp - lr)).sum(dtype=torch.float64)
+    return total.item(), pol.shape[0]
 
 
 def count_loss_tokens(batch: Batch) -> int:

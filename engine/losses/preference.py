@@ -28,6 +28,9 @@ Implicit rewards and metrics, under TRL's names (means over the pairs):
     rewards/accuracies 1 where rewards/chosen > rewards/rejected (strictly), else 0
     logps/chosen       π_c
     logps/rejected     π_r
+    logps/chosen_per_token, logps/rejected_per_token
+                       π_c / |y_c|, π_r / |y_r|: nats per completion token, comparable across
+                       answers of any length (a falling chosen value is likelihood displacement)
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
 # TRL divides each sequence's summed log-prob by its completion length for IPO only.
 IPO_MEANS_LOGPS = frozenset({"ipo"})
 METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected")
+                "logps/chosen", "logps/rejected", "logps/chosen_per_token", "logps/rejected_per_token")
 
 
 def check_loss_options(loss_type: str, beta: float, label_smoothing: float) -> None:
@@ -86,7 +89,8 @@ def implicit_rewards(policy: torch.Tensor, ref: torch.Tensor, beta: float) -> to
 
 
 def dpo_metrics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                ref_rejected: torch.Tensor, *, beta: float) -> dict[str, torch.Tensor]:
+                ref_rejected: torch.Tensor, *, beta: float, chosen_tokens: torch.Tensor,
+                rejected_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-pair values (B,) of every metric in `METRIC_NAMES`; the logged metric is their mean.
 
     Per-pair rather than means so that micro-batches of one accumulation window (or of an eval
@@ -101,6 +105,8 @@ def dpo_metrics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_
         "rewards/margins": chosen - rejected,
         "logps/chosen": policy_chosen.detach().float(),
         "logps/rejected": policy_rejected.detach().float(),
+        "logps/chosen_per_token": policy_chosen.detach().float() / chosen_tokens.clamp(min=1),
+        "logps/rejected_per_token": policy_rejected.detach().float() / rejected_tokens.clamp(min=1),
     }
 
 

@@ -8,14 +8,21 @@ One optimizer step (`train_step`), top to bottom:
    one forward under ``torch.no_grad`` in eval mode with the reference policy active
    (`engine.recipes.dpo_reference`); then the policy's: one forward of the 2B rows,
    ``log π(y | x) = Σ_t log p(y_t | x, y_<t)`` over the completion tokens only, through the fused
-   head (no (N, V) logits); IPO uses the per-token mean instead, as TRL does; then the per-pair
-   losses (`engine.losses.preference`) and ``(Σ losses / pairs in the window).backward()``;
+   head (no (N, V) logits); IPO uses the per-token mean instead, as TRL does; then
+
+       loss = Σ_pairs ℓ_DPO / P  +  α · Σ_chosen tokens −log π(y_t) / N_c
+
+   with P the pairs and N_c the chosen answers' tokens of the whole window (α = ``--rpo-alpha``,
+   TRL's RPO: an NLL term that keeps the chosen answers likely), and ``loss.backward()``;
 3. `engine.run.optimizer.Optimizer.step`: guard, clip, schedule, AdamW;
-4. `engine.run.session.Run.end_step`: log, evaluate and checkpoint on schedule.
+4. `engine.run.session.Run.end_step`: log, evaluate and checkpoint on schedule; then the
+   likelihood-displacement watch (`engine.recipes.dpo_monitor`).
 
 Metrics: train lines carry TRL's ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
-``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (means over the window's pairs); eval
-lines carry ``loss`` and the same metrics prefixed ``eval/``.
+``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (means over the window's pairs), the
+per-token ``logps/chosen_per_token`` / ``logps/rejected_per_token`` and, with RPO, ``nll_loss``;
+eval lines carry ``loss`` and the same metrics prefixed ``eval/``, plus ``eval/kl``: the mean
+per-token KL(π ‖ π_ref) over the held-out completions, exact over the vocabulary.
 """
 
 from __future__ import annotations
@@ -28,17 +35,14 @@ import torch
 from engine.config import TrainConfig
 from engine.data.batching import Batch
 from engine.data.preferences import PairBatchLoader, load_dpo_data
+from engine.data.render import IGNORE
 from engine.errors import InputError
-from engine.losses.causal_lm import completion_logps, count_loss_tokens
-from engine.losses.preference import (
-    IPO_MEANS_LOGPS,
-    check_loss_options,
-    dpo_losses,
-    dpo_metrics,
-    mean_metrics,
-)
+from engine.losses.causal_lm import completion_kl, completion_logps, count_loss_tokens, hidden_logps
+from engine.losses.preference import IPO_MEANS_LOGPS, check_loss_options, dpo_losses, dpo_metrics, mean_metrics
+from engine.recipes.dpo_monitor import DisplacementMonitor
 from engine.recipes.dpo_reference import ReferencePolicy, precompute_reference
 from engine.run.checkpoint import load_extra
+from engine.run.metrics import read_metrics
 from engine.run.session import Run, StepResult
 
 METHOD = "dpo"
@@ -47,23 +51,33 @@ REFERENCE_EXTRA = "reference_logps"  # checkpoint file of the precomputed refere
 
 @dataclass
 class DPOOptions:
-    """DPO's own settings; `from_config` reads them from TrainConfig's ``dpo_*`` / ``precompute_ref``."""
+    """DPO's own settings; `from_config` reads them from TrainConfig's ``dpo_*``, ``rpo_alpha`` and
+    ``precompute_ref``."""
 
     beta: float = 0.1
     loss: str = "sigmoid"
     label_smoothing: float = 0.0
     precompute_ref: bool = False
+    rpo_alpha: float = 0.0
+    warn_chosen_drop: float = 0.5  # nats per token; 0: no likelihood-displacement warning
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> DPOOptions:
         return cls(beta=cfg.dpo_beta, loss=cfg.dpo_loss, label_smoothing=cfg.dpo_label_smoothing,
-                   precompute_ref=cfg.precompute_ref)
+                   precompute_ref=cfg.precompute_ref, rpo_alpha=cfg.rpo_alpha,
+                   warn_chosen_drop=cfg.dpo_warn_chosen_drop)
 
     def validate(self) -> None:
         try:
             check_loss_options(self.loss, self.beta, self.label_smoothing)
         except ValueError as err:
             raise InputError(f"DPO options: {err}") from None
+        if not self.rpo_alpha >= 0:
+            raise InputError(f"DPO options: rpo alpha must be >= 0, got {self.rpo_alpha}")
+
+    def loss_label(self) -> str:
+        text = f"DPO loss ({self.loss}, β = {self.beta:g})"
+        return text + f" + {self.rpo_alpha:g} · chosen NLL" if self.rpo_alpha else text
 
 
 @dataclass
@@ -76,61 +90,97 @@ class PreferenceObjective:
     options: DPOOptions
     ref_tables: dict[str, torch.Tensor]
 
+    def table_logps(self, batch: Batch, split: str) -> torch.Tensor | None:
+        """The precomputed π_ref log-probs of the batch's 2B rows, or None."""
+        if split not in self.ref_tables:
+            return None
+        half = len(batch.sample_ids) // 2
+        table = self.ref_tables[split][[row[0] for row in batch.sample_ids[:half]]].to(batch.input_ids.device)
+        return torch.cat([table[:, 0], table[:, 1]])
 
-def pair_losses(obj: PreferenceObjective, batch: Batch, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair losses (B,) (differentiable when grad is on) and per-pair metrics of one pair batch."""
-    half = batch.input_ids.shape[0] // 2
-    if split in obj.ref_tables:
-        table = obj.ref_tables[split][[row[0] for row in batch.sample_ids[:half]]].to(batch.input_ids.device)
-        ref = torch.cat([table[:, 0], table[:, 1]])
-    else:  # before the policy forward: no graph may hold LoRA weights while the reference swaps them
+
+def losses_from_logps(options: DPOOptions, policy: torch.Tensor, ref: torch.Tensor,
+                      lengths: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair DPO losses (B,) and metrics from the 2B rows' summed log-probs and token counts."""
+    half = policy.shape[0] // 2
+    metrics = dpo_metrics(policy[:half], policy[half:], ref[:half], ref[half:], beta=options.beta,
+                          chosen_tokens=lengths[:half], rejected_tokens=lengths[half:])
+    if options.loss in IPO_MEANS_LOGPS:  # TRL: IPO on per-token mean log-probs
+        policy, ref = policy / lengths.clamp(min=1), ref / lengths.clamp(min=1)
+    losses = dpo_losses(policy[:half], policy[half:], ref[:half], ref[half:], beta=options.beta,
+                        loss_type=options.loss, label_smoothing=options.label_smoothing)
+    return losses, metrics
+
+
+def pair_losses(obj: PreferenceObjective, batch: Batch,
+                split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """(per-pair DPO losses (B,), per-pair metrics, the chosen rows' summed log-probs (B,)), the
+    first and last differentiable when grad is on."""
+    ref = obj.table_logps(batch, split)
+    if ref is None:  # before the policy forward: no graph may hold LoRA weights while the reference swaps them
         ref, _ = obj.reference.logps(batch)
     policy, lengths = completion_logps(obj.model, batch)
-    if obj.options.loss in IPO_MEANS_LOGPS:  # TRL: IPO on per-token mean log-probs
-        policy, ref = policy / lengths.clamp(min=1), ref / lengths.clamp(min=1)
-    pc, pr, rc, rr = policy[:half], policy[half:], ref[:half], ref[half:]
-    beta = obj.options.beta
-    losses = dpo_losses(pc, pr, rc, rr, beta=beta, loss_type=obj.options.loss,
-                        label_smoothing=obj.options.label_smoothing)
-    return losses, dpo_metrics(pc, pr, rc, rr, beta=beta)
+    losses, metrics = losses_from_logps(obj.options, policy, ref, lengths)
+    return losses, metrics, policy[:policy.shape[0] // 2]
+
+
+def chosen_tokens(batch: Batch) -> int:
+    """Completion tokens of the batch's chosen rows (the first half), counted on the CPU batch."""
+    return int((batch.labels[:len(batch.sample_ids) // 2, 1:] != IGNORE).sum())
 
 
 def train_step(run: Run, obj: PreferenceObjective, window: list[Batch]) -> StepResult:
-    """One optimizer step of DPO: each batch adds Σ losses / (pairs in the window) to the gradient."""
+    """One optimizer step of DPO (with RPO's chosen NLL when ``rpo_alpha`` > 0) over one window."""
     n_pairs = sum(len(b.sample_ids) // 2 for b in window)
+    n_chosen = max(sum(chosen_tokens(b) for b in window), 1)
+    alpha = obj.options.rpo_alpha
     total = torch.zeros((), dtype=torch.float32, device=run.device)
+    nll = torch.zeros((), dtype=torch.float32, device=run.device)
     parts = []
     for batch in window:
-        losses, metrics = pair_losses(obj, batch.to(run.device), "train")
-        (losses.sum() / n_pairs).backward()
-        total += losses.detach().sum()
+        losses, metrics, chosen_logps = pair_losses(obj, batch.to(run.device), "train")
+        batch_nll = -chosen_logps.sum() / n_chosen
+        (losses.sum() / n_pairs + alpha * batch_nll).backward()
+        total += losses.detach().sum() / n_pairs + alpha * batch_nll.detach()
+        nll += batch_nll.detach()
         parts.append(metrics)
-    loss = (total / n_pairs).item()
+    loss = total.item()
     update = run.optimizer.step(loss, run.step)
     samples = [run.data.train[row[0]].source for b in window for row in b.sample_ids[:len(b.sample_ids) // 2]]
+    metrics = mean_metrics(parts) | ({"nll_loss": nll.item()} if alpha else {})
     return StepResult(loss, update, tokens=sum(count_loss_tokens(b) for b in window),
-                      real_tokens=sum(int(b.attention_mask.sum()) for b in window), samples=samples,
-                      metrics=mean_metrics(parts))
+                      real_tokens=sum(int(b.attention_mask.sum()) for b in window), samples=samples, metrics=metrics)
 
 
 @torch.no_grad()
 def evaluate(obj: PreferenceObjective, loader: PairBatchLoader, device: torch.device) -> dict[str, Any]:
-    """Mean DPO loss over the held-out pairs and their metrics, prefixed ``eval/``."""
+    """Mean DPO loss over the held-out pairs, their metrics prefixed ``eval/``, and ``eval/kl``."""
     was_training = obj.model.training
     obj.model.eval()
-    total, pairs, parts = 0.0, 0, []
-    for batch in loader.batches(0):
-        losses, metrics = pair_losses(obj, batch.to(device), "eval")
-        total += losses.sum().item()
-        pairs += losses.numel()
+    weight = obj.model.lm_head.weight
+    total, pairs, parts, kl_sum, kl_tokens = 0.0, 0, [], 0.0, 0
+    for cpu_batch in loader.batches(0):
+        batch = cpu_batch.to(device)
+        ref_hidden = obj.reference.hidden_states(batch)
+        hidden = obj.model.hidden_states(batch.input_ids, batch.attention_mask, batch.position_ids)
+        policy, lengths = hidden_logps(hidden, weight, batch)
+        ref = obj.table_logps(batch, "eval")
+        ref = hidden_logps(ref_hidden, weight, batch)[0] if ref is None else ref
+        losses, metrics = losses_from_logps(obj.options, policy, ref, lengths)
+        kl, n = completion_kl(hidden, ref_hidden, weight, batch)
+        total, pairs, kl_sum, kl_tokens = total + losses.sum().item(), pairs + losses.numel(), kl_sum + kl, kl_tokens + n
         parts.append(metrics)
     obj.model.train(was_training)
-    return {"loss": total / pairs, "pairs": pairs, **{f"eval/{k}": v for k, v in mean_metrics(parts).items()}}
+    return {"loss": total / pairs, "pairs": pairs, **{f"eval/{k}": v for k, v in mean_metrics(parts).items()},
+            "eval/kl": kl_sum / max(kl_tokens, 1)}
 
 
 def summarize(result: dict[str, Any]) -> str:
-    return (f"eval loss {result['loss']:.4f}, reward accuracy {result['eval/rewards/accuracies']:.2f}, "
-            f"margin {result['eval/rewards/margins']:.4f}")
+    at_reference = result["eval/rewards/chosen"] == 0 and result["eval/rewards/rejected"] == 0
+    accuracy = "n/a (policy = reference)" if at_reference else f"{result['eval/rewards/accuracies']:.2f}"
+    return (f"eval loss {result['loss']:.4f}, reward accuracy {accuracy}, margin {result['eval/rewards/margins']:.4f}, "
+            f"chosen log-likelihood {result['eval/logps/chosen_per_token']:.3f} nats/token, "
+            f"KL to the reference {result['eval/kl']:.4f}")
 
 
 def train(cfg: TrainConfig, progress: bool = True, options: DPOOptions | None = None) -> Run:
@@ -151,9 +201,21 @@ def train(cfg: TrainConfig, progress: bool = True, options: DPOOptions | None = 
                                   options, ref_tables={})
         run.lineage_extra["dpo"] = dict(asdict(options), reference="initial adapter (frozen)"
                                         if cfg.init_adapter else "base model")
+        run.loss_label = options.loss_label()
+        monitor = DisplacementMonitor(options.warn_chosen_drop)
+
+        def evaluate_and_watch() -> dict[str, Any]:
+            result = evaluate(obj, eval_loader, run.device)
+            warning = monitor.observe(result["eval/logps/chosen_per_token"], result["eval/rewards/margins"],
+                                      result["eval/kl"])
+            if warning:
+                run.warn(warning)
+            return result
+
         resumed_from = run.start([run.data.train_report, run.data.eval_report],
-                                 (lambda: evaluate(obj, eval_loader, run.device)) if eval_loader else None,
-                                 summarize)
+                                 evaluate_and_watch if eval_loader else None, summarize)
+        if resumed_from is not None:
+            monitor.resume(read_metrics(run.output / "metrics.jsonl"), with_eval=eval_loader is not None)
         if options.precompute_ref:
             if resumed_from is not None:
                 obj.ref_tables.update(load_extra(resumed_from, REFERENCE_EXTRA))
@@ -165,6 +227,12 @@ def train(cfg: TrainConfig, progress: bool = True, options: DPOOptions | None = 
                             f"reference log-probs ({split})", progress)
             run.extras[REFERENCE_EXTRA] = obj.ref_tables
         for window in run.windows(loader):
-            run.end_step(train_step(run, obj, window))
+            result = train_step(run, obj, window)
+            run.end_step(result)
+            if eval_loader is None and result.update.applied:
+                warning = monitor.observe(result.metrics["logps/chosen_per_token"], result.metrics["rewards/margins"],
+                                          smooth=True)
+                if warning:
+                    run.warn(warning)
         run.finish()
         return run

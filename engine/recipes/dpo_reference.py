@@ -59,11 +59,22 @@ class ReferencePolicy:
     @torch.no_grad()
     def logps(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """`completion_logps` of π_ref, in eval mode (no dropout, no RNG drawn)."""
+        with self._evaluating():
+            return completion_logps(self.model, batch)
+
+    @torch.no_grad()
+    def hidden_states(self, batch: Batch) -> torch.Tensor:
+        """π_ref's final hidden states (B, T, H) of the batch, in eval mode."""
+        with self._evaluating():
+            return self.model.hidden_states(batch.input_ids, batch.attention_mask, batch.position_ids)
+
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
         was_training = self.model.training
         self.model.eval()
         try:
             with self.active():
-                return completion_logps(self.model, batch)
+                yield
         finally:
             self.model.train(was_training)
 

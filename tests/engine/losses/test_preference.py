@@ -91,8 +91,11 @@ def test_ipo_and_hinge_gradients():
     check(pc.grad, [0.0, -0.5, -0.5], "hinge dℓ/dπ_c")
 
 
+LENGTHS = dict(chosen_tokens=torch.tensor([5, 10, 0]), rejected_tokens=torch.tensor([7, 5, 1]))
+
+
 def test_metrics_match_hand_computed_values():
-    m = dpo_metrics(*pairs(), beta=0.1)
+    m = dpo_metrics(*pairs(), beta=0.1, **LENGTHS)
     assert tuple(m) == METRIC_NAMES
     check(m["rewards/chosen"], [0.2, -0.2, 0.0], "rewards/chosen")      # 0.1·(π_c − ref_c)
     check(m["rewards/rejected"], [-0.1, 0.1, 0.0], "rewards/rejected")  # 0.1·(π_r − ref_r)
@@ -100,7 +103,9 @@ def test_metrics_match_hand_computed_values():
     check(m["rewards/accuracies"], [1.0, 0.0, 0.0], "rewards/accuracies")  # ties count as wrong
     check(m["logps/chosen"], [-10.0, -20.0, -5.0], "logps/chosen")
     check(m["logps/rejected"], [-14.0, -15.0, -7.0], "logps/rejected")
-    means = mean_metrics([dpo_metrics(*pairs(), beta=0.1)])
+    check(m["logps/chosen_per_token"], [-2.0, -2.0, -5.0], "logps/chosen_per_token")  # an empty answer counts 1
+    check(m["logps/rejected_per_token"], [-2.0, -3.0, -7.0], "logps/rejected_per_token")
+    means = mean_metrics([dpo_metrics(*pairs(), beta=0.1, **LENGTHS)])
     expected = {"rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/accuracies": 1 / 3,
                 "rewards/margins": 0.0, "logps/chosen": -35 / 3, "logps/rejected": -12.0}
     for name, value in expected.items():
@@ -109,8 +114,9 @@ def test_metrics_match_hand_computed_values():
 
 def test_mean_metrics_averages_over_all_pairs_of_all_batches():
     pc, pr, rc, rr = pairs()
-    parts = [dpo_metrics(pc[:1], pr[:1], rc[:1], rr[:1], beta=0.1),
-             dpo_metrics(pc[1:], pr[1:], rc[1:], rr[1:], beta=0.1)]
+    ct, rt = LENGTHS["chosen_tokens"], LENGTHS["rejected_tokens"]
+    parts = [dpo_metrics(pc[:1], pr[:1], rc[:1], rr[:1], beta=0.1, chosen_tokens=ct[:1], rejected_tokens=rt[:1]),
+             dpo_metrics(pc[1:], pr[1:], rc[1:], rr[1:], beta=0.1, chosen_tokens=ct[1:], rejected_tokens=rt[1:])]
     assert math.isclose(mean_metrics(parts)["rewards/accuracies"], 1 / 3, abs_tol=1e-7)
     assert math.isclose(mean_metrics(parts)["rewards/chosen"], 0.0, abs_tol=1e-7)
 

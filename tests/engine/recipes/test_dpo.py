@@ -252,3 +252,29 @@ def test_sft_then_dpo_chain_from_the_cli(tiny_model_dir, pref_data, tmp_path):
     first_eval = next(json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()
                       if json.loads(line)["kind"] == "eval")
     assert first_eval["eval/rewards/margins"] == 0.0  # step 0: the policy is its own reference
+
+
+def test_rpo_adds_alpha_times_the_chosen_nll_per_token(tiny_model_dir, pref_data, tmp_path):
+    """At step 1 both runs start from the same weights and see the same window, so the logged losses
+    differ by exactly α · nll_loss, and nll_loss is the chosen answers' NLL per token."""
+    runs = {alpha: run_dpo(dpo_config(tiny_model_dir, pref_data, tmp_path / f"a{alpha}", max_steps=1, lora_dropout=0.0),
+                           rpo_alpha=alpha)
+            for alpha in (0.0, 2.0)}
+    plain, rpo = lines(tmp_path / "a0.0", "train")[0], lines(tmp_path / "a2.0", "train")[0]
+    assert "nll_loss" not in plain and rpo["nll_loss"] > 0
+    assert abs(rpo["loss"] - (plain["loss"] + 2.0 * rpo["nll_loss"])) < 1e-5 * rpo["loss"]
+    # nll_loss = −Σ log p over the chosen completion tokens of the window / their number
+    per_token = -rpo["logps/chosen_per_token"]  # a mean of per-pair ratios: close to, not equal to, the pooled mean
+    assert abs(rpo["nll_loss"] - per_token) < 0.1 * per_token
+    meta = runs[2.0].adapter_metadata()
+    assert meta["dpo"]["rpo_alpha"] == 2.0
+
+
+def test_step_zero_reports_no_reward_accuracy_and_eval_lines_carry_kl(tiny_model_dir, pref_data, tmp_path):
+    from engine.recipes.dpo import summarize
+
+    run_dpo(dpo_config(tiny_model_dir, pref_data, tmp_path / "run", max_steps=2))
+    first, last = lines(tmp_path / "run", "eval")[0], lines(tmp_path / "run", "eval")[-1]
+    assert first["eval/kl"] == 0.0 and last["eval/kl"] > 0  # policy = reference at step 0
+    assert "reward accuracy n/a (policy = reference)" in summarize(first)
+    assert "reward accuracy n/a" not in summarize(last)
