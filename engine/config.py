@@ -35,8 +35,8 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 MAX_SEED = 2**63 - 1
 # Defaults that differ by --method, used when the field is left unset (None).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sft": {"lr": 2e-4, "rpo_alpha": 0.0},
-    "dpo": {"lr": 5e-5, "rpo_alpha": 0.0},
+    "sft": {"lr": 2e-4},
+    "dpo": {"lr": 5e-5},
 }
 
 
@@ -96,9 +96,9 @@ class TrainConfig:
     dpo_label_smoothing: float = _opt(0.0, "DPO: label smoothing (sigmoid and robust losses).",
                                       range=Range(0, 0.5, high_open=True))
     precompute_ref: bool = _opt(False, "DPO: compute the reference log-probs once before training.")
-    rpo_alpha: float | None = _opt(None, "DPO: weight of the chosen answers' NLL per token added to the loss "
-                                   "(RPO; TRL's rpo_alpha); it keeps the preferred answers likely "
-                                   "(default: 0.0 for --method dpo, i.e. off).", range=AT_LEAST_0)
+    rpo_alpha: float = _opt(0.0, "DPO: weight of the chosen answers' NLL per token added to the loss (RPO; "
+                            "TRL's rpo_alpha); it keeps the preferred answers likely. 0 turns it off.",
+                            range=AT_LEAST_0)
     dpo_warn_chosen_drop: float = _opt(0.5, "DPO: warn when the chosen answers' log-likelihood has fallen by more "
                                        "than this many nats per token since step 0 while the reward margin "
                                        "grows (likelihood displacement); 0 turns the warning off.",

@@ -38,6 +38,7 @@ from engine.adapters import (
 from engine.cli import ArgumentParser
 from engine.errors import InputError, run_cli
 from engine.atomic import atomic_dir
+from engine.run.folder import is_inside
 from engine.run.setup import DTYPES
 from models.loading import read_config, save_model, weight_files
 from models.quantized import dequantize_linears, quantize_linears
@@ -85,7 +86,7 @@ def readme_text(base: str, adapter: str, dtype: torch.dtype, report: MergeReport
 def check_out(out: Path, base_dir: Path, adapter: Path, overwrite: bool) -> None:
     """Raise InputError unless ``out`` may receive the merged model (see the module docstring)."""
     for what, path in (("the base model", base_dir), ("the adapter", adapter)):
-        if path.exists() and (_inside(out, path) or _inside(path, out)):
+        if path.exists() and (is_inside(out, path) or is_inside(path, out)):
             raise InputError(f"--out {out}: is or holds {what} ({path}), which the merge reads; choose another folder")
     if not out.exists():
         return
@@ -105,10 +106,6 @@ def _written_by_merge(folder: Path) -> bool:
     readme = folder / "README.md"
     return (folder / MERGE_MARKER).is_file() or (
         readme.is_file() and "Written by `python -m engine.merge`." in readme.read_text(errors="replace"))
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    return path.resolve().is_relative_to(folder.resolve())
 
 
 def merge_to_folder(base: str, adapter: str, out: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,

@@ -190,6 +190,7 @@ def _messages(turns: Any, fmt: str, key: str) -> tuple[dict[str, str], ...] | In
     if not turns:
         return Invalid(f"field {key!r} is an empty list")
     role_key, content_key = ("role", "content") if fmt == "messages" else ("from", "value")
+    known = ROLES if fmt == "messages" else tuple(SHAREGPT_ROLES)
     out = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
@@ -197,7 +198,6 @@ def _messages(turns: Any, fmt: str, key: str) -> tuple[dict[str, str], ...] | In
         if not isinstance(turn.get(content_key), str):
             return _field_problem(turn, content_key, f"{key}[{i}].{content_key}")
         role = turn.get(role_key)
-        known = ROLES if fmt == "messages" else tuple(SHAREGPT_ROLES)
         if role not in known:
             return Invalid(f"{key}[{i}].{role_key} is {role!r}, expected one of {', '.join(known)}")
         out.append({"role": role if fmt == "messages" else SHAREGPT_ROLES[role], "content": turn[content_key]})

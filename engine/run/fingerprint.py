@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from engine.config import TrainConfig
-from engine.run.folder import file_sha256
+from engine.run.folder import data_file_record, file_sha256
 from models.loading import weight_files
 
 IDENTITY_FIELDS = ("method", "format", "eval_split", "max_len", "length_policy", "pack", "train_on_prompt",
@@ -41,7 +41,7 @@ NOTE_FIELDS = (*SCHEDULE_FIELDS, "model_name")
 
 def run_identity(cfg: TrainConfig, model_dir: Path, max_len: int, dtype: torch.dtype) -> dict[str, Any]:
     """The identity of a run (see the module docstring); plain JSON values."""
-    fields = {name: getattr(cfg, name) for name in IDENTITY_FIELDS if hasattr(cfg, name)}
+    fields = {name: getattr(cfg, name) for name in IDENTITY_FIELDS}
     fields["max_len"] = max_len  # the resolved length, not the flag's None
     if cfg.init_adapter:
         for name in ADAPTER_FIELDS:
@@ -51,9 +51,8 @@ def run_identity(cfg: TrainConfig, model_dir: Path, max_len: int, dtype: torch.d
     fields["model_name"] = cfg.model
     fields["model"] = {"config_sha256": file_sha256(model_dir / "config.json"),
                        "weights": {f.name: f.stat().st_size for f in weight_files(model_dir)}}
-    fields["data"] = {"path": str(Path(cfg.data).resolve()), "sha256": file_sha256(cfg.data)}
-    fields["eval_data"] = ({"path": str(Path(cfg.eval_data).resolve()), "sha256": file_sha256(cfg.eval_data)}
-                           if cfg.eval_data else None)
+    fields["data"] = data_file_record(cfg.data)
+    fields["eval_data"] = data_file_record(cfg.eval_data) if cfg.eval_data else None
     fields.update({name: getattr(cfg, name) for name in SCHEDULE_FIELDS})
     return fields
 

@@ -63,7 +63,8 @@ def model_files_in(folder: Path) -> list[str]:
     return found or sorted(p.name for p in folder.glob("*.safetensors"))
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def is_inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (links resolved)."""
     return path.resolve().is_relative_to(folder.resolve())
 
 
@@ -100,7 +101,7 @@ class RunFolder:
             raise InputError(f"--output {out}: holds a model ({', '.join(models[:3])}), not a run; a run never "
                              "writes into a model folder: choose another --output")
         for path in protect:
-            if path.exists() and _inside(out, path):
+            if path.exists() and is_inside(out, path):
                 raise InputError(f"--output {out} lies inside {path}, which this run reads; choose another folder")
         if not is_run_folder(out):
             clash = [name for name in OWNED if (out / name).exists()]
@@ -119,7 +120,7 @@ class RunFolder:
             what = "a finished run" if finished else "an unfinished run (use --resume to continue it)"
             raise InputError(f"--output {out}: holds {what}; pass --overwrite to replace it")
         for path in protect:
-            doomed = [out / name for name in OWNED if (out / name).exists() and _inside(path, out / name)]
+            doomed = [out / name for name in OWNED if (out / name).exists() and is_inside(path, out / name)]
             if doomed:
                 raise InputError(f"--overwrite would delete {doomed[0]}, which holds {path} that this run reads; "
                                  "copy it elsewhere first or choose another --output")
@@ -184,16 +185,22 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def lineage(*, method: str, base_model: str, data_files: list[str], steps: int,
+def data_file_record(path: str | Path) -> dict[str, str]:
+    """``{"path": absolute path, "sha256": hex digest}`` of a data file."""
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
+
+
+def lineage(*, method: str, base_model: str, data: list[dict[str, str]], steps: int,
             parent_adapter: str | None, parent_lineage: dict | None) -> dict[str, Any]:
     """The record stored in an adapter's metadata so a chain of runs can be traced back.
 
+    ``data``: the `data_file_record` of each data file, hashed once when the run started.
     ``parent`` nests the starting adapter's own record (None for a fresh adapter).
     """
     return {
         "method": method,
         "base_model": base_model,
-        "data": [{"path": str(Path(f).resolve()), "sha256": file_sha256(f)} for f in data_files],
+        "data": data,
         "steps": steps,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "parent_adapter": str(Path(parent_adapter).resolve()) if parent_adapter else None,

@@ -287,8 +287,8 @@ class Run:
 
     def adapter_metadata(self) -> dict[str, Any]:
         cfg = self.cfg
-        files = [cfg.data] + ([cfg.eval_data] if cfg.eval_data else [])
-        record = lineage(method=self.method, base_model=cfg.model, data_files=files, steps=self.step,
+        data = [self.identity["data"]] + ([self.identity["eval_data"]] if cfg.eval_data else [])
+        record = lineage(method=self.method, base_model=cfg.model, data=data, steps=self.step,
                          parent_adapter=cfg.init_adapter, parent_lineage=self.trainable.parent_lineage)
         return {**record, **self.lineage_extra}
 
