@@ -20,29 +20,40 @@ through the same term, on ``A`` through ``h``, and on ``x`` through the base pro
     dX = ∂L/∂x = dY · W + (dH · A) ⊙ keep / (1 − p)      (N, in)    base path + dropout path
     dW, dbias: none (the base is frozen; asking for them is an error).
 
-Kernels (Triton): forward = (1) ``_lowrank_down_kernel``: h = drop(x)·Aᵀ with dropout fused into
-the load of x, (2) ``_lora_matmul_kernel``: one tiled GEMM whose fp32 accumulator starts from the
-low-rank term s·h·Bᵀ (a small second ``tl.dot`` over r) and then accumulates x·Wᵀ. Backward =
-dH by (1) with U = B, dX by (2) with the dropout mask applied to the low-rank term only, and dA,
-dB by ``_lowrank_wgrad_kernel`` (reductions over the N tokens, split across programs and summed).
+Where each product runs: the base GEMMs ``x·Wᵀ`` (forward) and ``dY·W`` (dX) go through
+cuBLAS (``torch.addmm`` / ``torch.mm``, fp32 accumulation), the same path as the adapter-off layer;
+only the low-rank update is ours, in three small Triton kernels:
+(1) ``_lowrank_down_kernel``: h = drop(x)·Aᵀ in fp32, dropout fused into the load of x (and dH by
+the same kernel with U = B, no dropout); (2) ``_lowrank_up_kernel``: C += scale · [keep ⊙] (H·U)
+in place on the cuBLAS output, H split into two 16-bit halves so the fp32 h keeps ~16 bits (the
+forward adds s·h·Bᵀ to y; the backward adds keep/(1−p) ⊙ dH·A to dX, the dropout mask drawn in
+this rank-r kernel, never inside a big GEMM tile); (3) ``_lowrank_wgrad_kernel``: dA and dBᵀ as
+reductions over the N tokens, split across programs and summed. The up-projection reads and
+writes C once more (N·out elements): ~10 % of the GEMM's time at N = 4096, bench_lora measures it.
 NF4 weights are dequantized (``kernels.nf4.dequantize_nf4``, its Triton kernel on a GPU) into a
-temporary and the same GEMM runs on it: the dequantization moves ~2.6 bytes per weight against
-the GEMM's 2·N flops per weight, so a fused dequant-GEMM would save little at N ≥ 2048 tokens.
+temporary that the GEMM reads: the dequantization moves ~2.6 bytes per weight against the GEMM's
+2·N flops per weight. Under gradient checkpointing the recompute keeps its dequantized weight for
+the backward that follows at once (`kernels.nf4.keep_dequantized`), so each NF4 weight is
+dequantized twice per step (forward, recompute), not three times.
 
 Dropout mask: ``keep[i, j] = U(seed, i·in + j) ≥ p`` with U Triton's ``tl.rand`` (Philox-4x32-10).
-The forward, the dX epilogue and the dA kernel regenerate it from the seed, so no (N, in) mask is
-stored. ``dropout_keep_mask`` recomputes the same mask in plain torch, bit for bit, so the
-reference given the same ``seed`` applies the same mask as the kernels. Without a ``seed`` the
-public op draws one from torch's generator for the kernels, and also for the reference when the
-kernel mode is forced (``ENGINE_KERNELS=reference`` or ``triton``), so that A/B runs and tests
-compare the same masks; in the default ``auto`` mode the reference (a CPU run) draws a cheaper
-mask from torch's generator instead.
+The forward, the dX up-projection and the dA kernel regenerate it from the seed, so no (N, in)
+mask is stored. The kernels read the seed from a one-element int64 tensor on the device: without a
+``seed`` argument the public op draws it there with ``torch.randint`` (the device's generator, which
+``torch.manual_seed`` fixes and activation checkpointing replays), so no call reads anything on
+the host. ``dropout_keep_mask`` recomputes the same mask in plain torch, bit for bit, so the
+reference given the same ``seed`` applies the same mask as the kernels; when the kernel mode is
+forced (``ENGINE_KERNELS=reference`` or ``triton``) both draw the seed alike from torch's generator,
+so that A/B runs and tests compare the same masks; in the default ``auto`` mode the reference (a
+CPU run) draws a cheaper mask from torch's generator instead.
 
 Saved for backward: ``x`` (needed for dA; it is the layer input that autograd keeps alive
 anyway), ``h`` (N, r) in fp32 (tiny: r ≪ in; recomputing it would re-read x), ``lora_A``,
-``lora_B``, the base weight (a reference to the frozen parameter, or the small packed NF4 object,
-dequantized again in backward rather than keeping a dense (out, in) copy alive), and the seed.
-Never drop(x) or the mask (N, in), never a gradient buffer for W.
+``lora_B``, the base weight (a reference to the frozen parameter; for NF4 the small packed object,
+dequantized again in backward rather than keeping a dense (out, in) copy alive between the
+forward and the backward — except under `kernels.nf4.keep_dequantized`, i.e. gradient checkpointing,
+where the copy is dropped after the forward and lives from the recompute to the backward), and the seed tensor. Never drop(x) or the mask (N, in), never a
+gradient buffer for W.
 
 Strides: every 2-D operand is passed to the kernels with its own row/column strides, so
 transposed or sliced 2-D views run without a copy; leading dims of x are flattened with
@@ -60,7 +71,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import interpreting, kernel_mode, use_triton
-from kernels.nf4 import NF4Tensor, dequantize_nf4
+from kernels.nf4 import NF4Tensor, dequantize_nf4, keeping_dequantized
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -211,9 +222,9 @@ def _keep_mask(seed, rows, cols, n_cols, p):
 
 @triton.jit
 def _lowrank_down_kernel(
-    x_ptr, u_ptr, h_ptr, M, K, R, M_BUCKET,
+    x_ptr, u_ptr, h_ptr, seed_ptr, M, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_uk, stride_ur, stride_hm, stride_hr,
-    scale, seed, p,
+    scale, p,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -224,6 +235,7 @@ def _lowrank_down_kernel(
     rs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     ks = tl.arange(0, BLOCK_K)
     row_ok, r_ok = rows < M, rs < R
+    seed = tl.load(seed_ptr) if DROPOUT else 0
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk
     u_ptrs = u_ptr + ks[:, None] * stride_uk + rs[None, :] * stride_ur
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -241,66 +253,42 @@ def _lowrank_down_kernel(
 
 
 @triton.jit
-def _lora_matmul_kernel(
-    x_ptr, w_ptr, h_ptr, u_ptr, bias_ptr, c_ptr, M, N, K, R, M_BUCKET,
-    stride_xm, stride_xk, stride_wk, stride_wn, stride_hm, stride_hr, stride_ur, stride_un,
-    stride_cm, stride_cn,
-    lowrank_scale, seed, p,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+def _lowrank_up_kernel(
+    h_ptr, u_ptr, c_ptr, seed_ptr, M, N, R, M_BUCKET,
+    stride_hm, stride_hr, stride_ur, stride_un, stride_cm, stride_cn,
+    scale, p,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """C[M, N] = lowrank_scale · [keep ⊙] (H[M, R] · U[R, N]) + X[M, K] · W[K, N] (+ bias[N]).
-    Forward: X = x, W = Wᵀ (the base weight), H = h, U = Bᵀ (LoRA's B), scale s. Backward dX:
-    X = dY, W = W, H = dH, U = A (LoRA's A), scale 1/(1−p), keep = the forward's dropout mask of x
-    (N = in)."""
-    # Grouped tile order: GROUP_M row-tiles run next to each other and share W's column tile in L2.
-    pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_rows = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
-    pid_n = (pid % (GROUP_M * num_n)) // group_rows
-    # Rows/cols wrap (% M, % N) so the loads need no M/N mask; the final store is masked.
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    # The low-rank term first: the main loop then accumulates onto it, so one fp32 accumulator
-    # serves both products (and the dropout mask touches the low-rank part only).
+    """C[M, N] += scale · [keep ⊙] (H[M, R] · U[R, N]), in place on C (the cuBLAS output).
+    Forward: H = h, U = Bᵀ, scale s, no dropout. Backward dX: H = dH, U = A, scale 1/(1−p),
+    keep = the forward's dropout mask of x (N = in). The tile is small (its K is the rank), so the
+    Philox mask costs registers here and not inside a (BLOCK × BLOCK × K) GEMM."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
     rs = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         r_ok = r0 + rs < R
         h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_hm + (r0 + rs)[None, :] * stride_hr,
-                    mask=r_ok[None, :], other=0.0)
+                    mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         u = tl.load(u_ptr + (r0 + rs)[:, None] * stride_ur + cols[None, :] * stride_un,
-                    mask=r_ok[:, None], other=0.0)
+                    mask=r_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _dot_split(h, u, acc, DOT_PRECISION)
     if DROPOUT:
-        acc = tl.where(_keep_mask(seed, rows, cols, N, p), acc, 0.0)
-    acc = acc * lowrank_scale
-    ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk
-    w_ptrs = w_ptr + ks[:, None] * stride_wk + cols[None, :].to(tl.int64) * stride_wn
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptrs, mask=ks[None, :] < K - k0, other=0.0)
-        w = tl.load(w_ptrs, mask=ks[:, None] < K - k0, other=0.0)
-        acc = _dot(x, w, acc, DOT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-    out_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    out_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + out_rows[:, None].to(tl.int64) * stride_cm + out_cols[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(out_rows < M)[:, None] & (out_cols < N)[None, :])
+        acc = tl.where(_keep_mask(tl.load(seed_ptr), rows, cols, N, p), acc, 0.0)
+    c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
+    c_mask = row_ok[:, None] & col_ok[None, :]
+    c = tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, (c + acc * scale).to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
 def _lowrank_wgrad_kernel(
-    l_ptr, x_ptr, g_ptr, M, N, R, M_BUCKET, rows_per_split,
+    l_ptr, x_ptr, g_ptr, seed_ptr, M, N, R, M_BUCKET, rows_per_split,
     stride_lm, stride_lr, stride_xm, stride_xn, stride_gs, stride_gr, stride_gn,
-    scale, seed, p,
+    scale, p,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -312,6 +300,7 @@ def _lowrank_wgrad_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rs = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     col_ok, r_ok = cols < N, rs < R
+    seed = tl.load(seed_ptr) if DROPOUT else 0
     m_start = pid_s * rows_per_split
     m_end = tl.minimum(M, m_start + rows_per_split)
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
@@ -333,35 +322,33 @@ def _lowrank_wgrad_kernel(
 # 3. Launchers: block sizes, grids, outputs
 # ---------------------------------------------------------------------------------------------
 
-# H100/H200 candidates (bf16 wgmma tiles 64–256 wide, 4–8 warps); configs that run out of shared
-# memory (fp32 with the largest tiles) are skipped by the autotuner. The key buckets M to a power
-# of two, so a training run with varying token counts tunes a handful of times, not every step.
-_MATMUL_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4),
-                             (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 32, 4, 4)]
-]
+# H100/H200 candidates; the rank side of every tile is BLOCK_R (16–64), so the tiles stay small.
+# The key buckets M to a power of two, so a training run with varying token counts tunes a
+# handful of times, not every step.
 _DOWN_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bk, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (32, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3)]
+]
+_UP_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(64, 128, 4, 2), (128, 64, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2)]
 ]
 _WGRAD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4), (32, 128, 4, 4), (128, 128, 8, 3)]
 ]
-_KEY = ["M_BUCKET", "N", "K", "R", "DROPOUT"]
-_matmul_tuned = triton.autotune(_MATMUL_CONFIGS, key=_KEY)(_lora_matmul_kernel)
 _down_tuned = triton.autotune(_DOWN_CONFIGS, key=["M_BUCKET", "K", "R", "DROPOUT"])(_lowrank_down_kernel)
+_up_tuned = triton.autotune(_UP_CONFIGS, key=["M_BUCKET", "N", "R", "DROPOUT"])(_lowrank_up_kernel)
 _wgrad_tuned = triton.autotune(_WGRAD_CONFIGS, key=["M_BUCKET", "N", "R", "DROPOUT"])(_lowrank_wgrad_kernel)
 
 # Under TRITON_INTERPRET (CPU tests) one small fixed config: tiles smaller than the test shapes,
 # so tails, several tiles and several M splits are all exercised.
-_INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+_INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
 _WGRAD_ROWS_PER_SPLIT = 512  # GPU: rows each program reduces (a multiple of every BLOCK_M)
 
 
 class _Dropout(NamedTuple):
-    seed: int
+    seed: torch.Tensor  # (1,) int64 on the device: the kernels load it, the host never reads it
     p: float
 
 
@@ -387,8 +374,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _dropout_args(drop: _Dropout | None) -> dict:
-    return {"seed": drop.seed if drop else 0, "p": drop.p if drop else 0.0, "DROPOUT": drop is not None}
+def _seed_ptr(drop: _Dropout | None, unused: torch.Tensor) -> torch.Tensor:
+    """The seed tensor; without dropout any tensor (the kernel never reads it then)."""
+    return drop.seed if drop else unused
+
+
+def _p(drop: _Dropout | None) -> float:
+    return drop.p if drop else 0.0
 
 
 def _lowrank_down(x: torch.Tensor, u: torch.Tensor, scale: float, drop: _Dropout | None) -> torch.Tensor:
@@ -401,26 +393,21 @@ def _lowrank_down(x: torch.Tensor, u: torch.Tensor, scale: float, drop: _Dropout
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r))
 
     _launch(_lowrank_down_kernel, _down_tuned, grid, ("BLOCK_M", "BLOCK_K"),
-            x, u, h, m, k, r, triton.next_power_of_2(m), *x.stride(), *u.stride(), *h.stride(), scale,
-            **_dropout_args(drop), DOT_PRECISION=_dot_precision(x.dtype), BLOCK_R=block_r)
+            x, u, h, _seed_ptr(drop, h), m, k, r, triton.next_power_of_2(m), *x.stride(), *u.stride(),
+            *h.stride(), scale, _p(drop), DROPOUT=drop is not None, DOT_PRECISION=_dot_precision(x.dtype),
+            BLOCK_R=block_r)
     return h
-
-
-def _matmul(x, w, h, u, lowrank_scale: float, bias, drop: _Dropout | None) -> torch.Tensor:
-    """``lowrank_scale · [keep ⊙](h·u) + x·w (+ bias)`` for x (M, K), w (K, N), h (M, R), u (R, N)
-    (any strides) → (M, N) contiguous in x's dtype."""
-    (m, k), n, r = x.shape, w.shape[1], h.shape[1]
-    c = torch.empty((m, n), dtype=x.dtype, device=x.device)
+def _lowrank_up_(c: torch.Tensor, h: torch.Tensor, u: torch.Tensor, scale: float, drop: _Dropout | None) -> None:
+    """``c += scale · [keep ⊙] (h · u)`` in place, for c (M, N), h (M, R) fp32, u (R, N), any strides."""
+    (m, n), r = c.shape, h.shape[1]
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
 
-    _launch(_lora_matmul_kernel, _matmul_tuned, grid, ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"),
-            x, w, h, u, bias if bias is not None else c, c, m, n, k, r, triton.next_power_of_2(m),
-            *x.stride(), *w.stride(), *h.stride(), *u.stride(), *c.stride(), lowrank_scale,
-            **_dropout_args(drop), HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x.dtype),
+    _launch(_lowrank_up_kernel, _up_tuned, grid, ("BLOCK_M", "BLOCK_N"),
+            h, u, c, _seed_ptr(drop, h), m, n, r, triton.next_power_of_2(m), *h.stride(), *u.stride(),
+            *c.stride(), scale, _p(drop), DROPOUT=drop is not None, DOT_PRECISION=_dot_precision(c.dtype),
             BLOCK_R=_block_r(r))
-    return c
 
 
 def _num_sms(device: torch.device) -> int:
@@ -444,8 +431,9 @@ def _wgrad(lo: torch.Tensor, x: torch.Tensor, scale: float, drop: _Dropout | Non
         return (triton.cdiv(n, meta["BLOCK_N"]), splits, triton.cdiv(r, block_r))
 
     _launch(_lowrank_wgrad_kernel, _wgrad_tuned, grid, ("BLOCK_M", "BLOCK_N"),
-            lo, x, g, m, n, r, triton.next_power_of_2(m), rows_per_split, *lo.stride(), *x.stride(),
-            *g.stride(), scale, **_dropout_args(drop), DOT_PRECISION=_dot_precision(x.dtype), BLOCK_R=block_r)
+            lo, x, g, _seed_ptr(drop, g), m, n, r, triton.next_power_of_2(m), rows_per_split, *lo.stride(),
+            *x.stride(), *g.stride(), scale, _p(drop), DROPOUT=drop is not None,
+            DOT_PRECISION=_dot_precision(x.dtype), BLOCK_R=block_r)
     return g.sum(0) if splits > 1 else g[0]
 
 
@@ -462,12 +450,16 @@ class LoRALinearFunction(torch.autograd.Function):
         w = _dense_weight(weight, x.dtype)
         lora_a, lora_b = lora_A.to(x.dtype), lora_B.to(x.dtype)
         keep_scale = 1.0 / (1.0 - drop.p) if drop else 1.0
+        y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())  # cuBLAS (N, out)
         h = _lowrank_down(x, lora_a.t(), keep_scale, drop)  # (N, r) fp32 = drop(x)·Aᵀ
-        y = _matmul(x, w.t(), h, lora_b.t(), scale, bias, None)
+        _lowrank_up_(y, h, lora_b.t(), scale, None)  # y += s·h·Bᵀ
         # x for dA (no (N, in) mask: the seed regenerates it), h (N, r) for dB, A and B for dX and
-        # dH; the frozen weight as the parameter itself, or packed NF4 to re-dequantize in backward.
-        ctx.save_for_backward(x, h, lora_A, lora_B, w if isinstance(weight, torch.Tensor) else None)
-        ctx.nf4_weight = None if isinstance(weight, torch.Tensor) else weight
+        # dH; the frozen weight as the parameter itself, or packed NF4 to re-dequantize in backward
+        # (the dense copy only under checkpointing: dropped after the forward, the recompute's
+        # feeds the backward that runs right after).
+        keep_dense = isinstance(weight, torch.Tensor) or keeping_dequantized()
+        ctx.save_for_backward(x, h, lora_A, lora_B, w if keep_dense else None)
+        ctx.nf4_weight = None if keep_dense else weight
         ctx.scale, ctx.drop = scale, drop
         return y
 
@@ -483,7 +475,8 @@ class LoRALinearFunction(torch.autograd.Function):
             dh = _lowrank_down(dy, lora_b, s, None)  # (N, r) = s·dY·B
         if ctx.needs_input_grad[0]:
             w = w if w is not None else _dense_weight(ctx.nf4_weight, x.dtype)
-            dx = _matmul(dy, w, dh, lora_a, keep_scale, None, drop)  # dY·W + keep/(1−p) ⊙ dH·A
+            dx = torch.mm(dy, w)  # cuBLAS dY·W (N, in)
+            _lowrank_up_(dx, dh, lora_a, keep_scale, drop)  # += keep/(1−p) ⊙ dH·A
         if ctx.needs_input_grad[2]:
             d_a = _wgrad(dh, x, keep_scale, drop).to(lora_A.dtype)  # dHᵀ·drop(x)
         if ctx.needs_input_grad[3]:
@@ -502,9 +495,11 @@ def lora_linear(x, weight, lora_A, lora_B, scale, dropout_p=0.0, training=False,
     ``weight``: frozen (out, in) tensor in x's dtype, or an ``NF4Tensor``; ``lora_A`` (r, in),
     ``lora_B`` (out, r), any float dtype (computed in x's dtype, gradients in their own); ``bias``
     (out,) frozen. Dropout on x's LoRA path when ``training`` and ``dropout_p > 0``, its mask drawn
-    from ``seed`` (default: a seed from torch's CPU generator, so ``torch.manual_seed`` and
-    activation checkpointing reproduce it). Triton kernels when ``kernels.backend.use_triton``
-    says so (CUDA tensors, or a forced mode) and x is fp32/bf16/fp16; else `lora_linear_ref`.
+    from ``seed`` (an int, or a one-element int64 tensor on x's device; default: drawn from torch's
+    generator of x's device, so ``torch.manual_seed`` and activation checkpointing reproduce it).
+    Triton kernels when ``kernels.backend.use_triton`` says so (CUDA tensors, or a forced mode) and
+    x is fp32/bf16/fp16; else `lora_linear_ref`. Checks every operand (errors name the argument);
+    `lora_linear_checked` is the same op for callers that checked them once (`LoRALinear`).
     Module docstring: the backward, what is saved, stride handling.
     """
     _check_inputs("lora_linear", x, weight, lora_A, lora_B, scale, dropout_p, bias)
@@ -512,15 +507,35 @@ def lora_linear(x, weight, lora_A, lora_B, scale, dropout_p=0.0, training=False,
     if frozen and torch.is_grad_enabled():
         raise ValueError(f"lora_linear: {' and '.join(frozen)} requires grad, but the base layer is frozen "
                          f"(no gradient is computed for it); call .requires_grad_(False) on it")
+    return lora_linear_checked(x, weight, lora_A, lora_B, scale, dropout_p, training, bias, seed=seed)
+
+
+def lora_linear_checked(x, weight, lora_A, lora_B, scale, dropout_p=0.0, training=False, bias=None, *,
+                        seed=None):
+    """`lora_linear` without the per-call operand checks: for a caller that validated shapes,
+    dtypes and the frozen base once (a module whose operands are fixed at construction), so that a
+    training step spends no host time re-checking them on every call."""
     dense = weight if isinstance(weight, torch.Tensor) else None
     triton_path = x.dtype in _KERNEL_DTYPES and x.numel() > 0 and use_triton(x, dense, lora_A, lora_B, bias)
     dropping = training and dropout_p > 0
-    if dropping and seed is None and (triton_path or kernel_mode() != "auto"):
-        # the kernels' mask, from a seed drawn alike in both forced modes (A/B runs compare the same masks)
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
     if not triton_path:
+        if dropping and seed is None and kernel_mode() != "auto":
+            # the kernels' mask, from a seed drawn as the Triton path draws it (A/B runs compare the same masks)
+            seed = int(torch.randint(0, 2**31 - 1, (1,), device=x.device).item())
+        if isinstance(seed, torch.Tensor):
+            seed = int(seed.item())
         return lora_linear_ref(x, weight, lora_A, lora_B, scale, dropout_p, training, bias, seed=seed)
-    drop = _Dropout(int(seed), float(dropout_p)) if dropping else None
+    drop = _Dropout(_seed_tensor(seed, x.device), float(dropout_p)) if dropping else None
     n_out, n_in = weight.shape
     y = LoRALinearFunction.apply(x.reshape(-1, n_in), weight, lora_A, lora_B, bias, float(scale), drop)
     return y.view(*x.shape[:-1], n_out)
+
+
+def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
+    """The dropout seed as a (1,) int64 tensor on ``device``: drawn there from torch's generator
+    when ``seed`` is None (no host read), else the given int or tensor."""
+    if seed is None:
+        return torch.randint(0, 2**31 - 1, (1,), device=device)
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(1).to(device=device, dtype=torch.int64)
+    return torch.tensor([int(seed)], dtype=torch.int64, device=device)

@@ -37,7 +37,10 @@ gradient path through a frozen NF4 weight lives in `kernels/nf4_linear.py`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -288,3 +291,33 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.T
         return _nf4_dequant_triton(q, dtype)
     return nf4_dequant_ref(q, dtype)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Keeping a dequantized weight for the backward (gradient checkpointing)
+# ----------------------------------------------------------------------------------------------
+
+_KEEP_DEQUANTIZED: contextvars.ContextVar[bool] = contextvars.ContextVar("keep_dequantized", default=False)
+
+
+@contextlib.contextmanager
+def keep_dequantized() -> Iterator[None]:
+    """Within: the products through an NF4 weight (`kernels.lora`, `kernels.nf4_linear`) save the
+    dense weight they dequantized for their backward, instead of dequantizing it again there.
+
+    Meant for both phases of activation checkpointing (``checkpoint(..., context_fn=...)``, which
+    requires the forward and the recompute to save the same tensors): what the forward saves is
+    dropped by checkpointing at once, and the backward of the recomputed block follows at once and
+    frees the copy, so a weight costs two dequantizations per step (forward, recompute) instead of
+    three, for one block's dense weights held during that block's backward. Outside it (no
+    checkpointing) nothing dense outlives a forward."""
+    token = _KEEP_DEQUANTIZED.set(True)
+    try:
+        yield
+    finally:
+        _KEEP_DEQUANTIZED.reset(token)
+
+
+def keeping_dequantized() -> bool:
+    """Whether `keep_dequantized` is in force."""
+    return _KEEP_DEQUANTIZED.get()

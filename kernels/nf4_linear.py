@@ -6,7 +6,8 @@ freed as soon as the matmul returns. Backward: the weight is frozen, so only
     dL/dx = dL/dy · W          (..., out) @ (out, in) -> (..., in)
     dL/db = sum over tokens of dL/dy          (only if the bias asks for a gradient)
 
-are needed, and W is dequantized again for dL/dx instead of being saved: keeping the dense W
+are needed, and W is dequantized again for dL/dx instead of being saved (except under gradient
+checkpointing, `kernels.nf4.keep_dequantized`: the recompute's copy feeds the backward at once): keeping the dense W
 alive between forward and backward would cost 2 bytes per weight in bf16 for every layer — the
 memory QLoRA exists to save — while recomputing it is one memory-bound pass over 0.5 byte per
 weight. Nothing about ``x`` is saved (no weight gradient needs it).
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import use_triton
-from kernels.nf4 import FLOAT_DTYPES, NF4Tensor, dequantize_nf4, nf4_dequant_ref
+from kernels.nf4 import FLOAT_DTYPES, NF4Tensor, dequantize_nf4, keeping_dequantized, nf4_dequant_ref
 
 # ----------------------------------------------------------------------------------------------
 # 1. Reference (differentiated by autograd; it keeps the dense W for backward, fine for tests)
@@ -43,15 +44,21 @@ def nf4_linear_ref(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = No
 class _NF4LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # Only a reference to Q (kept by the module anyway) is saved; no dense W, no x.
-        ctx.q = q
-        return F.linear(x, dequantize_nf4(q, x.dtype), bias)
+        # Only a reference to Q (kept by the module anyway) is saved; no dense W, no x — except under
+        # checkpointing (keep_dequantized): dropped after the forward, the recompute's used at once.
+        w = dequantize_nf4(q, x.dtype)
+        keep = keeping_dequantized()
+        ctx.save_for_backward(w if keep else None)
+        ctx.q = None if keep else q
+        return F.linear(x, w, bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dequantize_nf4(ctx.q, grad_out.dtype)  # (..., out) @ (out, in)
+            (w,) = ctx.saved_tensors
+            w = w if w is not None else dequantize_nf4(ctx.q, grad_out.dtype)
+            grad_x = grad_out @ w.to(grad_out.dtype)  # (..., out) @ (out, in)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(dim=0)
         return grad_x, None, grad_bias

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kernels.nf4 import keep_dequantized
 from kernels.rms_norm import rms_norm
 from kernels.rope import apply_rope
 from kernels.rope import rope_inv_freq as kernel_rope_inv_freq
@@ -199,6 +200,15 @@ class LlamaDecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def _recompute_keeps_dequantized():
+    """Checkpoint contexts (forward, recompute): the ops save each NF4 weight they dequantize for
+    their backward, which checkpointing makes free in the forward (it drops what the forward
+    saves) and short-lived in the recompute (the block's backward follows at once); both phases
+    must save the same tensors. A weight is then dequantized twice per step, not three times
+    (`kernels.nf4.keep_dequantized`)."""
+    return keep_dequantized(), keep_dequantized()
+
+
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm. Returns the normed hidden states (B, T, H)."""
 
@@ -244,7 +254,8 @@ class LlamaModel(nn.Module):
         h = self.embed_tokens(input_ids)  # (B, T, H)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, position_ids, self.inv_freq, mask, cache, use_reentrant=False)
+                h = checkpoint(layer, h, position_ids, self.inv_freq, mask, cache, use_reentrant=False,
+                               context_fn=_recompute_keeps_dequantized)
             else:
                 h = layer(h, position_ids, self.inv_freq, mask, cache)
         if cache is not None:

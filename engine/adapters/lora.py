@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from engine.errors import InputError
-from kernels.lora import lora_linear
+from kernels.lora import lora_linear_checked
 from models.quantized import NF4Linear
 
 ALL_LINEAR = "all-linear"
@@ -118,7 +118,8 @@ class LoRALinear(nn.Module):
         if not self.adapter_enabled:
             return self.base(x)
         # The kernel casts the fp32 master A, B to x's dtype itself and returns their grads in fp32.
-        return lora_linear(x, self.base_weight(), self.lora_A, self.lora_B, self.scale,
+        # Operands were checked here at construction (shapes fixed, base frozen): no per-call checks.
+        return lora_linear_checked(x, self.base_weight(), self.lora_A, self.lora_B, self.scale,
                            dropout_p=self.dropout, training=self.training, bias=self.base.bias)
 
     @torch.no_grad()

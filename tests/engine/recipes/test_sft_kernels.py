@@ -4,12 +4,15 @@ adapter; and QLoRA's loss curve is LoRA's on the dequantized base."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import kernels.lora
+import kernels.nf4_linear
 from engine.config import TrainConfig
 from engine.recipes import sft
 from engine.run.metrics import read_metrics
@@ -47,13 +50,29 @@ def adapter(output: Path) -> dict[str, torch.Tensor]:
     return load_file(str(output / "adapter" / "adapter_model.safetensors"))
 
 
-def test_qlora_steps_through_the_triton_kernels_equal_the_reference_path(tiny_model_dir, qa, tmp_path):
+def counting_dequantizations(monkeypatch) -> Counter:
+    """Count `dequantize_nf4` calls of the LoRA and NF4-linear ops, per NF4 weight (its packed buffer)."""
+    calls: Counter = Counter()
+    for module in (kernels.lora, kernels.nf4_linear):
+        def counted(q, dtype=torch.bfloat16, _real=module.dequantize_nf4):
+            calls[q.packed.data_ptr()] += 1
+            return _real(q, dtype)
+        monkeypatch.setattr(module, "dequantize_nf4", counted)
+    return calls
+
+
+def test_qlora_steps_through_the_triton_kernels_equal_the_reference_path(tiny_model_dir, qa, tmp_path, monkeypatch):
+    """Also: with gradient checkpointing each NF4 weight is dequantized twice per step on the
+    kernel path (forward, recompute; the backward reuses the recompute's copy), not three times."""
     runs = {}
     for mode in ("reference", "triton"):
         with set_kernel_mode(mode):
+            calls = counting_dequantizations(monkeypatch) if mode == "triton" else Counter()
             sft.train(config(tiny_model_dir, qa, tmp_path / mode, quant="nf4"), progress=False)
         runs[mode] = tmp_path / mode
     assert len(losses(runs["triton"])) == 2
+    weights = 2 * 7  # 2 blocks × q, k, v, o, gate, up, down
+    assert len(calls) == weights and set(calls.values()) == {2 * 2}, f"dequantizations per weight in 2 steps: {calls}"
     assert_close(losses(runs["triton"]), losses(runs["reference"]), torch.float32, "loss curve")
     ours, ref = adapter(runs["triton"]), adapter(runs["reference"])
     assert ours.keys() == ref.keys()
