@@ -100,8 +100,12 @@ def _check_inputs(hidden, weight, labels, ignore_index, reduction, z_loss, label
         raise ValueError(f"linear_cross_entropy: label_smoothing {label_smoothing} is not in [0, 1]")
     if z_loss < 0.0:
         raise ValueError(f"linear_cross_entropy: z_loss {z_loss} must be >= 0")
+
+
+def _check_label_range(labels: torch.Tensor, v: int, ignore_index: int) -> None:
+    """Every label in [0, V) or ignore_index: one host read (a device sync on a GPU)."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
-    if bool(bad.any()):  # one host sync; a wrong label would otherwise read out of bounds
+    if bool(bad.any()):  # a wrong label would otherwise read out of bounds
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"linear_cross_entropy: labels[{i}] = {int(labels[i])} is outside [0, V={v}) "
                          f"and is not ignore_index={ignore_index}")
@@ -130,6 +134,7 @@ def linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, labels:
                              label_smoothing: float = 0.0, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The definition (module docstring): fp32 logits (N, V) materialised, F.cross_entropy, autograd."""
     _check_inputs(hidden, weight, labels, ignore_index, reduction, z_loss, label_smoothing, bias)
+    _check_label_range(labels, weight.shape[0], ignore_index)
     return _reference(hidden, weight, labels, ignore_index, reduction, z_loss, label_smoothing, bias)
 
 
@@ -296,7 +301,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          ignore_index: int = -100, reduction: str = "mean", z_loss: float = 0.0,
-                         label_smoothing: float = 0.0, bias: torch.Tensor | None = None) -> torch.Tensor:
+                         label_smoothing: float = 0.0, bias: torch.Tensor | None = None, *,
+                         labels_checked: bool = False) -> torch.Tensor:
     """Cross-entropy of ``hidden (N, H) @ weight (V, H)ᵀ (+ bias)`` against ``labels (N,)`` int64,
     without materialising the (N, V) logits on the Triton path.
 
@@ -304,8 +310,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     label_smoothing=...)`` plus ``z_loss · logsumexp²`` per non-ignored token, reduced like the loss;
     ``mean`` over zero tokens is 0. Returns fp32: a scalar, or (N,) for ``none`` (0 at ignored rows).
     Triton path on CUDA (or when kernels.backend forces it), else `linear_cross_entropy_ref`.
+    ``labels_checked``: the caller guarantees every label is in [0, V) or ``ignore_index`` (the
+    engine checks its token ids against the vocabulary once, at setup), so the range check — the
+    op's one host read — is skipped.
     """
     _check_inputs(hidden, weight, labels, ignore_index, reduction, z_loss, label_smoothing, bias)
+    if not labels_checked:
+        _check_label_range(labels, weight.shape[0], ignore_index)
     if not use_triton(hidden, weight, labels, bias):
         return _reference(hidden, weight, labels, ignore_index, reduction, z_loss, label_smoothing, bias)
     grad_on = torch.is_grad_enabled()

@@ -28,17 +28,18 @@ from engine.run.session import Run, StepResult
 METHOD = "sft"
 
 
-def backward_window(model: torch.nn.Module, window: list[Batch], device: torch.device) -> tuple[float, int]:
+def backward_window(model: torch.nn.Module, window: list[Batch], device: torch.device) -> tuple[torch.Tensor, int]:
     """Backward of one accumulation window, normalised by its total loss tokens N: each micro-batch
     contributes ``loss_sum / N``, so the summed gradient is that of the mean loss over all N tokens,
-    the same as one batch holding all of them. Returns (mean loss, N)."""
+    the same as one batch holding all of them. Returns (mean loss, a 0-d tensor left on the
+    device, and N, counted on the CPU batches)."""
     n_tokens = sum(count_loss_tokens(b) for b in window)
     total = torch.zeros((), dtype=torch.float32, device=device)
     for batch in window:
         part = loss_sum(model, batch.to(device))
         (part / max(n_tokens, 1)).backward()
         total += part.detach()
-    return (total / max(n_tokens, 1)).item(), n_tokens
+    return total / max(n_tokens, 1), n_tokens
 
 
 def train_step(run: Run, window: list[Batch]) -> StepResult:

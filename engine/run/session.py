@@ -16,7 +16,8 @@ its loss per micro-batch, calls ``backward`` and then ``run.optimizer.step(loss,
 (guard, clip, schedule, AdamW), and returns a `StepResult`. Everything else is here: the data
 position (epoch, batch index) that makes resume exact, what the checkpoint was made for
 (`engine.run.fingerprint`), the count of non-finite steps in a row (stop with `EXIT_DIVERGED`
-after ``max_bad_steps``), metrics lines, evaluation and checkpoints on their schedules, SIGTERM
+after ``max_bad_steps``), metrics lines (a step's figures stay on the device until a logging step,
+an evaluation, a checkpoint or the end reads them all at once: `engine.run.pending`), evaluation and checkpoints on their schedules, SIGTERM
 (checkpoint at the next step boundary, exit with `EXIT_PREEMPTED`), and the final rule: a run
 with no successful optimizer step, or whose adapter is not finite, fails with `EXIT_DIVERGED`
 and no completion marker.
@@ -27,7 +28,6 @@ from __future__ import annotations
 import math
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +56,7 @@ from engine.run.model import (
     non_finite_parameter,
 )
 from engine.run.optimizer import Optimizer, Update
+from engine.run.pending import PendingSteps
 from engine.run.schedule import default_warmup
 from engine.run.setup import resolve_device, resolve_dtype, resolve_max_len
 from models import load_tokenizer
@@ -66,14 +67,15 @@ from models.loading import read_config, resolve_model_dir
 class StepResult:
     """What a recipe's step returns: its mean loss, the optimizer's `Update`, the tokens the loss
     was normalised by, the non-padding tokens processed (throughput), the samples of the window
-    ("file:line", named when a step is skipped) and the method's own metrics."""
+    ("file:line", named when a step is skipped) and the method's own metrics. The loss and the
+    metrics may be 0-d tensors left on the device: `Run` reads them once per log interval."""
 
-    loss: float
+    loss: torch.Tensor | float
     update: Update
     tokens: int
     real_tokens: int
     samples: list[str]
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
 class Run:
@@ -90,6 +92,7 @@ class Run:
         self.loss_label = "loss"                              # y axis of loss.png
         self.warnings: list[str] = []                         # repeated in the summary
         self._begun = self._stop_requested = False
+        self._pending = PendingSteps()                        # steps not yet read on the host
 
     # ------------------------------------------------------------------ before the first write
 
@@ -218,7 +221,6 @@ class Run:
         try:
             while self.step < self.total_steps:
                 self._window = [next(batches) for _ in range(self.cfg.grad_accum)]
-                self._started = time.perf_counter()
                 yield self._window
         finally:
             self._bar.close()
@@ -231,39 +233,56 @@ class Run:
             epoch, start = epoch + 1, 0
 
     def end_step(self, result: StepResult) -> None:
-        """After the recipe's optimizer step: advance the position, log, guard, evaluate and save
-        on schedule, honour SIGTERM."""
+        """After the recipe's optimizer step: advance the position; on a logging step (or before an
+        evaluation, a checkpoint, a stop, the end) read the pending steps and log and guard them;
+        evaluate and save on schedule, honour SIGTERM."""
         cfg = self.cfg
         self.step += 1
         last = self._window[-1]
         self.epoch, self.batch_index = last.epoch, last.index + 1
-        elapsed = time.perf_counter() - self._started
-        update = result.update
-        if not update.applied:
-            self.bad_in_a_row += 1
-            self.metrics.write("skip", self.step, loss=result.loss, grad_norm=update.grad_norm,
-                               samples=result.samples)
-            if self.bad_in_a_row >= cfg.max_bad_steps:
-                raise RunStopped(f"{self.bad_in_a_row} steps in a row with a non-finite loss or gradient, "
-                                 f"the last at step {self.step} on samples {', '.join(result.samples[:8])}",
-                                 EXIT_DIVERGED)
-        else:
-            self.bad_in_a_row = 0
-            self.applied_steps += 1
-        tok_s = result.real_tokens / max(elapsed, 1e-9)
-        if update.applied and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
-            self.metrics.write("train", self.step, loss=result.loss, lr=update.lr, grad_norm=update.grad_norm,
-                               tokens=result.tokens, tokens_per_s=tok_s, epoch=self.epoch, **result.metrics)
-        self._bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{update.lr:.2e}", tok_s=f"{tok_s:.0f}")
+        self._pending.add(self.step, result)
         self._bar.update(1)
-        if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+        evaluating = bool(cfg.eval_every) and self.step % cfg.eval_every == 0 and self.step < self.total_steps
+        saving = bool(cfg.save_every) and self.step % cfg.save_every == 0 and self.step < self.total_steps
+        stopping = self._stop_requested and self.step < self.total_steps
+        if self.step % cfg.log_every == 0 or self.step == self.total_steps or evaluating or saving or stopping:
+            self.read_pending()
+        if evaluating:
             self.evaluate()
-        if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+        if saving:
             self.save_checkpoint()
-        if self._stop_requested and self.step < self.total_steps:
+        if stopping:
             path = self.save_checkpoint()
             raise RunStopped(f"SIGTERM at step {self.step}: checkpoint saved in {path}; continue with --resume",
                              EXIT_PREEMPTED)
+        if evaluating or saving:
+            self._pending.restart_clock()
+
+    def read_pending(self) -> None:
+        """Read the steps left on the device (one copy to the host), then for each in order: count
+        skipped steps (stop with `EXIT_DIVERGED` after ``max_bad_steps`` in a row), write its skip
+        line, or its train line on a logging step; the progress bar shows the latest figures."""
+        cfg = self.cfg
+        records = self._pending.read()
+        seconds = sum(r.seconds for r in records)
+        tok_s = sum(r.real_tokens for r in records) / max(seconds, 1e-9)  # over the interval read
+        for record in records:
+            if not record.applied:
+                self.bad_in_a_row += 1
+                self.metrics.write("skip", record.step, loss=record.loss, grad_norm=record.grad_norm,
+                                   samples=record.samples)
+                if self.bad_in_a_row >= cfg.max_bad_steps:
+                    raise RunStopped(f"{self.bad_in_a_row} steps in a row with a non-finite loss or gradient, the "
+                                     f"last at step {record.step} on samples {', '.join(record.samples[:8])}",
+                                     EXIT_DIVERGED)
+                continue
+            self.bad_in_a_row = 0
+            self.applied_steps += 1
+            if record.step % cfg.log_every == 0 or record.step == self.total_steps:
+                self.metrics.write("train", record.step, loss=record.loss, lr=record.lr, grad_norm=record.grad_norm,
+                                   tokens=record.tokens, tokens_per_s=tok_s, epoch=self.epoch, **record.metrics)
+        if records:
+            self._bar.set_postfix(loss=f"{records[-1].loss:.4f}", lr=f"{records[-1].lr:.2e}", tok_s=f"{tok_s:.0f}")
 
     def _request_stop(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         self._stop_requested = True
@@ -296,6 +315,7 @@ class Run:
         save_adapter(self.model, self.trainable.lora_cfg, folder, self.cfg.model, metadata=self.adapter_metadata())
 
     def save_checkpoint(self) -> Path:
+        self.read_pending()  # the guard's counts go into the checkpoint
         state = {"epoch": self.epoch, "batch_index": self.batch_index, "bad_in_a_row": self.bad_in_a_row,
                  "applied_steps": self.applied_steps, "total_steps": self.total_steps, "made_for": self.identity}
         return save_checkpoint(self.output, self.step, self.model, self.optimizer.adamw, state, self.write_adapter,
@@ -305,6 +325,7 @@ class Run:
         """Check the outcome, then the final eval, the adapter, the loss curve, the summary line
         and the completion marker (last). A run with no successful step or a non-finite adapter
         stops with `EXIT_DIVERGED` before writing any of them."""
+        self.read_pending()
         if self.applied_steps == 0:
             raise RunStopped(f"no optimizer step succeeded in {self.step} steps (every loss or gradient was "
                              f"non-finite; see the skip lines of {self.output / 'metrics.jsonl'})", EXIT_DIVERGED)
