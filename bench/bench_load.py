@@ -141,7 +141,7 @@ def random_folder(workdir: Path) -> Path:
     return folder
 
 
-def cases_for(models: list[str], workdir: Path) -> list[Case]:
+def cases_for(models: list[str], quants: list[str], workdir: Path) -> list[Case]:
     from tools.fixtures import smollm2_dir
 
     cases = []
@@ -154,7 +154,7 @@ def cases_for(models: list[str], workdir: Path) -> list[Case]:
         folder = str(random_folder(workdir))
         cases += [Case(f"{RANDOM_PRESET}/bf16", folder, "bfloat16", "none"),
                   Case(f"{RANDOM_PRESET}/nf4", folder, "bfloat16", "nf4")]
-    return cases
+    return [c for c in cases if c.quant in quants]
 
 
 def transformers_nf4_runs(device: str) -> bool:
@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_load", description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", RANDOM_PRESET],
                         choices=["smollm2-135m", RANDOM_PRESET])
+    parser.add_argument("--quant", nargs="+", default=["none", "nf4"], choices=["none", "nf4"],
+                        help="the dense cases (none), the NF4 ones, or both")
     parser.add_argument("--rounds", type=int, default=3, help="fresh processes per (case, provider)")
     parser.add_argument("--reps", type=int, default=3, help="loads per process (the first is the fresh one)")
     parser.add_argument("--quick", action="store_true", help="the fixture only, 1 round")
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--reps must be at least 2 (one fresh load, one warm) and --rounds at least 1")
     device = bench_device()
     models, rounds = (["smollm2-135m"], 1) if args.quick else (args.models, args.rounds)
-    rows = run(cases_for(models, args.workdir), device, rounds, args.reps)
+    rows = run(cases_for(models, args.quant, args.workdir), device, rounds, args.reps)
     result_ratios = ratios(rows)
     print(json.dumps(result_ratios, indent=2))
     if args.no_save:
