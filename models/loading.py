@@ -12,6 +12,7 @@ folder names (the shards of an index) must lie inside that folder.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from models.llama import LlamaForCausalLM, rope_inv_freq
 from models.presets import PRESETS
 from models.quantized import NF4Linear, should_quantize
 from models.safetensors_io import save_safetensors
+from models.skeleton import meta_model
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -195,12 +197,24 @@ def _checked_tensor(t: torch.Tensor, name: str, shape: tuple[int, ...], file: Pa
         raise InputError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape} from config.json")
     if not t.is_floating_point():
         raise InputError(f"{file}: tensor {name!r} has dtype {t.dtype}, expected a floating-point dtype")
-    t = t.to(device=device, dtype=dtype)
-    # One fp32 sum is finite iff every element is (NaN and inf propagate), unless it overflows:
-    # only then pay for the elementwise check.
-    if not bool(torch.isfinite(t.sum(dtype=torch.float32))) and not bool(torch.isfinite(t).all()):
+    t = t.to(device=device, dtype=dtype)  # copy to the device first, then convert there
+    if not all_finite(t):
         raise InputError(f"{file}: tensor {name!r} has non-finite values (NaN or inf in {dtype})")
     return t
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite, by one fused reduction on ``t``'s device.
+
+    ``(lo, hi) = aminmax(t)`` in ``t``'s own dtype: min and max propagate NaN, and an infinity
+    is the max or the min, so ``t`` is finite iff ``lo`` and ``hi`` are. Unlike a sum it cannot
+    overflow (a sum of finite fp16 values may), and it reads ``t`` once at memory speed, without
+    an fp32 copy or an (n,) bool mask (the old fp32 sum of a bf16 tensor ran at 0.4 GB/s on a CPU).
+    """
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor | NF4Tensor) -> None:
@@ -235,8 +249,7 @@ def load_model(name_or_path: str | os.PathLike, *, quantize: str | None = None,
         raise InputError(f"quantize={quantize!r}: expected None or 'nf4'")
     model_dir = resolve_model_dir(name_or_path)
     cfg = read_config(model_dir)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+    model = meta_model(cfg)
     load_weights(model, model_dir, dtype, device, transform=_quantize_nf4 if quantize == "nf4" else None)
     return model.eval()
 

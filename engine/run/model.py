@@ -24,7 +24,8 @@ from engine.adapters import (
 )
 from engine.config import TrainConfig
 from engine.errors import InputError
-from models import LlamaConfig, LlamaForCausalLM, load_model
+from models import LlamaConfig, load_model
+from models.skeleton import meta_model
 
 
 @dataclass
@@ -52,8 +53,7 @@ def check_model_fits(cfg: TrainConfig, model_config: LlamaConfig, max_token_id: 
     if max_token_id >= model_config.vocab_size:
         raise InputError(f"{cfg.data}: token id {max_token_id} is outside the model's vocabulary of "
                          f"{model_config.vocab_size} (the tokenizer has more tokens than the model's embedding)")
-    with torch.device("meta"):
-        skeleton = LlamaForCausalLM(model_config)
+    skeleton = meta_model(model_config)
     if cfg.init_adapter:
         adapter_cfg = read_adapter_config(cfg.init_adapter)
         adapter_targets(skeleton, cfg.init_adapter, adapter_cfg, read_adapter_weights(cfg.init_adapter))

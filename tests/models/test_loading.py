@@ -139,3 +139,47 @@ def test_resolve_names(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(InputError, match="HF_HUB_OFFLINE is set"):
         resolve_model_dir("no-such-org-xyz/no-such-model-xyz")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_is_one_exact_reduction(dtype):
+    from models.loading import all_finite
+
+    for n in (1, 7, 1000, 4099):
+        assert all_finite(torch.randn(n).to(dtype))
+        for pos in (0, n // 2, n - 1):
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                t = torch.randn(n).to(dtype)
+                t[pos] = bad
+                assert not all_finite(t), (n, pos, bad)
+    assert all_finite(torch.full((4096,), torch.finfo(dtype).max, dtype=dtype))  # a sum would overflow
+    assert all_finite(torch.empty(0, dtype=dtype))
+
+
+def test_finite_after_the_cast(tmp_path):
+    """A finite fp32 value beyond fp16's range is inf once loaded in fp16: refused, named."""
+    model = random_model(CFG)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[2, 3] = 1e6
+    save_model(model, tmp_path)
+    assert load_model(tmp_path).model.layers[0].mlp.up_proj.weight[2, 3] == 1e6
+    with pytest.raises(InputError, match=r"'model.layers.0.mlp.up_proj.weight' has non-finite values .*float16"):
+        load_model(tmp_path, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_on_the_device_equals_quantizing_the_dense_load_on_cpu(sharded, device, dtype):
+    """Quantized tensor by tensor on the target device = the dense model loaded on the CPU, then
+    quantized there (quantize_linears): the same NF4 bytes, statistics and dense remainder."""
+    from models.quantized import NF4Linear, quantize_linears
+
+    _, folder = sharded
+    on_device = load_model(folder, dtype=dtype, device=device, quantize="nf4")
+    on_cpu = load_model(folder, dtype=dtype)
+    assert len(quantize_linears(on_cpu)) == 7 * CFG.num_hidden_layers
+    ours, theirs = on_device.state_dict(), on_cpu.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, t in theirs.items():
+        assert ours[name].device.type == device and ours[name].dtype == t.dtype, name
+        assert torch.equal(ours[name].cpu(), t), name
+    assert sum(isinstance(m, NF4Linear) for m in on_device.modules()) == 7 * CFG.num_hidden_layers
