@@ -157,7 +157,7 @@ def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> tor
     return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[-2] > 1, enable_gqa=gqa)
 
 
-def _banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, gqa: bool) -> torch.Tensor:
+def _banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, gqa: bool, C: int) -> torch.Tensor:
     """Causal sliding-window attention of one document (1, heads, L, hd), query chunks of C rows.
 
     Chunk c holds queries [a, b), a = c·C; its keys are [k0, b), k0 = max(0, a - W + 1), a band of
@@ -165,7 +165,6 @@ def _banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, gqa:
     0 <= (a+i) - (k0+j) < W.
     """
     L = q.shape[2]
-    C = WINDOW_CHUNK
     k_chunks, v_chunks = k.split(C, dim=2), v.split(C, dim=2)
     out = []
     for c, qc in enumerate(q.split(C, dim=2)):
@@ -183,8 +182,9 @@ def _banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, gqa:
 
 
 def document_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout,
-                            sliding_window: int | None = None) -> torch.Tensor:
-    """Per row, per document: SDPA on the (heads, L, hd) slices; memory linear in T (see module doc)."""
+                            sliding_window: int | None = None, window_chunk: int = WINDOW_CHUNK) -> torch.Tensor:
+    """Per row, per document: SDPA on the (heads, L, hd) slices; memory linear in T (see module doc).
+    ``window_chunk``: query rows per band chunk with a sliding window (tests make it small)."""
     gqa = q.shape[1] != k.shape[1]
     rows = []
     for b, (qb, kb, vb) in enumerate(zip(q.unbind(0), k.unbind(0), v.unbind(0))):
@@ -193,7 +193,7 @@ def document_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
         for qd, kd, vd in zip(qb.split(lengths, dim=1), kb.split(lengths, dim=1), vb.split(lengths, dim=1)):
             qd, kd, vd = qd[None], kd[None], vd[None]  # (1, heads, L, hd)
             if sliding_window is not None and qd.shape[2] > sliding_window:
-                docs.append(_banded(qd, kd, vd, sliding_window, gqa))
+                docs.append(_banded(qd, kd, vd, sliding_window, gqa, window_chunk))
             else:
                 docs.append(_causal(qd, kd, vd, gqa))
         rows.append(torch.cat(docs, dim=2))  # (1, nh, T, hd)
