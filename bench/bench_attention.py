@@ -10,12 +10,20 @@ Each provider runs in a fresh subprocess, so that its peak memory is its own: on
 of the peak resident set (``ru_maxrss``) over the inputs, on CUDA the allocator's peak over them.
 Time: median of ``--reps`` calls after one warm-up.
 
-Measured on the development CPU (2 shared cores, OMP_NUM_THREADS=1, fp32, T 4,096, 8 documents;
-``OMP_NUM_THREADS=1 python -m bench.bench_attention``):
+Measured on the development CPU (2 cores shared with other jobs, load ~4.5, so times are noisy;
+OMP_NUM_THREADS=1, fp32, SmolLM2 heads, 8 documents; ``python -m bench.bench_attention``), two
+runs at 4,096 tokens and one at 8,192 (``--tokens 8192 --reps 1``):
 
-    provider   median_ms  peak_extra_MB
-    dense          (filled in below by a run)
-    document
+    tokens  provider   median_ms        peak_extra_MB
+    4,096   dense      7,100 / 7,948    226 / 181
+    4,096   document     722 / 1,130     97 /  64
+    8,192   dense      77,045           389
+    8,192   document    5,581           102
+
+The dense path is ~7-14x slower (CPU flash with a mask computes all T² scores and reads the
+mask; the document path skips the cross-document blocks) and its extra memory grows with T²
+(the bool mask, 16.8 MB at 4,096 and 67 MB at 8,192, plus the fp32 additive mask SDPA makes
+of it); the document path's grows with T. Peaks are rises of ru_maxrss: coarse, a few tens of MB.
 
 Run from the repository root: ``python -m bench.bench_attention [--tokens 4096] [--docs 8]``.
 """

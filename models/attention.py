@@ -37,10 +37,14 @@ q (B, nh, T, hd), k, v (B, nkv, T, hd) → (B, nh, T, hd), nh a multiple of nkv 
   forward and shared by all layers (cached on the layout). UNMEASURED: no GPU was available when
   this was written; the mask_mod and the uncompiled forward are checked on CPU by the tests.
 
-Measured on CPU (2 shared cores, OMP_NUM_THREADS=1, fp32, forward + backward of the attention
-alone, 1 row of 4,096 tokens in 8 documents, SmolLM2 heads nh=9, nkv=3, hd=64;
-``python -m bench.bench_attention``): see the table in `bench/bench_attention.py`'s docstring:
-dense-mask SDPA (today's path) vs per-document SDPA.
+Why per-document SDPA on CPU, measured (``python -m bench.bench_attention``: forward + backward
+of the attention alone, fp32, 1 row in 8 documents, SmolLM2 heads nh 9, nkv 3, hd 64, 2 shared
+cores under load, OMP_NUM_THREADS=1; table in `bench/bench_attention.py`): at 4,096 tokens the
+dense-mask SDPA that `models.llama` used took 7.1-7.9 s and +181-226 MB peak RSS, per-document
+SDPA 0.7-1.1 s and +64-97 MB; at 8,192 tokens 77 s / +389 MB against 5.6 s / +102 MB. A
+chunked online-softmax in plain torch would be linear too but slower than the flash kernel,
+which CPU SDPA already offers per slice with GQA; per-document slicing also skips the
+cross-document work the dense mask only hides.
 """
 
 from __future__ import annotations
