@@ -1,9 +1,11 @@
 """The Llama model family (Llama 2/3/3.1, Mistral, TinyLlama, SmolLM2) in one readable file.
 
 Top-down: the three ops (`rms_norm`, `apply_rope`, `swiglu`, from kernels/),
-the rotary frequencies, the attention mask, the KV cache, then the modules RMSNorm → attention →
-MLP → decoder block → model → causal LM. Module and parameter names mirror transformers' exactly
-(``model.layers.0.self_attn.q_proj.weight``), so checkpoints and PEFT adapters map one to one.
+the rotary frequencies, the attention mask (generation with a KV cache only: training batches go
+through `models.attention.document_attention`, which never builds a (T, S) mask), the KV cache,
+then the modules RMSNorm → attention → MLP → decoder block → model → causal LM. Module and
+parameter names mirror transformers' exactly (``model.layers.0.self_attn.q_proj.weight``), so
+checkpoints and PEFT adapters map one to one.
 
 Shapes: B batch, T new tokens, S key length (cache + new), H hidden, nh query heads, nkv key/value
 heads, hd head dim, V vocabulary.
@@ -23,10 +25,11 @@ from kernels.rms_norm import rms_norm
 from kernels.rope import apply_rope
 from kernels.rope import rope_inv_freq as kernel_rope_inv_freq
 from kernels.swiglu import swiglu
+from models.attention import DocumentLayout, document_attention
 from models.config import LlamaConfig
 from models.presets import PRESETS, Preset
 
-__all__ = ["LlamaConfig", "PRESETS", "Preset", "LlamaForCausalLM", "LlamaModel", "KVCache",
+__all__ = ["LlamaConfig", "PRESETS", "Preset", "LlamaForCausalLM", "LlamaModel", "KVCache", "DocumentLayout",
            "rms_norm", "apply_rope", "swiglu", "rope_inv_freq"]
 
 
@@ -86,6 +89,18 @@ def build_attention_mask(key_real: torch.Tensor | None, segment_ids: torch.Tenso
     return AttentionMask(allowed[:, None], is_causal=False)  # (B|1, 1, T, S)
 
 
+def training_layout(key_real: torch.Tensor | None, segment_ids: torch.Tensor | None,
+                    sliding_window: int | None, B: int, T: int, device: torch.device) -> DocumentLayout | None:
+    """Without a cache: the `DocumentLayout` of a batch with padding (key_real (B, T)), packed
+    documents (segment_ids (B, T)) or a sliding window shorter than T; None when every row is one
+    plain causal sequence (SDPA's ``is_causal`` path)."""
+    if key_real is not None or segment_ids is not None:
+        return DocumentLayout.from_batch(key_real, segment_ids)
+    if sliding_window is not None and T > sliding_window:
+        return DocumentLayout.from_lengths([[T]] * B, device)
+    return None
+
+
 class KVCache:
     """Preallocated keys/values for generation: per layer (B, nkv, max_len, hd).
 
@@ -142,7 +157,8 @@ class LlamaRMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    """Grouped-query attention with RoPE through F.scaled_dot_product_attention."""
+    """Grouped-query attention with RoPE: `document_attention` for a `DocumentLayout` (training
+    without a cache), else F.scaled_dot_product_attention with an `AttentionMask`."""
 
     def __init__(self, cfg: LlamaConfig, layer_idx: int):
         super().__init__()
@@ -153,9 +169,10 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=bias)
+        self.sliding_window = cfg.sliding_window
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
-                mask: AttentionMask, cache: KVCache | None) -> torch.Tensor:
+                mask: AttentionMask | DocumentLayout, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, nkv, hd)
@@ -164,8 +181,11 @@ class LlamaAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed, is_causal=mask.is_causal,
-                                           enable_gqa=self.n_kv != self.n_heads)  # (B, nh, T, hd)
+        if isinstance(mask, DocumentLayout):
+            y = document_attention(q, k, v, mask, self.sliding_window)  # (B, nh, T, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed, is_causal=mask.is_causal,
+                                               enable_gqa=self.n_kv != self.n_heads)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)
 
@@ -195,7 +215,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
-                mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
+                mask: AttentionMask | DocumentLayout, cache: KVCache | None = None) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), position_ids, inv_freq, mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -210,7 +230,15 @@ def _recompute_keeps_dequantized():
 
 
 class LlamaModel(nn.Module):
-    """Embedding, decoder layers, final norm. Returns the normed hidden states (B, T, H)."""
+    """Embedding, decoder layers, final norm. Returns the normed hidden states (B, T, H).
+
+    Attention without a cache: plain causal SDPA when every row is one unpadded sequence (and no
+    sliding window bites), else `document_attention` over the batch's `DocumentLayout` (packed
+    documents from ``segment_ids``, padding runs from ``attention_mask``). ``segment_ids`` may be
+    a `DocumentLayout` itself (built by a collator on the host: then nothing is read back from
+    the device; ``attention_mask`` is then not consulted for attention). With a cache
+    (generation): SDPA with the small (T_new, S) mask of `build_attention_mask`.
+    """
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -229,16 +257,20 @@ class LlamaModel(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | DocumentLayout | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         B, T = input_ids.shape
         device = input_ids.device
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids (packed training) cannot be combined with a KV cache")
-        if attention_mask is not None and bool(attention_mask.all()):
+        layout = segment_ids if isinstance(segment_ids, DocumentLayout) else None
+        if layout is not None:
+            attention_mask = segment_ids = None
+        if attention_mask is not None and bool(attention_mask.all()):  # a host read; a layout avoids it
             attention_mask = None  # no padding: keep SDPA's fast causal path
         if position_ids is None:
-            position_ids = default_position_ids(attention_mask, segment_ids, cache, B, T, device)
+            position_ids = (layout.positions() if layout is not None
+                            else default_position_ids(attention_mask, segment_ids, cache, B, T, device))
         key_real, past = attention_mask, 0
         if cache is not None:
             past = cache.length
@@ -249,7 +281,10 @@ class LlamaModel(nn.Module):
             cache.next_position += new_real.sum(dim=1)
             cache.padded = cache.padded or attention_mask is not None
             key_real = cache.key_real[:, :past + T] if cache.padded else None
-        mask = build_attention_mask(key_real, segment_ids, self.config.sliding_window, past, T, device)
+        if cache is None and layout is None:
+            layout = training_layout(key_real, segment_ids, self.config.sliding_window, B, T, device)
+        mask = layout if layout is not None else build_attention_mask(
+            key_real, segment_ids, self.config.sliding_window, past, T, device)
 
         h = self.embed_tokens(input_ids)  # (B, T, H)
         for layer in self.layers:
@@ -292,13 +327,14 @@ class LlamaForCausalLM(nn.Module):
         return KVCache(self.config, batch_size, max_len, w.dtype, w.device)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None,
+                      segment_ids: torch.Tensor | DocumentLayout | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:
         """(B, T, H): final-norm output, what the LM head (or a fused linear+CE) consumes."""
         return self.model(input_ids, attention_mask, position_ids, segment_ids, cache)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | DocumentLayout | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, V) in the model's dtype."""
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, cache))
