@@ -60,6 +60,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import interpreting, kernel_mode, use_triton
+from kernels.launch_cases import KernelCase, ModelShapes
 from kernels.nf4 import NF4Tensor, dequantize_nf4
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -429,15 +430,20 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _wgrad_splits(m: int, n: int, r: int, num_sms: int, unit: int) -> tuple[int, int]:
+    """(splits of the M rows, rows per split, a multiple of ``unit``): enough splits to give each
+    SM ~2 programs, but never a split without rows."""
+    col_tiles = triton.cdiv(n, 128) * triton.cdiv(r, _block_r(r))
+    splits = max(1, min(triton.cdiv(m, unit), triton.cdiv(2 * num_sms, col_tiles)))
+    return splits, triton.cdiv(triton.cdiv(m, splits), unit) * unit
+
+
 def _wgrad(lo: torch.Tensor, x: torch.Tensor, scale: float, drop: _Dropout | None) -> torch.Tensor:
     """fp32 ``scale · loᵀ · drop(x)`` for lo (M, R), x (M, N) (any strides) → (R, N)."""
     (m, n), r = x.shape, lo.shape[1]
     block_r = _block_r(r)
-    rows_per_split = _INTERPRETER_META["BLOCK_M"] if interpreting() else _WGRAD_ROWS_PER_SPLIT
-    # Enough splits to give each SM ~2 programs, but never a split without rows.
-    col_tiles = triton.cdiv(n, 128) * triton.cdiv(r, block_r)
-    splits = max(1, min(triton.cdiv(m, rows_per_split), triton.cdiv(2 * _num_sms(x.device), col_tiles)))
-    rows_per_split = triton.cdiv(triton.cdiv(m, splits), rows_per_split) * rows_per_split
+    unit = _INTERPRETER_META["BLOCK_M"] if interpreting() else _WGRAD_ROWS_PER_SPLIT
+    splits, rows_per_split = _wgrad_splits(m, n, r, _num_sms(x.device), unit)
     g = torch.empty((splits, r, n), dtype=torch.float32, device=x.device)
 
     def grid(meta):
@@ -447,6 +453,57 @@ def _wgrad(lo: torch.Tensor, x: torch.Tensor, scale: float, drop: _Dropout | Non
             lo, x, g, m, n, r, triton.next_power_of_2(m), rows_per_split, *lo.stride(), *x.stride(),
             *g.stride(), scale, **_dropout_args(drop), DOT_PRECISION=_dot_precision(x.dtype), BLOCK_R=block_r)
     return g.sum(0) if splits > 1 else g[0]
+
+
+def compile_cases(shapes: ModelShapes) -> list[KernelCase]:
+    """Every launch of `_lowrank_down`, `_matmul` and `_wgrad` in `LoRALinearFunction`
+    (kernels/launch_cases.py), at the (in, out) = (hidden, intermediate) layer (gate/up; q/k/v/o
+    and down differ only in multiple-of-16 sizes), for each rank, dtype and dot precision, with
+    the operands' strides as the autograd.Function passes them: W (out, in) and A (r, in), B (out, r)
+    contiguous, so ``w.t()``/``lora_b.t()``/``lora_a.t()`` have unit row stride. Edit this list
+    when a launch in section 4 changes."""
+    M, K, N, f32 = shapes.tokens, shapes.hidden, shapes.intermediate, torch.float32
+    m_bucket, cases = triton.next_power_of_2(M), []
+    for dt in shapes.dtypes:
+        precisions = ("ieee", "tf32") if dt == torch.float32 else ("tf32",)  # see _dot_precision
+        for r, prec in ((r, prec) for r in shapes.lora_ranks for prec in precisions):
+            meta = dict(DOT_PRECISION=prec, BLOCK_R=_block_r(r))
+            tag = f"r={r} {prec}"
+            drop = dict(scale=1.0, seed=12345, p=0.1)  # a seed, as drawn: neither 1 nor a multiple of 16
+
+            def down(name, k, stride_u, dropout):
+                args = dict(x_ptr=dt, u_ptr=dt, h_ptr=f32, M=M, K=k, R=r, M_BUCKET=m_bucket, stride_xm=k,
+                            stride_xk=1, stride_uk=stride_u[0], stride_ur=stride_u[1], stride_hm=r, stride_hr=1, **drop)
+                return KernelCase(f"{name} {tag}", _lowrank_down_kernel, dt, args, dict(DROPOUT=dropout, **meta),
+                                  tuple(_down_tuned.configs))
+
+            def matmul(name, n, k, stride_w, stride_u, bias, dropout):
+                args = dict(x_ptr=dt, w_ptr=dt, h_ptr=f32, u_ptr=dt, bias_ptr=dt, c_ptr=dt, M=M, N=n, K=k, R=r,
+                            M_BUCKET=m_bucket, stride_xm=k, stride_xk=1, stride_wk=stride_w[0], stride_wn=stride_w[1],
+                            stride_hm=r, stride_hr=1, stride_ur=stride_u[0], stride_un=stride_u[1], stride_cm=n,
+                            stride_cn=1, lowrank_scale=2.0, seed=12345, p=0.1)
+                return KernelCase(f"{name} {tag}", _lora_matmul_kernel, dt, args,
+                                  dict(HAS_BIAS=bias, DROPOUT=dropout, **meta), tuple(_matmul_tuned.configs))
+
+            def wgrad(name, n, dropout):
+                args = dict(l_ptr=f32, x_ptr=dt, g_ptr=f32, M=M, N=n, R=r, M_BUCKET=m_bucket,
+                            rows_per_split=_wgrad_splits(M, n, r, shapes.num_sms, _WGRAD_ROWS_PER_SPLIT)[1], stride_lm=r, stride_lr=1,
+                            stride_xm=n, stride_xn=1, stride_gs=r * n, stride_gr=n, stride_gn=1, **drop)
+                return KernelCase(f"{name} {tag}", _lowrank_wgrad_kernel, dt, args, dict(DROPOUT=dropout, **meta),
+                                  tuple(_wgrad_tuned.configs))
+
+            cases += [
+                # forward: h = drop(x)·Aᵀ, y = x·Wᵀ (+ bias) + s·h·Bᵀ
+                down("fwd h", K, (1, K), False), down("fwd h dropout", K, (1, K), True),
+                matmul("fwd y", N, K, (1, K), (1, r), False, False),
+                matmul("fwd y bias", N, K, (1, K), (1, r), True, False),
+                # backward: dH = s·dY·B, dX = dY·W + keep ⊙ dH·A, dA = dHᵀ·drop(x), dB = s·dYᵀ·h
+                down("bwd dH", N, (r, 1), False),
+                matmul("bwd dX", K, N, (K, 1), (K, 1), False, False),
+                matmul("bwd dX dropout", K, N, (K, 1), (K, 1), False, True),
+                wgrad("bwd dA", K, False), wgrad("bwd dA dropout", K, True), wgrad("bwd dB", N, False),
+            ]
+    return cases
 
 
 # ---------------------------------------------------------------------------------------------
