@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import interpreting, use_triton
+from kernels.launch_cases import KernelCase, ModelShapes, fixed_launch
 
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -204,14 +205,42 @@ class _Options:
 def _launch_rows(logits, labels, lse, loss, scale, opts: _Options, compute_lse: bool) -> None:
     """Run `_lce_rows_kernel` over the rows of one (C, V) logits chunk (dz overwrites it if scale)."""
     rows, vocab = logits.shape
-    # the interpreter pays per loop step, a GPU per register: wide blocks there, 4,096 here
-    block = min(triton.next_power_of_2(vocab), 32_768 if interpreting() else 4_096)
     _lce_rows_kernel[(rows,)](
         logits, logits.stride(0), labels, lse, loss, scale if scale is not None else lse,
         vocab, opts.ignore_index, float(opts.z_loss), float(opts.label_smoothing),
         COMPUTE_LSE=compute_lse, WRITE_GRAD=scale is not None, SMOOTHING=opts.label_smoothing > 0,
-        BLOCK_V=block, num_warps=8,
+        BLOCK_V=_block_v(vocab), num_warps=_ROWS_WARPS,
     )
+
+
+_ROWS_WARPS = 8
+
+
+def _block_v(vocab: int) -> int:
+    """Vocabulary columns per step: the interpreter pays per loop step, a GPU per register, so
+    wide blocks there, 4,096 here."""
+    return min(triton.next_power_of_2(vocab), 32_768 if interpreting() else 4_096)
+
+
+# (COMPUTE_LSE, WRITE_GRAD) of the three uses of `_launch_rows` in `_lce_chunked`: loss only
+# (reduction "none" forward), loss and dz (scalar reductions), dz from the saved lse ("none" backward)
+_ROWS_MODES = ((True, False), (True, True), (False, True))
+
+
+def compile_cases(shapes: ModelShapes) -> list[KernelCase]:
+    """What `_launch_rows` launches (kernels/launch_cases.py) on a (C, vocab) logits chunk: every
+    dtype, the three modes of `_ROWS_MODES`, with and without label smoothing."""
+    vocab, f32, cases = shapes.vocab, torch.float32, []
+    for dt in shapes.dtypes:
+        args = dict(logits_ptr=dt, logits_row_stride=vocab, labels_ptr=torch.int64, lse_ptr=f32, loss_ptr=f32,
+                    scale_ptr=f32, V=vocab, ignore_index=-100, z_loss=0.0, smoothing=0.0)
+        for compute_lse, write_grad in _ROWS_MODES:
+            for smoothing in (False, True):
+                name = " ".join(n for n, on in (("lse", compute_lse), ("grad", write_grad), ("smoothing", smoothing)) if on)
+                cases.append(KernelCase(name, _lce_rows_kernel, dt, args,
+                                        dict(COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad, SMOOTHING=smoothing,
+                                             BLOCK_V=_block_v(vocab)), fixed_launch(_ROWS_WARPS)))
+    return cases
 
 
 def _chunk_rows(n_tokens: int, vocab: int, accumulate_dw: bool = False) -> int:

@@ -51,9 +51,10 @@ Saved for backward: ``x`` (needed for dA; it is the layer input that autograd ke
 anyway), ``h`` (N, r) in fp32 (tiny: r ≪ in; recomputing it would re-read x), ``lora_A``,
 ``lora_B``, the base weight (a reference to the frozen parameter; for NF4 the small packed object,
 dequantized again in backward rather than keeping a dense (out, in) copy alive between the
-forward and the backward — except under `kernels.nf4.keep_dequantized`, i.e. gradient checkpointing,
-where the copy is dropped after the forward and lives from the recompute to the backward), and the seed tensor. Never drop(x) or the mask (N, in), never a
-gradient buffer for W.
+forward and the backward — except under `kernels.nf4.keep_dequantized`, i.e. gradient
+checkpointing, where the forward's copy is dropped at once and the recompute's lives until the
+backward that follows), and the seed tensor. Never drop(x) or the mask (N, in), never a gradient
+buffer for W.
 
 Strides: every 2-D operand is passed to the kernels with its own row/column strides, so
 transposed or sliced 2-D views run without a copy; leading dims of x are flattened with
@@ -71,6 +72,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import interpreting, kernel_mode, use_triton
+from kernels.launch_cases import KernelCase, ModelShapes
 from kernels.nf4 import NF4Tensor, dequantize_nf4, keeping_dequantized
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -322,24 +324,44 @@ def _lowrank_wgrad_kernel(
 # 3. Launchers: block sizes, grids, outputs
 # ---------------------------------------------------------------------------------------------
 
-# H100/H200 candidates; the rank side of every tile is BLOCK_R (16–64), so the tiles stay small.
-# The key buckets M to a power of two, so a training run with varying token counts tunes a
-# handful of times, not every step.
-_DOWN_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bm, bk, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (32, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3)]
-]
-_UP_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(64, 128, 4, 2), (128, 64, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2)]
-]
-_WGRAD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4), (32, 128, 4, 4), (128, 128, 8, 3)]
-]
-_down_tuned = triton.autotune(_DOWN_CONFIGS, key=["M_BUCKET", "K", "R", "DROPOUT"])(_lowrank_down_kernel)
-_up_tuned = triton.autotune(_UP_CONFIGS, key=["M_BUCKET", "N", "R", "DROPOUT"])(_lowrank_up_kernel)
-_wgrad_tuned = triton.autotune(_WGRAD_CONFIGS, key=["M_BUCKET", "N", "R", "DROPOUT"])(_lowrank_wgrad_kernel)
+# H100/H200 candidates (BLOCK_a, BLOCK_b, warps, stages), per (DROPOUT, fp32) specialisation: the
+# rank side of every tile is BLOCK_R (16–64), so the tiles stay small. tl.rand costs registers per
+# element of its tile (Philox-4x32-10 on each), and fp32 dots without tensor cores (IEEE) hold
+# their operands in registers: those specialisations get smaller tiles. Every list is checked to
+# compile without a register spill for sm_80 and sm_90 (tests/kernels/test_compile.py). The key
+# buckets M to a power of two, so a training run with varying token counts tunes a handful of
+# times, not every step.
+_FP32_TILES = [(32, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 3)]
+_TILES = {
+    "down": {(False, False): [(64, 128, 4, 3), (128, 64, 4, 3), (32, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3)],
+             (True, False): [(128, 64, 4, 3), (32, 128, 4, 4), (64, 64, 4, 4)]},
+    "up": {(False, False): [(64, 128, 4, 2), (128, 64, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2)],
+           (True, False): [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)]},
+    "wgrad": {(False, False): [(64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3)],
+              (True, False): [(64, 64, 4, 4), (32, 64, 4, 4), (64, 32, 4, 4)]},
+}
+_BLOCKS = {"down": ("BLOCK_M", "BLOCK_K"), "up": ("BLOCK_M", "BLOCK_N"), "wgrad": ("BLOCK_M", "BLOCK_N")}
+_KEYS = {"down": ["M_BUCKET", "K", "R"], "up": ["M_BUCKET", "N", "R"], "wgrad": ["M_BUCKET", "N", "R"]}
+_KERNELS = {"down": _lowrank_down_kernel, "up": _lowrank_up_kernel, "wgrad": _lowrank_wgrad_kernel}
+
+
+def _autotuned(op: str) -> dict[tuple[bool, bool], "triton.runtime.autotuner.Autotuner"]:
+    """One autotuner of ``op``'s kernel per (DROPOUT, fp32) specialisation, with its own tiles."""
+    tuned = {}
+    for dropout in (False, True):
+        for fp32 in (False, True):
+            tiles = _FP32_TILES if fp32 else _TILES[op][(dropout, False)]
+            configs = [triton.Config(dict(zip(_BLOCKS[op], t[:2])), num_warps=t[2], num_stages=t[3]) for t in tiles]
+            tuned[(dropout, fp32)] = triton.autotune(configs, key=_KEYS[op])(_KERNELS[op])
+    return tuned
+
+
+_DOWN_TUNED, _UP_TUNED, _WGRAD_TUNED = _autotuned("down"), _autotuned("up"), _autotuned("wgrad")
+
+
+def _tuned(table: dict, drop, operand: torch.Tensor):
+    """The autotuner of ``table`` for this launch's (DROPOUT, fp32) specialisation."""
+    return table[(drop is not None, operand.dtype == torch.float32)]
 
 # Under TRITON_INTERPRET (CPU tests) one small fixed config: tiles smaller than the test shapes,
 # so tails, several tiles and several M splits are all exercised.
@@ -392,7 +414,7 @@ def _lowrank_down(x: torch.Tensor, u: torch.Tensor, scale: float, drop: _Dropout
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r))
 
-    _launch(_lowrank_down_kernel, _down_tuned, grid, ("BLOCK_M", "BLOCK_K"),
+    _launch(_lowrank_down_kernel, _tuned(_DOWN_TUNED, drop, x), grid, ("BLOCK_M", "BLOCK_K"),
             x, u, h, _seed_ptr(drop, h), m, k, r, triton.next_power_of_2(m), *x.stride(), *u.stride(),
             *h.stride(), scale, _p(drop), DROPOUT=drop is not None, DOT_PRECISION=_dot_precision(x.dtype),
             BLOCK_R=block_r)
@@ -404,7 +426,7 @@ def _lowrank_up_(c: torch.Tensor, h: torch.Tensor, u: torch.Tensor, scale: float
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
 
-    _launch(_lowrank_up_kernel, _up_tuned, grid, ("BLOCK_M", "BLOCK_N"),
+    _launch(_lowrank_up_kernel, _tuned(_UP_TUNED, drop, c), grid, ("BLOCK_M", "BLOCK_N"),
             h, u, c, _seed_ptr(drop, h), m, n, r, triton.next_power_of_2(m), *h.stride(), *u.stride(),
             *c.stride(), scale, _p(drop), DROPOUT=drop is not None, DOT_PRECISION=_dot_precision(c.dtype),
             BLOCK_R=_block_r(r))
@@ -416,25 +438,80 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _wgrad_splits(m: int, n: int, r: int, num_sms: int, unit: int) -> tuple[int, int]:
+    """(splits of the M rows, rows per split, a multiple of ``unit``): enough splits to give each
+    SM ~2 programs, but never a split without rows."""
+    col_tiles = triton.cdiv(n, 128) * triton.cdiv(r, _block_r(r))
+    splits = max(1, min(triton.cdiv(m, unit), triton.cdiv(2 * num_sms, col_tiles)))
+    return splits, triton.cdiv(triton.cdiv(m, splits), unit) * unit
+
+
 def _wgrad(lo: torch.Tensor, x: torch.Tensor, scale: float, drop: _Dropout | None) -> torch.Tensor:
     """fp32 ``scale · loᵀ · drop(x)`` for lo (M, R), x (M, N) (any strides) → (R, N)."""
     (m, n), r = x.shape, lo.shape[1]
     block_r = _block_r(r)
-    rows_per_split = _INTERPRETER_META["BLOCK_M"] if interpreting() else _WGRAD_ROWS_PER_SPLIT
-    # Enough splits to give each SM ~2 programs, but never a split without rows.
-    col_tiles = triton.cdiv(n, 128) * triton.cdiv(r, block_r)
-    splits = max(1, min(triton.cdiv(m, rows_per_split), triton.cdiv(2 * _num_sms(x.device), col_tiles)))
-    rows_per_split = triton.cdiv(triton.cdiv(m, splits), rows_per_split) * rows_per_split
+    unit = _INTERPRETER_META["BLOCK_M"] if interpreting() else _WGRAD_ROWS_PER_SPLIT
+    splits, rows_per_split = _wgrad_splits(m, n, r, _num_sms(x.device), unit)
     g = torch.empty((splits, r, n), dtype=torch.float32, device=x.device)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), splits, triton.cdiv(r, block_r))
 
-    _launch(_lowrank_wgrad_kernel, _wgrad_tuned, grid, ("BLOCK_M", "BLOCK_N"),
+    _launch(_lowrank_wgrad_kernel, _tuned(_WGRAD_TUNED, drop, x), grid, ("BLOCK_M", "BLOCK_N"),
             lo, x, g, _seed_ptr(drop, g), m, n, r, triton.next_power_of_2(m), rows_per_split, *lo.stride(),
             *x.stride(), *g.stride(), scale, _p(drop), DROPOUT=drop is not None,
             DOT_PRECISION=_dot_precision(x.dtype), BLOCK_R=block_r)
     return g.sum(0) if splits > 1 else g[0]
+
+
+def compile_cases(shapes: ModelShapes) -> list[KernelCase]:
+    """Every launch of `_lowrank_down`, `_lowrank_up_` and `_wgrad` in `LoRALinearFunction`
+    (kernels/launch_cases.py), at the (in, out) = (hidden, intermediate) layer (gate/up; q/k/v/o
+    and down differ only in multiple-of-16 sizes), for each rank, dtype and dot precision, with
+    the operands' strides as the autograd.Function passes them: W (out, in) and A (r, in), B (out, r)
+    contiguous, so ``lora_b.t()``/``lora_a.t()`` have unit row stride. Edit this list when a
+    launch in section 4 changes."""
+    M, K, N, f32, i64 = shapes.tokens, shapes.hidden, shapes.intermediate, torch.float32, torch.int64
+    m_bucket, cases = triton.next_power_of_2(M), []
+    for dt in shapes.dtypes:
+        precisions = ("ieee", "tf32") if dt == torch.float32 else ("tf32",)  # see _dot_precision
+        for r, prec in ((r, prec) for r in shapes.lora_ranks for prec in precisions):
+            meta = dict(DOT_PRECISION=prec, BLOCK_R=_block_r(r))
+            tag = f"r={r} {prec}"
+
+            def down(name, k, stride_u, dropout):
+                args = dict(x_ptr=dt, u_ptr=dt, h_ptr=f32, seed_ptr=i64 if dropout else f32, M=M, K=k, R=r,
+                            M_BUCKET=m_bucket, stride_xm=k, stride_xk=1, stride_uk=stride_u[0],
+                            stride_ur=stride_u[1], stride_hm=r, stride_hr=1, scale=1.0, p=0.1)
+                return KernelCase(f"{name} {tag}", _lowrank_down_kernel, dt, args, dict(DROPOUT=dropout, **meta),
+                                  tuple(_DOWN_TUNED[(dropout, dt == f32)].configs))
+
+            def up(name, n, stride_u, dropout):
+                args = dict(h_ptr=f32, u_ptr=dt, c_ptr=dt, seed_ptr=i64 if dropout else f32, M=M, N=n, R=r,
+                            M_BUCKET=m_bucket, stride_hm=r, stride_hr=1, stride_ur=stride_u[0],
+                            stride_un=stride_u[1], stride_cm=n, stride_cn=1, scale=2.0, p=0.1)
+                return KernelCase(f"{name} {tag}", _lowrank_up_kernel, dt, args, dict(DROPOUT=dropout, **meta),
+                                  tuple(_UP_TUNED[(dropout, dt == f32)].configs))
+
+            def wgrad(name, n, dropout):
+                args = dict(l_ptr=f32, x_ptr=dt, g_ptr=f32, seed_ptr=i64 if dropout else f32, M=M, N=n, R=r,
+                            M_BUCKET=m_bucket,
+                            rows_per_split=_wgrad_splits(M, n, r, shapes.num_sms, _WGRAD_ROWS_PER_SPLIT)[1],
+                            stride_lm=r, stride_lr=1, stride_xm=n, stride_xn=1, stride_gs=r * n, stride_gr=n,
+                            stride_gn=1, scale=1.0, p=0.1)
+                return KernelCase(f"{name} {tag}", _lowrank_wgrad_kernel, dt, args, dict(DROPOUT=dropout, **meta),
+                                  tuple(_WGRAD_TUNED[(dropout, dt == f32)].configs))
+
+            cases += [
+                # forward: y = x·Wᵀ (cuBLAS); h = drop(x)·Aᵀ; y += s·h·Bᵀ
+                down("fwd h", K, (1, K), False), down("fwd h dropout", K, (1, K), True),
+                up("fwd y += s·h·Bᵀ", N, (1, r), False),
+                # backward: dH = s·dY·B; dX = dY·W (cuBLAS) += keep ⊙ dH·A; dA = dHᵀ·drop(x); dB = s·dYᵀ·h
+                down("bwd dH", N, (r, 1), False),
+                up("bwd dX += dH·A", K, (K, 1), False), up("bwd dX += keep ⊙ dH·A", K, (K, 1), True),
+                wgrad("bwd dA", K, False), wgrad("bwd dA dropout", K, True), wgrad("bwd dB", N, False),
+            ]
+    return cases
 
 
 # ---------------------------------------------------------------------------------------------

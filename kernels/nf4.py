@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
+from kernels.launch_cases import KernelCase, ModelShapes, fixed_launch
 
 # The 16 NF4 values (quantiles of N(0, 1) rescaled to [-1, 1], with an exact zero), as fp32.
 NF4_VALUES = (
@@ -261,10 +262,13 @@ def _nf4_dequant_fwd_kernel(
 # 3. Launcher
 # ----------------------------------------------------------------------------------------------
 
+_DEQUANT_BLOCK, _DEQUANT_WARPS = 1024, 4  # outputs per program, warps per program
+
+
 def _nf4_dequant_triton(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     n = q.numel
-    block = 1024
+    block = _DEQUANT_BLOCK
     # Without double quantization the nested pointers are never read: pass any valid tensor.
     nested_absmax, nested_code, offset = (q.nested_absmax, q.nested_code, q.offset) if q.double_quant \
         else (q.code, q.code, q.code)
@@ -272,9 +276,27 @@ def _nf4_dequant_triton(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
     _nf4_dequant_fwd_kernel[(triton.cdiv(n, block),)](
         q.packed, q.absmax, q.code, nested_absmax, nested_code, out, offset, n,
         QBLOCK=q.blocksize, NESTED_QBLOCK=q.nested_blocksize, DOUBLE_QUANT=q.double_quant,
-        ROUND_BF16=dtype == torch.bfloat16, BLOCK=block, num_warps=4, enable_fp_fusion=False,
+        ROUND_BF16=dtype == torch.bfloat16, BLOCK=block, num_warps=_DEQUANT_WARPS, enable_fp_fusion=False,
     )
     return out
+
+
+def compile_cases(shapes: ModelShapes) -> list[KernelCase]:
+    """What `_nf4_dequant_triton` can launch (kernels/launch_cases.py): every output dtype,
+    blocksize and double-quantization flag, for the largest weight (intermediate, hidden)."""
+    f32, cases = torch.float32, []
+    for dtype in shapes.dtypes:
+        for double_quant in (False, True):
+            for qblock in VALID_BLOCKSIZES:
+                args = dict(packed_ptr=torch.uint8, absmax_ptr=torch.uint8 if double_quant else f32, code_ptr=f32,
+                            nested_absmax_ptr=f32, nested_code_ptr=f32, out_ptr=dtype, offset_ptr=f32,
+                            n_elements=shapes.intermediate * shapes.hidden)
+                constexprs = dict(QBLOCK=qblock, NESTED_QBLOCK=NESTED_BLOCKSIZE, DOUBLE_QUANT=double_quant,
+                                  ROUND_BF16=dtype == torch.bfloat16, BLOCK=_DEQUANT_BLOCK)
+                cases.append(KernelCase(f"blocksize={qblock}{' double_quant' if double_quant else ''}",
+                                        _nf4_dequant_fwd_kernel, dtype, args, constexprs,
+                                        fixed_launch(_DEQUANT_WARPS), dict(enable_fp_fusion=False)))
+    return cases
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import interpreting, use_triton
+from kernels.launch_cases import KernelCase, ModelShapes, fixed_launch
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -122,11 +123,15 @@ def _rms_norm_fwd(x2, weight, eps):
     return y, rstd
 
 
-def _num_programs(n_rows: int, device: torch.device) -> int:
+def _programs_for(n_rows: int, num_sms: int) -> int:
     """Enough programs to fill the GPU a few times over, each summing dw over a chunk of rows."""
+    return max(1, min(n_rows, 4 * num_sms))
+
+
+def _num_programs(n_rows: int, device: torch.device) -> int:
     if device.type == "cuda":
-        return max(1, min(n_rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(n_rows, 4))
+        return _programs_for(n_rows, torch.cuda.get_device_properties(device).multi_processor_count)
+    return _programs_for(n_rows, 1)
 
 
 def _rms_norm_bwd(dy, x2, weight, rstd, compute_dw):
@@ -146,6 +151,28 @@ def _rms_norm_bwd(dy, x2, weight, rstd, compute_dw):
         return dx, None
     dw = dw_partial.sum(0) if n_rows else torch.zeros(n_cols, dtype=torch.float32, device=x2.device)
     return dx, dw.to(weight.dtype)
+
+
+def compile_cases(shapes: ModelShapes) -> list[KernelCase]:
+    """What `_rms_norm_fwd` and `_rms_norm_bwd` launch (kernels/launch_cases.py) on rows of
+    ``shapes.hidden``: every dtype, backward with and without dw."""
+    n_rows, n_cols = shapes.tokens, shapes.hidden
+    block, num_warps = _launch_config(n_cols)
+    rows_per_program = triton.cdiv(n_rows, _programs_for(n_rows, shapes.num_sms))
+    cases = []
+    for dt in shapes.dtypes:
+        fwd = dict(x_ptr=dt, w_ptr=dt, y_ptr=dt, rstd_ptr=torch.float32, x_row_stride=n_cols, y_row_stride=n_cols,
+                   n_cols=n_cols, eps=1e-5)
+        cases.append(KernelCase("fwd", _rms_norm_fwd_kernel, dt, fwd,
+                                dict(EMULATE_RNE=interpreting(), BLOCK_H=block), fixed_launch(num_warps)))
+        bwd = dict(dy_ptr=dt, x_ptr=dt, w_ptr=dt, rstd_ptr=torch.float32, dx_ptr=dt, dw_partial_ptr=torch.float32,
+                   dy_row_stride=n_cols, x_row_stride=n_cols, dx_row_stride=n_cols, n_rows=n_rows, n_cols=n_cols,
+                   rows_per_program=rows_per_program)
+        for compute_dw in (False, True):
+            cases.append(KernelCase(f"bwd{' dw' if compute_dw else ''}", _rms_norm_bwd_kernel, dt, bwd,
+                                    dict(COMPUTE_DW=compute_dw, EMULATE_RNE=interpreting(), BLOCK_H=block),
+                                    fixed_launch(num_warps)))
+    return cases
 
 
 class RMSNormFunction(torch.autograd.Function):

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
+from kernels.launch_cases import KernelCase, ModelShapes, fixed_launch
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
@@ -139,6 +140,13 @@ def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _rope_meta(n_q: int, n_k: int, half: int) -> tuple[dict, int]:
+    """(block constexprs, num_warps) for n_q / n_k heads of hd/2 = ``half``."""
+    blocks = dict(HALF=half, BLOCK_Q_HEADS=triton.next_power_of_2(n_q), BLOCK_K_HEADS=triton.next_power_of_2(n_k),
+                  BLOCK_HALF=triton.next_power_of_2(half))
+    return blocks, 4 if n_q * half <= 4096 else 8
+
+
 def _rope_launch(q, k, qo, ko, position_ids, inv_freq, inverse: bool) -> None:
     """Rotate ``q``, ``k`` (B, T, heads, hd) into ``qo``, ``ko`` (may alias q, k) in one launch."""
     B, T, n_q, hd = q.shape
@@ -146,15 +154,33 @@ def _rope_launch(q, k, qo, ko, position_ids, inv_freq, inverse: bool) -> None:
     pos_stride_b = 0 if position_ids.shape[0] == 1 else position_ids.stride(0)  # (1, T) broadcasts
     if B * T == 0:
         return
-    half = hd // 2
+    blocks, num_warps = _rope_meta(n_q, n_k, hd // 2)
     _rope_kernel[(B * T,)](
         q, k, qo, ko, position_ids, inv_freq, T,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
         pos_stride_b, position_ids.stride(1), n_q, n_k,
-        INVERSE=inverse, HALF=half, BLOCK_Q_HEADS=triton.next_power_of_2(n_q),
-        BLOCK_K_HEADS=triton.next_power_of_2(n_k), BLOCK_HALF=triton.next_power_of_2(half),
-        num_warps=4 if n_q * half <= 4096 else 8)
+        INVERSE=inverse, **blocks, num_warps=num_warps)
+
+
+def compile_cases(shapes: ModelShapes) -> list[KernelCase]:
+    """What `_rope_launch` launches (kernels/launch_cases.py): q (1, T, n_heads, hd) and k
+    (1, T, n_kv, hd) as the attention's views of its projections, position_ids (1, T) int64 (the
+    packed (B, T) form differs only in a multiple-of-16 batch stride), forward and inverse."""
+    T, hd, n_q, n_k = shapes.tokens, shapes.head_dim, shapes.n_heads, shapes.n_kv_heads
+    blocks, num_warps = _rope_meta(n_q, n_k, hd // 2)
+    cases = []
+    for dt in shapes.dtypes:
+        q_strides = dict(zip(("stride_b", "stride_t", "stride_h"), (T * n_q * hd, n_q * hd, hd)))
+        k_strides = dict(zip(("stride_b", "stride_t", "stride_h"), (T * n_k * hd, n_k * hd, hd)))
+        args = dict(q_ptr=dt, k_ptr=dt, qo_ptr=dt, ko_ptr=dt, pos_ptr=torch.int64, inv_freq_ptr=torch.float32,
+                    seq_len=T, **{f"{t}_{k}": v for t in ("q", "qo") for k, v in q_strides.items()},
+                    **{f"{t}_{k}": v for t in ("k", "ko") for k, v in k_strides.items()},
+                    pos_stride_b=0, pos_stride_t=1, n_q_heads=n_q, n_k_heads=n_k)
+        for inverse in (False, True):
+            cases.append(KernelCase("bwd" if inverse else "fwd", _rope_kernel, dt, args,
+                                    dict(INVERSE=inverse, **blocks), fixed_launch(num_warps)))
+    return cases
 
 
 class RoPEFunction(torch.autograd.Function):

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
+from kernels.launch_cases import KernelCase, ModelShapes, fixed_launch
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -91,6 +92,18 @@ def _swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple
     if n:
         _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK_SIZE),)](dy, gate, up, d_gate, d_up, n, BLOCK_SIZE=_BLOCK_SIZE)
     return d_gate, d_up
+
+
+def compile_cases(shapes: ModelShapes) -> list[KernelCase]:
+    """What `_swiglu_fwd` / `_swiglu_bwd` launch (kernels/launch_cases.py) on (tokens, intermediate)."""
+    n, cases = shapes.tokens * shapes.intermediate, []
+    for dt in shapes.dtypes:
+        cases.append(KernelCase("fwd", _swiglu_fwd_kernel, dt, dict(gate_ptr=dt, up_ptr=dt, y_ptr=dt, n_elements=n),
+                                dict(BLOCK_SIZE=_BLOCK_SIZE), fixed_launch()))
+        cases.append(KernelCase("bwd", _swiglu_bwd_kernel, dt,
+                                dict(dy_ptr=dt, gate_ptr=dt, up_ptr=dt, dgate_ptr=dt, dup_ptr=dt, n_elements=n),
+                                dict(BLOCK_SIZE=_BLOCK_SIZE), fixed_launch()))
+    return cases
 
 
 class SwiGLUFunction(torch.autograd.Function):
