@@ -99,13 +99,14 @@ class Batch:
 
     def documents(self) -> torch.Tensor:
         """(B, T) int64: each token's document number, documents counted row-major in the order of
-        ``sample_ids`` (a padded row is one document; padding gets the number of its row's pad
-        segment, which holds no label, so reductions over labelled tokens never see it)."""
+        ``sample_ids`` (a padded row is one document); -1 on padding."""
         if self.segment_ids is None:
             rows = torch.arange(self.input_ids.shape[0], device=self.input_ids.device)
-            return rows[:, None].expand_as(self.input_ids)
-        per_row = torch.tensor([0] + [len(row) for row in self.sample_ids[:-1]], device=self.segment_ids.device)
-        return self.segment_ids + per_row.cumsum(0)[:, None]  # (B, T)
+            docs = rows[:, None].expand_as(self.input_ids)
+        else:
+            per_row = torch.tensor([0] + [len(row) for row in self.sample_ids[:-1]], device=self.segment_ids.device)
+            docs = self.segment_ids + per_row.cumsum(0)[:, None]  # (B, T)
+        return torch.where(self.attention_mask.bool(), docs, -1)
 
 
 def round_up(n: int, multiple: int) -> int:
