@@ -48,7 +48,13 @@ from engine.losses.causal_lm import (
     hidden_logps,
     hidden_states,
 )
-from engine.losses.preference import IPO_MEANS_LOGPS, check_loss_options, dpo_losses, dpo_metrics, mean_metrics
+from engine.losses.preference import (
+    IPO_MEANS_LOGPS,
+    check_loss_options,
+    dpo_losses,
+    dpo_metrics,
+    mean_metrics,
+)
 from engine.recipes.dpo_monitor import DisplacementMonitor
 from engine.recipes.dpo_reference import ReferencePolicy, precompute_reference
 from engine.run.checkpoint import load_extra
@@ -207,7 +213,7 @@ def train(cfg: TrainConfig, progress: bool = True, options: DPOOptions | None = 
                                  eval_path=cfg.eval_data, eval_split=cfg.eval_split, seed=cfg.seed,
                                  skip_invalid=cfg.skip_invalid_records)
         pad_id = run.tokenizer.pad_token_id
-        layout = dict(batching=cfg.batching, max_len=run.max_len)
+        layout = {"batching": cfg.batching, "max_len": run.max_len}
         loader = PairBatchLoader(run.data.train, cfg.batch_size, pad_id=pad_id, seed=cfg.seed,
                                  max_tokens=cfg.max_tokens_per_batch, **layout)
         eval_loader = PairBatchLoader(run.data.eval, cfg.batch_size, pad_id=pad_id, shuffle=False, **layout) \
