@@ -31,6 +31,7 @@ FORMATS = ("auto", "text", "completion", "alpaca", "messages", "sharegpt")
 SCHEDULES = ("cosine", "linear", "constant")
 QUANTS = ("none", "nf4")
 LENGTH_POLICIES = ("truncate", "drop", "error")
+BATCHINGS = ("padding-free", "padded", "pack")  # engine.data.batching
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 MAX_SEED = 2**63 - 1
 # Defaults that differ by --method, used when the field is left unset (None).
@@ -107,9 +108,19 @@ class TrainConfig:
     max_len: int | None = _opt(None, "Maximum tokens per sample (default: min(model context, 2048)).",
                                range=Range(2))
     length_policy: str = _opt("truncate", "What to do with samples longer than --max-len.", LENGTH_POLICIES)
-    pack: bool = _opt(False, "Pack samples into full rows of --max-len tokens (attention never crosses samples).")
+    batching: str | None = _opt(None, "How samples make a batch: padding-free (one row of the batch's samples "
+                                "concatenated, attention and loss never crossing a sample: no padding), padded "
+                                "(one right-padded row per sample) or pack (full rows of --max-len tokens, as "
+                                "--pack). The samples of each batch, hence steps and epochs, are the same for "
+                                "padding-free and padded (default: padding-free, pack with --pack).", BATCHINGS)
+    pack: bool = _opt(False, "Pack samples into full rows of --max-len tokens (attention never crosses samples); "
+                      "the same as --batching pack.")
+    max_tokens_per_batch: int | None = _opt(None, "With --batching padding-free: batches of as many consecutive "
+                                            "samples (pairs for DPO, both sequences counted) as fit in this many "
+                                            "tokens, instead of --batch-size samples; a longer sample is refused "
+                                            "(never split).", range=AT_LEAST_1)
     train_on_prompt: bool = _opt(False, "Also compute the loss on prompt / user tokens.")
-    batch_size: int = _opt(4, "Sequences per micro-batch (pairs for DPO).", range=AT_LEAST_1)
+    batch_size: int = _opt(4, "Samples per micro-batch (pairs for DPO; packed rows with --pack).", range=AT_LEAST_1)
     grad_accum: int = _opt(1, "Micro-batches per optimizer step.", range=AT_LEAST_1)
     epochs: float = _opt(1.0, "Passes over the training data (ignored when --max-steps is set).", range=POSITIVE)
     max_steps: int | None = _opt(None, "Optimizer steps to run (default: from --epochs).", range=AT_LEAST_1)
@@ -154,6 +165,10 @@ class TrainConfig:
         for name, value in METHOD_DEFAULTS.get(self.method, {}).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.batching is None:  # --pack keeps its meaning; otherwise padding-free
+            self.batching = "pack" if self.pack is True else "padding-free"
+        elif self.batching == "pack" and self.pack is False:
+            self.pack = True  # one setting, two spellings: config.json shows both agreeing
 
     def validate(self) -> None:
         """Raise InputError for the first value no run can use, naming its flag."""
@@ -169,8 +184,11 @@ class TrainConfig:
             raise InputError("--output must name a folder")
         if self.eval_data is not None and self.eval_split:
             raise InputError("--eval-data and --eval-split both choose an eval set: give one of them")
-        if self.method == "dpo" and self.pack:
-            raise InputError("--pack is for SFT: DPO batches chosen and rejected of each pair together")
+        if self.pack and self.batching != "pack":
+            raise InputError(f"--pack and --batching {self.batching} disagree: give one of them")
+        if self.max_tokens_per_batch is not None and self.batching != "padding-free":
+            raise InputError(f"--max-tokens-per-batch applies to --batching padding-free, not {self.batching} "
+                             "(packed rows hold --max-len tokens each; padded batches --batch-size samples)")
         if self.dpo_label_smoothing and self.dpo_loss not in ("sigmoid", "robust"):
             raise InputError(f"--dpo-label-smoothing applies to the sigmoid and robust losses, not {self.dpo_loss!r}")
 

@@ -1,16 +1,33 @@
-"""Deterministic, resumable batches of SFT samples, padded or packed.
+"""Deterministic, resumable batches of SFT samples: padding-free, padded or packed.
 
 The order of an epoch is a pure function of (seed, epoch): `epoch_order` draws a permutation from
 a `torch.Generator` seeded with both, so a run resumed at (epoch, batch index) sees exactly the
 batches an uninterrupted run would have seen from there (`BatchLoader.batches(epoch, start)`).
+Which samples form a padded or padding-free batch (`batch_groups`) depends only on that order:
 
-Padded batches (``pack=False``): samples in epoch order, ``batch_size`` per batch, padded on the
-right with ``pad_id`` to the longest sample (rounded up to ``pad_to_multiple_of``);
-attention_mask 0 and labels -100 on padding; position ids as the model's default,
-``cumsum(mask) - 1`` clamped at 0; no segment ids. The last batch may be smaller.
+* ``batch_size`` consecutive samples of the epoch order per batch (the last may be smaller), or,
+  with ``max_tokens`` (``--max-tokens-per-batch N``, padding-free only), as many consecutive
+  samples as fit in N tokens; a sample longer than N is refused (`TokenBudgetError`, naming it),
+  never split and never allowed to overrun the budget.
 
-Packed batches (``pack=True``): rows of exactly ``max_len`` tokens (see `engine.data.packing`), built
-from the documents in epoch order, ``batch_size`` rows per batch, with segment ids.
+Layouts (``batching``, `BATCHINGS`):
+
+* ``padding-free`` (the CLI's default): the batch is ONE row of its samples concatenated, shape
+  (1, Σ len), each sample a document with its own segment id, positions restarting at 0 and no
+  padding at all (`engine.data.packing.pack_row` with the row as long as its documents, rounded
+  up to ``pad_to_multiple_of``). The model never lets attention cross a segment and
+  `engine.losses.causal_lm.shifted_labels` never predicts across one, so every token gets the loss
+  it gets in a padded batch of the same samples (up to float rounding) and the trainable-token
+  count N, hence the per-token normalisation, is the same.
+* ``padded``: samples right-padded with ``pad_id`` to the longest (rounded up to
+  ``pad_to_multiple_of``) in (B, T); attention_mask 0 and labels -100 on padding; position ids
+  ``cumsum(mask) - 1`` clamped at 0 (the model's default); no segment ids.
+* ``pack`` (``--pack``): rows of exactly ``max_len`` tokens (`engine.data.packing`), built from the
+  documents in epoch order, ``batch_size`` rows per batch, with segment ids.
+
+``Batch.sample_ids[row]`` lists the samples of each row in row order; within a row, sample k of
+that list is segment k. `documents` numbers every token by its document in the row-major order of
+``sample_ids`` (what per-document reductions such as DPO's log-probs need).
 """
 
 from __future__ import annotations
@@ -23,14 +40,39 @@ import torch
 from engine.data.packing import pack_row, plan_rows
 from engine.data.render import IGNORE
 from engine.data.samples import Sample
+from engine.errors import InputError
 
 _SEED_STRIDE = 1_000_003  # a prime, so (seed, epoch) pairs map to distinct generator seeds
+BATCHINGS = ("padding-free", "padded", "pack")
+
+
+class TokenBudgetError(InputError):
+    """A sample (or pair) longer than ``--max-tokens-per-batch``: it fits no batch (exit 2)."""
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The sample order of one epoch: a permutation of range(n), fixed by (seed, epoch)."""
     generator = torch.Generator().manual_seed((seed * _SEED_STRIDE + epoch) % (2**63))
     return torch.randperm(n, generator=generator).tolist()
+
+
+def batch_groups(order: list[int], lengths: list[int], batch_size: int,
+                 max_tokens: int | None = None) -> list[list[int]]:
+    """The items of each batch, consecutive in ``order``: ``batch_size`` per batch, or with
+    ``max_tokens`` as many as fit in that many tokens (``lengths[i]`` tokens each)."""
+    if max_tokens is None:
+        return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    groups: list[list[int]] = []
+    used = max_tokens + 1  # forces a new group for the first item
+    for i in order:
+        if lengths[i] > max_tokens:
+            raise TokenBudgetError(f"item {i} has {lengths[i]} tokens, more than --max-tokens-per-batch {max_tokens}")
+        if used + lengths[i] > max_tokens:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += lengths[i]
+    return groups
 
 
 @dataclass
@@ -41,21 +83,39 @@ class Batch:
     labels: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
-    segment_ids: torch.Tensor | None  # only for packed batches
-    sample_ids: list[list[int]]       # indices into the sample list, per row
+    segment_ids: torch.Tensor | None  # padding-free and packed batches
+    sample_ids: list[list[int]]       # indices into the sample list, per row (segment k = k-th)
     epoch: int
     index: int                        # batch index within the epoch
 
-    def to(self, device: str | torch.device) -> "Batch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    def to(self, device: str | torch.device) -> Batch:
+        move = lambda t: None if t is None else t.to(device)
         return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask),
                      move(self.position_ids), move(self.segment_ids), self.sample_ids, self.epoch, self.index)
+
+    @property
+    def num_documents(self) -> int:
+        return sum(len(row) for row in self.sample_ids)
+
+    def documents(self) -> torch.Tensor:
+        """(B, T) int64: each token's document number, documents counted row-major in the order of
+        ``sample_ids`` (a padded row is one document); -1 on padding."""
+        if self.segment_ids is None:
+            rows = torch.arange(self.input_ids.shape[0], device=self.input_ids.device)
+            docs = rows[:, None].expand_as(self.input_ids)
+        else:
+            per_row = torch.tensor([0] + [len(row) for row in self.sample_ids[:-1]], device=self.segment_ids.device)
+            docs = self.segment_ids + per_row.cumsum(0)[:, None]  # (B, T)
+        return torch.where(self.attention_mask.bool(), docs, -1)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def collate_padded(samples: list[Sample], pad_id: int, pad_to_multiple_of: int = 1) -> dict:
     """Right-pad samples into (B, T) tensors; T = longest, rounded up to `pad_to_multiple_of`."""
-    longest = max(len(s.input_ids) for s in samples)
-    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    width = round_up(max(len(s.input_ids) for s in samples), pad_to_multiple_of)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
@@ -69,45 +129,75 @@ def collate_padded(samples: list[Sample], pad_id: int, pad_to_multiple_of: int =
             "segment_ids": None}
 
 
+def collate_padding_free(samples: list[Sample], pad_id: int, pad_to_multiple_of: int = 1) -> dict:
+    """The samples as the documents of ONE row, (1, Σ len) rounded up to `pad_to_multiple_of`."""
+    width = round_up(sum(len(s.input_ids) for s in samples), pad_to_multiple_of)
+    row = pack_row([(s.input_ids, s.labels) for s in samples], width, pad_id)
+    return {name: t[None] for name, t in row.items()}  # (1, width) each
+
+
 class BatchLoader:
-    """Batches of one epoch at a time; ``batches(epoch, start)`` resumes mid-epoch exactly."""
+    """Batches of one epoch at a time; ``batches(epoch, start)`` resumes mid-epoch exactly.
+
+    ``batching`` is one of `BATCHINGS`; left None it is "pack" with ``pack=True``, else "padded"
+    (this class's historical default; the CLI's default is padding-free).
+    """
 
     def __init__(self, samples: list[Sample], batch_size: int, *, pad_id: int, seed: int = 0,
                  shuffle: bool = True, pack: bool = False, max_len: int | None = None,
-                 pad_to_multiple_of: int = 1):
+                 pad_to_multiple_of: int = 1, batching: str | None = None, max_tokens: int | None = None):
+        batching = batching or ("pack" if pack else "padded")
         if not samples:
             raise ValueError("BatchLoader needs at least one sample")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}; expected >= 1")
-        if pack and max_len is None:
+        if batching not in BATCHINGS:
+            raise ValueError(f"batching={batching!r}; expected one of {', '.join(BATCHINGS)}")
+        if batching == "pack" and max_len is None:
             raise ValueError("pack=True needs max_len, the length of a packed row")
+        if max_tokens is not None and batching != "padding-free":
+            raise ValueError(f"max_tokens applies to padding-free batches, not {batching!r}")
         self.samples, self.batch_size, self.pad_id, self.seed = samples, batch_size, pad_id, seed
-        self.shuffle, self.pack, self.max_len = shuffle, pack, max_len
-        self.pad_to_multiple_of = pad_to_multiple_of
+        self.shuffle, self.batching, self.pack, self.max_len = shuffle, batching, batching == "pack", max_len
+        self.pad_to_multiple_of, self.max_tokens = pad_to_multiple_of, max_tokens
+        self.lengths = [len(s.input_ids) for s in samples]
+        too_long = next((i for i, n in enumerate(self.lengths) if max_tokens is not None and n > max_tokens), None)
+        if too_long is not None:
+            raise TokenBudgetError(f"{samples[too_long].source}: sample has {self.lengths[too_long]} tokens, more "
+                                   f"than --max-tokens-per-batch {max_tokens}: raise it or lower --max-len (a "
+                                   "sample is never split)")
 
-    def _rows(self, epoch: int) -> list[list[int]]:
-        """Sample indices of each row of the epoch, in order."""
+    def order(self, epoch: int) -> list[int]:
         n = len(self.samples)
-        order = epoch_order(n, self.seed, epoch) if self.shuffle else list(range(n))
-        if not self.pack:
-            return [[i] for i in order]
-        return plan_rows([len(s.input_ids) for s in self.samples], order, self.max_len)
+        return epoch_order(n, self.seed, epoch) if self.shuffle else list(range(n))
+
+    def groups(self, epoch: int) -> list[list[list[int]]]:
+        """Per batch of ``epoch``, the sample indices of each of its rows."""
+        order = self.order(epoch)
+        if self.pack:
+            rows = plan_rows(self.lengths, order, self.max_len)
+            return [rows[k:k + self.batch_size] for k in range(0, len(rows), self.batch_size)]
+        groups = batch_groups(order, self.lengths, self.batch_size, self.max_tokens)
+        if self.batching == "padding-free":
+            return [[group] for group in groups]
+        return [[[i] for i in group] for group in groups]
 
     def num_batches(self, epoch: int) -> int:
-        return -(-len(self._rows(epoch)) // self.batch_size)
+        return len(self.groups(epoch))
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """The batches of `epoch` from batch index `start` on."""
-        rows = self._rows(epoch)
-        for index in range(start, -(-len(rows) // self.batch_size)):
-            chunk = rows[index * self.batch_size:(index + 1) * self.batch_size]
-            yield self._collate(chunk, epoch, index)
+        groups = self.groups(epoch)
+        for index in range(start, len(groups)):
+            yield self._collate(groups[index], epoch, index)
 
     def _collate(self, chunk: list[list[int]], epoch: int, index: int) -> Batch:
         if self.pack:
             packed = [pack_row([(self.samples[i].input_ids, self.samples[i].labels) for i in row],
                                self.max_len, self.pad_id) for row in chunk]
             tensors = {k: torch.stack([p[k] for p in packed]) for k in packed[0]}
+        elif self.batching == "padding-free":
+            tensors = collate_padding_free([self.samples[i] for i in chunk[0]], self.pad_id, self.pad_to_multiple_of)
         else:
             tensors = collate_padded([self.samples[row[0]] for row in chunk], self.pad_id,
                                      self.pad_to_multiple_of)

@@ -38,21 +38,19 @@ Length policy for a pair whose prompt P plus longer completion C exceed ``max_le
   ``L − len(prompt)``. So the prompt goes first, but never takes the whole row.
 * ``drop``: skip the pair (counted); ``error``: raise naming the file and line.
 
-Batches (`PairBatchLoader`): B pairs per batch in a deterministic, resumable epoch order
-(`engine.data.batching.epoch_order`), as ONE padded `Batch` of 2B rows ``[c_1 … c_B, r_1 … r_B]`` so a
-single forward scores both sides; ``sample_ids[row] = [pair index]``.
+Batches (`PairBatchLoader`, `engine.data.pair_batching`): B pairs per batch in a deterministic,
+resumable epoch order, as ONE `Batch` of the 2B documents ``[c_1 … c_B, r_1 … r_B]`` so a single
+forward scores both sides: 2B padded rows, or one padding-free row, or rows packed to ``max_len``.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from engine.data.batching import Batch, collate_padded, epoch_order
 from engine.data.formats import Invalid
 from engine.data.reading import read_records
 from engine.data.render import IGNORE, SpecialTokens, encode_head, encode_tail
@@ -329,34 +327,6 @@ def load_dpo_data(path: str | Path, tokenizer: Any, *, max_len: int | None = Non
     return DPOData(*load_with_eval(load_file, path, eval_path, eval_split, seed))
 
 
-# ----------------------------------------------------------------------------- batches
-
-class PairBatchLoader:
-    """Batches of B pairs as 2B rows [chosen…, rejected…]; ``batches(epoch, start)`` resumes exactly."""
-
-    def __init__(self, pairs: list[PreferencePair], batch_size: int, *, pad_id: int, seed: int = 0,
-                 shuffle: bool = True):
-        if not pairs:
-            raise ValueError("PairBatchLoader needs at least one pair")
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}; expected >= 1")
-        self.pairs, self.batch_size, self.pad_id, self.seed, self.shuffle = pairs, batch_size, pad_id, seed, shuffle
-
-    def order(self, epoch: int) -> list[int]:
-        n = len(self.pairs)
-        return epoch_order(n, self.seed, epoch) if self.shuffle else list(range(n))
-
-    def num_batches(self, epoch: int) -> int:
-        return -(-len(self.pairs) // self.batch_size)
-
-    def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        """The batches of `epoch` from batch index `start` on."""
-        order = self.order(epoch)
-        for index in range(start, self.num_batches(epoch)):
-            chunk = order[index * self.batch_size:(index + 1) * self.batch_size]
-            yield self.collate(chunk, epoch, index)
-
-    def collate(self, chunk: list[int], epoch: int = 0, index: int = 0) -> Batch:
-        rows = [self.pairs[i].rows() for i in chunk]
-        tensors = collate_padded([c for c, _ in rows] + [r for _, r in rows], self.pad_id)
-        return Batch(**tensors, sample_ids=[[i] for i in chunk] * 2, epoch=epoch, index=index)
+# Batches of pairs live in `engine.data.pair_batching`; imported here, at the end, because that
+# module names `PreferencePair` (defined above) and callers know PairBatchLoader from here.
+from engine.data.pair_batching import PairBatchLoader  # noqa: F401

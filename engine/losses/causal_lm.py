@@ -19,7 +19,11 @@ from engine.data.batching import Batch, BatchLoader
 from engine.data.render import IGNORE
 from engine.data.samples import Sample
 from engine.errors import InputError
-from kernels.linear_cross_entropy import linear_cross_entropy, sequence_logprobs
+from kernels.linear_cross_entropy import (
+    linear_cross_entropy,
+    linear_logprobs,
+    sequence_logprobs,
+)
 
 
 def shifted_labels(batch: Batch) -> torch.Tensor:
@@ -30,29 +34,56 @@ def shifted_labels(batch: Batch) -> torch.Tensor:
     return labels
 
 
+def hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """The model's final hidden states (B, T, H) of a padded, padding-free or packed batch."""
+    return model.hidden_states(batch.input_ids, batch.attention_mask, batch.position_ids, batch.segment_ids)
+
+
 def loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Σ over the batch's trainable tokens of -log p(next token), in fp32 (a 0-dim tensor)."""
-    hidden = model.hidden_states(batch.input_ids, batch.attention_mask, batch.position_ids, batch.segment_ids)
+    hidden = hidden_states(model, batch)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), H)
     return linear_cross_entropy(hidden, model.lm_head.weight, shifted_labels(batch).reshape(-1), reduction="sum")
 
 
 def completion_logps(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ_t log p(y_t | y_<t) over each row's trainable tokens (rows,) fp32, their counts (rows,)).
+    """(Σ_t log p(y_t | y_<t) over each document's trainable tokens (D,) fp32, their counts (D,)).
 
     For preference pairs the trainable tokens are the completion's (labels -100 on the prompt and
-    the padding). Hidden state t predicts token t + 1, so the labels are shifted by one; the head
-    runs fused (`kernels.linear_cross_entropy.sequence_logprobs`: no (N, V) logits).
+    the padding); documents come in the order of `Batch.documents` (for a padded batch, its rows).
+    Hidden state t predicts token t + 1, so the labels are shifted by one; the head runs fused
+    (`kernels.linear_cross_entropy`: no (N, V) logits).
     """
-    hidden = model.hidden_states(batch.input_ids, batch.attention_mask, batch.position_ids)
-    return hidden_logps(hidden, model.lm_head.weight, batch)
+    return hidden_logps(hidden_states(model, batch), model.lm_head.weight, batch)
 
 
 def hidden_logps(hidden: torch.Tensor, head_weight: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """`completion_logps` from hidden states (B, T, H) already computed."""
-    labels = batch.labels[:, 1:]
-    logps = sequence_logprobs(hidden[:, :-1], head_weight, labels, IGNORE)
-    return logps, (labels != IGNORE).sum(1)
+    """`completion_logps` from hidden states (B, T, H) already computed.
+
+    Padded batch (one document per row): `sequence_logprobs` sums each row. Padding-free or packed
+    batch: the token log-probs ℓ_i = log p(y_i | h_i) (N,) of the labelled positions are summed per
+    document d(i) (the document of the predicted token), ``logps[d] = Σ_{i: d(i) = d} ℓ_i`` by one
+    index_add (differentiable in ℓ, hence in the hidden states).
+    """
+    if batch.segment_ids is None:
+        labels = batch.labels[:, 1:]
+        logps = sequence_logprobs(hidden[:, :-1], head_weight, labels, IGNORE)
+        return logps, (labels != IGNORE).sum(1)
+    labels = shifted_labels(batch).reshape(-1)                       # (B*(T-1),)
+    keep = labels != IGNORE
+    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]        # (N, H)
+    token_logps = linear_logprobs(flat, head_weight, labels[keep], IGNORE)  # (N,)
+    docs = batch.documents()[:, 1:].reshape(-1)[keep]                # (N,)
+    n = batch.num_documents
+    logps = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, docs, token_logps)
+    return logps, torch.zeros(n, dtype=torch.long, device=docs.device).index_add(0, docs, torch.ones_like(docs))
+
+
+def document_loss_tokens(batch: Batch) -> torch.Tensor:
+    """Trainable (shifted) tokens of each document of the batch, (D,) int64, on the batch's device."""
+    keep = shifted_labels(batch) != IGNORE
+    docs = batch.documents()[:, 1:][keep]
+    return torch.zeros(batch.num_documents, dtype=torch.long, device=docs.device).index_add(0, docs, torch.ones_like(docs))
 
 
 @torch.no_grad()
@@ -64,7 +95,7 @@ def completion_kl(policy_hidden: torch.Tensor, ref_hidden: torch.Tensor, head_we
     vocabulary at each position that predicts a trainable token; the logits are formed
     ``chunk_tokens`` positions at a time (two (chunk, V) fp32 blocks), never for all positions.
     """
-    keep = batch.labels[:, 1:] != IGNORE
+    keep = shifted_labels(batch) != IGNORE
     pol = policy_hidden[:, :-1][keep]  # (N, H)
     ref = ref_hidden[:, :-1][keep]
     total = torch.zeros((), dtype=torch.float64, device=pol.device)
@@ -101,9 +132,11 @@ def perplexity(loss: float) -> float:
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, samples: list[Sample], *, batch_size: int, pad_id: int,
-              device: torch.device | str, desc: str = "eval", progress: bool = True) -> LossResult:
-    """Σ loss over every trainable token of ``samples`` / their number (padded batches, file order)."""
-    loader = BatchLoader(samples, batch_size, pad_id=pad_id, shuffle=False)
+              device: torch.device | str, desc: str = "eval", progress: bool = True,
+              batching: str = "padded") -> LossResult:
+    """Σ loss over every trainable token of ``samples`` / their number (batches of ``batch_size``
+    samples in file order, ``padded`` or ``padding-free``: the same sum up to float rounding)."""
+    loader = BatchLoader(samples, batch_size, pad_id=pad_id, shuffle=False, batching=batching)
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)

@@ -2,13 +2,16 @@
 
 One optimizer step (`train_step`), top to bottom:
 
-1. the window: ``grad_accum`` batches of B pairs, each ONE padded batch of 2B rows
-   ``[c_1 … c_B, r_1 … r_B]`` (`engine.data.preferences.PairBatchLoader`, resumable like SFT's);
+1. the window: ``grad_accum`` batches of B pairs, each ONE batch of the 2B documents
+   ``[c_1 … c_B, r_1 … r_B]`` (`engine.data.pair_batching.PairBatchLoader`, resumable like SFT's):
+   by default one padding-free row (each document its own segment, nothing padded), else 2B
+   padded rows (``--batching padded``) or rows packed to ``--max-len`` (``--pack``);
 2. per batch (`pair_losses`): the reference log-probs, looked up per pair when precomputed, else
    one forward under ``torch.no_grad`` in eval mode with the reference policy active
-   (`engine.recipes.dpo_reference`); then the policy's: one forward of the 2B rows,
-   ``log π(y | x) = Σ_t log p(y_t | x, y_<t)`` over the completion tokens only, through the fused
-   head (no (N, V) logits); IPO uses the per-token mean instead, as TRL does; then
+   (`engine.recipes.dpo_reference`); then the policy's: one forward of the 2B documents,
+   ``log π(y | x) = Σ_t log p(y_t | x, y_<t)`` over each document's completion tokens only
+   (per segment in a padding-free or packed row), through the fused head (no (N, V) logits); IPO
+   uses the per-token mean instead, as TRL does; then
 
        loss = Σ_pairs ℓ_DPO / P  +  α · Σ_chosen tokens −log π(y_t) / N_c
 
@@ -34,11 +37,24 @@ import torch
 
 from engine.config import TrainConfig
 from engine.data.batching import Batch
+from engine.data.batching_report import dpo_batching_report
 from engine.data.preferences import PairBatchLoader, load_dpo_data
-from engine.data.render import IGNORE
 from engine.errors import InputError
-from engine.losses.causal_lm import completion_kl, completion_logps, count_loss_tokens, hidden_logps
-from engine.losses.preference import IPO_MEANS_LOGPS, check_loss_options, dpo_losses, dpo_metrics, mean_metrics
+from engine.losses.causal_lm import (
+    completion_kl,
+    completion_logps,
+    count_loss_tokens,
+    document_loss_tokens,
+    hidden_logps,
+    hidden_states,
+)
+from engine.losses.preference import (
+    IPO_MEANS_LOGPS,
+    check_loss_options,
+    dpo_losses,
+    dpo_metrics,
+    mean_metrics,
+)
 from engine.recipes.dpo_monitor import DisplacementMonitor
 from engine.recipes.dpo_reference import ReferencePolicy, precompute_reference
 from engine.run.checkpoint import load_extra
@@ -91,17 +107,22 @@ class PreferenceObjective:
     ref_tables: dict[str, torch.Tensor]
 
     def table_logps(self, batch: Batch, split: str) -> torch.Tensor | None:
-        """The precomputed π_ref log-probs of the batch's 2B rows, or None."""
+        """The precomputed π_ref log-probs of the batch's 2B documents, or None."""
         if split not in self.ref_tables:
             return None
-        half = len(batch.sample_ids) // 2
-        table = self.ref_tables[split][[row[0] for row in batch.sample_ids[:half]]].to(batch.input_ids.device)
+        table = self.ref_tables[split][batch_pairs(batch)].to(batch.input_ids.device)
         return torch.cat([table[:, 0], table[:, 1]])
+
+
+def batch_pairs(batch: Batch) -> list[int]:
+    """The B pairs of a batch, in order: the owners of its first B documents ``c_1 … c_B``."""
+    owners = [pair for row in batch.sample_ids for pair in row]  # (2B,) row-major = document order
+    return owners[:len(owners) // 2]
 
 
 def losses_from_logps(options: DPOOptions, policy: torch.Tensor, ref: torch.Tensor,
                       lengths: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair DPO losses (B,) and metrics from the 2B rows' summed log-probs and token counts."""
+    """Per-pair DPO losses (B,) and metrics from the 2B documents' summed log-probs and token counts."""
     half = policy.shape[0] // 2
     metrics = dpo_metrics(policy[:half], policy[half:], ref[:half], ref[half:], beta=options.beta,
                           chosen_tokens=lengths[:half], rejected_tokens=lengths[half:])
@@ -114,7 +135,7 @@ def losses_from_logps(options: DPOOptions, policy: torch.Tensor, ref: torch.Tens
 
 def pair_losses(obj: PreferenceObjective, batch: Batch,
                 split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """(per-pair DPO losses (B,), per-pair metrics, the chosen rows' summed log-probs (B,)), the
+    """(per-pair DPO losses (B,), per-pair metrics, the chosen documents' summed log-probs (B,)), the
     first and last differentiable when grad is on."""
     ref = obj.table_logps(batch, split)
     if ref is None:  # before the policy forward: no graph may hold LoRA weights while the reference swaps them
@@ -125,13 +146,13 @@ def pair_losses(obj: PreferenceObjective, batch: Batch,
 
 
 def chosen_tokens(batch: Batch) -> int:
-    """Completion tokens of the batch's chosen rows (the first half), counted on the CPU batch."""
-    return int((batch.labels[:len(batch.sample_ids) // 2, 1:] != IGNORE).sum())
+    """Completion tokens of the batch's chosen documents (the first half), counted on the CPU batch."""
+    return int(document_loss_tokens(batch)[:batch.num_documents // 2].sum())
 
 
 def train_step(run: Run, obj: PreferenceObjective, window: list[Batch]) -> StepResult:
     """One optimizer step of DPO (with RPO's chosen NLL when ``rpo_alpha`` > 0) over one window."""
-    n_pairs = sum(len(b.sample_ids) // 2 for b in window)
+    n_pairs = sum(b.num_documents // 2 for b in window)
     n_chosen = max(sum(chosen_tokens(b) for b in window), 1)
     alpha = obj.options.rpo_alpha
     total = torch.zeros((), dtype=torch.float32, device=run.device)
@@ -146,7 +167,7 @@ def train_step(run: Run, obj: PreferenceObjective, window: list[Batch]) -> StepR
         parts.append(metrics)
     loss = total.item()
     update = run.optimizer.step(loss, run.step)
-    samples = [run.data.train[row[0]].source for b in window for row in b.sample_ids[:len(b.sample_ids) // 2]]
+    samples = [run.data.train[pair].source for b in window for pair in batch_pairs(b)]
     metrics = mean_metrics(parts) | ({"nll_loss": nll.item()} if alpha else {})
     return StepResult(loss, update, tokens=sum(count_loss_tokens(b) for b in window),
                       real_tokens=sum(int(b.attention_mask.sum()) for b in window), samples=samples, metrics=metrics)
@@ -162,7 +183,7 @@ def evaluate(obj: PreferenceObjective, loader: PairBatchLoader, device: torch.de
     for cpu_batch in loader.batches(0):
         batch = cpu_batch.to(device)
         ref_hidden = obj.reference.hidden_states(batch)
-        hidden = obj.model.hidden_states(batch.input_ids, batch.attention_mask, batch.position_ids)
+        hidden = hidden_states(obj.model, batch)
         policy, lengths = hidden_logps(hidden, weight, batch)
         ref = obj.table_logps(batch, "eval")
         ref = hidden_logps(ref_hidden, weight, batch)[0] if ref is None else ref
@@ -192,8 +213,10 @@ def train(cfg: TrainConfig, progress: bool = True, options: DPOOptions | None = 
                                  eval_path=cfg.eval_data, eval_split=cfg.eval_split, seed=cfg.seed,
                                  skip_invalid=cfg.skip_invalid_records)
         pad_id = run.tokenizer.pad_token_id
-        loader = PairBatchLoader(run.data.train, cfg.batch_size, pad_id=pad_id, seed=cfg.seed)
-        eval_loader = PairBatchLoader(run.data.eval, cfg.batch_size, pad_id=pad_id, shuffle=False) \
+        layout = {"batching": cfg.batching, "max_len": run.max_len}
+        loader = PairBatchLoader(run.data.train, cfg.batch_size, pad_id=pad_id, seed=cfg.seed,
+                                 max_tokens=cfg.max_tokens_per_batch, **layout)
+        eval_loader = PairBatchLoader(run.data.eval, cfg.batch_size, pad_id=pad_id, shuffle=False, **layout) \
             if run.data.eval else None
         run.plan(loader.num_batches(0))
         model = run.build_model().model
@@ -212,7 +235,7 @@ def train(cfg: TrainConfig, progress: bool = True, options: DPOOptions | None = 
                 run.warn(warning)
             return result
 
-        resumed_from = run.start([run.data.train_report, run.data.eval_report],
+        resumed_from = run.start([run.data.train_report, run.data.eval_report, dpo_batching_report(loader)],
                                  evaluate_and_watch if eval_loader else None, summarize)
         if resumed_from is not None:
             monitor.resume(read_metrics(run.output / "metrics.jsonl"), with_eval=eval_loader is not None)
@@ -224,7 +247,7 @@ def train(cfg: TrainConfig, progress: bool = True, options: DPOOptions | None = 
                     if pairs:
                         obj.ref_tables[split] = precompute_reference(
                             obj.reference, pairs, cfg.batch_size, pad_id, run.device,
-                            f"reference log-probs ({split})", progress)
+                            f"reference log-probs ({split})", progress, **layout)
             run.extras[REFERENCE_EXTRA] = obj.ref_tables
         for window in run.windows(loader):
             result = train_step(run, obj, window)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from engine.adapters import disable_adapters, lora_modules
 from engine.data.batching import Batch
 from engine.data.preferences import PairBatchLoader, PreferencePair
-from engine.losses.causal_lm import completion_logps
+from engine.losses.causal_lm import completion_logps, hidden_states
 
 
 class ReferencePolicy:
@@ -66,7 +66,7 @@ class ReferencePolicy:
     def hidden_states(self, batch: Batch) -> torch.Tensor:
         """π_ref's final hidden states (B, T, H) of the batch, in eval mode."""
         with self._evaluating():
-            return self.model.hidden_states(batch.input_ids, batch.attention_mask, batch.position_ids)
+            return hidden_states(self.model, batch)
 
     @contextlib.contextmanager
     def _evaluating(self) -> Iterator[None]:
@@ -80,14 +80,17 @@ class ReferencePolicy:
 
 
 def precompute_reference(reference: ReferencePolicy, pairs: list[PreferencePair], batch_size: int, pad_id: int,
-                         device: torch.device, desc: str, progress: bool) -> torch.Tensor:
-    """π_ref's log-probs of every pair: (pairs, 2) fp32 on the CPU, columns [chosen, rejected]."""
-    loader = PairBatchLoader(pairs, batch_size, pad_id=pad_id, shuffle=False)
+                         device: torch.device, desc: str, progress: bool, batching: str = "padded",
+                         max_len: int | None = None) -> torch.Tensor:
+    """π_ref's log-probs of every pair: (pairs, 2) fp32 on the CPU, columns [chosen, rejected],
+    scored in batches of ``batch_size`` pairs laid out as ``batching`` (the training layout; the
+    numbers are those of an on-the-fly reference up to float rounding, whatever pairs share a batch)."""
+    loader = PairBatchLoader(pairs, batch_size, pad_id=pad_id, shuffle=False, batching=batching, max_len=max_len)
     table = torch.empty(len(pairs), 2, dtype=torch.float32)
     for batch in tqdm(loader.batches(0), total=loader.num_batches(0), disable=not progress, desc=desc,
                       leave=False):
-        logps, _ = reference.logps(batch.to(device))
+        logps, _ = reference.logps(batch.to(device))  # (2B,) documents [c_1 … c_B, r_1 … r_B]
         half = logps.shape[0] // 2
-        ids = [row[0] for row in batch.sample_ids[:half]]
-        table[ids] = torch.stack([logps[:half], logps[half:]], 1).cpu()
+        owners = [pair for row in batch.sample_ids for pair in row]
+        table[owners[:half]] = torch.stack([logps[:half], logps[half:]], 1).cpu()
     return table

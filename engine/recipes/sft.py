@@ -21,6 +21,7 @@ import torch
 
 from engine.config import TrainConfig
 from engine.data.batching import Batch, BatchLoader
+from engine.data.batching_report import sft_batching_report
 from engine.data.samples import load_sft_data
 from engine.losses.causal_lm import count_loss_tokens, loss_sum, mean_loss
 from engine.run.session import Run, StepResult
@@ -62,17 +63,19 @@ def train(cfg: TrainConfig, progress: bool = True) -> Run:
                                  train_on_prompt=cfg.train_on_prompt, eval_path=cfg.eval_data,
                                  eval_split=cfg.eval_split, seed=cfg.seed, skip_invalid=cfg.skip_invalid_records)
         pad_id = run.tokenizer.pad_token_id
-        loader = BatchLoader(run.data.train, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, pack=cfg.pack,
-                             max_len=run.max_len)
+        loader = BatchLoader(run.data.train, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, batching=cfg.batching,
+                             max_len=run.max_len, max_tokens=cfg.max_tokens_per_batch)
+        eval_batching = "padded" if cfg.batching == "padded" else "padding-free"  # eval: batch_size samples
         run.plan(loader.num_batches(0))
         run.build_model()
         run.loss_label = "cross-entropy (nats / token)"
 
         def evaluate() -> dict[str, Any]:
             return mean_loss(run.model, run.data.eval, batch_size=cfg.batch_size, pad_id=pad_id,
-                             device=run.device, progress=False).to_json()
+                             device=run.device, progress=False, batching=eval_batching).to_json()
 
-        run.start([run.data.train_report, run.data.eval_report], evaluate if run.data.eval else None, summarize)
+        run.start([run.data.train_report, run.data.eval_report, sft_batching_report(loader)],
+                  evaluate if run.data.eval else None, summarize)
         for window in run.windows(loader):
             run.end_step(train_step(run, window))
         run.finish()

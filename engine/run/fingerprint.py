@@ -4,7 +4,8 @@ a checkpoint under different conditions.
 `run_identity` lists everything that decides the run's numbers: the method and its options, the
 model (name, SHA-256 of config.json, and the names and sizes of its weight files: hashing a 7B
 model's weights at every start would take minutes), the data files with their SHA-256, the data
-pipeline (format, lengths, packing, prompt masking), the batch geometry, the seed, quantization
+pipeline (format, lengths, packing, prompt masking), the batch geometry (padding-free batches and
+a token budget included: they change the dropout draws and the batches), the seed, quantization
 and dtype, the adapter's shape (or the starting adapter's SHA-256) and the optimizer's settings.
 
 `compare_identity` sorts the differences between a saved identity and the current one:
@@ -43,6 +44,12 @@ def run_identity(cfg: TrainConfig, model_dir: Path, max_len: int, dtype: torch.d
     """The identity of a run (see the module docstring); plain JSON values."""
     fields = {name: getattr(cfg, name) for name in IDENTITY_FIELDS}
     fields["max_len"] = max_len  # the resolved length, not the flag's None
+    # Batching beyond padded / --pack (which "pack" records): only when used, so that a checkpoint
+    # written before these options existed (padded or packed) still matches --batching padded / --pack.
+    if cfg.batching == "padding-free":
+        fields["batching"] = cfg.batching
+    if cfg.max_tokens_per_batch is not None:
+        fields["max_tokens_per_batch"] = cfg.max_tokens_per_batch
     if cfg.init_adapter:
         for name in ADAPTER_FIELDS:
             fields.pop(name, None)

@@ -28,11 +28,28 @@ def test_boolean_flags_forms():
     (["--data", "d"], "--model is required"),
     (["--model", "m", "--data", "d", "--batch-size", "0"], "--batch-size: expected a value >= 1, got 0"),
     (["--model", "m", "--data", "d", "--eval-split", "1.5"], "--eval-split"),
-    (["--model", "m", "--data", "d", "--method", "dpo", "--pack"], "--pack is for SFT"),
+    (["--model", "m", "--data", "d", "--pack", "--batching", "padded"], "--pack and --batching padded disagree"),
+    (["--model", "m", "--data", "d", "--batching", "pack", "--max-tokens-per-batch", "64"],
+     "--max-tokens-per-batch applies to --batching padding-free, not pack"),
+    (["--model", "m", "--data", "d", "--max-tokens-per-batch", "0"], "--max-tokens-per-batch: expected a value >= 1"),
 ])
 def test_bad_values_name_the_flag(argv, message):
     with pytest.raises(InputError, match=message):
         parse_config(argv)
+
+
+def test_batching_defaults_to_padding_free_and_pack_keeps_its_meaning():
+    base = ["--model", "m", "--data", "d"]
+    assert parse_config(base).batching == "padding-free"
+    assert parse_config(base + ["--method", "dpo"]).batching == "padding-free"
+    assert parse_config(base + ["--batching", "padded"]).batching == "padded"
+    for argv in (["--pack"], ["--batching", "pack"], ["--pack", "--batching", "pack"]):
+        cfg = parse_config(base + argv)
+        assert (cfg.batching, cfg.pack) == ("pack", True)
+    cfg = parse_config(base + ["--method", "dpo", "--pack"])  # no longer refused for DPO
+    assert (cfg.method, cfg.batching) == ("dpo", "pack")
+    assert parse_config(base + ["--max-tokens-per-batch", "512"]).max_tokens_per_batch == 512
+    assert TrainConfig(model="m", data="d").to_json()["batching"] == "padding-free"  # what config.json records
 
 
 def test_unknown_toml_key_names_the_file(tmp_path):

@@ -155,3 +155,91 @@ def test_packed_rows_give_each_document_the_logits_it_gets_alone():
                     alone = model(torch.tensor([samples[i].input_ids]))[0]
                     assert_close(packed[row, pos:pos + k], alone, torch.float32, f"doc {i} logits")
                     pos += k
+
+
+# ---------------------------------------------------------------------------- padding-free batches
+
+@pytest.mark.parametrize("n,batch_size,multiple", [(1, 1, 1), (7, 3, 1), (16, 4, 8)])
+def test_padding_free_batch_is_one_row_of_the_padded_batch_samples(n, batch_size, multiple):
+    samples = make_samples(n, 23, seed=n)
+    make = lambda batching: BatchLoader(samples, batch_size, pad_id=PAD, seed=1, batching=batching,  # noqa: E731
+                                        pad_to_multiple_of=multiple)
+    padded, free = list(make("padded").batches(0)), list(make("padding-free").batches(0))
+    assert len(free) == len(padded) == make("padding-free").num_batches(0)
+    for p, f in zip(padded, free):
+        docs = [row[0] for row in p.sample_ids]
+        assert f.sample_ids == [docs] and (f.epoch, f.index) == (p.epoch, p.index)  # same samples, same order
+        used = sum(len(samples[i].input_ids) for i in docs)
+        assert f.input_ids.shape == (1, -(-used // multiple) * multiple) and f.input_ids.shape[1] - used < multiple
+        pos = 0
+        for segment, i in enumerate(docs):
+            k = len(samples[i].input_ids)
+            assert f.input_ids[0, pos:pos + k].tolist() == samples[i].input_ids
+            assert f.labels[0, pos:pos + k].tolist() == samples[i].labels
+            assert f.position_ids[0, pos:pos + k].tolist() == list(range(k))
+            assert (f.segment_ids[0, pos:pos + k] == segment).all() and (f.documents()[0, pos:pos + k] == segment).all()
+            pos += k
+        assert f.attention_mask[0].tolist() == [1] * used + [0] * (f.input_ids.shape[1] - used)
+        assert count_loss_tokens(f) == count_loss_tokens(p) == sum(samples[i].loss_tokens for i in docs)
+
+
+@pytest.mark.parametrize("budget", [23, 40, 97])
+def test_max_tokens_per_batch_takes_consecutive_samples_up_to_the_budget(budget):
+    samples = make_samples(31, 23, seed=4)
+    loader = BatchLoader(samples, 4, pad_id=PAD, seed=3, batching="padding-free", max_tokens=budget)
+    lengths = [len(s.input_ids) for s in samples]
+    batches = list(loader.batches(2))
+    flat = [i for b in batches for i in b.sample_ids[0]]
+    assert flat == epoch_order(31, 3, 2)  # every sample once, in epoch order
+    for k, b in enumerate(batches):
+        assert b.input_ids.shape == (1, sum(lengths[i] for i in b.sample_ids[0])) and b.input_ids.shape[1] <= budget
+        if k + 1 < len(batches):  # greedy: the next sample would not have fitted
+            assert b.input_ids.shape[1] + lengths[batches[k + 1].sample_ids[0][0]] > budget
+
+
+def test_a_sample_longer_than_the_token_budget_is_refused_by_name():
+    from engine.data.batching import TokenBudgetError
+    from engine.errors import InputError
+
+    samples = make_samples(5, 10, seed=0) + [Sample(list(range(1, 31)), [IGNORE] + list(range(2, 31)), "f.jsonl:6")]
+    with pytest.raises(TokenBudgetError, match=r"f\.jsonl:6: sample has 30 tokens.*--max-tokens-per-batch 29") as err:
+        BatchLoader(samples, 2, pad_id=PAD, batching="padding-free", max_tokens=29)
+    assert isinstance(err.value, InputError)  # exit 2, one line
+    with pytest.raises(ValueError, match="padding-free"):
+        BatchLoader(samples, 2, pad_id=PAD, batching="padded", max_tokens=64)
+
+
+@pytest.mark.parametrize("batching,max_tokens", [("padding-free", None), ("padding-free", 45), ("pack", None)])
+def test_resume_mid_epoch_gives_the_same_batches_for_every_batching(batching, max_tokens):
+    samples = make_samples(30, 19, seed=7)
+    make = lambda: BatchLoader(samples, 4, pad_id=PAD, seed=11, batching=batching, max_len=19,  # noqa: E731
+                               max_tokens=max_tokens)
+    for epoch in (0, 3):
+        full = list(make().batches(epoch))
+        assert len(full) == make().num_batches(epoch)
+        for start in (1, len(full) // 2, len(full)):
+            assert_batches_equal(full[start:], list(make().batches(epoch, start=start)))
+
+
+@pytest.mark.parametrize("batching,max_tokens,multiple", [("padded", None, 1), ("padded", None, 8),
+                                                          ("padding-free", None, 1), ("padding-free", 50, 1),
+                                                          ("pack", None, 1)])
+def test_batching_report_counts_what_the_batches_compute(batching, max_tokens, multiple):
+    """The report's figures, computed from lengths, equal those of the collated batches of epoch 0,
+    and its padded figures those of padded batches of --batch-size."""
+    from engine.data.batching_report import sft_batching_report
+
+    samples = make_samples(26, 21, seed=9)
+    make = lambda b, t: BatchLoader(samples, 3, pad_id=PAD, seed=5, batching=b, max_len=24, max_tokens=t,  # noqa: E731
+                                    pad_to_multiple_of=multiple)
+    report = sft_batching_report(make(batching, max_tokens))
+    batches, padded = list(make(batching, max_tokens).batches(0)), list(make("padded", None).batches(0))
+    tokens = sum(len(s.input_ids) for s in samples)
+    assert (report.batching, report.batches, report.tokens, report.documents) == (batching, len(batches), tokens, 26)
+    assert report.positions == sum(b.input_ids.numel() for b in batches)
+    assert report.padded_positions == sum(b.input_ids.numel() for b in padded)
+    assert report.padding_fraction == pytest.approx(1 - tokens / report.positions)
+    assert report.padded_padding_fraction == pytest.approx(1 - tokens / report.padded_positions)
+    if batching == "padding-free" and multiple == 1:
+        assert report.padding_fraction == 0 < report.padded_padding_fraction
+    assert batching in report.summary() and "%" in report.summary()

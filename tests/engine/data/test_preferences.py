@@ -177,6 +177,73 @@ def test_batches_put_chosen_then_rejected_rows_and_resume_exactly():
     assert all(torch.equal(a.input_ids, b.input_ids) and a.index == b.index for a, b in zip(batches[1:], resumed))
 
 
+def toy_pairs(n: int) -> list[PreferencePair]:
+    return [PreferencePair([1, 2 + i] + [3] * (i % 4), [10 + i, 2], [20 + i] * (1 + i % 3) + [2], f"f:{i}")
+            for i in range(n)]
+
+
+def test_padding_free_pair_batch_is_one_row_of_chosen_then_rejected_documents():
+    pairs = toy_pairs(7)
+    padded = list(PairBatchLoader(pairs, 3, pad_id=0, seed=5).batches(1))
+    free = list(PairBatchLoader(pairs, 3, pad_id=0, seed=5, batching="padding-free").batches(1))
+    assert len(free) == len(padded) == 3
+    for p, f in zip(padded, free):
+        chunk = [row[0] for row in p.sample_ids[: len(p.sample_ids) // 2]]
+        assert f.sample_ids == [chunk + chunk] and f.num_documents == 2 * len(chunk)
+        docs = [pairs[i].prompt + pairs[i].chosen for i in chunk] + [pairs[i].prompt + pairs[i].rejected for i in chunk]
+        assert f.input_ids.shape == (1, sum(map(len, docs))) and bool(f.attention_mask.all())  # no padding at all
+        assert f.input_ids[0].tolist() == [t for d in docs for t in d]
+        assert f.position_ids[0].tolist() == [k for d in docs for k in range(len(d))]
+        assert f.documents()[0].tolist() == [d for d, ids in enumerate(docs) for _ in ids]
+        keep = p.labels != IGNORE  # the padded batch's labelled tokens, row by row, are the row's
+        assert f.labels[f.labels != IGNORE].tolist() == p.labels[keep].tolist()
+
+
+def test_packed_pair_rows_hold_max_len_tokens_in_document_order():
+    pairs = toy_pairs(9)
+    loader = PairBatchLoader(pairs, 4, pad_id=0, seed=2, batching="pack", max_len=13)
+    batches = list(loader.batches(0))
+    assert max(b.input_ids.shape[0] for b in batches) >= 2  # the 8 documents of 4 pairs need several rows
+    for batch in batches:
+        assert batch.input_ids.shape[1] == 13
+        owners = [p for row in batch.sample_ids for p in row]
+        half = len(owners) // 2
+        assert owners[:half] == owners[half:]  # [c_1 … c_B, r_1 … r_B], row-major
+        docs = batch.documents()
+        for d, pair in enumerate(owners):
+            ids = pairs[pair].prompt + (pairs[pair].chosen if d < half else pairs[pair].rejected)
+            assert batch.input_ids[docs == d].tolist() == ids  # each document whole, in one row
+    resumed = list(loader.batches(0, start=1))
+    assert all(torch.equal(a.input_ids, b.input_ids) and a.sample_ids == b.sample_ids
+               for a, b in zip(batches[1:], resumed))
+
+
+def test_pair_token_budget_counts_both_sequences_and_resumes():
+    pairs = toy_pairs(11)
+    loader = PairBatchLoader(pairs, 2, pad_id=0, seed=1, batching="padding-free", max_tokens=40)
+    batches = list(loader.batches(0))
+    assert [p for b in batches for p in b.sample_ids[0][: b.num_documents // 2]] == loader.order(0)
+    for b, after in zip(batches, batches[1:]):  # within the budget, and greedy: the next pair would not fit
+        assert b.input_ids.shape[1] <= 40 < b.input_ids.shape[1] + loader.lengths[after.sample_ids[0][0]]
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(batches[2:], loader.batches(0, start=2)))
+    with pytest.raises(InputError, match=r"f:7: pair has 15 tokens.*--max-tokens-per-batch 14"):
+        PairBatchLoader(pairs, 2, pad_id=0, batching="padding-free", max_tokens=14)
+
+
+@pytest.mark.parametrize("batching", ["padded", "padding-free", "pack"])
+def test_pair_batching_report_counts_what_the_batches_compute(batching):
+    from engine.data.batching_report import dpo_batching_report
+
+    pairs = toy_pairs(10)
+    make = lambda b: PairBatchLoader(pairs, 3, pad_id=0, seed=4, batching=b, max_len=16)  # noqa: E731
+    report = dpo_batching_report(make(batching))
+    tokens = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    assert (report.tokens, report.documents, report.batches) == (tokens, 20, 4)
+    assert report.positions == sum(b.input_ids.numel() for b in make(batching).batches(0))
+    assert report.padded_positions == sum(b.input_ids.numel() for b in make("padded").batches(0))
+    assert (report.padding_fraction == 0) == (batching == "padding-free")
+
+
 def test_license_prefs_load_with_the_smollm2_template(smollm2_dir):
     from models import load_tokenizer
 

@@ -23,7 +23,7 @@ from engine.recipes.dpo_reference import ReferencePolicy
 from engine.run.metrics import read_metrics
 from engine.run.session import Run
 from models import load_model, load_tokenizer
-from tests.tolerances import assert_close
+from tests.tolerances import assert_close, tol
 
 ROOT = Path(__file__).resolve().parents[3]
 PREFS = ROOT / "examples" / "license_prefs.jsonl"
@@ -103,6 +103,53 @@ def test_frozen_initial_adapter_is_the_reference_and_training_weights_come_back(
     ref, _ = reference.logps(batch)
     assert torch.equal(ref, start) and not torch.allclose(moved, start, atol=1e-3)
     assert all(torch.equal(p, trained[n]) for n, p in adapter_params(model).items())
+
+
+def test_padding_free_and_packed_dpo_equal_padded_dpo(tiny_model_dir, pref_data):
+    """The same 4 pairs (2 batches of 2) padded, in one padding-free row per batch, or packed into
+    rows of --max-len: equal reference and policy log-probs per completion, equal losses, metrics
+    (RPO's NLL included) and LoRA gradients (fp32 table), and equal precomputed reference tables."""
+    from engine.recipes.dpo import PreferenceObjective, batch_pairs, chosen_tokens, pair_losses
+    from engine.recipes.dpo_reference import precompute_reference
+
+    pairs = load_dpo_data(pref_data[0], load_tokenizer(tiny_model_dir), max_len=128).train[:4]
+    model = lora_model(tiny_model_dir)
+    reference = ReferencePolicy(model, frozen_initial=False)
+    obj = PreferenceObjective(model, reference, DPOOptions(rpo_alpha=0.5), ref_tables={})
+
+    def window_of(layout: str) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        window = list(PairBatchLoader(pairs, 2, pad_id=2, shuffle=False, batching=layout, max_len=128).batches(0))
+        n_chosen = sum(chosen_tokens(b) for b in window)
+        out: dict[str, list[torch.Tensor]] = {}
+        for batch in window:
+            losses, metrics, chosen = pair_losses(obj, batch, "train")
+            (losses.sum() / 4 + 0.5 * -chosen.sum() / n_chosen).backward()
+            for name, value in {"losses": losses.detach(), "ref": reference.logps(batch)[0], **metrics}.items():
+                out.setdefault(name, []).append(value)
+            out.setdefault("pairs", []).append(torch.tensor(batch_pairs(batch)))
+        result = {name: torch.cat(values) for name, values in out.items()}
+        result["n_chosen"] = torch.tensor(float(n_chosen))
+        result.update({name: p.grad.clone() for name, p in adapter_params(model).items()})
+        return result
+
+    padded = window_of("padded")
+    table = precompute_reference(reference, pairs, 4, 2, torch.device("cpu"), "", False)
+    assert padded["rewards/chosen"].abs().max() > 1e-3  # the adapter matters: π ≠ π_ref
+    for batching in ("padding-free", "pack"):
+        other = window_of(batching)
+        assert torch.equal(other["pairs"], padded["pairs"]) and other["n_chosen"] == padded["n_chosen"]
+        # Log-probs are sums of ~30 token log-probs (~ -390 nats): they differ in the last bits, and
+        # h = (π_c − ref_c) − (π_r − ref_r) cancels them, so what depends on h (losses, |dℓ/dh| <= β;
+        # rewards) is held to that propagated error, <= 4 β drift; the log-probs to the table.
+        drift = max((other[k] - padded[k]).abs().max().item() for k in ("logps/chosen", "logps/rejected", "ref"))
+        through_h = ("losses", "rewards/chosen", "rewards/rejected", "rewards/margins")
+        for name in padded:
+            atol = 4 * 0.1 * drift + tol(torch.float32).atol if name in through_h else None
+            assert_close(other[name], padded[name], torch.float32, name=f"{batching} {name}", atol=atol,
+                         rtol=0.0 if atol else None)
+        assert_close(precompute_reference(reference, pairs, 4, 2, torch.device("cpu"), "", False, batching=batching,
+                                          max_len=128), table, torch.float32, name=f"{batching} reference table")
 
 
 # ---------------------------------------------------------------------------- memory

@@ -3,6 +3,7 @@ bad input, and a real fine-tune of the SmolLM2 fixture that lowers held-out loss
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -90,6 +91,42 @@ def test_accumulation_equals_big_batch(tiny_model_dir):
         assert_close(small[name], big[name], torch.float32, name=name, atol=1e-7, rtol=1e-5)
 
 
+def test_padding_free_batches_give_the_padded_loss_and_lora_gradients(tiny_model_dir):
+    """The same window of 10 variable-length samples (2 micro-batches of 5) as padded rows, as one
+    padding-free row per micro-batch, and under a token budget: equal mean loss, equal N, equal
+    LoRA gradients (fp32; only the summation order differs)."""
+    from models import load_model
+
+    torch.manual_seed(0)
+    model = load_model(tiny_model_dir)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0))
+    set_trainable(model)
+    with torch.no_grad():
+        for name, p in adapter_params(model).items():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    gen = torch.Generator().manual_seed(2)
+    samples = []
+    for n in (5, 17, 9, 30, 12, 3, 22, 8, 14, 6):
+        ids = torch.randint(3, 49152, (n,), generator=gen).tolist()
+        samples.append(Sample(ids, [-100] * (n // 3) + ids[n // 3:], f"synthetic:{n}"))
+
+    def run(**layout) -> tuple[float, int, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        window = list(BatchLoader(samples, 5, pad_id=2, shuffle=False, **layout).batches(0))
+        loss, n = backward_window(model, window, torch.device("cpu"))
+        return loss, n, {k: p.grad.clone() for k, p in adapter_params(model).items()}
+
+    loss, n, grads = run(batching="padded")
+    for layout in (dict(batching="padding-free"), dict(batching="padding-free", max_tokens=70)):
+        other_loss, other_n, other = run(**layout)
+        assert other_n == n == sum(s.loss_tokens - (s.labels[0] != -100) for s in samples)
+        assert_close(torch.tensor(other_loss), torch.tensor(loss), torch.float32, name=f"{layout} loss")
+        for name in grads:
+            assert_close(other[name], grads[name], torch.float32, name=f"{layout} {name}")
+    assert all(g.abs().sum() > 0 for g in grads.values())
+
+
 # ---------------------------------------------------------------------------- pinned curve and resume
 
 # Per-step train losses of `run_config` on the tiny model (fp32, CPU), recorded when the loop was
@@ -97,14 +134,27 @@ def test_accumulation_equals_big_batch(tiny_model_dir):
 # up here. The tolerance allows only summation-order differences between CPUs.
 GOLDEN_LOSSES = [10.804051399230957, 10.806854248046875, 10.784249305725098, 10.767369270324707,
                  10.753116607666016, 10.75422477722168]
+# The same run in padding-free batches (the default since issue 9): the same samples per step, but
+# LoRA dropout (p = 0.1 here) draws its mask over a (1, Σ len, in) input instead of (4, longest,
+# in), so from step 2 on the curve differs from the padded one by up to 1.7e-3 (step 1 is equal:
+# B = 0 there). With dropout 0 the two curves agree to 9.5e-7 (1 ulp at 10.8):
+# test_padding_free_batches_give_the_padded_loss_and_lora_gradients checks that equality.
+GOLDEN_LOSSES_PADDING_FREE = [10.804051399230957, 10.806640625, 10.784017562866211, 10.767999649047852,
+                              10.751399040222168, 10.754547119140625]
 
 
-def test_pinned_loss_curve_and_exact_resume(tiny_model_dir, qa_data, tmp_path):
-    full = train(run_config(tiny_model_dir, qa_data, tmp_path / "full", save_every=3, keep_checkpoints=5))
+@pytest.mark.parametrize("batching, golden", [("padded", GOLDEN_LOSSES), ("padding-free", GOLDEN_LOSSES_PADDING_FREE)])
+def test_pinned_loss_curve_and_exact_resume(tiny_model_dir, qa_data, tmp_path, batching, golden):
+    config = functools.partial(run_config, batching=batching)
+    full = train(config(tiny_model_dir, qa_data, tmp_path / "full", save_every=3, keep_checkpoints=5))
     losses = train_losses(tmp_path / "full")
     assert len(losses) == 6
-    assert_close(torch.tensor(losses, dtype=torch.float64), torch.tensor(GOLDEN_LOSSES, dtype=torch.float64),
+    assert_close(torch.tensor(losses, dtype=torch.float64), torch.tensor(golden, dtype=torch.float64),
                  name="loss curve", atol=0.0, rtol=2e-6)
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["batching"] == batching
+    report = json.loads((tmp_path / "full" / "data_report.json").read_text())[-1]
+    assert report["batching"] == batching and report["documents"] == 24
+    assert (report["padding_fraction"] == 0) == (batching == "padding-free") and report["padded_padding_fraction"] > 0
     assert losses[-1] < losses[0]
 
     # A run interrupted after step 3: only the step-3 checkpoint and the metrics up to it exist.
@@ -114,7 +164,7 @@ def test_pinned_loss_curve_and_exact_resume(tiny_model_dir, qa_data, tmp_path):
     shutil.copy(tmp_path / "full" / "config.json", part / "config.json")
     kept = [r for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if r["step"] <= 3]
     (part / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-    resumed = train(run_config(tiny_model_dir, qa_data, part, save_every=3, resume=True))
+    resumed = train(config(tiny_model_dir, qa_data, part, save_every=3, resume=True))
     assert resumed.step == full.step == 6
     assert train_losses(part) == losses  # bitwise: same floats, same order
     a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
@@ -127,6 +177,27 @@ def test_finished_run_is_not_overwritten(tiny_model_dir, qa_data, tmp_path):
     with pytest.raises(InputError, match="finished run.*--overwrite"):
         train(run_config(tiny_model_dir, qa_data, tmp_path / "run", max_steps=1))
     train(run_config(tiny_model_dir, qa_data, tmp_path / "run", max_steps=1, overwrite=True))
+
+
+def test_token_budget_batches_are_recorded_and_the_batching_is_part_of_the_run_identity(tiny_model_dir, qa_data,
+                                                                                       tmp_path):
+    """--max-tokens-per-batch: a sample longer than the budget stops the run before anything is
+    written; a run within it records the budget; resuming it under other batching is refused."""
+    with pytest.raises(InputError, match=r"train\.jsonl:\d+: sample has \d+ tokens, more than --max-tokens-per-batch 40"):
+        train(run_config(tiny_model_dir, qa_data, tmp_path / "refused", max_tokens_per_batch=40))
+    assert not (tmp_path / "refused").exists()
+    out = tmp_path / "budget"
+    train(run_config(tiny_model_dir, qa_data, out, max_tokens_per_batch=600, max_steps=2, save_every=1))
+    report = json.loads((out / "data_report.json").read_text())[-1]
+    assert report["max_tokens_per_batch"] == 600 and report["positions"] == report["tokens"]  # no padding
+    assert report["batches"] < 24 / 4  # fuller batches than --batch-size 4 (samples of 72 to 105 tokens)
+    part = tmp_path / "part"  # a run interrupted after step 1
+    shutil.copytree(out / "checkpoints" / "step-000001", part / "checkpoints" / "step-000001")
+    for name in ("config.json", "run.json"):
+        shutil.copy(out / name, part / name)
+    with pytest.raises(InputError, match="made for another run: batching: checkpoint 'padding-free', now None; "
+                                         "max_tokens_per_batch: checkpoint 600, now None"):
+        train(run_config(tiny_model_dir, qa_data, part, batching="padded", resume=True))
 
 
 # ---------------------------------------------------------------------------- crash safety
