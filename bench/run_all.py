@@ -3,6 +3,8 @@
     python -m bench.run_all                 # GPU: tests/kernels, then all shapes (about 8 minutes on an H100)
     python -m bench.run_all --quick         # headline shapes only, no torch.compile, no tests (about 2 minutes)
     python -m bench.run_all --out /tmp/b    # JSON elsewhere than bench/results/
+    python -m bench.run_all --quick --tests --train --budget-s 470   # the lent-GPU run: < 8 minutes
+    python -m bench.run_all --quick --tests --train --dry-run         # its plan and time limits only
 
 Steps: on a GPU (unless ``--quick`` or ``--no-tests``) ``python -m pytest tests/kernels -q`` first,
 its pass/fail recorded; then each ``bench.bench_<op>`` in its own process (a crash or an
@@ -10,7 +12,10 @@ out-of-memory of one does not end the others; each starts with an empty CUDA cac
 JSON to ``--out``; then the checks of bench.targets over those files, printed and written to
 ``run_all-<device>-<date>.json`` beside them. A time budget (``--budget-s``) bounds the whole run:
 each benchmark gets what is left minus a reserve for those after it, and one that runs out is
-stopped and reported.
+stopped and reported. With ``--train`` (default on a GPU) ``bench.bench_train --part gpu`` runs
+last with a budget of its own (TRAIN_S, kept back from the steps before it, so that they cannot
+starve it; on a CPU a two-layer SmolLM2-shaped model stands in, to check the code path).
+``--dry-run`` prints the plan: each step and the most time it can get.
 
 On a CPU the benchmarks run their small reference shapes, and the table says that the figures are
 not meaningful (its verdicts read ``cpu``): that run only proves the scripts work. Do not commit
@@ -33,7 +38,12 @@ from bench.targets import check, format_headlines
 BENCHES = ("nf4", "lora", "rms_norm", "rope", "swiglu", "linear_cross_entropy")
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESERVE_S = 30  # kept back for each benchmark still to run, so that a slow one cannot starve them
+QUICK_RESERVE_S = 20  # the same with --quick (headline shapes: about 20 s a benchmark on an H100)
 TESTS_MAX_S = 180
+TRAIN_S = 240  # bench_train --part gpu's budget (two shapes x four providers, bench.bench_train)
+TRAIN_GRACE_S = 30  # a job it started just before its deadline may finish after it
+TRAIN_CPU_ARGS = ["--device", "cpu", "--presets", "smollm2-135m", "--layers", "2", "--batch", "1", "--seq", "64",
+                  "--warmup", "1", "--steps", "1"]
 
 
 def default_budget_s(device: str, quick: bool) -> float:
@@ -81,14 +91,51 @@ def run_bench(name: str, out: pathlib.Path, quick: bool, timeout_s: float) -> di
 
 def run_benches(names: list[str], out: pathlib.Path, quick: bool, deadline: float) -> list[dict]:
     """Each benchmark in turn, within what is left of the budget."""
+    reserve = QUICK_RESERVE_S if quick else RESERVE_S
     runs = []
     for i, name in enumerate(names):
-        left = deadline - time.perf_counter() - RESERVE_S * (len(names) - i - 1)
-        if left < RESERVE_S:
+        left = deadline - time.perf_counter() - reserve * (len(names) - i - 1)
+        if left < reserve:
             runs.append({"bench": name, "status": "skipped: out of time", "seconds": 0.0, "file": None})
             continue
         runs.append(run_bench(name, out, quick, left))
     return runs
+
+
+def run_train(out: pathlib.Path, budget_s: float, gpu: bool) -> dict:
+    """``python -m bench.bench_train --part gpu --budget-s B --out OUT``; its status and JSON file."""
+    start, begun = time.perf_counter(), time.time()
+    cmd = [sys.executable, "-m", "bench.bench_train", "--part", "gpu", "--budget-s", f"{budget_s:.0f}",
+           "--out", str(out)] + ([] if gpu else TRAIN_CPU_ARGS)
+    print(f"\n=== {' '.join(cmd[1:])}  (at most {budget_s + TRAIN_GRACE_S:.0f} s)", flush=True)
+    try:
+        done = subprocess.run(cmd, cwd=REPO, timeout=budget_s + TRAIN_GRACE_S)
+        status = "ok" if done.returncode == 0 else f"exit {done.returncode}"
+    except subprocess.TimeoutExpired:
+        status = "timeout"
+    written = [p for p in out.glob("train_gpu_*.json") if p.stat().st_mtime >= begun - 1]
+    return {"bench": "train", "status": status, "seconds": round(time.perf_counter() - start, 1),
+            "file": str(written[0]) if written else None}
+
+
+def plan(budget_s: float, benches: list[str], quick: bool, tests: bool, train: bool) -> list[tuple[str, float | None]]:
+    """(step, the most seconds it can get) when every step before it runs to its own limit: the
+    worst case of the budget logic in `main` (None: skipped, out of time)."""
+    reserve = QUICK_RESERVE_S if quick else RESERVE_S
+    train_s = TRAIN_S if train else 0
+    left, steps = budget_s, []
+    if tests:
+        tests_s = min(TESTS_MAX_S, left - reserve * len(benches) - train_s)
+        steps.append(("tests/kernels", tests_s if tests_s >= reserve else None))
+        left -= max(tests_s, 0) if tests_s >= reserve else 0
+    for i, name in enumerate(benches):
+        limit = left - train_s - reserve * (len(benches) - i - 1)
+        steps.append((f"bench_{name}", limit if limit >= reserve else None))
+        left -= limit if limit >= reserve else 0
+    if train:
+        limit = min(TRAIN_S, left)
+        steps.append(("bench_train --part gpu", limit + TRAIN_GRACE_S if limit >= 60 else None))
+    return steps
 
 
 def headlines_of(runs: list[dict]) -> list:
@@ -106,13 +153,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR, help="folder for the JSON results")
     parser.add_argument("--tests", action=argparse.BooleanOptionalAction, default=None,
                         help="run pytest tests/kernels first (default: on a GPU, unless --quick)")
-    parser.add_argument("--only", nargs="*", choices=BENCHES, help="these benchmarks only")
+    parser.add_argument("--only", nargs="*", choices=BENCHES + ("train",),
+                        help="these benchmarks only (train: bench_train --part gpu)")
+    parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"bench_train --part gpu last, with {TRAIN_S} s of the budget (default: on a GPU)")
     parser.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the whole run")
+    parser.add_argument("--dry-run", action="store_true", help="print the steps and their time limits only")
     args = parser.parse_args(argv)
 
     device = bench_device()
     gpu = device.startswith("cuda")
-    deadline = time.perf_counter() + (args.budget_s or default_budget_s(device, args.quick))
+    budget_s = args.budget_s or default_budget_s(device, args.quick)
+    deadline = time.perf_counter() + budget_s
+    want_tests = args.tests if args.tests is not None else (gpu and not args.quick)
+    only = args.only or list(BENCHES) + ["train"]
+    want_train = args.train if args.train is not None else ("train" in (args.only or []) or gpu)
+    names = [name for name in only if name != "train"]
+    if args.dry_run:
+        print(f"budget {budget_s:.0f} s on {device}; each step's most time when those before it use all of theirs:")
+        for step, limit in plan(budget_s, names, args.quick, want_tests, want_train):
+            print(f"  {step:<28}" + ("skipped: out of time" if limit is None else f"at most {limit:.0f} s"))
+        return 0
+    train_s = TRAIN_S if want_train else 0
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment(device)
     print(f"device {env['device_name']}, torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}")
@@ -120,11 +182,15 @@ def main(argv: list[str] | None = None) -> int:
         print("No GPU: the benchmarks run small reference shapes; their figures are NOT meaningful.")
 
     tests = {"status": "not run"}
-    want_tests = args.tests if args.tests is not None else (gpu and not args.quick)
-    tests_s = min(TESTS_MAX_S, deadline - time.perf_counter() - RESERVE_S * len(BENCHES))
+    reserve = QUICK_RESERVE_S if args.quick else RESERVE_S
+    tests_s = min(TESTS_MAX_S, deadline - time.perf_counter() - reserve * len(names) - train_s)
     if want_tests:
-        tests = run_tests(tests_s) if tests_s >= RESERVE_S else {"status": "skipped: out of time"}
-    runs = run_benches(list(args.only or BENCHES), args.out, args.quick, deadline)
+        tests = run_tests(tests_s) if tests_s >= reserve else {"status": "skipped: out of time"}
+    runs = run_benches(names, args.out, args.quick, deadline - train_s)
+    if want_train:
+        left = min(TRAIN_S, deadline - time.perf_counter())
+        runs.append(run_train(args.out, left, gpu) if left >= 60 else
+                    {"bench": "train", "status": "skipped: out of time", "seconds": 0.0, "file": None})
     headlines = headlines_of(runs)
 
     print("\n" + "\n".join(f"{r['bench']:<22}{r['status']:<22}{r['seconds']:>7.1f} s  {r['file'] or ''}" for r in runs))

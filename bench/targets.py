@@ -9,6 +9,8 @@ one number, the worst case over the shapes and modes it covers, and compares it 
   time / ours ≥ 1 (no slower than Liger).
 * ``linear_cross_entropy`` at 16,384 tokens and V = 128,256 (``full``): ours / eager peak memory
   ≤ 0.2 and time ≤ 1.05; Liger / ours time ≥ 1.
+* ``train`` (`bench.bench_train --part gpu`, QLoRA, worst case over the model shapes): ours / HF+PEFT
+  tokens/s ≥ 3, ours / Unsloth tokens/s ≥ 1.15, ours / HF+PEFT peak memory ≤ 0.6, ours' MFU ≥ 0.5.
 
 A check whose providers were not run (ours on a CPU, bitsandbytes or Liger not installed, no
 peak memory on a CPU) has no value and no verdict.
@@ -97,7 +99,28 @@ def check(bench: str, rows: Sequence[dict]) -> list[Headline]:
                        ratios(rows_t, ours, "torch", key="peak_mem_bytes", modes=["full"])),
                 _worst(bench, f"{ours} / eager time", "<=", 1.05, ratios(rows_t, ours, "torch", modes=["full"])),
                 _worst(bench, f"liger time / {ours}", ">=", 1.0, ratios(rows, "liger", ours, modes=["full"]))]
+    if bench == "train":
+        return train_checks(rows)
     return []
+
+
+TRAIN_TARGETS = (  # (check, key of bench.train_report.case_ratios, op, target)
+    ("ours / hf_peft tokens/s", "tokens_per_s_over_hf_peft", ">=", 3.0),
+    ("ours / unsloth tokens/s", "tokens_per_s_over_unsloth", ">=", 1.15),
+    ("ours / hf_peft peak memory", "peak_memory_over_hf_peft", "<=", 0.6),
+    ("ours MFU", "mfu", ">=", 0.5),
+)
+
+
+def train_checks(rows: Sequence[dict]) -> list[Headline]:
+    """The training benchmark's headlines from its result rows (one per case and provider; a
+    provider that failed or was skipped has no ``tokens_per_s``, and its checks no value)."""
+    from bench.train_report import case_ratios  # imports torch: only when a train result is checked
+
+    per_case = case_ratios(rows)
+    return [_worst("train", name, op, target,
+                   [(entry[key], case) for case, entry in per_case.items() if entry.get(key) is not None])
+            for name, key, op, target in TRAIN_TARGETS]
 
 
 def format_headlines(headlines: Sequence[Headline], meaningful: bool = True) -> str:

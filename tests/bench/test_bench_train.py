@@ -1,0 +1,53 @@
+"""bench.bench_train's GPU-part plumbing on a CPU: job order, time limits, fail-soft providers."""
+
+import json
+
+from bench import bench_train, train_providers
+from bench.run_all import plan
+from bench.train_providers import Case, run_provider
+
+
+def test_jobs_run_ours_and_hf_first_and_liger_last():
+    jobs = bench_train.gpu_jobs(["a", "b"], ["ours", "hf_peft", "unsloth", "liger"])
+    assert jobs == [("a", "ours"), ("a", "hf_peft"), ("b", "ours"), ("b", "hf_peft"), ("a", "unsloth"),
+                    ("b", "unsloth"), ("a", "liger"), ("b", "liger")]
+
+
+def test_job_limit_caps_and_skips():
+    assert bench_train.job_limit(1000) == bench_train.WORKER_MAX_S
+    assert bench_train.job_limit(60) == 60
+    assert bench_train.job_limit(bench_train.WORKER_MIN_S - 1) is None
+
+
+def test_a_provider_that_fails_is_a_row_with_its_reason(tiny_model_dir, monkeypatch):
+    def missing(case):
+        raise ModuleNotFoundError("No module named 'unsloth'")
+
+    monkeypatch.setitem(train_providers.PROVIDERS, "unsloth", missing)
+    case = Case("tiny", str(tiny_model_dir), "cpu", "fp32", "none", 1, 8)
+    row = run_provider(case, "unsloth", warmup=0, steps=1)
+    assert row == {"case": "tiny", "provider": "unsloth", "status": "error: ModuleNotFoundError: No module named 'unsloth'"}
+
+
+def test_ours_runs_full_rows_and_reports_tokens(tiny_model_dir):
+    case = Case("tiny", str(tiny_model_dir), "cpu", "fp32", "none", 2, 16)
+    row = run_provider(case, "ours", warmup=0, steps=2)
+    assert row["status"] == "ok" and len(row["step_times_s"]) == 2
+    assert abs(row["tokens_per_s"] - 32 / row["median_step_s"]) < 1e-3 * row["tokens_per_s"]  # median rounded
+    assert all(loss > 0 for loss in row["losses"])
+
+
+def test_tokenizer_written_for_unsloth_loads(tmp_path):
+    import transformers
+
+    bench_train.write_tokenizer(tmp_path, {"bos_token_id": 1, "max_position_embeddings": 4096})
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (3, 2, 1)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["model_max_length"] == 4096
+
+
+def test_run_all_plan_keeps_the_train_budget():
+    steps = dict(plan(470, ["nf4", "lora"], quick=True, tests=True, train=True))
+    assert steps["bench_train --part gpu"] is not None and steps["bench_train --part gpu"] >= 240
+    assert sum(v for v in steps.values() if v) <= 470 + 30  # the budget, plus the train's grace
+    assert dict(plan(200, ["nf4"], quick=True, tests=True, train=True))["tests/kernels"] is None
