@@ -41,6 +41,7 @@ from engine.data.packing import pack_row, plan_rows
 from engine.data.render import IGNORE
 from engine.data.samples import Sample
 from engine.errors import InputError
+from models.attention import DocumentLayout
 
 _SEED_STRIDE = 1_000_003  # a prime, so (seed, epoch) pairs map to distinct generator seeds
 BATCHINGS = ("padding-free", "padded", "pack")
@@ -77,7 +78,9 @@ def batch_groups(order: list[int], lengths: list[int], batch_size: int,
 
 @dataclass
 class Batch:
-    """Tensors of shape (B, T), int64, and where they came from."""
+    """Tensors of shape (B, T), int64, and where they came from; the loaders add what the training
+    step needs to know about them from the host (`with_host_facts`), so that the step reads
+    nothing back from the device: the documents for attention, the loss and real token counts."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -87,11 +90,35 @@ class Batch:
     sample_ids: list[list[int]]       # indices into the sample list, per row (segment k = k-th)
     epoch: int
     index: int                        # batch index within the epoch
+    layout: DocumentLayout | None = None  # documents and padding runs, built on the host
+    loss_tokens: int | None = None        # trainable next-token labels (`next_token_labels`)
+    real_tokens: int | None = None        # non-padding tokens
+    plain: bool = False                   # every row one unpadded document: plain causal attention
 
     def to(self, device: str | torch.device) -> Batch:
         move = lambda t: None if t is None else t.to(device)
         return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask),
-                     move(self.position_ids), move(self.segment_ids), self.sample_ids, self.epoch, self.index)
+                     move(self.position_ids), move(self.segment_ids), self.sample_ids, self.epoch, self.index,
+                     move(self.layout), self.loss_tokens, self.real_tokens, self.plain)
+
+    def next_token_labels(self) -> torch.Tensor:
+        """labels[:, 1:] (hidden state t predicts token t + 1), with -100 where the next token
+        starts another packed document."""
+        labels = self.labels[:, 1:]
+        if self.segment_ids is None:
+            return labels.clone()
+        # masked_fill, not boolean indexing: indexing by a mask is a device sync on a GPU
+        return labels.masked_fill(self.segment_ids[:, 1:] != self.segment_ids[:, :-1], IGNORE)
+
+    def attention_args(self) -> tuple[torch.Tensor | None, torch.Tensor | DocumentLayout | None]:
+        """(attention_mask, segment_ids) for the model: after `with_host_facts` nothing the model
+        must read on the device (None, None for rows of one unpadded document each; else None and
+        the host-built `DocumentLayout`); before it, the batch's own tensors."""
+        if self.plain:
+            return None, None
+        if self.layout is not None:
+            return None, self.layout
+        return self.attention_mask, self.segment_ids
 
     @property
     def num_documents(self) -> int:
@@ -107,6 +134,19 @@ class Batch:
             per_row = torch.tensor([0] + [len(row) for row in self.sample_ids[:-1]], device=self.segment_ids.device)
             docs = self.segment_ids + per_row.cumsum(0)[:, None]  # (B, T)
         return torch.where(self.attention_mask.bool(), docs, -1)
+
+
+def with_host_facts(batch: Batch) -> Batch:
+    """``batch`` (on the CPU, as collated) with its documents (`DocumentLayout`, lengths read on
+    the host), its loss and real token counts, and whether its rows are plain causal sequences."""
+    real = batch.attention_mask.bool()
+    batch.loss_tokens = int((batch.next_token_labels() != IGNORE).sum())
+    batch.real_tokens = int(real.sum())
+    batch.plain = batch.segment_ids is None and bool(real.all())
+    if not batch.plain:
+        batch.layout = DocumentLayout.from_batch(batch.attention_mask, batch.segment_ids)
+        batch.layout.host_lengths()  # computed here, on the CPU batch
+    return batch
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -201,4 +241,4 @@ class BatchLoader:
         else:
             tensors = collate_padded([self.samples[row[0]] for row in chunk], self.pad_id,
                                      self.pad_to_multiple_of)
-        return Batch(**tensors, sample_ids=chunk, epoch=epoch, index=index)
+        return with_host_facts(Batch(**tensors, sample_ids=chunk, epoch=epoch, index=index))

@@ -33,6 +33,7 @@ from engine.data.batching import (
     collate_padded,
     collate_padding_free,
     epoch_order,
+    with_host_facts,
 )
 from engine.data.packing import pack_row
 
@@ -122,4 +123,5 @@ class PairBatchLoader:
             packed = [pack_row([(docs[d].input_ids, docs[d].labels) for d in row], self.max_len, self.pad_id)
                       for row in rows]
             tensors = {k: torch.stack([p[k] for p in packed]) for k in packed[0]}
-        return Batch(**tensors, sample_ids=[[owner[d] for d in row] for row in rows], epoch=epoch, index=index)
+        return with_host_facts(Batch(**tensors, sample_ids=[[owner[d] for d in row] for row in rows],
+                                     epoch=epoch, index=index))

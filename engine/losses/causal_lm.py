@@ -27,23 +27,26 @@ from kernels.linear_cross_entropy import (
 
 
 def shifted_labels(batch: Batch) -> torch.Tensor:
-    """labels[:, 1:] with -100 where the next token starts another packed document."""
-    labels = batch.labels[:, 1:].clone()
-    if batch.segment_ids is not None:
-        labels[batch.segment_ids[:, 1:] != batch.segment_ids[:, :-1]] = IGNORE
-    return labels
+    """labels[:, 1:] with -100 where the next token starts another packed document
+    (`Batch.next_token_labels`)."""
+    return batch.next_token_labels()
 
 
 def hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """The model's final hidden states (B, T, H) of a padded, padding-free or packed batch."""
-    return model.hidden_states(batch.input_ids, batch.attention_mask, batch.position_ids, batch.segment_ids)
+    """The model's final hidden states (B, T, H) of a padded, padding-free or packed batch (its
+    documents as the loader described them on the host: `Batch.attention_args`)."""
+    attention_mask, segments = batch.attention_args()
+    return model.hidden_states(batch.input_ids, attention_mask, batch.position_ids, segments)
 
 
 def loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Σ over the batch's trainable tokens of -log p(next token), in fp32 (a 0-dim tensor)."""
     hidden = hidden_states(model, batch)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), H)
-    return linear_cross_entropy(hidden, model.lm_head.weight, shifted_labels(batch).reshape(-1), reduction="sum")
+    # labels_checked: every token id was checked against the vocabulary when the data met the
+    # model (engine.run.model.check_model_fits), so the op skips its range check (a host read)
+    return linear_cross_entropy(hidden, model.lm_head.weight, shifted_labels(batch).reshape(-1), reduction="sum",
+                                labels_checked=True)
 
 
 def completion_logps(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +110,9 @@ def completion_kl(policy_hidden: torch.Tensor, ref_hidden: torch.Tensor, head_we
 
 
 def count_loss_tokens(batch: Batch) -> int:
+    """The trainable next-token labels of ``batch`` (counted by its loader on the host, if it did)."""
+    if batch.loss_tokens is not None:
+        return batch.loss_tokens
     return int((shifted_labels(batch) != IGNORE).sum())
 
 

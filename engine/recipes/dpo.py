@@ -170,7 +170,7 @@ def train_step(run: Run, obj: PreferenceObjective, window: list[Batch]) -> StepR
     samples = [run.data.train[pair].source for b in window for pair in batch_pairs(b)]
     metrics = mean_metrics(parts) | ({"nll_loss": nll.item()} if alpha else {})
     return StepResult(loss, update, tokens=sum(count_loss_tokens(b) for b in window),
-                      real_tokens=sum(int(b.attention_mask.sum()) for b in window), samples=samples, metrics=metrics)
+                      real_tokens=sum(b.real_tokens for b in window), samples=samples, metrics=metrics)
 
 
 @torch.no_grad()

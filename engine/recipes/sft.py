@@ -47,7 +47,7 @@ def train_step(run: Run, window: list[Batch]) -> StepResult:
     """One optimizer step of SFT over the micro-batches of one accumulation window."""
     loss, n_tokens = backward_window(run.model, window, run.device)
     update = run.optimizer.step(loss, run.step)
-    return StepResult(loss, update, tokens=n_tokens, real_tokens=sum(int(b.attention_mask.sum()) for b in window),
+    return StepResult(loss, update, tokens=n_tokens, real_tokens=sum(b.real_tokens for b in window),
                       samples=[run.data.train[i].source for b in window for row in b.sample_ids for i in row])
 
 

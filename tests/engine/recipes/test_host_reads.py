@@ -1,0 +1,80 @@
+"""A training step reads nothing on the host: three SFT steps of the SmolLM2 fixture (LoRA and
+QLoRA) under a `TorchDispatchMode` that counts every op that makes the host wait for a tensor's
+value — zero in the steps that do not log, one (the copy of the pending figures) in the step that
+does.
+
+Counted: ``aten._local_scalar_dense`` (``.item()``, ``bool()``, ``int()``, ``float()`` of a
+tensor), the ops whose output size depends on values (``nonzero``, ``unique``, ``masked_select``,
+indexing by a boolean mask: each a device sync on a GPU), ``is_nonzero`` / ``equal``, and copies
+to the CPU (``_to_copy`` with ``device=cpu``). On a CPU a few host reads leave no op behind
+(``.tolist()`` and ``.cpu()`` of a CPU tensor): the engine's one read of the pending figures
+copies explicitly (`engine.run.pending.read_on_host`), so it is seen here.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from engine.config import TrainConfig
+from engine.recipes import sft
+from engine.run.session import Run
+
+ROOT = Path(__file__).resolve().parents[3]
+aten = torch.ops.aten
+VALUE_DEPENDENT = {aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default,
+                   aten.equal.default, aten.masked_select.default, aten._unique2.default,
+                   aten.unique_consecutive.default, aten.unique_dim.default}
+
+
+def _bool_index(args) -> bool:
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts, by op name, the host reads of the module docstring."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        to_cpu = func is aten._to_copy.default and kwargs.get("device") == torch.device("cpu")
+        bool_index = func.overloadpacket in (aten.index, aten.index_put, aten.index_put_) and _bool_index(args)
+        if func in VALUE_DEPENDENT or to_cpu or bool_index:
+            self.reads[str(func)] += 1
+        return func(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def qa(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("qa") / "qa.jsonl"
+    out.write_text("\n".join((ROOT / "examples" / "license_qa.jsonl").read_text().splitlines()[:6]) + "\n")
+    return out
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_steps_read_the_host_only_when_they_log(smollm2_dir, qa, tmp_path, monkeypatch, quant):
+    per_step: dict[int, Counter] = {}
+    train_step, end_step = sft.train_step, Run.end_step
+
+    def counted(step: int, fn, *args):
+        with HostReads() as mode:
+            result = fn(*args)
+        per_step.setdefault(step, Counter()).update(mode.reads)
+        return result
+
+    monkeypatch.setattr(sft, "train_step", lambda run, window: counted(run.step + 1, train_step, run, window))
+    monkeypatch.setattr(Run, "end_step", lambda run, result: counted(run.step + 1, end_step, run, result))
+    cfg = TrainConfig(model=str(smollm2_dir), data=str(qa), output=str(tmp_path / "run"), quant=quant,
+                      max_steps=3, log_every=3, batch_size=2, max_len=128, lora_r=4, save_every=0, seed=3)
+    sft.train(cfg, progress=False)
+    assert sorted(per_step) == [1, 2, 3]
+    assert per_step[1] == Counter() and per_step[2] == Counter(), f"host reads in steps that do not log: {per_step}"
+    assert sum(per_step[3].values()) == 1, f"the logging step reads the host more than once: {per_step[3]}"
