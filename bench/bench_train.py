@@ -59,7 +59,6 @@ from bench.train_providers import (
     UNSLOTH_DROPOUT,
     Case,
     full_rows_batch,
-    lora_optimizer,
     summarize,
     token_batch,
 )
