@@ -149,6 +149,21 @@ def with_host_facts(batch: Batch) -> Batch:
     return batch
 
 
+def check_loader_options(loader: str, item: str, n_items: int, batch_size: int, batching: str,
+                         max_len: int | None, max_tokens: int | None) -> None:
+    """ValueError for options a loader (of samples or of pairs) cannot batch with."""
+    if not n_items:
+        raise ValueError(f"{loader} needs at least one {item}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; expected >= 1")
+    if batching not in BATCHINGS:
+        raise ValueError(f"batching={batching!r}; expected one of {', '.join(BATCHINGS)}")
+    if batching == "pack" and max_len is None:
+        raise ValueError("batching='pack' (pack=True) needs max_len, the length of a packed row")
+    if max_tokens is not None and batching != "padding-free":
+        raise ValueError(f"max_tokens applies to padding-free batches, not {batching!r}")
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -187,16 +202,7 @@ class BatchLoader:
                  shuffle: bool = True, pack: bool = False, max_len: int | None = None,
                  pad_to_multiple_of: int = 1, batching: str | None = None, max_tokens: int | None = None):
         batching = batching or ("pack" if pack else "padded")
-        if not samples:
-            raise ValueError("BatchLoader needs at least one sample")
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}; expected >= 1")
-        if batching not in BATCHINGS:
-            raise ValueError(f"batching={batching!r}; expected one of {', '.join(BATCHINGS)}")
-        if batching == "pack" and max_len is None:
-            raise ValueError("pack=True needs max_len, the length of a packed row")
-        if max_tokens is not None and batching != "padding-free":
-            raise ValueError(f"max_tokens applies to padding-free batches, not {batching!r}")
+        check_loader_options("BatchLoader", "sample", len(samples), batch_size, batching, max_len, max_tokens)
         self.samples, self.batch_size, self.pad_id, self.seed = samples, batch_size, pad_id, seed
         self.shuffle, self.batching, self.pack, self.max_len = shuffle, batching, batching == "pack", max_len
         self.pad_to_multiple_of, self.max_tokens = pad_to_multiple_of, max_tokens

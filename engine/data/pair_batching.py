@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.data.batching import (
-    BATCHINGS,
     Batch,
     TokenBudgetError,
     batch_groups,
+    check_loader_options,
     collate_padded,
     collate_padding_free,
     epoch_order,
@@ -62,16 +62,7 @@ class PairBatchLoader:
     def __init__(self, pairs: list[PreferencePair], batch_size: int, *, pad_id: int, seed: int = 0,
                  shuffle: bool = True, batching: str = "padded", max_len: int | None = None,
                  max_tokens: int | None = None):
-        if not pairs:
-            raise ValueError("PairBatchLoader needs at least one pair")
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}; expected >= 1")
-        if batching not in BATCHINGS:
-            raise ValueError(f"batching={batching!r}; expected one of {', '.join(BATCHINGS)}")
-        if batching == "pack" and max_len is None:
-            raise ValueError("batching='pack' needs max_len, the length of a packed row")
-        if max_tokens is not None and batching != "padding-free":
-            raise ValueError(f"max_tokens applies to padding-free batches, not {batching!r}")
+        check_loader_options("PairBatchLoader", "pair", len(pairs), batch_size, batching, max_len, max_tokens)
         self.pairs, self.batch_size, self.pad_id, self.seed, self.shuffle = pairs, batch_size, pad_id, seed, shuffle
         self.batching, self.max_len, self.max_tokens = batching, max_len, max_tokens
         self.lengths = [2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs]  # both sequences
