@@ -356,13 +356,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                    ignore_index: int = -100) -> torch.Tensor:
-    """log softmax(hidden @ weightᵀ)[i, labels[i]] per token, (N,) fp32, 0 where ignored; differentiable."""
-    return -linear_cross_entropy(hidden, weight, labels, ignore_index=ignore_index, reduction="none")
+                    ignore_index: int = -100, *, labels_checked: bool = False) -> torch.Tensor:
+    """log softmax(hidden @ weightᵀ)[i, labels[i]] per token, (N,) fp32, 0 where ignored; differentiable.
+    ``labels_checked``: as in `linear_cross_entropy`."""
+    return -linear_cross_entropy(hidden, weight, labels, ignore_index=ignore_index, reduction="none",
+                                 labels_checked=labels_checked)
 
 
 def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                      ignore_index: int = -100) -> torch.Tensor:
+                      ignore_index: int = -100, *, labels_checked: bool = False) -> torch.Tensor:
     """Σ_t log p(labels[b, t] | hidden[b, t]) per sequence, (B,) fp32, for DPO.
 
     ``hidden`` (B, T, H) and ``labels`` (B, T) must already be aligned (the caller shifts labels
@@ -372,5 +374,6 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         raise ValueError(f"sequence_logprobs: hidden must be (B, T, H) and labels (B, T), got "
                          f"{tuple(hidden.shape)} and {tuple(getattr(labels, 'shape', ()))}")
     b, t, h = hidden.shape
-    per_token = linear_logprobs(hidden.reshape(b * t, h), weight, labels.reshape(b * t), ignore_index)
+    per_token = linear_logprobs(hidden.reshape(b * t, h), weight, labels.reshape(b * t), ignore_index,
+                                labels_checked=labels_checked)
     return per_token.view(b, t).sum(1)

@@ -94,12 +94,13 @@ class Batch:
     loss_tokens: int | None = None        # trainable next-token labels (`next_token_labels`)
     real_tokens: int | None = None        # non-padding tokens
     plain: bool = False                   # every row one unpadded document: plain causal attention
+    document_tokens: list[int] | None = None  # trainable next-token labels per document (`documents`)
 
     def to(self, device: str | torch.device) -> Batch:
         move = lambda t: None if t is None else t.to(device)
         return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask),
                      move(self.position_ids), move(self.segment_ids), self.sample_ids, self.epoch, self.index,
-                     move(self.layout), self.loss_tokens, self.real_tokens, self.plain)
+                     move(self.layout), self.loss_tokens, self.real_tokens, self.plain, self.document_tokens)
 
     def next_token_labels(self) -> torch.Tensor:
         """labels[:, 1:] (hidden state t predicts token t + 1), with -100 where the next token
@@ -138,9 +139,14 @@ class Batch:
 
 def with_host_facts(batch: Batch) -> Batch:
     """``batch`` (on the CPU, as collated) with its documents (`DocumentLayout`, lengths read on
-    the host), its loss and real token counts, and whether its rows are plain causal sequences."""
+    the host), its loss and real token counts (per document too), and whether its rows are plain
+    causal sequences."""
     real = batch.attention_mask.bool()
-    batch.loss_tokens = int((batch.next_token_labels() != IGNORE).sum())
+    trainable = batch.next_token_labels() != IGNORE  # (B, T-1)
+    batch.loss_tokens = int(trainable.sum())
+    docs = batch.documents()[:, 1:].clamp(min=0)  # the document of each predicted token (padding → 0, untrained)
+    batch.document_tokens = torch.zeros(batch.num_documents, dtype=torch.long).index_add(
+        0, docs.reshape(-1), trainable.reshape(-1).long()).tolist()
     batch.real_tokens = int(real.sum())
     batch.plain = batch.segment_ids is None and bool(real.all())
     if not batch.plain:

@@ -64,29 +64,36 @@ def hidden_logps(hidden: torch.Tensor, head_weight: torch.Tensor, batch: Batch) 
     """`completion_logps` from hidden states (B, T, H) already computed.
 
     Padded batch (one document per row): `sequence_logprobs` sums each row. Padding-free or packed
-    batch: the token log-probs ℓ_i = log p(y_i | h_i) (N,) of the labelled positions are summed per
-    document d(i) (the document of the predicted token), ``logps[d] = Σ_{i: d(i) = d} ℓ_i`` by one
-    index_add (differentiable in ℓ, hence in the hidden states).
+    batch: the token log-probs ℓ_i = log p(y_i | h_i) of every position (0 where the label is
+    ignored: prompts, padding, boundaries) are summed per document d(i) (the document of the
+    predicted token), ``logps[d] = Σ_{i: d(i) = d} ℓ_i``, by one index_add (differentiable in ℓ,
+    hence in the hidden states). Every position is computed, as in the padded path, rather than
+    selecting the labelled ones: selecting by a mask has a data-dependent size, a device sync.
     """
     if batch.segment_ids is None:
         labels = batch.labels[:, 1:]
-        logps = sequence_logprobs(hidden[:, :-1], head_weight, labels, IGNORE)
+        logps = sequence_logprobs(hidden[:, :-1], head_weight, labels, IGNORE, labels_checked=True)
         return logps, (labels != IGNORE).sum(1)
     labels = shifted_labels(batch).reshape(-1)                       # (B*(T-1),)
-    keep = labels != IGNORE
-    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]        # (N, H)
-    token_logps = linear_logprobs(flat, head_weight, labels[keep], IGNORE)  # (N,)
-    docs = batch.documents()[:, 1:].reshape(-1)[keep]                # (N,)
+    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])              # (B*(T-1), H)
+    token_logps = linear_logprobs(flat, head_weight, labels, IGNORE, labels_checked=True)  # 0 where ignored
+    docs = _label_documents(batch)
     n = batch.num_documents
     logps = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, docs, token_logps)
-    return logps, torch.zeros(n, dtype=torch.long, device=docs.device).index_add(0, docs, torch.ones_like(docs))
+    return logps, document_loss_tokens(batch)
+
+
+def _label_documents(batch: Batch) -> torch.Tensor:
+    """(B*(T-1),) the document of each predicted token; padding (-1) mapped to document 0, where
+    its ignored label adds nothing."""
+    return batch.documents()[:, 1:].reshape(-1).clamp(min=0)
 
 
 def document_loss_tokens(batch: Batch) -> torch.Tensor:
     """Trainable (shifted) tokens of each document of the batch, (D,) int64, on the batch's device."""
-    keep = shifted_labels(batch) != IGNORE
-    docs = batch.documents()[:, 1:][keep]
-    return torch.zeros(batch.num_documents, dtype=torch.long, device=docs.device).index_add(0, docs, torch.ones_like(docs))
+    keep = (shifted_labels(batch) != IGNORE).reshape(-1).long()
+    return torch.zeros(batch.num_documents, dtype=torch.long, device=keep.device).index_add(0, _label_documents(batch),
+                                                                                            keep)
 
 
 @torch.no_grad()

@@ -110,8 +110,11 @@ def dpo_metrics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_
     }
 
 
-def mean_metrics(parts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Concatenate per-pair metric tensors of several batches and average each over all pairs."""
+def mean_metrics(parts: list[dict[str, torch.Tensor]], on_host: bool = True) -> dict[str, float | torch.Tensor]:
+    """Concatenate per-pair metric tensors of several batches and average each over all pairs:
+    floats, or with ``on_host=False`` 0-d tensors left on the device (a training step's metrics,
+    read with the step's other figures once per log interval)."""
     if not parts:
         return {}
-    return {name: torch.cat([p[name].cpu() for p in parts]).mean().item() for name in parts[0]}
+    means = {name: torch.cat([p[name] for p in parts]).float().mean() for name in parts[0]}
+    return {name: m.item() for name, m in means.items()} if on_host else means

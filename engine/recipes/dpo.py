@@ -146,7 +146,10 @@ def pair_losses(obj: PreferenceObjective, batch: Batch,
 
 
 def chosen_tokens(batch: Batch) -> int:
-    """Completion tokens of the batch's chosen documents (the first half), counted on the CPU batch."""
+    """Completion tokens of the batch's chosen documents (the first half), as its loader counted
+    them on the host (else counted on the batch)."""
+    if batch.document_tokens is not None:
+        return sum(batch.document_tokens[:batch.num_documents // 2])
     return int(document_loss_tokens(batch)[:batch.num_documents // 2].sum())
 
 
@@ -165,11 +168,10 @@ def train_step(run: Run, obj: PreferenceObjective, window: list[Batch]) -> StepR
         total += losses.detach().sum() / n_pairs + alpha * batch_nll.detach()
         nll += batch_nll.detach()
         parts.append(metrics)
-    loss = total.item()
-    update = run.optimizer.step(loss, run.step)
+    update = run.optimizer.step(total, run.step)  # loss and metrics stay on the device (Run reads them)
     samples = [run.data.train[pair].source for b in window for pair in batch_pairs(b)]
-    metrics = mean_metrics(parts) | ({"nll_loss": nll.item()} if alpha else {})
-    return StepResult(loss, update, tokens=sum(count_loss_tokens(b) for b in window),
+    metrics = mean_metrics(parts, on_host=False) | ({"nll_loss": nll} if alpha else {})
+    return StepResult(total, update, tokens=sum(count_loss_tokens(b) for b in window),
                       real_tokens=sum(b.real_tokens for b in window), samples=samples, metrics=metrics)
 
 
@@ -250,12 +252,11 @@ def train(cfg: TrainConfig, progress: bool = True, options: DPOOptions | None = 
                             f"reference log-probs ({split})", progress, **layout)
             run.extras[REFERENCE_EXTRA] = obj.ref_tables
         for window in run.windows(loader):
-            result = train_step(run, obj, window)
-            run.end_step(result)
-            if eval_loader is None and result.update.applied:
-                warning = monitor.observe(result.metrics["logps/chosen_per_token"], result.metrics["rewards/margins"],
-                                          smooth=True)
-                if warning:
-                    run.warn(warning)
+            for record in run.end_step(train_step(run, obj, window)):  # the steps read on the host now
+                if eval_loader is None and record.applied:
+                    warning = monitor.observe(record.metrics["logps/chosen_per_token"],
+                                              record.metrics["rewards/margins"], smooth=True)
+                    if warning:
+                        run.warn(warning)
         run.finish()
         return run

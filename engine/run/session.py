@@ -56,7 +56,7 @@ from engine.run.model import (
     non_finite_parameter,
 )
 from engine.run.optimizer import Optimizer, Update
-from engine.run.pending import PendingSteps
+from engine.run.pending import PendingSteps, StepRecord
 from engine.run.schedule import default_warmup
 from engine.run.setup import resolve_device, resolve_dtype, resolve_max_len
 from models import load_tokenizer
@@ -232,10 +232,11 @@ class Run:
             yield from loader.batches(epoch, start)
             epoch, start = epoch + 1, 0
 
-    def end_step(self, result: StepResult) -> None:
+    def end_step(self, result: StepResult) -> list[StepRecord]:
         """After the recipe's optimizer step: advance the position; on a logging step (or before an
         evaluation, a checkpoint, a stop, the end) read the pending steps and log and guard them;
-        evaluate and save on schedule, honour SIGTERM."""
+        evaluate and save on schedule, honour SIGTERM. Returns the steps read now (often none),
+        for a recipe that watches its figures."""
         cfg = self.cfg
         self.step += 1
         last = self._window[-1]
@@ -245,8 +246,9 @@ class Run:
         evaluating = bool(cfg.eval_every) and self.step % cfg.eval_every == 0 and self.step < self.total_steps
         saving = bool(cfg.save_every) and self.step % cfg.save_every == 0 and self.step < self.total_steps
         stopping = self._stop_requested and self.step < self.total_steps
+        records = []
         if self.step % cfg.log_every == 0 or self.step == self.total_steps or evaluating or saving or stopping:
-            self.read_pending()
+            records = self.read_pending()
         if evaluating:
             self.evaluate()
         if saving:
@@ -257,8 +259,9 @@ class Run:
                              EXIT_PREEMPTED)
         if evaluating or saving:
             self._pending.restart_clock()
+        return records
 
-    def read_pending(self) -> None:
+    def read_pending(self) -> list[StepRecord]:
         """Read the steps left on the device (one copy to the host), then for each in order: count
         skipped steps (stop with `EXIT_DIVERGED` after ``max_bad_steps`` in a row), write its skip
         line, or its train line on a logging step; the progress bar shows the latest figures."""
@@ -283,6 +286,7 @@ class Run:
                                    tokens=record.tokens, tokens_per_s=tok_s, epoch=self.epoch, **record.metrics)
         if records:
             self._bar.set_postfix(loss=f"{records[-1].loss:.4f}", lr=f"{records[-1].lr:.2e}", tok_s=f"{tok_s:.0f}")
+        return records
 
     def _request_stop(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         self._stop_requested = True

@@ -1,5 +1,5 @@
-"""A training step reads nothing on the host: three SFT steps of the SmolLM2 fixture (LoRA and
-QLoRA) under a `TorchDispatchMode` that counts every op that makes the host wait for a tensor's
+"""A training step reads nothing on the host: three steps of the SmolLM2 fixture (SFT with LoRA
+and QLoRA, DPO with LoRA) under a `TorchDispatchMode` that counts every op that makes the host wait for a tensor's
 value — zero in the steps that do not log, one (the copy of the pending figures) in the step that
 does.
 
@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.config import TrainConfig
-from engine.recipes import sft
+from engine.recipes import dpo, sft
 from engine.run.session import Run
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -52,17 +52,18 @@ class HostReads(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def qa(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("qa") / "qa.jsonl"
-    out.write_text("\n".join((ROOT / "examples" / "license_qa.jsonl").read_text().splitlines()[:6]) + "\n")
+def first_lines(src: str, n: int, folder: Path) -> Path:
+    out = folder / src
+    out.write_text("\n".join((ROOT / "examples" / src).read_text().splitlines()[:n]) + "\n")
     return out
 
 
-@pytest.mark.parametrize("quant", ["none", "nf4"])
-def test_steps_read_the_host_only_when_they_log(smollm2_dir, qa, tmp_path, monkeypatch, quant):
+@pytest.mark.parametrize("method,quant", [("sft", "none"), ("sft", "nf4"), ("dpo", "none")])
+def test_steps_read_the_host_only_when_they_log(smollm2_dir, tmp_path, monkeypatch, method, quant):
+    recipe = {"sft": sft, "dpo": dpo}[method]
+    data = first_lines("license_qa.jsonl" if method == "sft" else "license_prefs.jsonl", 6, tmp_path)
     per_step: dict[int, Counter] = {}
-    train_step, end_step = sft.train_step, Run.end_step
+    train_step, end_step = recipe.train_step, Run.end_step
 
     def counted(step: int, fn, *args):
         with HostReads() as mode:
@@ -70,11 +71,12 @@ def test_steps_read_the_host_only_when_they_log(smollm2_dir, qa, tmp_path, monke
         per_step.setdefault(step, Counter()).update(mode.reads)
         return result
 
-    monkeypatch.setattr(sft, "train_step", lambda run, window: counted(run.step + 1, train_step, run, window))
+    monkeypatch.setattr(recipe, "train_step", lambda run, *args: counted(run.step + 1, train_step, run, *args))
     monkeypatch.setattr(Run, "end_step", lambda run, result: counted(run.step + 1, end_step, run, result))
-    cfg = TrainConfig(model=str(smollm2_dir), data=str(qa), output=str(tmp_path / "run"), quant=quant,
-                      max_steps=3, log_every=3, batch_size=2, max_len=128, lora_r=4, save_every=0, seed=3)
-    sft.train(cfg, progress=False)
+    cfg = TrainConfig(model=str(smollm2_dir), data=str(data), output=str(tmp_path / "run"), method=method,
+                      quant=quant, max_steps=3, log_every=3, batch_size=2, max_len=128, lora_r=4, save_every=0,
+                      seed=3)
+    recipe.train(cfg, progress=False)
     assert sorted(per_step) == [1, 2, 3]
     assert per_step[1] == Counter() and per_step[2] == Counter(), f"host reads in steps that do not log: {per_step}"
     assert sum(per_step[3].values()) == 1, f"the logging step reads the host more than once: {per_step[3]}"
