@@ -170,6 +170,13 @@ def check_loader_options(loader: str, item: str, n_items: int, batch_size: int, 
         raise ValueError(f"max_tokens applies to padding-free batches, not {batching!r}")
 
 
+def first_over_budget(lengths: list[int], max_tokens: int | None) -> int | None:
+    """The first item longer than ``max_tokens`` (no budget: None), which no batch can hold."""
+    if max_tokens is None:
+        return None
+    return next((i for i, n in enumerate(lengths) if n > max_tokens), None)
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -213,7 +220,7 @@ class BatchLoader:
         self.shuffle, self.batching, self.pack, self.max_len = shuffle, batching, batching == "pack", max_len
         self.pad_to_multiple_of, self.max_tokens = pad_to_multiple_of, max_tokens
         self.lengths = [len(s.input_ids) for s in samples]
-        too_long = next((i for i, n in enumerate(self.lengths) if max_tokens is not None and n > max_tokens), None)
+        too_long = first_over_budget(self.lengths, max_tokens)
         if too_long is not None:
             raise TokenBudgetError(f"{samples[too_long].source}: sample has {self.lengths[too_long]} tokens, more "
                                    f"than --max-tokens-per-batch {max_tokens}: raise it or lower --max-len (a "

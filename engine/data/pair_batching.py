@@ -30,6 +30,7 @@ from engine.data.batching import (
     TokenBudgetError,
     batch_groups,
     check_loader_options,
+    first_over_budget,
     collate_padded,
     collate_padding_free,
     epoch_order,
@@ -66,7 +67,7 @@ class PairBatchLoader:
         self.pairs, self.batch_size, self.pad_id, self.seed, self.shuffle = pairs, batch_size, pad_id, seed, shuffle
         self.batching, self.max_len, self.max_tokens = batching, max_len, max_tokens
         self.lengths = [2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs]  # both sequences
-        too_long = next((i for i, n in enumerate(self.lengths) if max_tokens is not None and n > max_tokens), None)
+        too_long = first_over_budget(self.lengths, max_tokens)
         if too_long is not None:
             raise TokenBudgetError(f"{pairs[too_long].source}: pair has {self.lengths[too_long]} tokens (prompt + "
                                    f"chosen and prompt + rejected), more than --max-tokens-per-batch {max_tokens}: raise it or lower "
