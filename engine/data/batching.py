@@ -111,6 +111,11 @@ class Batch:
         # masked_fill, not boolean indexing: indexing by a mask is a device sync on a GPU
         return labels.masked_fill(self.segment_ids[:, 1:] != self.segment_ids[:, :-1], IGNORE)
 
+    def label_documents(self) -> torch.Tensor:
+        """(B, T-1): the document of each predicted token (of `next_token_labels`); padding (-1)
+        mapped to document 0, where its ignored label adds nothing to a per-document sum."""
+        return self.documents()[:, 1:].clamp(min=0)
+
     def attention_args(self) -> tuple[torch.Tensor | None, torch.Tensor | DocumentLayout | None]:
         """(attention_mask, segment_ids) for the model: after `with_host_facts` nothing the model
         must read on the device (None, None for rows of one unpadded document each; else None and
@@ -144,9 +149,8 @@ def with_host_facts(batch: Batch) -> Batch:
     real = batch.attention_mask.bool()
     trainable = batch.next_token_labels() != IGNORE  # (B, T-1)
     batch.loss_tokens = int(trainable.sum())
-    docs = batch.documents()[:, 1:].clamp(min=0)  # the document of each predicted token (padding → 0, untrained)
     batch.document_tokens = torch.zeros(batch.num_documents, dtype=torch.long).index_add(
-        0, docs.reshape(-1), trainable.reshape(-1).long()).tolist()
+        0, batch.label_documents().reshape(-1), trainable.reshape(-1).long()).tolist()
     batch.real_tokens = int(real.sum())
     batch.plain = batch.segment_ids is None and bool(real.all())
     if not batch.plain:

@@ -77,23 +77,17 @@ def hidden_logps(hidden: torch.Tensor, head_weight: torch.Tensor, batch: Batch) 
     labels = shifted_labels(batch).reshape(-1)                       # (B*(T-1),)
     flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])              # (B*(T-1), H)
     token_logps = linear_logprobs(flat, head_weight, labels, IGNORE, labels_checked=True)  # 0 where ignored
-    docs = _label_documents(batch)
+    docs = batch.label_documents().reshape(-1)
     n = batch.num_documents
     logps = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, docs, token_logps)
     return logps, document_loss_tokens(batch)
 
 
-def _label_documents(batch: Batch) -> torch.Tensor:
-    """(B*(T-1),) the document of each predicted token; padding (-1) mapped to document 0, where
-    its ignored label adds nothing."""
-    return batch.documents()[:, 1:].reshape(-1).clamp(min=0)
-
-
 def document_loss_tokens(batch: Batch) -> torch.Tensor:
     """Trainable (shifted) tokens of each document of the batch, (D,) int64, on the batch's device."""
     keep = (shifted_labels(batch) != IGNORE).reshape(-1).long()
-    return torch.zeros(batch.num_documents, dtype=torch.long, device=keep.device).index_add(0, _label_documents(batch),
-                                                                                            keep)
+    docs = batch.label_documents().reshape(-1)
+    return torch.zeros(batch.num_documents, dtype=torch.long, device=keep.device).index_add(0, docs, keep)
 
 
 @torch.no_grad()
