@@ -265,8 +265,8 @@ def _nf4_dequant_fwd_kernel(
 _DEQUANT_BLOCK, _DEQUANT_WARPS = 1024, 4  # outputs per program, warps per program
 
 
-def _nf4_dequant_triton(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
-    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+def _nf4_dequant_triton(q: NF4Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    out = torch.empty(q.shape, dtype=dtype, device=q.device) if out is None else out
     n = q.numel
     block = _DEQUANT_BLOCK
     # Without double quantization the nested pointers are never read: pass any valid tensor.
@@ -303,15 +303,24 @@ def compile_cases(shapes: ModelShapes) -> list[KernelCase]:
 # 4. Public op
 # ----------------------------------------------------------------------------------------------
 
-def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Dense ``dtype`` tensor of shape ``q.shape``: Triton on CUDA (or when forced), else the reference."""
+def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype = torch.bfloat16, *,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense ``dtype`` tensor of shape ``q.shape``: Triton on CUDA (or when forced), else the reference.
+
+    ``out``: a contiguous ``dtype`` tensor of ``q.shape`` on q's device to write into (e.g. the rows
+    of one weight inside the concatenated q/k/v weight, `kernels.lora_group`); returned."""
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"q: expected an NF4Tensor, got {type(q).__name__}")
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype: {dtype} not supported, expected float32, bfloat16 or float16")
+    if out is not None and (out.shape != q.shape or out.dtype != dtype or out.device != q.device
+                            or not out.is_contiguous()):
+        raise ValueError(f"out: expected a contiguous {dtype} tensor of shape {tuple(q.shape)} on {q.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     if use_triton(q.packed):
-        return _nf4_dequant_triton(q, dtype)
-    return nf4_dequant_ref(q, dtype)
+        return _nf4_dequant_triton(q, dtype, out)
+    dense = nf4_dequant_ref(q, dtype)
+    return dense if out is None else out.copy_(dense)
 
 
 
