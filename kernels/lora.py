@@ -56,6 +56,11 @@ checkpointing, where the forward's copy is dropped at once and the recompute's l
 backward that follows), and the seed tensor. Never drop(x) or the mask (N, in), never a gradient
 buffer for W.
 
+Groups: the three kernels also serve `kernels.lora_group` (q/k/v or gate/up sharing x): there
+h holds the G adapters' columns side by side (R = G·r, GROUP_R = r) and column group g draws its
+dropout mask from its own seed ``seed[g]`` (one adapter: G = 1, GROUP_R = R); a down or wgrad tile
+never straddles two groups, and the up kernel sums the groups' masked products in one pass over C.
+
 Strides: every 2-D operand is passed to the kernels with its own row/column strides, so
 transposed or sliced 2-D views run without a copy; leading dims of x are flattened with
 ``reshape`` (a copy only when they cannot be viewed). The kernels cover fp32/bf16/fp16; float64
@@ -224,20 +229,26 @@ def _keep_mask(seed, rows, cols, n_cols, p):
 
 @triton.jit
 def _lowrank_down_kernel(
-    x_ptr, u_ptr, h_ptr, seed_ptr, M, K, R, M_BUCKET,
+    x_ptr, u_ptr, h_ptr, seed_ptr, M, K, R, GROUP_R, M_BUCKET,
     stride_xm, stride_xk, stride_uk, stride_ur, stride_hm, stride_hr,
     scale, p,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """H[M, R] = scale · drop(X)[M, K] · U[K, R] in fp32; one (BLOCK_M, BLOCK_R) tile per program.
+    """H[M, R] = scale · drop_g(X)[M, K] · U[K, R] in fp32; one (BLOCK_M, BLOCK_R) tile per program.
     Forward: X = x, U = Aᵀ, scale = 1/(1−p). Backward: X = dY, U = B, scale = s, no dropout.
-    (M_BUCKET is only the autotuning key.)"""
+    Groups: the R columns are R / GROUP_R groups of GROUP_R (the adapters of projections sharing
+    x, `kernels.lora_group`), group g masking x with its own seed ``seed_ptr[g]``; a tile never
+    straddles two groups. One group (GROUP_R = R) is the single adapter. (M_BUCKET is only the
+    autotuning key.)"""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    tiles_per_group = tl.cdiv(GROUP_R, BLOCK_R)
+    group = tl.program_id(1) // tiles_per_group
+    rs_in = (tl.program_id(1) - group * tiles_per_group) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rs = group * GROUP_R + rs_in
     ks = tl.arange(0, BLOCK_K)
-    row_ok, r_ok = rows < M, rs < R
-    seed = tl.load(seed_ptr) if DROPOUT else 0
+    row_ok, r_ok = rows < M, rs_in < GROUP_R
+    seed = tl.load(seed_ptr + group) if DROPOUT else 0
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk
     u_ptrs = u_ptr + ks[:, None] * stride_uk + rs[None, :] * stride_ur
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -256,30 +267,42 @@ def _lowrank_down_kernel(
 
 @triton.jit
 def _lowrank_up_kernel(
-    h_ptr, u_ptr, c_ptr, seed_ptr, M, N, R, M_BUCKET,
+    h_ptr, u_ptr, c_ptr, seed_ptr, M, N, R, GROUP_R, M_BUCKET,
     stride_hm, stride_hr, stride_ur, stride_un, stride_cm, stride_cn,
     scale, p,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """C[M, N] += scale · [keep ⊙] (H[M, R] · U[R, N]), in place on C (the cuBLAS output).
-    Forward: H = h, U = Bᵀ, scale s, no dropout. Backward dX: H = dH, U = A, scale 1/(1−p),
-    keep = the forward's dropout mask of x (N = in). The tile is small (its K is the rank), so the
-    Philox mask costs registers here and not inside a (BLOCK × BLOCK × K) GEMM."""
+    """C[M, N] += scale · Σ_g [keep_g ⊙] (H[M, R_g] · U[R_g, N]), in place on C (the cuBLAS output),
+    R_g the g-th of R / GROUP_R column groups of H (rows of U). Forward: H = h, U = Bᵀ, scale s,
+    no dropout (then the groups are one sum over R). Backward dX: H = dH, U = A, scale 1/(1−p),
+    keep_g = the forward's dropout mask of x drawn from ``seed_ptr[g]`` (N = in). The tile is
+    small (its K is the rank), so the Philox mask costs registers here and not inside a
+    (BLOCK × BLOCK × K) GEMM."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
     rs = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        r_ok = r0 + rs < R
-        h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_hm + (r0 + rs)[None, :] * stride_hr,
-                    mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-        u = tl.load(u_ptr + (r0 + rs)[:, None] * stride_ur + cols[None, :] * stride_un,
-                    mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _dot_split(h, u, acc, DOT_PRECISION)
     if DROPOUT:
-        acc = tl.where(_keep_mask(tl.load(seed_ptr), rows, cols, N, p), acc, 0.0)
+        for g0 in range(0, R, GROUP_R):  # each group under its own mask
+            acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for r0 in range(g0, g0 + GROUP_R, BLOCK_R):
+                r_ok = r0 + rs < g0 + GROUP_R
+                h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_hm + (r0 + rs)[None, :] * stride_hr,
+                            mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+                u = tl.load(u_ptr + (r0 + rs)[:, None] * stride_ur + cols[None, :] * stride_un,
+                            mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+                acc_g = _dot_split(h, u, acc_g, DOT_PRECISION)
+            acc += tl.where(_keep_mask(tl.load(seed_ptr + g0 // GROUP_R), rows, cols, N, p), acc_g, 0.0)
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            r_ok = r0 + rs < R
+            h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_hm + (r0 + rs)[None, :] * stride_hr,
+                        mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+            u = tl.load(u_ptr + (r0 + rs)[:, None] * stride_ur + cols[None, :] * stride_un,
+                        mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = _dot_split(h, u, acc, DOT_PRECISION)
     c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
     c_mask = row_ok[:, None] & col_ok[None, :]
     c = tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
@@ -288,7 +311,7 @@ def _lowrank_up_kernel(
 
 @triton.jit
 def _lowrank_wgrad_kernel(
-    l_ptr, x_ptr, g_ptr, seed_ptr, M, N, R, M_BUCKET, rows_per_split,
+    l_ptr, x_ptr, g_ptr, seed_ptr, M, N, R, GROUP_R, M_BUCKET, rows_per_split,
     stride_lm, stride_lr, stride_xm, stride_xn, stride_gs, stride_gr, stride_gn,
     scale, p,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -297,12 +320,16 @@ def _lowrank_wgrad_kernel(
     """G[s, R, N] = scale · Σ_{m in split s} L[m, R]ᵀ · drop(X)[m, N], fp32 partial sums.
     dA: L = dH, X = x with the dropout mask, scale 1/(1−p). dBᵀ: L = h, X = dY, scale s.
     Grid (N tiles, splits of the M rows, R tiles): the token reduction is long and the output
-    small, so splitting M keeps every SM busy; the splits are summed by the launcher."""
+    small, so splitting M keeps every SM busy; the splits are summed by the launcher. Groups as
+    in `_lowrank_down_kernel`: rows R_g of G use the mask of ``seed_ptr[g]``."""
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rs = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
-    col_ok, r_ok = cols < N, rs < R
-    seed = tl.load(seed_ptr) if DROPOUT else 0
+    tiles_per_group = tl.cdiv(GROUP_R, BLOCK_R)
+    group = tl.program_id(2) // tiles_per_group
+    rs_in = (tl.program_id(2) - group * tiles_per_group) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rs = group * GROUP_R + rs_in
+    col_ok, r_ok = cols < N, rs_in < GROUP_R
+    seed = tl.load(seed_ptr + group) if DROPOUT else 0
     m_start = pid_s * rows_per_split
     m_end = tl.minimum(M, m_start + rows_per_split)
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
@@ -332,11 +359,14 @@ def _lowrank_wgrad_kernel(
 # buckets M to a power of two, so a training run with varying token counts tunes a handful of
 # times, not every step.
 _FP32_TILES = [(32, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 3)]
+# The dropout up-projection (dX) of a group keeps two fp32 tiles live (the group's product and the
+# running sum) next to Philox: half the registers per thread (8 warps, or a smaller tile).
+_FP32_UP_DROPOUT_TILES = [(32, 32, 4, 3), (32, 64, 8, 3), (64, 32, 8, 3)]
 _TILES = {
-    "down": {(False, False): [(64, 128, 4, 3), (128, 64, 4, 3), (32, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3)],
+    "down": {(False, False): [(64, 128, 4, 3), (128, 64, 8, 3), (32, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3)],
              (True, False): [(128, 64, 4, 3), (32, 128, 4, 4), (64, 64, 4, 4)]},
     "up": {(False, False): [(64, 128, 4, 2), (128, 64, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2)],
-           (True, False): [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)]},
+           (True, False): [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)]},
     "wgrad": {(False, False): [(64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3)],
               (True, False): [(32, 64, 4, 4), (64, 32, 4, 4), (64, 64, 8, 3)]},
 }
@@ -350,7 +380,8 @@ def _autotuned(op: str) -> dict[tuple[bool, bool], "triton.runtime.autotuner.Aut
     tuned = {}
     for dropout in (False, True):
         for fp32 in (False, True):
-            tiles = _FP32_TILES if fp32 else _TILES[op][(dropout, False)]
+            tiles = (_FP32_UP_DROPOUT_TILES if (op, dropout) == ("up", True) else _FP32_TILES) if fp32 \
+                else _TILES[op][(dropout, False)]
             configs = [triton.Config(dict(zip(_BLOCKS[op], t[:2])), num_warps=t[2], num_stages=t[3]) for t in tiles]
             tuned[(dropout, fp32)] = triton.autotune(configs, key=_KEYS[op])(_KERNELS[op])
     return tuned
@@ -370,8 +401,8 @@ _WGRAD_ROWS_PER_SPLIT = 512  # GPU: rows each program reduces (a multiple of eve
 
 
 class _Dropout(NamedTuple):
-    seed: torch.Tensor  # (1,) int64 on the device: the kernels load it, the host never reads it
-    p: float
+    seed: torch.Tensor  # (G,) int64 on the device, one per adapter group: the kernels load it, the host never
+    p: float            # reads it (G = 1 for one adapter)
 
 
 def _launch(raw, tuned, grid, keys, *args, **kwargs) -> None:
@@ -405,31 +436,46 @@ def _p(drop: _Dropout | None) -> float:
     return drop.p if drop else 0.0
 
 
-def _lowrank_down(x: torch.Tensor, u: torch.Tensor, scale: float, drop: _Dropout | None) -> torch.Tensor:
-    """fp32 ``scale · drop(x) · u`` for x (M, K), u (K, R) any strides → (M, R) contiguous."""
+def _groups(r: int, group_r: int | None) -> tuple[int, int]:
+    """(rank per group, number of groups) of R = r columns; None: one group."""
+    group_r = r if group_r is None else group_r
+    return group_r, r // group_r
+
+
+def _lowrank_down(x: torch.Tensor, u: torch.Tensor, scale: float, drop: _Dropout | None,
+                  group_r: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 ``scale · drop_g(x) · u`` for x (M, K), u (K, R) any strides → (M, R), contiguous or
+    into ``out`` (fp32, any strides); with ``group_r``, column group g (of R / group_r) masks x
+    with ``drop.seed[g]``."""
     (m, k), r = x.shape, u.shape[1]
-    h = torch.empty((m, r), dtype=torch.float32, device=x.device)
-    block_r = _block_r(r)
+    h = torch.empty((m, r), dtype=torch.float32, device=x.device) if out is None else out
+    group_r, groups = _groups(r, group_r)
+    block_r = _block_r(group_r)
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, block_r))
+        return (triton.cdiv(m, meta["BLOCK_M"]), groups * triton.cdiv(group_r, block_r))
 
     _launch(_lowrank_down_kernel, _tuned(_DOWN_TUNED, drop, x), grid, ("BLOCK_M", "BLOCK_K"),
-            x, u, h, _seed_ptr(drop, h), m, k, r, triton.next_power_of_2(m), *x.stride(), *u.stride(),
+            x, u, h, _seed_ptr(drop, h), m, k, r, group_r, triton.next_power_of_2(m), *x.stride(), *u.stride(),
             *h.stride(), scale, _p(drop), DROPOUT=drop is not None, DOT_PRECISION=_dot_precision(x.dtype),
             BLOCK_R=block_r)
     return h
-def _lowrank_up_(c: torch.Tensor, h: torch.Tensor, u: torch.Tensor, scale: float, drop: _Dropout | None) -> None:
-    """``c += scale · [keep ⊙] (h · u)`` in place, for c (M, N), h (M, R) fp32, u (R, N), any strides."""
+
+
+def _lowrank_up_(c: torch.Tensor, h: torch.Tensor, u: torch.Tensor, scale: float, drop: _Dropout | None,
+                 group_r: int | None = None) -> None:
+    """``c += scale · Σ_g [keep_g ⊙] (h_g · u_g)`` in place, for c (M, N), h (M, R) fp32, u (R, N),
+    any strides; the R columns of h (rows of u) in groups of ``group_r`` (default: one group)."""
     (m, n), r = c.shape, h.shape[1]
+    group_r, _ = _groups(r, group_r)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
 
     _launch(_lowrank_up_kernel, _tuned(_UP_TUNED, drop, c), grid, ("BLOCK_M", "BLOCK_N"),
-            h, u, c, _seed_ptr(drop, h), m, n, r, triton.next_power_of_2(m), *h.stride(), *u.stride(),
+            h, u, c, _seed_ptr(drop, h), m, n, r, group_r, triton.next_power_of_2(m), *h.stride(), *u.stride(),
             *c.stride(), scale, _p(drop), DROPOUT=drop is not None, DOT_PRECISION=_dot_precision(c.dtype),
-            BLOCK_R=_block_r(r))
+            BLOCK_R=_block_r(group_r))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -440,25 +486,28 @@ def _num_sms(device: torch.device) -> int:
 
 def _wgrad_splits(m: int, n: int, r: int, num_sms: int, unit: int) -> tuple[int, int]:
     """(splits of the M rows, rows per split, a multiple of ``unit``): enough splits to give each
-    SM ~2 programs, but never a split without rows."""
+    SM ~2 programs, but never a split without rows (``r``: the rank of one group)."""
     col_tiles = triton.cdiv(n, 128) * triton.cdiv(r, _block_r(r))
     splits = max(1, min(triton.cdiv(m, unit), triton.cdiv(2 * num_sms, col_tiles)))
     return splits, triton.cdiv(triton.cdiv(m, splits), unit) * unit
 
 
-def _wgrad(lo: torch.Tensor, x: torch.Tensor, scale: float, drop: _Dropout | None) -> torch.Tensor:
-    """fp32 ``scale · loᵀ · drop(x)`` for lo (M, R), x (M, N) (any strides) → (R, N)."""
+def _wgrad(lo: torch.Tensor, x: torch.Tensor, scale: float, drop: _Dropout | None,
+           group_r: int | None = None) -> torch.Tensor:
+    """fp32 ``scale · loᵀ · drop_g(x)`` for lo (M, R), x (M, N) (any strides) → (R, N); with
+    ``group_r``, output rows of group g use x masked by ``drop.seed[g]``."""
     (m, n), r = x.shape, lo.shape[1]
-    block_r = _block_r(r)
+    group_r, groups = _groups(r, group_r)
+    block_r = _block_r(group_r)
     unit = _INTERPRETER_META["BLOCK_M"] if interpreting() else _WGRAD_ROWS_PER_SPLIT
-    splits, rows_per_split = _wgrad_splits(m, n, r, _num_sms(x.device), unit)
+    splits, rows_per_split = _wgrad_splits(m, n * groups, group_r, _num_sms(x.device), unit)
     g = torch.empty((splits, r, n), dtype=torch.float32, device=x.device)
 
     def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), splits, triton.cdiv(r, block_r))
+        return (triton.cdiv(n, meta["BLOCK_N"]), splits, groups * triton.cdiv(group_r, block_r))
 
     _launch(_lowrank_wgrad_kernel, _tuned(_WGRAD_TUNED, drop, x), grid, ("BLOCK_M", "BLOCK_N"),
-            lo, x, g, _seed_ptr(drop, g), m, n, r, triton.next_power_of_2(m), rows_per_split, *lo.stride(),
+            lo, x, g, _seed_ptr(drop, g), m, n, r, group_r, triton.next_power_of_2(m), rows_per_split, *lo.stride(),
             *x.stride(), *g.stride(), scale, _p(drop), DROPOUT=drop is not None,
             DOT_PRECISION=_dot_precision(x.dtype), BLOCK_R=block_r)
     return g.sum(0) if splits > 1 else g[0]
@@ -469,8 +518,11 @@ def compile_cases(shapes: ModelShapes) -> list[KernelCase]:
     (kernels/launch_cases.py), at the (in, out) = (hidden, intermediate) layer (gate/up; q/k/v/o
     and down differ only in multiple-of-16 sizes), for each rank, dtype and dot precision, with
     the operands' strides as the autograd.Function passes them: W (out, in) and A (r, in), B (out, r)
-    contiguous, so ``lora_b.t()``/``lora_a.t()`` have unit row stride. Edit this list when a
-    launch in section 4 changes."""
+    contiguous, so ``lora_b.t()``/``lora_a.t()`` have unit row stride. The grouped launches of
+    `kernels.lora_group` (projections sharing x: R = G·r columns, GROUP_R = r, the slices of the
+    concatenated output with its row stride) specialise alike unless G·r and r differ in being
+    multiples of 16 (Triton's integer specialisation): those get their own cases (G = 2, 3).
+    Edit this list when a launch in section 4 or in `kernels.lora_group` changes."""
     M, K, N, f32, i64 = shapes.tokens, shapes.hidden, shapes.intermediate, torch.float32, torch.int64
     m_bucket, cases = triton.next_power_of_2(M), []
     for dt in shapes.dtypes:
@@ -479,25 +531,25 @@ def compile_cases(shapes: ModelShapes) -> list[KernelCase]:
             meta = dict(DOT_PRECISION=prec, BLOCK_R=_block_r(r))
             tag = f"r={r} {prec}"
 
-            def down(name, k, stride_u, dropout):
-                args = dict(x_ptr=dt, u_ptr=dt, h_ptr=f32, seed_ptr=i64 if dropout else f32, M=M, K=k, R=r,
-                            M_BUCKET=m_bucket, stride_xm=k, stride_xk=1, stride_uk=stride_u[0],
-                            stride_ur=stride_u[1], stride_hm=r, stride_hr=1, scale=1.0, p=0.1)
+            def down(name, k, stride_u, dropout, groups=1):
+                args = dict(x_ptr=dt, u_ptr=dt, h_ptr=f32, seed_ptr=i64 if dropout else f32, M=M, K=k,
+                            R=groups * r, GROUP_R=r, M_BUCKET=m_bucket, stride_xm=k, stride_xk=1, stride_uk=stride_u[0],
+                            stride_ur=stride_u[1], stride_hm=groups * r, stride_hr=1, scale=1.0, p=0.1)
                 return KernelCase(f"{name} {tag}", _lowrank_down_kernel, dt, args, dict(DROPOUT=dropout, **meta),
                                   tuple(_DOWN_TUNED[(dropout, dt == f32)].configs))
 
-            def up(name, n, stride_u, dropout):
-                args = dict(h_ptr=f32, u_ptr=dt, c_ptr=dt, seed_ptr=i64 if dropout else f32, M=M, N=n, R=r,
-                            M_BUCKET=m_bucket, stride_hm=r, stride_hr=1, stride_ur=stride_u[0],
+            def up(name, n, stride_u, dropout, groups=1):
+                args = dict(h_ptr=f32, u_ptr=dt, c_ptr=dt, seed_ptr=i64 if dropout else f32, M=M, N=n,
+                            R=groups * r, GROUP_R=r, M_BUCKET=m_bucket, stride_hm=groups * r, stride_hr=1, stride_ur=stride_u[0],
                             stride_un=stride_u[1], stride_cm=n, stride_cn=1, scale=2.0, p=0.1)
                 return KernelCase(f"{name} {tag}", _lowrank_up_kernel, dt, args, dict(DROPOUT=dropout, **meta),
                                   tuple(_UP_TUNED[(dropout, dt == f32)].configs))
 
-            def wgrad(name, n, dropout):
-                args = dict(l_ptr=f32, x_ptr=dt, g_ptr=f32, seed_ptr=i64 if dropout else f32, M=M, N=n, R=r,
-                            M_BUCKET=m_bucket,
-                            rows_per_split=_wgrad_splits(M, n, r, shapes.num_sms, _WGRAD_ROWS_PER_SPLIT)[1],
-                            stride_lm=r, stride_lr=1, stride_xm=n, stride_xn=1, stride_gs=r * n, stride_gr=n,
+            def wgrad(name, n, dropout, groups=1):
+                args = dict(l_ptr=f32, x_ptr=dt, g_ptr=f32, seed_ptr=i64 if dropout else f32, M=M, N=n,
+                            R=groups * r, GROUP_R=r, M_BUCKET=m_bucket,
+                            rows_per_split=_wgrad_splits(M, n * groups, r, shapes.num_sms, _WGRAD_ROWS_PER_SPLIT)[1],
+                            stride_lm=groups * r, stride_lr=1, stride_xm=n, stride_xn=1, stride_gs=r * n, stride_gr=n,
                             stride_gn=1, scale=1.0, p=0.1)
                 return KernelCase(f"{name} {tag}", _lowrank_wgrad_kernel, dt, args, dict(DROPOUT=dropout, **meta),
                                   tuple(_WGRAD_TUNED[(dropout, dt == f32)].configs))
@@ -511,6 +563,13 @@ def compile_cases(shapes: ModelShapes) -> list[KernelCase]:
                 up("bwd dX += dH·A", K, (K, 1), False), up("bwd dX += keep ⊙ dH·A", K, (K, 1), True),
                 wgrad("bwd dA", K, False), wgrad("bwd dA dropout", K, True), wgrad("bwd dB", N, False),
             ]
+            for g in (2, 3):  # grouped: h = drop_g(x)·[A_1; …; A_G]ᵀ, dX += Σ keep_g ⊙ dH_g·A_g, dA_g
+                if (g * r) % 16 == 0 and r % 16 != 0:
+                    cases += [down(f"fwd h {g} groups", K, (1, K), False, g),
+                              down(f"fwd h dropout {g} groups", K, (1, K), True, g),
+                              up(f"bwd dX += Σ keep ⊙ dH·A {g} groups", K, (K, 1), True, g),
+                              up(f"bwd dX += Σ dH·A {g} groups", K, (K, 1), False, g),
+                              wgrad(f"bwd dA dropout {g} groups", K, True, g), wgrad(f"bwd dA {g} groups", K, False, g)]
     return cases
 
 
