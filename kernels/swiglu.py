@@ -14,6 +14,9 @@ Backward (chain rule, elementwise; ``dy`` the incoming gradient)::
           = u · σ(g) · (1 + g · (1 − σ(g)))  → d_gate = dy · u · σ(g) · (1 + g · (1 − σ(g)))
 
 Shapes: ``gate`` and ``up`` both ``(..., I)`` (any shape, equal), same dtype; ``y`` the same.
+`swiglu_packed` takes them as the two halves of one ``(..., 2I)`` tensor, ``[gate | up]``, the
+output of the MLP's grouped gate/up projection (`kernels.lora_group`), and returns its gradient
+as one ``(..., 2I)`` tensor too: no copy of either half in the forward or the backward.
 Saved for backward: ``gate`` and ``up`` only. ``silu(gate)`` is recomputed from ``gate`` in the
 backward kernel (one ``exp`` per element) rather than stored, which saves a ``(tokens, I)``
 tensor per layer, the largest activation of the MLP.
@@ -35,30 +38,47 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (g * torch.sigmoid(g) * up.float()).to(gate.dtype)
 
 
+def swiglu_packed_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """``swiglu_ref(gate, up)`` for ``gate_up = [gate | up]`` (..., 2I) → (..., I)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return swiglu_ref(gate, up)
+
+
 @triton.jit
-def _swiglu_fwd_kernel(gate_ptr, up_ptr, y_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
+def _in_offsets(offsets, n_cols, stride_row):
+    """Where output element ``offsets`` (of a (rows, n_cols) row-major output) reads gate and up:
+    row · stride_row + col (the gate/up halves of a packed row; one row for separate tensors)."""
+    return (offsets // n_cols) * stride_row + offsets % n_cols
+
+
+@triton.jit
+def _swiglu_fwd_kernel(gate_ptr, up_ptr, y_ptr, n_elements, n_cols, stride_row, BLOCK_SIZE: tl.constexpr):
     # int64 offsets: tokens × intermediate can pass 2**31 at long contexts
     offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_elements
-    g = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    src = _in_offsets(offsets, n_cols, stride_row)
+    g = tl.load(gate_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + src, mask=mask, other=0.0).to(tl.float32)
     sig = 1.0 / (1.0 + tl.exp(-g))
     y = g * sig * u
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _swiglu_bwd_kernel(dy_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
+def _swiglu_bwd_kernel(dy_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n_elements, n_cols, stride_row,
+                       BLOCK_SIZE: tl.constexpr):
+    """d_gate, d_up written where gate, up are read (`_in_offsets`)."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_elements
+    src = _in_offsets(offsets, n_cols, stride_row)
     dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + src, mask=mask, other=0.0).to(tl.float32)
     sig = 1.0 / (1.0 + tl.exp(-g))
     d_up = dy * g * sig
     d_gate = dy * u * sig * (1.0 + g * (1.0 - sig))
-    tl.store(dgate_ptr + offsets, d_gate.to(dgate_ptr.dtype.element_ty), mask=mask)
-    tl.store(dup_ptr + offsets, d_up.to(dup_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgate_ptr + src, d_gate.to(dgate_ptr.dtype.element_ty), mask=mask)
+    tl.store(dup_ptr + src, d_up.to(dup_ptr.dtype.element_ty), mask=mask)
 
 
 _BLOCK_SIZE = 1024
@@ -79,7 +99,7 @@ def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(gate)
     n = gate.numel()
     if n:
-        _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK_SIZE),)](gate, up, y, n, BLOCK_SIZE=_BLOCK_SIZE)
+        _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK_SIZE),)](gate, up, y, n, n, 0, BLOCK_SIZE=_BLOCK_SIZE)
     return y
 
 
@@ -90,19 +110,48 @@ def _swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple
     d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
     n = gate.numel()
     if n:
-        _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK_SIZE),)](dy, gate, up, d_gate, d_up, n, BLOCK_SIZE=_BLOCK_SIZE)
+        _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK_SIZE),)](dy, gate, up, d_gate, d_up, n, n, 0,
+                                                            BLOCK_SIZE=_BLOCK_SIZE)
     return d_gate, d_up
+
+
+def _swiglu_packed_fwd(gate_up: torch.Tensor) -> torch.Tensor:
+    """``y`` (..., I) from a contiguous ``[gate | up]`` (..., 2I)."""
+    half = gate_up.shape[-1] // 2
+    y = gate_up.new_empty((*gate_up.shape[:-1], half))
+    n = y.numel()
+    if n:
+        _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK_SIZE),)](gate_up, gate_up[..., half:], y, n, half, 2 * half,
+                                                            BLOCK_SIZE=_BLOCK_SIZE)
+    return y
+
+
+def _swiglu_packed_bwd(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """``[d_gate | d_up]`` (..., 2I), fresh, for a contiguous ``[gate | up]``."""
+    dy, half = dy.contiguous(), gate_up.shape[-1] // 2
+    d_gate_up = torch.empty_like(gate_up)
+    n = dy.numel()
+    if n:
+        _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK_SIZE),)](dy, gate_up, gate_up[..., half:], d_gate_up,
+                                                            d_gate_up[..., half:], n, half, 2 * half,
+                                                            BLOCK_SIZE=_BLOCK_SIZE)
+    return d_gate_up
 
 
 def compile_cases(shapes: ModelShapes) -> list[KernelCase]:
     """What `_swiglu_fwd` / `_swiglu_bwd` launch (kernels/launch_cases.py) on (tokens, intermediate)."""
     n, cases = shapes.tokens * shapes.intermediate, []
     for dt in shapes.dtypes:
-        cases.append(KernelCase("fwd", _swiglu_fwd_kernel, dt, dict(gate_ptr=dt, up_ptr=dt, y_ptr=dt, n_elements=n),
-                                dict(BLOCK_SIZE=_BLOCK_SIZE), fixed_launch()))
-        cases.append(KernelCase("bwd", _swiglu_bwd_kernel, dt,
-                                dict(dy_ptr=dt, gate_ptr=dt, up_ptr=dt, dgate_ptr=dt, dup_ptr=dt, n_elements=n),
-                                dict(BLOCK_SIZE=_BLOCK_SIZE), fixed_launch()))
+        # separate gate, up: one row of n; packed [gate | up]: rows of I at row stride 2I (same specialisation
+        # when I is a multiple of 16, as at every Llama size)
+        for layout, n_cols, stride_row in (("", n, 0), (" packed", shapes.intermediate, 2 * shapes.intermediate)):
+            cases.append(KernelCase("fwd" + layout, _swiglu_fwd_kernel, dt,
+                                    dict(gate_ptr=dt, up_ptr=dt, y_ptr=dt, n_elements=n, n_cols=n_cols,
+                                         stride_row=stride_row), dict(BLOCK_SIZE=_BLOCK_SIZE), fixed_launch()))
+            cases.append(KernelCase("bwd" + layout, _swiglu_bwd_kernel, dt,
+                                    dict(dy_ptr=dt, gate_ptr=dt, up_ptr=dt, dgate_ptr=dt, dup_ptr=dt, n_elements=n,
+                                         n_cols=n_cols, stride_row=stride_row),
+                                    dict(BLOCK_SIZE=_BLOCK_SIZE), fixed_launch()))
     return cases
 
 
@@ -131,3 +180,27 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if use_triton(gate, up):
         return SwiGLUFunction.apply(gate, up)
     return swiglu_ref(gate, up)
+
+
+class SwiGLUPackedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        gate_up = gate_up.contiguous()
+        ctx.save_for_backward(gate_up)  # as SwiGLUFunction: gate and up only
+        return _swiglu_packed_fwd(gate_up)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> torch.Tensor:
+        (gate_up,) = ctx.saved_tensors
+        return _swiglu_packed_bwd(dy, gate_up)
+
+
+def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` of shape ``(..., 2I)`` → ``(..., I)``; the
+    gradient comes back as one ``(..., 2I)`` tensor. Triton when `use_triton` says so, else
+    `swiglu_packed_ref`."""
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"swiglu_packed: the last dimension ({gate_up.shape[-1]}) must be even: [gate | up]")
+    if use_triton(gate_up):
+        return SwiGLUPackedFunction.apply(gate_up)
+    return swiglu_packed_ref(gate_up)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels.backend import force_triton, use_reference
-from kernels.swiglu import swiglu, swiglu_ref
+from kernels.swiglu import swiglu, swiglu_packed, swiglu_ref
 from tests.tolerances import assert_close
 
 SHAPES = [(1, 1, 8), (2, 3, 77), (5, 123, 77), (3, 1000), (2, 7, 576)]
@@ -69,3 +69,24 @@ def test_swiglu_rejects_mismatched_inputs(device):
         swiglu(gate, up[:, :4])
     with pytest.raises(ValueError, match="dtype"):
         swiglu(gate, up.double())
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 77), (5, 123, 77), (2, 7, 576)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_packed_matches_reference(shape, dtype, device):
+    """[gate | up] in one (..., 2I) tensor (the grouped gate/up projection's output): the same
+    y, and its gradient as one (..., 2I) tensor holding [d_gate | d_up]."""
+    gate, up, dy = _inputs(shape, dtype, device)
+    gate_up = torch.cat([gate, up], dim=-1).requires_grad_()
+    with force_triton():
+        y = swiglu_packed(gate_up)
+    y.backward(dy)
+    y_ref, dgate_ref, dup_ref = _fp32_reference(gate, up, dy)
+    assert y.shape == gate.shape and gate_up.grad.shape == gate_up.shape
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(gate_up.grad, torch.cat([dgate_ref, dup_ref], dim=-1), dtype, "[d_gate | d_up]")
+
+
+def test_swiglu_packed_rejects_odd_width(device):
+    with pytest.raises(ValueError, match="even"):
+        swiglu_packed(torch.zeros(2, 7, device=device))
