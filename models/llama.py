@@ -24,10 +24,11 @@ from kernels.nf4 import keep_dequantized
 from kernels.rms_norm import rms_norm
 from kernels.rope import apply_rope
 from kernels.rope import rope_inv_freq as kernel_rope_inv_freq
-from kernels.swiglu import swiglu
+from kernels.swiglu import swiglu, swiglu_packed
 from models.attention import DocumentLayout, document_attention
 from models.config import LlamaConfig
 from models.presets import PRESETS, Preset
+from models.projection import project_together
 
 __all__ = ["LlamaConfig", "PRESETS", "Preset", "LlamaForCausalLM", "LlamaModel", "KVCache", "DocumentLayout",
            "rms_norm", "apply_rope", "swiglu", "rope_inv_freq"]
@@ -38,7 +39,7 @@ __all__ = ["LlamaConfig", "PRESETS", "Preset", "LlamaForCausalLM", "LlamaModel",
 # (and everywhere under ENGINE_KERNELS=reference / kernels.backend.use_reference(), the A/B switch).
 #   rms_norm(x, weight, eps)                 y = x / sqrt(mean(x², -1) + eps) * weight, fp32 math
 #   apply_rope(q, k, position_ids, inv_freq)  x*cos + rotate_half(x)*sin, angle = pos * inv_freq
-#   swiglu(gate, up)                         silu(gate) * up
+#   swiglu(gate, up)                         silu(gate) * up   (swiglu_packed: [gate | up] in one tensor)
 
 
 def rope_inv_freq(cfg: LlamaConfig, device: torch.device | str | None = None) -> torch.Tensor:
@@ -158,7 +159,8 @@ class LlamaRMSNorm(nn.Module):
 
 class LlamaAttention(nn.Module):
     """Grouped-query attention with RoPE: `document_attention` for a `DocumentLayout` (training
-    without a cache), else F.scaled_dot_product_attention with an `AttentionMask`."""
+    without a cache), else F.scaled_dot_product_attention with an `AttentionMask`. q, k, v are
+    computed together (`models.projection.project_together`: one grouped op for the three)."""
 
     def __init__(self, cfg: LlamaConfig, layer_idx: int):
         super().__init__()
@@ -174,9 +176,12 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
                 mask: AttentionMask | DocumentLayout, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, nkv, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, nkv, hd)
+        qkv = project_together(x, (self.q_proj, self.k_proj, self.v_proj))  # (B, T, (nh + 2·nkv)·hd)
+        q, k, v = qkv.split((self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim), -1)
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
+        k = k.view(B, T, self.n_kv, self.head_dim)  # (B, T, nkv, hd)
+        # a copy of v (attention saves it): a view would keep all of qkv alive until the backward
+        v = v.reshape(B, T, self.n_kv, self.head_dim).contiguous()  # (B, T, nkv, hd)
         q, k = apply_rope(q, k, position_ids, inv_freq)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
@@ -191,7 +196,7 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    """down(silu(gate(x)) * up(x))."""
+    """down(silu(gate(x)) * up(x)), gate and up computed together (``[gate | up]``, one grouped op)."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -201,7 +206,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(I, H, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(swiglu_packed(project_together(x, (self.gate_proj, self.up_proj))))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -22,6 +22,7 @@ from torch import nn
 
 from engine.errors import InputError
 from kernels.lora import lora_linear_checked
+from kernels.lora_group import GroupMember
 from models.quantized import NF4Linear
 
 ALL_LINEAR = "all-linear"
@@ -113,6 +114,14 @@ class LoRALinear(nn.Module):
     def base_weight(self):
         """The frozen weight the kernel takes: a dense (out, in) tensor or an NF4Tensor."""
         return self.base.weight_nf4 if isinstance(self.base, NF4Linear) else self.base.weight
+
+    def group_member(self) -> GroupMember:
+        """This layer as a member of a grouped projection (`models.projection`: q/k/v, gate/up):
+        its base, and its LoRA with the dropout in force when the adapter is on."""
+        if not self.adapter_enabled:
+            return GroupMember(self.base_weight(), self.base.bias)
+        return GroupMember(self.base_weight(), self.base.bias, self.lora_A, self.lora_B, self.scale,
+                           self.dropout if self.training else 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.adapter_enabled:

@@ -11,15 +11,19 @@ from safetensors.torch import save_file
 
 from engine.adapters import (
     LoRAConfig,
+    adapter_params,
     inject_lora,
     load_adapter,
     load_adapter_weights,
     lora_modules,
     read_adapter_metadata,
     save_adapter,
+    set_trainable,
 )
 from engine.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from engine.errors import InputError
+import kernels.lora_group
+from kernels.backend import force_triton
 from models.loading import load_model
 from tests.engine.conftest import write_hf_llama
 from tests.tolerances import LOGITS_FP32_ATOL, assert_close
@@ -72,6 +76,42 @@ def test_our_adapter_on_peft_gives_our_logits(hf_dir, tmp_path, cfg):
     assert written["peft_type"] == "LORA" and written["r"] == cfg.r and written["lora_alpha"] == cfg.alpha
     assert written["use_rslora"] == cfg.use_rslora and written["base_model_name_or_path"] == str(hf_dir)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary folders left
+
+
+@pytest.mark.parametrize("cfg", [
+    LoRAConfig(r=4, alpha=8, target_modules="all-linear", dropout=0.1),
+    LoRAConfig(r=3, alpha=5, target_modules=("q_proj", "v_proj", "down_proj"), dropout=0.1),
+])
+def test_adapter_trained_through_grouped_projections_loads_in_peft(hf_dir, tmp_path, cfg, monkeypatch):
+    """On the kernel path (the Triton interpreter here) q/k/v and gate/up run as grouped ops
+    (`kernels.lora_group`), adapters on all or on a subset of them: a training step through them,
+    then the adapter saved per module, PEFT gives the logits our grouped forward gives."""
+    model = load_model(hf_dir)
+    torch.manual_seed(2)
+    inject_lora(model, cfg)
+    set_trainable(model)
+    randomize_lora(model)
+    model.train()
+    grouped = []
+    real_apply = kernels.lora_group.GroupedLoRALinearFunction.apply
+    monkeypatch.setattr(kernels.lora_group.GroupedLoRALinearFunction, "apply",
+                        lambda *args: grouped.append(len(args[1].members)) or real_apply(*args))
+    with force_triton():
+        loss = model(ids()).float().logsumexp(-1).mean()
+    loss.backward()
+    assert grouped == [3, 2] * model.config.num_hidden_layers, f"grouped ops (members each): {grouped}"
+    with torch.no_grad():
+        for p in adapter_params(model).values():
+            assert p.grad is not None and p.grad.abs().sum() > 0, "no gradient reached an adapter"
+            p -= 0.1 * p.grad
+    model.eval()
+    save_adapter(model, cfg, tmp_path / "adapter", str(hf_dir))
+    with torch.no_grad(), force_triton():
+        ours = model(ids())
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(hf_model(hf_dir), tmp_path / "adapter").eval()(ids()).logits
+    assert_close(theirs, ours, torch.float32, "PEFT logits with an adapter trained through grouped projections",
+                 atol=LOGITS_FP32_ATOL)
 
 
 @pytest.mark.parametrize("target_modules, extra", [

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import kernels.lora
+import kernels.lora_group
 import kernels.nf4_linear
 from engine.config import TrainConfig
 from engine.recipes import sft
@@ -51,12 +52,13 @@ def adapter(output: Path) -> dict[str, torch.Tensor]:
 
 
 def counting_dequantizations(monkeypatch) -> Counter:
-    """Count `dequantize_nf4` calls of the LoRA and NF4-linear ops, per NF4 weight (its packed buffer)."""
+    """Count `dequantize_nf4` calls of the LoRA, grouped-LoRA and NF4-linear ops, per NF4 weight (its
+    packed buffer)."""
     calls: Counter = Counter()
-    for module in (kernels.lora, kernels.nf4_linear):
-        def counted(q, dtype=torch.bfloat16, _real=module.dequantize_nf4):
+    for module in (kernels.lora, kernels.lora_group, kernels.nf4_linear):
+        def counted(q, dtype=torch.bfloat16, *, out=None, _real=module.dequantize_nf4):
             calls[q.packed.data_ptr()] += 1
-            return _real(q, dtype)
+            return _real(q, dtype, out=out)
         monkeypatch.setattr(module, "dequantize_nf4", counted)
     return calls
 
