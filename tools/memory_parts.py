@@ -27,13 +27,14 @@ import inspect
 import math
 from dataclasses import dataclass, field
 
+from engine.adapters.lora import LLAMA_LINEARS as LINEARS
 from kernels.linear_cross_entropy import _chunk_rows
 from kernels.nf4 import NESTED_BLOCKSIZE, NF4_VALUES, dynamic_map, quantize_nf4
 from models.config import LlamaConfig
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NF4_BLOCKSIZE = inspect.signature(quantize_nf4).parameters["blocksize"].default  # what --quant nf4 uses
 FP32 = 4
+NF4_TABLE_BYTES = (len(NF4_VALUES) + dynamic_map().numel()) * FP32  # the code tables each NF4Linear holds
 # Stated constants, not derived: the CUDA context with cuBLAS / Triton workspaces and modules
 # (0.5-1 GiB on recent GPUs), the caching allocator's fragmentation as a fraction of the tensor
 # peak, and a CPU run's memory besides the model (tokenizer, tokenized data, torch's lazily
@@ -94,8 +95,7 @@ def nf4_bytes(n: int, blocksize: int = NF4_BLOCKSIZE) -> int:
     uint8, absmax codes ⌈n/bs⌉ uint8, nested absmax ⌈⌈n/bs⌉/256⌉ fp32, offset 1 fp32, and the
     16-entry NF4 and 256-entry dynamic code tables in fp32 (each module holds its own)."""
     blocks = math.ceil(n / blocksize)
-    tables = (len(NF4_VALUES) + dynamic_map().numel()) * FP32
-    return math.ceil(n / 2) + blocks + math.ceil(blocks / NESTED_BLOCKSIZE) * FP32 + FP32 + tables
+    return math.ceil(n / 2) + blocks + math.ceil(blocks / NESTED_BLOCKSIZE) * FP32 + FP32 + NF4_TABLE_BYTES
 
 
 def base_weight_bytes(s: Setup) -> int:
@@ -234,7 +234,7 @@ def plan(s: Setup) -> Plan:
     offloaded = s.checkpointing and s.offload and s.device == "cuda"  # on a CPU the host *is* the device
     if offloaded:
         p.host_bytes = L * block_input
-        p.add("saved activations", block_input, f"{L} block inputs in host memory; 1 on the device (copy in flight)")
+        p.add("saved activations", 0, f"{L} block inputs in host memory")
     elif s.checkpointing:
         p.add("saved activations", L * block_input, f"{L} block inputs N·H·e" + (" (offloaded: CPU memory)"
                                                                                  if s.offload else ""))
@@ -244,7 +244,7 @@ def plan(s: Setup) -> Plan:
     if s.checkpointing:  # the recomputed block's own saves (its input is already counted, or fetched back)
         backward += saved_per_block(s, recompute=True) - (0 if offloaded else block_input)
         backward += block_input if offloaded else 0  # the next block's input, prefetched
-    loss = loss_working_set(s)
+    loss = loss_working_set(s) + (block_input if offloaded else 0)  # the last block input's copy in flight
     p.add("largest transient", max(backward, loss), "block backward (recompute + gradients)" if backward >= loss
           else "loss (final norm + " + ("fused linear-CE chunk)" if s.kernel_path else "fp32 logits ×3)"))
     tensors = p.peak

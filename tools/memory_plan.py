@@ -28,13 +28,13 @@ available to check it), for llama3.1-8b QLoRA (NF4 base, bf16 compute), LoRA r =
 linears, batch 1, gradient checkpointing (``--max-context``):
 
     GPU memory   without offload   with --offload-activations (host memory it pins)
-    80 GiB       155,504 tokens    310,627 tokens (75.8 GiB)
-    141 GiB      286,630 tokens    572,557 tokens (139.8 GiB)
+    80 GiB       155,504 tokens    321,692 tokens (78.5 GiB)
+    141 GiB      286,630 tokens    592,954 tokens (144.8 GiB)
 
 Per token, the 32 block inputs kept for checkpointing cost 256 KiB on the device and the
 recomputed block with its backward ~217 KiB (two thirds of it its SwiGLU: gate, up and act,
 3·I·e, and their gradients, 2·I·e); offload moves the first to the host, which roughly doubles the
-context. 342,733 tokens on 80 GiB is predicted at 87.5 GiB even with offload (the recomputed
+context. 342,733 tokens on 80 GiB is predicted at 84.7 GiB even with offload (the recomputed
 block alone 73.8 GiB): beating it needs the recomputed block's MLP to run in token chunks.
 """
 
@@ -46,6 +46,7 @@ from pathlib import Path
 
 from engine.errors import InputError, run_cli
 from models.config import LlamaConfig
+from models.loading import read_config
 from models.presets import PRESETS
 from tools.memory_parts import LINEARS, Setup, plan
 
@@ -70,8 +71,6 @@ def model_config(name: str) -> LlamaConfig:
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
         raise InputError(f"--model {name!r}: not a preset ({', '.join(PRESETS)}) nor a folder with config.json")
-    from models.loading import read_config
-
     return read_config(path)
 
 
