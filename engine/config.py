@@ -151,6 +151,9 @@ class TrainConfig:
     dtype: str = _opt("auto", "Compute dtype of the frozen base: auto (bf16 on GPU, fp32 on CPU).", DTYPES)
     grad_checkpointing: bool | None = _opt(None, "Recompute each block in backward (default: on for a GPU, "
                                            "off for a CPU).")
+    offload_activations: bool = _opt(False, "Keep the block inputs saved for gradient checkpointing in (pinned) CPU "
+                                     "memory until the backward, copied on a side stream (long context); turns "
+                                     "gradient checkpointing on.")
     seed: int = _opt(42, "Seed for LoRA init, data order and dropout.", range=Range(0, MAX_SEED))
     # schedule of evaluation and checkpoints
     eval_every: int = _opt(0, "Evaluate every N steps (0: at the start and the end only).", range=AT_LEAST_0)
@@ -189,6 +192,9 @@ class TrainConfig:
         if self.max_tokens_per_batch is not None and self.batching != "padding-free":
             raise InputError(f"--max-tokens-per-batch applies to --batching padding-free, not {self.batching} "
                              "(packed rows hold --max-len tokens each; padded batches --batch-size samples)")
+        if self.offload_activations and self.grad_checkpointing is False:
+            raise InputError("--offload-activations keeps the inputs of gradient checkpointing in CPU memory: it "
+                             "needs checkpointing, which --no-grad-checkpointing turns off")
         if self.dpo_label_smoothing and self.dpo_loss not in ("sigmoid", "robust"):
             raise InputError(f"--dpo-label-smoothing applies to the sigmoid and robust losses, not {self.dpo_loss!r}")
 

@@ -27,6 +27,7 @@ from kernels.rope import rope_inv_freq as kernel_rope_inv_freq
 from kernels.swiglu import swiglu, swiglu_packed
 from models.attention import DocumentLayout, document_attention
 from models.config import LlamaConfig
+from models.offload import HostStash, offloaded_checkpoint
 from models.presets import PRESETS, Preset
 from models.projection import project_together
 
@@ -243,6 +244,10 @@ class LlamaModel(nn.Module):
     a `DocumentLayout` itself (built by a collator on the host: then nothing is read back from
     the device; ``attention_mask`` is then not consulted for attention). With a cache
     (generation): SDPA with the small (T_new, S) mask of `build_attention_mask`.
+
+    Training with ``gradient_checkpointing``: each block is recomputed in its backward from its
+    saved input. ``offload_activations`` holds those inputs in (pinned) CPU memory between the
+    forward and the backward (`models.offload`); it implies checkpointing.
     """
 
     def __init__(self, cfg: LlamaConfig):
@@ -253,6 +258,7 @@ class LlamaModel(nn.Module):
         self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # (hd/2,) fp32
         self.gradient_checkpointing = False
+        self.offload_activations = False
 
     def _apply(self, fn, recurse=True):
         # .to(bf16) would round inv_freq (and to_empty would leave it garbage): recompute it in fp32
@@ -292,8 +298,13 @@ class LlamaModel(nn.Module):
             key_real, segment_ids, self.config.sliding_window, past, T, device)
 
         h = self.embed_tokens(input_ids)  # (B, T, H)
+        checkpointing = ((self.gradient_checkpointing or self.offload_activations) and self.training
+                         and torch.is_grad_enabled())
+        stash = HostStash(h.device) if checkpointing and self.offload_activations else None
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if stash is not None:
+                h = offloaded_checkpoint(stash, layer, h, position_ids, self.inv_freq, mask, cache)
+            elif checkpointing:
                 h = checkpoint(layer, h, position_ids, self.inv_freq, mask, cache, use_reentrant=False,
                                context_fn=_recompute_keeps_dequantized)
             else:
@@ -325,6 +336,14 @@ class LlamaForCausalLM(nn.Module):
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, enabled: bool) -> None:
         self.model.gradient_checkpointing = enabled
+
+    @property
+    def offload_activations(self) -> bool:
+        return self.model.offload_activations
+
+    @offload_activations.setter
+    def offload_activations(self, enabled: bool) -> None:
+        self.model.offload_activations = enabled
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache in the model's dtype and device."""

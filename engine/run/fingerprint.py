@@ -15,8 +15,8 @@ and dtype, the adapter's shape (or the starting adapter's SHA-256) and the optim
   a model or data file that moved (same SHA-256, another path or name);
 * any other difference is a mismatch: ``--resume`` stops with exit 2 naming the fields.
 
-Evaluation, checkpoint and logging intervals, the device and gradient checkpointing are not part
-of it: they do not change the numbers (the device only by rounding).
+Evaluation, checkpoint and logging intervals, the device, gradient checkpointing and activation
+offload are not part of it: they do not change the numbers (the device only by rounding).
 """
 
 from __future__ import annotations

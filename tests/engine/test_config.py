@@ -32,6 +32,8 @@ def test_boolean_flags_forms():
     (["--model", "m", "--data", "d", "--batching", "pack", "--max-tokens-per-batch", "64"],
      "--max-tokens-per-batch applies to --batching padding-free, not pack"),
     (["--model", "m", "--data", "d", "--max-tokens-per-batch", "0"], "--max-tokens-per-batch: expected a value >= 1"),
+    (["--model", "m", "--data", "d", "--offload-activations", "--no-grad-checkpointing"],
+     "--offload-activations .* needs checkpointing"),
 ])
 def test_bad_values_name_the_flag(argv, message):
     with pytest.raises(InputError, match=message):

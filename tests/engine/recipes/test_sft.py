@@ -172,6 +172,24 @@ def test_pinned_loss_curve_and_exact_resume(tiny_model_dir, qa_data, tmp_path, b
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_offload_activations_gives_the_losses_and_adapter_of_a_plain_run(tiny_model_dir, qa_data, tmp_path):
+    """--offload-activations turns checkpointing on, with the block inputs held in CPU memory: the
+    same loss curve and adapter as a run without checkpointing (the CPU default), dropout 0.1
+    replayed by the recompute; config.json records the flag."""
+    train(run_config(tiny_model_dir, qa_data, tmp_path / "plain", max_steps=3))
+    run = train(run_config(tiny_model_dir, qa_data, tmp_path / "offload", max_steps=3, offload_activations=True))
+    assert run.model.gradient_checkpointing and run.model.offload_activations
+    assert json.loads((tmp_path / "offload" / "config.json").read_text())["offload_activations"] is True
+    plain, offload = train_losses(tmp_path / "plain"), train_losses(tmp_path / "offload")
+    assert len(plain) == 3
+    assert_close(torch.tensor(offload), torch.tensor(plain), torch.float32, "loss curve")
+    a = load_file(str(tmp_path / "plain" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "offload" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert_close(b[name], a[name], torch.float32, name)
+
+
 def test_finished_run_is_not_overwritten(tiny_model_dir, qa_data, tmp_path):
     train(run_config(tiny_model_dir, qa_data, tmp_path / "run", max_steps=1))
     with pytest.raises(InputError, match="finished run.*--overwrite"):

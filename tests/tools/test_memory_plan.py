@@ -1,0 +1,155 @@
+"""`tools.memory_plan` / `tools.memory_parts`: the per-block enumerations equal what autograd
+saves (both code paths), the NF4 bytes equal the quantized module's, the CPU prediction for a
+real SmolLM2 run is within 15 % of its measured peak RSS increase, and the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.adapters import LoRAConfig, inject_lora, set_trainable
+from engine.errors import InputError
+from kernels.backend import set_kernel_mode
+from kernels.nf4 import keep_dequantized
+from models.attention import DocumentLayout
+from models.config import LlamaConfig
+from models.llama import LlamaForCausalLM
+from models.loading import read_config
+from models.quantized import NF4Linear, quantize_linears
+from tools import memory_plan
+from tools.memory_parts import LINEARS, Setup, nf4_bytes, plan, saved_per_block
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                   num_attention_heads=6, num_key_value_heads=2, rms_norm_eps=1e-5)
+T, LENGTHS = 40, [[13, 27]]  # one packed row of two documents, as the engine's batches are
+
+
+def block_saved_bytes(quant: str, targets: tuple[str, ...], dropout: float, recompute: bool) -> int:
+    """Bytes of the tensors autograd saves while one decoder block runs forward (its input
+    requires grad), excluding parameters, buffers and the inputs shared by all blocks (positions,
+    rotary frequencies, the layout): unique storages, each counted once."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(TINY)
+    if quant == "nf4":
+        quantize_linears(model)
+    inject_lora(model, LoRAConfig(r=4, alpha=8.0, dropout=dropout, target_modules=targets))
+    set_trainable(model)
+    model.train()
+    block = model.model.layers[1]
+    layout = DocumentLayout.from_lengths(LENGTHS)
+    positions, inv_freq = layout.positions(), model.model.inv_freq
+    x = torch.randn(1, T, TINY.hidden_size, requires_grad=True)
+    shared = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), positions,
+                                                       inv_freq, layout.doc_ids)}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in shared:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if recompute:
+            with keep_dequantized():
+                block(x, positions, inv_freq, layout, None)
+        else:
+            block(x, positions, inv_freq, layout, None)
+    return sum(saved.values())
+
+
+CASES = [("none", LINEARS, 0.1), ("none", LINEARS, 0.0), ("nf4", LINEARS, 0.1),
+         ("none", ("q_proj", "v_proj", "down_proj"), 0.0), ("none", ("k_proj", "o_proj", "up_proj"), 0.1)]
+
+
+@pytest.mark.parametrize("quant, targets, dropout", CASES)
+@pytest.mark.parametrize("path", ["reference", "kernel"])
+def test_saved_per_block_is_what_autograd_saves(path, quant, targets, dropout):
+    """The enumeration of `tools.memory_parts` against the real block: the CPU reference path,
+    and the kernel path (the Triton Functions, in the interpreter here; recomputed under
+    keep_dequantized), to the byte."""
+    recompute = path == "kernel"
+    mode = "triton" if path == "kernel" else "auto"
+    with set_kernel_mode(mode):
+        measured = block_saved_bytes(quant, targets, dropout, recompute)
+    setup = Setup(TINY, tokens=T, quant=quant, dtype_bytes=4, lora_rank=4, targets=targets, lora_dropout=dropout,
+                  device="cuda" if path == "kernel" else "cpu")
+    predicted = saved_per_block(setup, recompute=recompute)
+    assert measured == predicted, f"{path}: autograd saved {measured} B, predicted {predicted} B"
+
+
+@pytest.mark.parametrize("n", [64 * 256 * 3 + 5, 77 * 123, 4096 * 14336])
+def test_nf4_bytes_are_those_of_the_quantized_module(n):
+    """Exactly the bytes of an NF4Linear's buffers (codes, absmax codes, nested stats, tables)."""
+    if n > 10**7:  # the 8B's MLP weight, from its layout without quantizing 59M values
+        blocks = -(-n // 64)
+        assert nf4_bytes(n) == n // 2 + blocks + 4 * -(-blocks // 256) + 4 + 4 * (16 + 256)
+        return
+    module = NF4Linear.from_linear(torch.nn.Linear(n, 1, bias=False).requires_grad_(False))  # weight (1, n)
+    assert nf4_bytes(n) == sum(b.numel() * b.element_size() for b in module.buffers())
+
+
+def measure(smollm2_dir: Path, tmp_path: Path, extra: list[str]) -> int:
+    """Peak RSS increase of a 2-step CPU run of the SmolLM2 fixture (tools.measure_rss)."""
+    out = tmp_path / "rss.json"
+    train = ["--model", str(smollm2_dir), "--data", str(ROOT / "examples" / "license_qa.jsonl"), "--max-steps", "2",
+             "--batch-size", "1", "--pack", "--max-len", "256", "--lora-r", "8", "--output", str(tmp_path / "run"),
+             *extra]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a user's CPU run
+    subprocess.run([sys.executable, "-m", "tools.measure_rss", "--out", str(out), "--", *train], cwd=ROOT,
+                   check=True, capture_output=True, env={**env, "OMP_NUM_THREADS": "1"})
+    return json.loads(out.read_text())["increase_bytes"]
+
+
+@pytest.mark.parametrize("flags", [[], ["--offload-activations"]], ids=["no-checkpointing", "offload"])
+def test_cpu_prediction_is_within_15_percent_of_the_measured_peak_rss(smollm2_dir, tmp_path, flags):
+    """SmolLM2-135M, packed rows of 256 tokens, LoRA r = 8 (dropout 0.05), 2 steps on the CPU:
+    the plan for that step against the peak RSS increase of the real run."""
+    measured = measure(smollm2_dir, tmp_path, flags)
+    setup = Setup(read_config(Path(smollm2_dir)), tokens=256, dtype_bytes=4, lora_rank=8, device="cpu",
+                  checkpointing=bool(flags), offload=bool(flags))
+    predicted = plan(setup).peak
+    print(f"SmolLM2 CPU {flags or 'no checkpointing'}: predicted {predicted / 2**20:.0f} MiB, "
+          f"measured {measured / 2**20:.0f} MiB ({predicted / measured - 1:+.1%})")
+    assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
+
+
+def test_the_acceptance_command_prints_each_part_and_the_verdict(capsys):
+    memory_plan.main(["--model", "llama3.1-8b", "--quant", "nf4", "--tokens", "342733", "--offload-activations",
+                      "--gpu-mem", "80GiB"])
+    out = capsys.readouterr().out
+    for part in ("base weights", "embeddings, head, norms", "LoRA params + grads + AdamW", "saved activations",
+                 "largest transient", "CUDA context + allocator", "peak", "host (pinned) memory"):
+        assert part in out
+    assert "fit in 80.00 GiB" in out or "fits in 80.00 GiB" in out
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_max_context_is_the_longest_row_that_fits(capsys, offload):
+    argv = ["--model", "llama3.1-8b", "--quant", "nf4", "--gpu-mem", "80GiB", "--max-context"]
+    memory_plan.main(argv + (["--offload-activations"] if offload else []))
+    longest = int(capsys.readouterr().out.rsplit("fits: ", 1)[1].split()[0].replace(",", ""))
+    args = memory_plan.parser().parse_args(argv + (["--offload-activations"] if offload else []))
+    assert plan(memory_plan.setup_from_args(args, longest)).peak <= 80 * 2**30
+    assert plan(memory_plan.setup_from_args(args, longest + 1)).peak > 80 * 2**30
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "llama3.1-8b", "--tokens", "10", "--gpu-mem", "80 apples"], "expected a size"),
+    (["--model", "llama3.1-8b", "--max-context"], "needs --gpu-mem"),
+    (["--model", "llama3.1-8b"], "--tokens"),
+    (["--model", "no-such-model", "--tokens", "10"], "not a preset"),
+    (["--model", "llama3.1-8b", "--tokens", "10", "--targets", "q_proj,lm_head"], "--targets"),
+    (["--model", "llama3.1-8b", "--tokens", "10", "--device", "cpu", "--dtype", "bf16"], "fp32"),
+    (["--model", "llama3.1-8b", "--tokens", "10", "--offload-activations", "--no-grad-checkpointing"],
+     "needs checkpointing"),
+])
+def test_bad_input_names_the_flag(argv, message):
+    with pytest.raises(InputError, match=message):
+        memory_plan.main(argv)

@@ -1,0 +1,256 @@
+"""The parts of one LoRA / QLoRA training step's peak memory, by formula: what `tools.memory_plan`
+prints. Every function gives bytes; shapes: N tokens per micro-batch (B rows of T), H hidden,
+I intermediate, nh / nkv query / key-value heads, hd head dim, V vocabulary, L blocks, r the
+LoRA rank, e the bytes of the compute dtype.
+
+The step's peak is
+
+    fixed  = base weights + embeddings/head/norms + LoRA (params, grads, AdamW's two moments)
+    stored = what waits for the backward: with checkpointing L block inputs N·H·e (none on the
+             device with offload: they are in host memory), without it L · saved_per_block
+    peak   = fixed + stored + max(loss phase, block-backward phase) + overhead
+
+where the loss phase is the final norm's input and output plus the loss's working set, and the
+block-backward phase the recomputed block's saved tensors (with checkpointing) plus its backward's
+gradients. Which tensors the ops save is enumerated per code path below, as the code of
+kernels/ and models/ does it; `tests/tools/test_memory_plan.py` checks both enumerations against
+what autograd really saves on a small block.
+
+* ``kernel`` path (CUDA: the Triton ops' autograd Functions, FlexAttention), `saved_kernel_path`.
+* ``reference`` path (CPU: the plain-torch references differentiated by autograd, per-document
+  SDPA), `saved_reference_path`; the loss is the reference's (N, V) fp32 logits.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+
+from engine.adapters.lora import LLAMA_LINEARS as LINEARS
+from kernels.linear_cross_entropy import _chunk_rows
+from kernels.nf4 import NESTED_BLOCKSIZE, NF4_VALUES, dynamic_map, quantize_nf4
+from models.config import LlamaConfig
+
+NF4_BLOCKSIZE = inspect.signature(quantize_nf4).parameters["blocksize"].default  # what --quant nf4 uses
+FP32 = 4
+NF4_TABLE_BYTES = (len(NF4_VALUES) + dynamic_map().numel()) * FP32  # the code tables each NF4Linear holds
+# Stated constants, not derived: the CUDA context with cuBLAS / Triton workspaces and modules
+# (0.5-1 GiB on recent GPUs), the caching allocator's fragmentation as a fraction of the tensor
+# peak, and a CPU run's memory besides the model (tokenizer, tokenized data, torch's lazily
+# started CPU kernels: what a run's RSS gains before its model loads, ~90-110 MB measured).
+CUDA_CONTEXT_BYTES = 1 << 30
+CUDA_ALLOCATOR_SLACK = 0.05
+CPU_RUN_OVERHEAD_BYTES = 100 << 20
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One training configuration: model, batch geometry, quantisation, adapter, flags, device."""
+
+    cfg: LlamaConfig
+    tokens: int  # N, tokens per micro-batch
+    batch_size: int = 1  # B rows of N / B tokens
+    quant: str = "none"  # or "nf4"
+    dtype_bytes: int = 2  # e
+    lora_rank: int = 16
+    targets: tuple[str, ...] = LINEARS
+    lora_dropout: float = 0.05
+    checkpointing: bool = True
+    offload: bool = False
+    device: str = "cuda"  # "cuda": kernel path; "cpu": reference path
+
+    @property
+    def kernel_path(self) -> bool:
+        return self.device == "cuda"
+
+
+@dataclass
+class Plan:
+    """The parts (name -> bytes, with a note on the formula) and the predicted peak."""
+
+    parts: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    host_bytes: int = 0  # host memory holding offloaded block inputs (not part of the device peak)
+
+    def add(self, name: str, nbytes: int, note: str) -> None:
+        self.parts[name], self.notes[name] = int(nbytes), note
+
+    @property
+    def peak(self) -> int:
+        return sum(self.parts.values())
+
+
+def linear_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of each decoder linear: q (nh·hd, H), k and v (nkv·hd, H), o (H, nh·hd),
+    gate and up (I, H), down (H, I)."""
+    H, I, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim, \
+        cfg.num_key_value_heads * cfg.head_dim
+    return {"q_proj": (q, H), "k_proj": (kv, H), "v_proj": (kv, H), "o_proj": (H, q),
+            "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+
+
+def nf4_bytes(n: int, blocksize: int = NF4_BLOCKSIZE) -> int:
+    """One weight of n elements in `kernels.nf4`'s double-quantised layout: packed codes ⌈n/2⌉
+    uint8, absmax codes ⌈n/bs⌉ uint8, nested absmax ⌈⌈n/bs⌉/256⌉ fp32, offset 1 fp32, and the
+    16-entry NF4 and 256-entry dynamic code tables in fp32 (each module holds its own)."""
+    blocks = math.ceil(n / blocksize)
+    return math.ceil(n / 2) + blocks + math.ceil(blocks / NESTED_BLOCKSIZE) * FP32 + FP32 + NF4_TABLE_BYTES
+
+
+def base_weight_bytes(s: Setup) -> int:
+    """L · Σ over the 7 decoder linears of out·in·e (dense) or `nf4_bytes`(out·in) (QLoRA)."""
+    per_block = sum(nf4_bytes(o * i) if s.quant == "nf4" else o * i * s.dtype_bytes
+                    for o, i in linear_shapes(s.cfg).values())
+    return s.cfg.num_hidden_layers * per_block
+
+
+def embedding_bytes(s: Setup) -> int:
+    """Embedding V·H·e, the head V·H·e unless tied, and the 2L + 1 norm weights H·e."""
+    cfg = s.cfg
+    heads = 1 if cfg.tie_word_embeddings else 2
+    return (heads * cfg.vocab_size + (2 * cfg.num_hidden_layers + 1)) * cfg.hidden_size * s.dtype_bytes
+
+
+def lora_param_count(s: Setup) -> int:
+    """L · Σ over targeted linears of r·(in + out)."""
+    shapes = linear_shapes(s.cfg)
+    return s.cfg.num_hidden_layers * sum(s.lora_rank * (o + i) for name, (o, i) in shapes.items() if name in s.targets)
+
+
+def lora_bytes(s: Setup) -> int:
+    """fp32 parameters, gradients and AdamW's exp_avg and exp_avg_sq: 4 · 4 bytes per parameter
+    (the fused AdamW step allocates nothing of that size)."""
+    return 4 * FP32 * lora_param_count(s)
+
+
+def _groups(s: Setup) -> dict[str, bool]:
+    """Whether each LoRA input is targeted: normed1 (q, k, v), attn (o), normed2 (gate, up), act (down)."""
+    t = set(s.targets)
+    return {"normed1": bool(t & {"q_proj", "k_proj", "v_proj"}), "attn": "o_proj" in t,
+            "normed2": bool(t & {"gate_proj", "up_proj"}), "act": "down_proj" in t}
+
+
+def _dense_block_weights(s: Setup) -> int:
+    """The 7 dequantized weights of one block, Σ out·in·e."""
+    return sum(o * i for o, i in linear_shapes(s.cfg).values()) * s.dtype_bytes
+
+
+def saved_kernel_path(s: Setup, keep_dequantized: bool) -> int:
+    """What one block saves for its backward on the kernel path, bytes:
+
+    e·N·(H block input [RMSNorm] + H residual h1 [RMSNorm]
+         + (2·nh + 2·nkv)·hd  [attention: rotated q, k, v, output]
+         + 2I                 [SwiGLU: gate, up]
+         + per targeted LoRA input, once per group: H normed1, nh·hd attention output (the
+           transpose-reshape copy), H normed2, I act)
+    + 4·N·(2 rstd + nh logsumexp + r per LoRA linear h = drop(x)·Aᵀ)
+    + the 7 dense weights when NF4 is kept dequantized (the recompute under checkpointing).
+    RoPE saves positions only; LoRA dropout saves its seed, not a mask.
+    """
+    cfg, N, e = s.cfg, s.tokens, s.dtype_bytes
+    H, I, hd, nh, nkv = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_attention_heads, \
+        cfg.num_key_value_heads
+    g = _groups(s)
+    elements = 2 * H + (2 * nh + 2 * nkv) * hd + 2 * I
+    elements += H * g["normed1"] + nh * hd * g["attn"] + H * g["normed2"] + I * g["act"]
+    fp32 = 2 + nh + s.lora_rank * len(s.targets)
+    dense = _dense_block_weights(s) if s.quant == "nf4" and keep_dequantized else 0
+    return N * (e * elements + FP32 * fp32) + dense
+
+
+def saved_reference_path(s: Setup) -> int:
+    """What one block saves on the reference path (autograd through the plain-torch ops), bytes:
+
+    e·N·(2H + 2  [each RMSNorm: its input and rstd; x·rstd·w saves only the frozen w]
+         + 2hd   [RoPE's cos and sin, recomputed per block]
+         + (2·nh + 2·nkv)·hd + nh  [SDPA flash: rotated q, k, v, output, logsumexp]
+         + 4I    [SwiGLU: gate, σ(gate), gate·σ(gate), up]
+         + r per LoRA linear [h]
+         + per LoRA linear with dropout: in (drop(x)) + in/e (the bool keep mask),
+           without dropout once per group: its input (H, nh·hd, H, I))
+    + the 7 dense weights under NF4 (x·Wᵀ saves the dequantized W for ∂/∂x in every block).
+    The first block saves a little less (its input needs no gradient); not subtracted.
+    """
+    cfg, N, e = s.cfg, s.tokens, s.dtype_bytes
+    H, I, hd, nh, nkv = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_attention_heads, \
+        cfg.num_key_value_heads
+    shapes = linear_shapes(cfg)
+    elements = 2 * (H + 1) + 2 * hd + (2 * nh + 2 * nkv) * hd + nh + 4 * I + s.lora_rank * len(s.targets)
+    if s.lora_dropout > 0:
+        bytes_per_token = sum(shapes[name][1] * (e + 1) for name in s.targets)
+    else:
+        g = _groups(s)
+        bytes_per_token = e * (H * g["normed1"] + nh * hd * g["attn"] + H * g["normed2"] + I * g["act"])
+    dense = _dense_block_weights(s) if s.quant == "nf4" else 0
+    return N * (e * elements + bytes_per_token) + dense
+
+
+def saved_per_block(s: Setup, recompute: bool) -> int:
+    """`saved_kernel_path` or `saved_reference_path` for the setup's device; ``recompute``: the
+    block recomputed under checkpointing (NF4 weights kept dequantized on the kernel path)."""
+    return saved_kernel_path(s, keep_dequantized=recompute) if s.kernel_path else saved_reference_path(s)
+
+
+def block_backward_transient(s: Setup) -> int:
+    """Gradients alive at the block backward's high point, the SwiGLU backward: ∂act, ∂gate, ∂up
+    (3·N·I) while act (saved by down_proj) is already released, so +2·N·I·e on the kernel path;
+    the reference's autograd keeps ∂ of gate·σ, σ and their sum too: +4·N·I·e; plus the incoming
+    ∂h and the residual's accumulated gradient, 2·N·H·e; without checkpointing on NF4, one
+    re-dequantized weight (the largest, I·H·e)."""
+    cfg, N, e = s.cfg, s.tokens, s.dtype_bytes
+    mlp = (2 if s.kernel_path else 4) * N * cfg.intermediate_size * e
+    weight = cfg.intermediate_size * cfg.hidden_size * e if s.quant == "nf4" and not s.checkpointing else 0
+    return mlp + 2 * N * cfg.hidden_size * e + weight
+
+
+def loss_working_set(s: Setup) -> int:
+    """The loss phase beyond what is stored: the final norm's saved input and the hidden states
+    it returns (2·N·H·e + 4N), plus on the kernel path (fused linear + cross-entropy, a scalar
+    loss) one chunk of C·V·e logits, C = `kernels.linear_cross_entropy._chunk_rows`, ∂h (N·H·e)
+    and fp32 loss, lse and scale (12N); on the reference path the (N, V) fp32 logits' log-softmax
+    (saved), its gradient and the logits' gradient (3·N·V·4) and ∂h (N·H·e); plus the hidden
+    states' (N−B, H) copy without the last position when B > 1."""
+    cfg, N, e, V = s.cfg, s.tokens, s.dtype_bytes, s.cfg.vocab_size
+    H = cfg.hidden_size
+    norm = 2 * N * H * e + FP32 * N
+    if s.kernel_path:
+        loss = _chunk_rows(N, V) * V * e + N * H * e + 3 * FP32 * N
+    else:
+        loss = 3 * N * V * FP32 + N * H * e
+    copy = (N - s.batch_size) * H * e if s.batch_size > 1 else 0
+    return norm + loss + copy
+
+
+def plan(s: Setup) -> Plan:
+    """The parts of the predicted peak (module docstring) for one setup."""
+    cfg, N, e, L = s.cfg, s.tokens, s.dtype_bytes, s.cfg.num_hidden_layers
+    block_input = N * cfg.hidden_size * e
+    p = Plan()
+    p.add("base weights", base_weight_bytes(s), "NF4 (packed + absmax + nested stats)" if s.quant == "nf4"
+          else f"{e}-byte dense")
+    p.add("embeddings, head, norms", embedding_bytes(s), "tied head" if cfg.tie_word_embeddings else "untied head")
+    p.add("LoRA params + grads + AdamW", lora_bytes(s), f"{lora_param_count(s):,} fp32 params × 4")
+    offloaded = s.checkpointing and s.offload and s.device == "cuda"  # on a CPU the host *is* the device
+    if offloaded:
+        p.host_bytes = L * block_input
+        p.add("saved activations", 0, f"{L} block inputs in host memory")
+    elif s.checkpointing:
+        p.add("saved activations", L * block_input, f"{L} block inputs N·H·e" + (" (offloaded: CPU memory)"
+                                                                                 if s.offload else ""))
+    else:
+        p.add("saved activations", L * saved_per_block(s, recompute=False), f"{L} blocks × saved_per_block")
+    backward = block_backward_transient(s)
+    if s.checkpointing:  # the recomputed block's own saves (its input is already counted, or fetched back)
+        backward += saved_per_block(s, recompute=True) - (0 if offloaded else block_input)
+        backward += block_input if offloaded else 0  # the next block's input, prefetched
+    loss = loss_working_set(s) + (block_input if offloaded else 0)  # the last block input's copy in flight
+    p.add("largest transient", max(backward, loss), "block backward (recompute + gradients)" if backward >= loss
+          else "loss (final norm + " + ("fused linear-CE chunk)" if s.kernel_path else "fp32 logits ×3)"))
+    tensors = p.peak
+    if s.device == "cuda":
+        p.add("CUDA context + allocator", CUDA_CONTEXT_BYTES + CUDA_ALLOCATOR_SLACK * tensors,
+              f"{CUDA_CONTEXT_BYTES / 2**30:g} GiB context + {CUDA_ALLOCATOR_SLACK:.0%} fragmentation")
+    else:
+        p.add("process overhead", CPU_RUN_OVERHEAD_BYTES, "tokenizer, data, torch CPU runtime (stated constant)")
+    return p
