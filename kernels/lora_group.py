@@ -178,8 +178,9 @@ class GroupedLoRALinearFunction(torch.autograd.Function):
             for g, m, (a, b) in _adapted(group):
                 _lowrank_up_(y[:, a:b], h[:, g * r:(g + 1) * r], lora[2 * g + 1].to(x.dtype).t(), m.scale, None)
         keep_dense = nf4 and keeping_dequantized()  # see kernels/lora.py: the recompute's copy feeds the backward
-        ctx.save_for_backward(x, h, *lora, w_cat if keep_dense else None)
-        ctx.group = group
+        # x only for dA (no adapter: dX needs the weights alone)
+        ctx.save_for_backward(x if lora else None, h, *lora, w_cat if keep_dense else None)
+        ctx.group, ctx.x_meta = group, (x.shape[0], x.dtype, x.device)
         return y
 
     @staticmethod
@@ -187,25 +188,26 @@ class GroupedLoRALinearFunction(torch.autograd.Function):
         x, h, *lora, w_cat = ctx.saved_tensors
         group = ctx.group
         members, slices, r, drop = group
-        dy = dy.to(x.dtype)
+        n, dtype, device = ctx.x_meta
+        dy = dy.to(dtype)
         keep_scale = 1.0 / (1.0 - drop.p) if drop else 1.0
         adapted = _adapted(group)
         grads = [None] * len(lora)
         dh = None
         if lora and (ctx.needs_input_grad[0] or any(ctx.needs_input_grad[2::2])):
-            dh = torch.empty((x.shape[0], len(adapted) * r), dtype=torch.float32, device=x.device)
+            dh = torch.empty((n, len(adapted) * r), dtype=torch.float32, device=device)
             for g, m, (a, b) in adapted:  # dH_g = s_g·dY_g·B_g
-                _lowrank_down(dy[:, a:b], lora[2 * g + 1].to(x.dtype), m.scale, None, out=dh[:, g * r:(g + 1) * r])
+                _lowrank_down(dy[:, a:b], lora[2 * g + 1].to(dtype), m.scale, None, out=dh[:, g * r:(g + 1) * r])
         dx = None
         if ctx.needs_input_grad[0]:
             if not isinstance(members[0].weight, torch.Tensor):
-                w = w_cat if w_cat is not None else _dequantized_cat(members, slices, x.dtype)
+                w = w_cat if w_cat is not None else _dequantized_cat(members, slices, dtype)
                 dx = torch.mm(dy, w)
             else:
                 for m, (a, b) in zip(members, slices):
                     dx = torch.mm(dy[:, a:b], m.weight) if dx is None else dx.addmm_(dy[:, a:b], m.weight)
             if lora:  # += Σ_g keep_g/(1−p) ⊙ dH_g·A_g, dX read and written once
-                a_cat = torch.cat([A.to(x.dtype) for A in lora[0::2]])
+                a_cat = torch.cat([A.to(dtype) for A in lora[0::2]])
                 _lowrank_up_(dx, dh, a_cat, keep_scale, drop, group_r=r if drop else None)
         if lora and any(ctx.needs_input_grad[2::2]):
             d_a = _wgrad(dh, x, keep_scale, drop, group_r=r if drop else None)  # (G·r, in): dH_gᵀ·drop_g(x)

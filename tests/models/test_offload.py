@@ -15,8 +15,6 @@ from collections import Counter
 import pytest
 import torch
 
-import kernels.lora
-import kernels.nf4_linear
 from engine.adapters import LoRAConfig, adapter_params, inject_lora, set_trainable
 from kernels.backend import set_kernel_mode
 from kernels.linear_cross_entropy import linear_cross_entropy
@@ -25,6 +23,7 @@ from models.config import LlamaConfig
 from models.llama import LlamaForCausalLM
 from models.offload import HostStash
 from models.quantized import quantize_linears
+from tests.nf4_counting import counting_dequantizations
 from tests.tolerances import assert_close
 
 V, T = 101, 24
@@ -156,17 +155,6 @@ def test_block_inputs_wait_in_the_stash_as_cpu_copies():
     assert stash.host == [None, None, None]
     with pytest.raises(RuntimeError, match="ran twice"):
         stash.take(0)
-
-
-def counting_dequantizations(monkeypatch) -> Counter:
-    """`dequantize_nf4` calls of the LoRA and NF4-linear ops, per NF4 weight (its packed buffer)."""
-    calls: Counter = Counter()
-    for module in (kernels.lora, kernels.nf4_linear):
-        def counted(q, dtype=torch.bfloat16, _real=module.dequantize_nf4):
-            calls[q.packed.data_ptr()] += 1
-            return _real(q, dtype)
-        monkeypatch.setattr(module, "dequantize_nf4", counted)
-    return calls
 
 
 def test_nf4_weights_are_dequantized_twice_per_step_on_the_kernel_path(monkeypatch):

@@ -11,9 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import kernels.lora
-import kernels.lora_group
-import kernels.nf4_linear
 from engine.config import TrainConfig
 from engine.recipes import sft
 from engine.run.metrics import read_metrics
@@ -21,6 +18,7 @@ from kernels.backend import set_kernel_mode
 from models import load_model
 from models.loading import save_model
 from models.quantized import dequantize_linears, quantize_linears
+from tests.nf4_counting import counting_dequantizations
 from tests.tolerances import assert_close
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -49,18 +47,6 @@ def losses(output: Path) -> torch.Tensor:
 
 def adapter(output: Path) -> dict[str, torch.Tensor]:
     return load_file(str(output / "adapter" / "adapter_model.safetensors"))
-
-
-def counting_dequantizations(monkeypatch) -> Counter:
-    """Count `dequantize_nf4` calls of the LoRA, grouped-LoRA and NF4-linear ops, per NF4 weight (its
-    packed buffer)."""
-    calls: Counter = Counter()
-    for module in (kernels.lora, kernels.lora_group, kernels.nf4_linear):
-        def counted(q, dtype=torch.bfloat16, *, out=None, _real=module.dequantize_nf4):
-            calls[q.packed.data_ptr()] += 1
-            return _real(q, dtype, out=out)
-        monkeypatch.setattr(module, "dequantize_nf4", counted)
-    return calls
 
 
 def test_qlora_steps_through_the_triton_kernels_equal_the_reference_path(tiny_model_dir, qa, tmp_path, monkeypatch):
