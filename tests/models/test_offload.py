@@ -10,7 +10,6 @@ prefetch) runs only where a GPU is present.
 
 from __future__ import annotations
 
-from collections import Counter
 
 import pytest
 import torch
