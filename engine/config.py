@@ -154,6 +154,12 @@ class TrainConfig:
     offload_activations: bool = _opt(False, "Keep the block inputs saved for gradient checkpointing in (pinned) CPU "
                                      "memory until the backward, copied on a side stream (long context); turns "
                                      "gradient checkpointing on.")
+    mlp_chunk_tokens: int | None = _opt(None, "Run each block's MLP in training over chunks of this many tokens, "
+                                        "each recomputed in its backward: the MLP's (tokens x intermediate) "
+                                        "tensors then exist for one chunk at a time (long context), for one more "
+                                        "MLP forward per step (and, with --quant nf4, a dequantization per chunk); "
+                                        "LoRA dropout draws its masks per chunk. Default: in one piece.",
+                                        range=AT_LEAST_1)
     seed: int = _opt(42, "Seed for LoRA init, data order and dropout.", range=Range(0, MAX_SEED))
     # schedule of evaluation and checkpoints
     eval_every: int = _opt(0, "Evaluate every N steps (0: at the start and the end only).", range=AT_LEAST_0)

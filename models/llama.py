@@ -27,6 +27,7 @@ from kernels.rope import rope_inv_freq as kernel_rope_inv_freq
 from kernels.swiglu import swiglu, swiglu_packed
 from models.attention import DocumentLayout, document_attention
 from models.config import LlamaConfig
+from models.mlp_chunks import in_token_chunks
 from models.offload import HostStash, offloaded_checkpoint
 from models.presets import PRESETS, Preset
 from models.projection import project_together
@@ -196,8 +197,24 @@ class LlamaAttention(nn.Module):
         return self.o_proj(y)
 
 
+def _recompute_keeps_dequantized():
+    """Checkpoint contexts (forward, recompute) of a block and of an MLP chunk: the ops save each
+    NF4 weight they dequantize for their backward, which checkpointing makes free in the forward
+    (it drops what the forward saves) and short-lived in the recompute (the backward follows at
+    once); both phases must save the same tensors. A weight is then dequantized twice per step,
+    not three times (`kernels.nf4.keep_dequantized`)."""
+    return keep_dequantized(), keep_dequantized()
+
+
 class LlamaMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)), gate and up computed together (``[gate | up]``, one grouped op)."""
+    """down(silu(gate(x)) * up(x)), gate and up computed together (``[gate | up]``, one grouped op).
+
+    ``chunk_tokens`` (None: off): in training, over more flattened tokens (B·T) than that, the MLP
+    runs over chunks of that many tokens, each checkpointed when autograd is on
+    (`models.mlp_chunks.in_token_chunks`): its (tokens, 2I) and (tokens, I) tensors then exist
+    for one chunk at a time, for an extra MLP forward per step (and, under NF4, a dequantization
+    of its weights per chunk and pass). LoRA dropout draws its masks per chunk.
+    """
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -205,8 +222,16 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(H, I, bias=bias)
         self.up_proj = nn.Linear(H, I, bias=bias)
         self.down_proj = nn.Linear(I, H, bias=bias)
+        self.chunk_tokens: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chunk = self.chunk_tokens
+        if chunk is not None and self.training and x.numel() > chunk * x.shape[-1]:
+            return in_token_chunks(self.project, x, chunk, context_fn=_recompute_keeps_dequantized)
+        return self.project(x)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP on x (..., H) → (..., H), in one piece."""
         return self.down_proj(swiglu_packed(project_together(x, (self.gate_proj, self.up_proj))))
 
 
@@ -226,15 +251,6 @@ class LlamaDecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def _recompute_keeps_dequantized():
-    """Checkpoint contexts (forward, recompute): the ops save each NF4 weight they dequantize for
-    their backward, which checkpointing makes free in the forward (it drops what the forward
-    saves) and short-lived in the recompute (the block's backward follows at once); both phases
-    must save the same tensors. A weight is then dequantized twice per step, not three times
-    (`kernels.nf4.keep_dequantized`)."""
-    return keep_dequantized(), keep_dequantized()
-
-
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm. Returns the normed hidden states (B, T, H).
 
@@ -247,7 +263,9 @@ class LlamaModel(nn.Module):
 
     Training with ``gradient_checkpointing``: each block is recomputed in its backward from its
     saved input. ``offload_activations`` holds those inputs in (pinned) CPU memory between the
-    forward and the backward (`models.offload`); it implies checkpointing.
+    forward and the backward (`models.offload`); it implies checkpointing. ``mlp_chunk_tokens``
+    runs every block's MLP over token chunks in training (`LlamaMLP`), so that the recomputed
+    block's MLP holds one chunk's tensors instead of the whole row's.
     """
 
     def __init__(self, cfg: LlamaConfig):
@@ -259,6 +277,18 @@ class LlamaModel(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # (hd/2,) fp32
         self.gradient_checkpointing = False
         self.offload_activations = False
+
+    @property
+    def mlp_chunk_tokens(self) -> int | None:
+        """Tokens per MLP chunk in training (`LlamaMLP.chunk_tokens` of every block); None: off."""
+        return self.layers[0].mlp.chunk_tokens if len(self.layers) else None
+
+    @mlp_chunk_tokens.setter
+    def mlp_chunk_tokens(self, tokens: int | None) -> None:
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise ValueError(f"mlp_chunk_tokens: expected None or a whole number >= 1, got {tokens!r}")
+        for layer in self.layers:
+            layer.mlp.chunk_tokens = tokens
 
     def _apply(self, fn, recurse=True):
         # .to(bf16) would round inv_freq (and to_empty would leave it garbage): recompute it in fp32
@@ -344,6 +374,14 @@ class LlamaForCausalLM(nn.Module):
     @offload_activations.setter
     def offload_activations(self, enabled: bool) -> None:
         self.model.offload_activations = enabled
+
+    @property
+    def mlp_chunk_tokens(self) -> int | None:
+        return self.model.mlp_chunk_tokens
+
+    @mlp_chunk_tokens.setter
+    def mlp_chunk_tokens(self, tokens: int | None) -> None:
+        self.model.mlp_chunk_tokens = tokens
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache in the model's dtype and device."""

@@ -12,7 +12,9 @@ The step's peak is
 
 where the loss phase is the final norm's input and output plus the loss's working set, and the
 block-backward phase the recomputed block's saved tensors (with checkpointing) plus its backward's
-gradients. Which tensors the ops save is enumerated per code path below, as the code of
+gradients. With MLP chunks of C tokens (``Setup.mlp_chunk``, `models.mlp_chunks`) the MLP's
+saved tensors and its SwiGLU backward are those of one chunk (`mlp_chunk_saved`), in the
+block-backward phase, and no block keeps MLP tensors for its backward. Which tensors the ops save is enumerated per code path below, as the code of
 kernels/ and models/ does it; `tests/tools/test_memory_plan.py` checks both enumerations against
 what autograd really saves on a small block.
 
@@ -58,11 +60,17 @@ class Setup:
     lora_dropout: float = 0.05
     checkpointing: bool = True
     offload: bool = False
+    mlp_chunk: int | None = None  # C, tokens per MLP chunk (models.mlp_chunks); None: off
     device: str = "cuda"  # "cuda": kernel path; "cpu": reference path
 
     @property
     def kernel_path(self) -> bool:
         return self.device == "cuda"
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the MLP runs in chunks: as `models.llama.LlamaMLP`, when N > C."""
+        return self.mlp_chunk is not None and self.tokens > self.mlp_chunk
 
 
 @dataclass
@@ -131,9 +139,17 @@ def _groups(s: Setup) -> dict[str, bool]:
             "normed2": bool(t & {"gate_proj", "up_proj"}), "act": "down_proj" in t}
 
 
-def _dense_block_weights(s: Setup) -> int:
-    """The 7 dequantized weights of one block, Σ out·in·e."""
-    return sum(o * i for o, i in linear_shapes(s.cfg).values()) * s.dtype_bytes
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _dense_weights(s: Setup, names: tuple[str, ...]) -> int:
+    """The dequantized weights of those linears of one block, Σ out·in·e."""
+    return sum(o * i for name, (o, i) in linear_shapes(s.cfg).items() if name in names) * s.dtype_bytes
+
+
+def _targeted(s: Setup, names: tuple[str, ...]) -> int:
+    return sum(name in s.targets for name in names)
 
 
 def saved_kernel_path(s: Setup, keep_dequantized: bool) -> int:
@@ -147,15 +163,25 @@ def saved_kernel_path(s: Setup, keep_dequantized: bool) -> int:
     + 4·N·(2 rstd + nh logsumexp + r per LoRA linear h = drop(x)·Aᵀ)
     + the 7 dense weights when NF4 is kept dequantized (the recompute under checkpointing).
     RoPE saves positions only; LoRA dropout saves its seed, not a mask.
+
+    With MLP chunks the MLP's terms (2I, I act, its LoRA's r, its 3 dense weights) are saved by
+    each chunk's recompute instead (`mlp_chunk_saved`), and the block keeps normed2 (H) for every
+    token, the chunks' input, whether or not gate/up have LoRA.
     """
     cfg, N, e = s.cfg, s.tokens, s.dtype_bytes
     H, I, hd, nh, nkv = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_attention_heads, \
         cfg.num_key_value_heads
     g = _groups(s)
-    elements = 2 * H + (2 * nh + 2 * nkv) * hd + 2 * I
-    elements += H * g["normed1"] + nh * hd * g["attn"] + H * g["normed2"] + I * g["act"]
-    fp32 = 2 + nh + s.lora_rank * len(s.targets)
-    dense = _dense_block_weights(s) if s.quant == "nf4" and keep_dequantized else 0
+    elements = 2 * H + (2 * nh + 2 * nkv) * hd + H * g["normed1"] + nh * hd * g["attn"]
+    fp32 = 2 + nh + s.lora_rank * _targeted(s, ATTENTION_LINEARS)
+    kept = s.quant == "nf4" and keep_dequantized
+    dense = _dense_weights(s, ATTENTION_LINEARS) if kept else 0
+    if s.chunked:
+        elements += H
+    else:
+        elements += 2 * I + H * g["normed2"] + I * g["act"]
+        fp32 += s.lora_rank * _targeted(s, MLP_LINEARS)
+        dense += _dense_weights(s, MLP_LINEARS) if kept else 0
     return N * (e * elements + FP32 * fp32) + dense
 
 
@@ -171,19 +197,56 @@ def saved_reference_path(s: Setup) -> int:
            without dropout once per group: its input (H, nh·hd, H, I))
     + the 7 dense weights under NF4 (x·Wᵀ saves the dequantized W for ∂/∂x in every block).
     The first block saves a little less (its input needs no gradient); not subtracted.
+
+    With MLP chunks, as on the kernel path: the MLP's terms (4I, the r and dropout terms of
+    gate, up, down, act, its 3 dense weights) go to `mlp_chunk_saved`; the block keeps normed2.
     """
     cfg, N, e = s.cfg, s.tokens, s.dtype_bytes
-    H, I, hd, nh, nkv = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_attention_heads, \
-        cfg.num_key_value_heads
-    shapes = linear_shapes(cfg)
-    elements = 2 * (H + 1) + 2 * hd + (2 * nh + 2 * nkv) * hd + nh + 4 * I + s.lora_rank * len(s.targets)
+    H, hd, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    g = _groups(s)
+    elements = 2 * (H + 1) + 2 * hd + (2 * nh + 2 * nkv) * hd + nh + s.lora_rank * _targeted(s, ATTENTION_LINEARS)
     if s.lora_dropout > 0:
-        bytes_per_token = sum(shapes[name][1] * (e + 1) for name in s.targets)
+        bytes_per_token = _dropout_bytes(s, ATTENTION_LINEARS)
     else:
-        g = _groups(s)
-        bytes_per_token = e * (H * g["normed1"] + nh * hd * g["attn"] + H * g["normed2"] + I * g["act"])
-    dense = _dense_block_weights(s) if s.quant == "nf4" else 0
+        bytes_per_token = e * (H * g["normed1"] + nh * hd * g["attn"])
+    dense = _dense_weights(s, ATTENTION_LINEARS) if s.quant == "nf4" else 0
+    if s.chunked:
+        bytes_per_token += e * H
+    else:
+        bytes_per_token += _reference_mlp_bytes(s, with_input=True)
+        dense += _dense_weights(s, MLP_LINEARS) if s.quant == "nf4" else 0
     return N * (e * elements + bytes_per_token) + dense
+
+
+def _dropout_bytes(s: Setup, names: tuple[str, ...]) -> int:
+    """Per token, reference path: drop(x) (in·e) and its bool keep mask (in) per targeted linear."""
+    shapes = linear_shapes(s.cfg)
+    return sum(shapes[name][1] * (s.dtype_bytes + 1) for name in names if name in s.targets)
+
+
+def _reference_mlp_bytes(s: Setup, with_input: bool) -> int:
+    """Per token, what the MLP saves on the reference path: e·(4I + r per LoRA linear) + the
+    dropout terms of its LoRA linears, or without dropout their inputs normed2 (only
+    ``with_input``: a chunk's input is the block's) and act."""
+    cfg, e, g = s.cfg, s.dtype_bytes, _groups(s)
+    own = e * (4 * cfg.intermediate_size + s.lora_rank * _targeted(s, MLP_LINEARS))
+    if s.lora_dropout > 0:
+        return own + _dropout_bytes(s, MLP_LINEARS)
+    return own + e * (cfg.hidden_size * g["normed2"] * with_input + cfg.intermediate_size * g["act"])
+
+
+def mlp_chunk_saved(s: Setup, rows: int) -> int:
+    """What one MLP chunk of ``rows`` tokens saves in its recompute, for its backward, bytes:
+    kernel path rows·(e·(2I [SwiGLU: gate, up] + I act if down has LoRA) + 4·r per MLP LoRA
+    linear); reference path rows·`_reference_mlp_bytes` without the input (a view of the block's
+    normed2); plus under NF4 the 3 dense MLP weights (the chunk's recompute runs under
+    `kernels.nf4.keep_dequantized` on the kernel path; the reference's x·Wᵀ saves W anyway)."""
+    cfg, e, g = s.cfg, s.dtype_bytes, _groups(s)
+    if s.kernel_path:
+        per_row = e * (2 + g["act"]) * cfg.intermediate_size + FP32 * s.lora_rank * _targeted(s, MLP_LINEARS)
+    else:
+        per_row = _reference_mlp_bytes(s, with_input=False)
+    return rows * per_row + (_dense_weights(s, MLP_LINEARS) if s.quant == "nf4" else 0)
 
 
 def saved_per_block(s: Setup, recompute: bool) -> int:
@@ -197,11 +260,20 @@ def block_backward_transient(s: Setup) -> int:
     (3·N·I) while act (saved by down_proj) is already released, so +2·N·I·e on the kernel path;
     the reference's autograd keeps ∂ of gate·σ, σ and their sum too: +4·N·I·e; plus the incoming
     ∂h and the residual's accumulated gradient, 2·N·H·e; without checkpointing on NF4, one
-    re-dequantized weight (the largest, I·H·e)."""
+    re-dequantized weight (the largest, I·H·e).
+
+    With MLP chunks of C tokens the SwiGLU terms are C·I-sized, on top of the chunk's own saves
+    (`mlp_chunk_saved`, its dense weights included), and the gradients of the chunk inputs wait,
+    up to N·H·e, for the split's backward to concatenate them: 2 or 4 ·C·I·e + 3·N·H·e. (The
+    chunk outputs' concatenation in the forward, 2·N·H·e with the chunks, happens in the
+    recompute only without an outer checkpoint frame — with offload — and stays below that.)"""
     cfg, N, e = s.cfg, s.tokens, s.dtype_bytes
-    mlp = (2 if s.kernel_path else 4) * N * cfg.intermediate_size * e
-    weight = cfg.intermediate_size * cfg.hidden_size * e if s.quant == "nf4" and not s.checkpointing else 0
-    return mlp + 2 * N * cfg.hidden_size * e + weight
+    I, H = cfg.intermediate_size, cfg.hidden_size
+    swiglu = 2 if s.kernel_path else 4
+    if s.chunked:
+        return mlp_chunk_saved(s, s.mlp_chunk) + swiglu * s.mlp_chunk * I * e + 3 * N * H * e
+    weight = I * H * e if s.quant == "nf4" and not s.checkpointing else 0
+    return swiglu * N * I * e + 2 * N * H * e + weight
 
 
 def loss_working_set(s: Setup) -> int:

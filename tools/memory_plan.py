@@ -2,6 +2,8 @@
 
     python -m tools.memory_plan --model llama3.1-8b --quant nf4 --tokens 342733 --offload-activations --gpu-mem 80GiB
     python -m tools.memory_plan --model llama3.1-8b --quant nf4 --offload-activations --gpu-mem 80GiB --max-context
+    python -m tools.memory_plan --model llama3.1-8b --quant nf4 --offload-activations --mlp-chunk-tokens 8192 \\
+        --gpu-mem 80GiB --max-context
     python -m tools.memory_plan --model ~/.cache/lora-engine/smollm2-135m-instruct --device cpu --tokens 256 \\
         --no-grad-checkpointing --lora-rank 8
 
@@ -12,30 +14,37 @@ context). The parts and their formulas are `tools.memory_parts`: base weights (d
 from `kernels.nf4`'s layout), embeddings/head/norms, LoRA parameters + gradients + AdamW moments,
 saved activations (block inputs with checkpointing, in host memory with offload; every block's
 saved tensors without), the largest transient (the recomputed block and its backward, or the
-loss), and the CUDA context and allocator slack (stated constants) — or, with ``--device cpu``,
-the same step on the CPU path the engine takes there (fp32, the plain-torch references, per
-document SDPA) plus a stated process overhead; `tools.measure_rss` measures such a run.
+loss; with ``--mlp-chunk-tokens`` the MLP's terms for one chunk), and the CUDA context and
+allocator slack (stated constants) — or, with ``--device cpu``, the same step on the CPU path
+the engine takes there (fp32, the plain-torch references, per document SDPA) plus a stated
+process overhead; `tools.measure_rss` measures such a run.
 ``--max-context`` bisects the longest row that fits in ``--gpu-mem``.
 
-Checked: for SmolLM2-135M on the CPU (2 steps, r = 8, 256 tokens) the prediction is within 2 %
-of the measured peak RSS increase, without and with --offload-activations
-(tests/tools/test_memory_plan.py; measured by `tools.measure_rss`, which has glibc return freed
-memory to the system: with glibc's default heap the peak RSS is 30-50 % higher than the live
-memory). Not checked on a GPU (none was available).
+Checked: for SmolLM2-135M on the CPU (2 steps, r = 8, 256 tokens) the prediction is within 2.5 %
+of the measured peak RSS increase, without and with --offload-activations, and with
+--mlp-chunk-tokens 64 without checkpointing (981 MiB predicted, 1,003 MiB measured, against
+1,256 MiB measured in one piece) (tests/tools/test_memory_plan.py; measured by
+`tools.measure_rss`, which has glibc return freed memory to the system: with glibc's default heap
+the peak RSS is 30-50 % higher than the live memory). Not checked on a GPU (none was available).
 
 Longest trainable context, as this tool PREDICTS it (a prediction, not a measurement: no GPU was
 available to check it), for llama3.1-8b QLoRA (NF4 base, bf16 compute), LoRA r = 16 on all
-linears, batch 1, gradient checkpointing (``--max-context``):
+linears, batch 1, gradient checkpointing (``--max-context``); in parentheses the host memory
+that --offload-activations pins:
 
-    GPU memory   without offload   with --offload-activations (host memory it pins)
-    80 GiB       155,504 tokens    321,692 tokens (78.5 GiB)
-    141 GiB      286,630 tokens    592,954 tokens (144.8 GiB)
+    GPU memory   plain            --offload-activations   offload + --mlp-chunk-tokens 8192 (16384)
+    80 GiB       155,504 tokens   321,692 (78.5 GiB)      769,561 (187.9 GiB)   757,129 (184.8 GiB)
+    141 GiB      286,630 tokens   592,954 (144.8 GiB)     1,428,961 (348.9 GiB)  1,416,530 (345.8 GiB)
 
+(MLP chunks of 8192 without offload: 213,892 tokens on 80 GiB, 397,167 on 141 GiB.)
 Per token, the 32 block inputs kept for checkpointing cost 256 KiB on the device and the
 recomputed block with its backward ~217 KiB (two thirds of it its SwiGLU: gate, up and act,
 3·I·e, and their gradients, 2·I·e); offload moves the first to the host, which roughly doubles the
-context. 342,733 tokens on 80 GiB is predicted at 84.7 GiB even with offload (the recomputed
-block alone 73.8 GiB): beating it needs the recomputed block's MLP to run in token chunks.
+context. 342,733 tokens on 80 GiB is predicted at 84.7 GiB with offload alone (the recomputed
+block 73.8 GiB); with MLP chunks of 8192 at 40.5 GiB (the recomputed block 31.7 GiB: per token
+~52 KiB of attention and norm saves, 8 KiB of MLP input, 24 KiB of gradients (3·H·e) and the
+prefetched 8 KiB block input; the chunk's tensors a constant ~1.4 GiB). Past ~524k tokens N·H exceeds 2³¹ elements: the kernels' index
+arithmetic at that size is unchecked on a GPU, like the rest of this table.
 """
 
 from __future__ import annotations
@@ -94,7 +103,7 @@ def setup_from_args(args: argparse.Namespace, tokens: int) -> Setup:
     return Setup(cfg=model_config(args.model), tokens=tokens, batch_size=args.batch_size, quant=args.quant,
                  dtype_bytes=DTYPE_BYTES[dtype], lora_rank=args.lora_rank, targets=targets_from_flag(args.targets),
                  lora_dropout=args.lora_dropout, checkpointing=not args.no_grad_checkpointing,
-                 offload=args.offload_activations, device=args.device)
+                 offload=args.offload_activations, mlp_chunk=args.mlp_chunk_tokens, device=args.device)
 
 
 def longest_row(args: argparse.Namespace, budget: int) -> int:
@@ -120,6 +129,8 @@ def report(s: Setup, budget: int | None) -> str:
     p = plan(s)
     flags = [f"{s.tokens:,} tokens ({s.batch_size} × {s.tokens // s.batch_size:,})", s.quant, f"r={s.lora_rank}",
              "offload" if s.offload else ("checkpointing" if s.checkpointing else "no checkpointing"), s.device]
+    if s.mlp_chunk is not None:
+        flags.insert(-1, f"MLP chunks of {s.mlp_chunk:,}" if s.chunked else "MLP in one piece (tokens <= chunk)")
     lines = ["predicted peak memory, " + ", ".join(flags)]
     width = max(len(name) for name in p.parts)
     lines += [f"  {name:<{width}}  {gib(nbytes)}   {p.notes[name]}" for name, nbytes in p.parts.items()]
@@ -145,6 +156,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (CPU path: saves masks)")
     p.add_argument("--no-grad-checkpointing", action="store_true", help="keep every block's activations")
     p.add_argument("--offload-activations", action="store_true", help="block inputs in host memory")
+    p.add_argument("--mlp-chunk-tokens", type=int, help="run each MLP over chunks of this many tokens "
+                   "(the engine's --mlp-chunk-tokens; default: in one piece)")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="compute dtype (default bf16 on cuda, fp32 on cpu)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="which code path (default cuda)")
     p.add_argument("--gpu-mem", help="memory to fit in, e.g. 80GiB (with --device cpu: RAM)")
@@ -155,8 +168,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     budget = parse_size(args.gpu_mem) if args.gpu_mem else None
-    for name in ("batch_size", "lora_rank"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "lora_rank", "mlp_chunk_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_context:
         if budget is None:

@@ -5,8 +5,9 @@ a checkpoint under different conditions.
 model (name, SHA-256 of config.json, and the names and sizes of its weight files: hashing a 7B
 model's weights at every start would take minutes), the data files with their SHA-256, the data
 pipeline (format, lengths, packing, prompt masking), the batch geometry (padding-free batches and
-a token budget included: they change the dropout draws and the batches), the seed, quantization
-and dtype, the adapter's shape (or the starting adapter's SHA-256) and the optimizer's settings.
+a token budget included: they change the dropout draws and the batches), MLP chunks when LoRA
+has dropout (its masks are drawn per chunk), the seed, quantization and dtype, the adapter's
+shape (or the starting adapter's SHA-256) and the optimizer's settings.
 
 `compare_identity` sorts the differences between a saved identity and the current one:
 
@@ -16,7 +17,8 @@ and dtype, the adapter's shape (or the starting adapter's SHA-256) and the optim
 * any other difference is a mismatch: ``--resume`` stops with exit 2 naming the fields.
 
 Evaluation, checkpoint and logging intervals, the device, gradient checkpointing and activation
-offload are not part of it: they do not change the numbers (the device only by rounding).
+offload (and MLP chunks without dropout) are not part of it: they do not change the numbers (the
+device and the chunks only by rounding).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def run_identity(cfg: TrainConfig, model_dir: Path, max_len: int, dtype: torch.d
         fields["batching"] = cfg.batching
     if cfg.max_tokens_per_batch is not None:
         fields["max_tokens_per_batch"] = cfg.max_tokens_per_batch
+    if cfg.mlp_chunk_tokens is not None and cfg.lora_dropout > 0:  # the MLPs' dropout masks are drawn per chunk
+        fields["mlp_chunk_tokens"] = cfg.mlp_chunk_tokens
     if cfg.init_adapter:
         for name in ADAPTER_FIELDS:
             fields.pop(name, None)

@@ -83,7 +83,8 @@ def build_model(cfg: TrainConfig, model_dir: Path, device: torch.device, dtype: 
     The global RNG is seeded first: it draws LoRA A's initialisation and, later, dropout.
     ``--init-adapter`` brings its own r, alpha and targets; dropout is a training choice and
     comes from the flags either way. Gradient checkpointing defaults to on for a GPU;
-    ``--offload-activations`` turns it on, with the block inputs held in CPU memory.
+    ``--offload-activations`` turns it on, with the block inputs held in CPU memory;
+    ``--mlp-chunk-tokens`` runs the MLPs over token chunks in training.
     """
     torch.manual_seed(cfg.seed)
     model = load_model(model_dir, dtype=dtype, device=device, quantize=None if cfg.quant == "none" else cfg.quant)
@@ -100,4 +101,5 @@ def build_model(cfg: TrainConfig, model_dir: Path, device: torch.device, dtype: 
     model.gradient_checkpointing = cfg.offload_activations or (
         cfg.grad_checkpointing if cfg.grad_checkpointing is not None else device.type == "cuda")
     model.offload_activations = cfg.offload_activations
+    model.mlp_chunk_tokens = cfg.mlp_chunk_tokens
     return TrainableModel(model, lora_cfg, parent, trainable)

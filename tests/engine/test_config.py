@@ -34,6 +34,7 @@ def test_boolean_flags_forms():
     (["--model", "m", "--data", "d", "--max-tokens-per-batch", "0"], "--max-tokens-per-batch: expected a value >= 1"),
     (["--model", "m", "--data", "d", "--offload-activations", "--no-grad-checkpointing"],
      "--offload-activations .* needs checkpointing"),
+    (["--model", "m", "--data", "d", "--mlp-chunk-tokens", "0"], "--mlp-chunk-tokens: expected a value >= 1, got 0"),
 ])
 def test_bad_values_name_the_flag(argv, message):
     with pytest.raises(InputError, match=message):
@@ -51,6 +52,8 @@ def test_batching_defaults_to_padding_free_and_pack_keeps_its_meaning():
     cfg = parse_config(base + ["--method", "dpo", "--pack"])  # no longer refused for DPO
     assert (cfg.method, cfg.batching) == ("dpo", "pack")
     assert parse_config(base + ["--max-tokens-per-batch", "512"]).max_tokens_per_batch == 512
+    assert parse_config(base).mlp_chunk_tokens is None
+    assert parse_config(base + ["--mlp-chunk-tokens", "8192"]).mlp_chunk_tokens == 8192
     assert TrainConfig(model="m", data="d").to_json()["batching"] == "padding-free"  # what config.json records
 
 

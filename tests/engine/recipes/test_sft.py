@@ -25,6 +25,7 @@ from engine.errors import EXIT_INPUT_ERROR, EXIT_PREEMPTED, InputError
 from engine.recipes import sft
 from engine.recipes.sft import backward_window
 from engine.run.checkpoint import latest_checkpoint, load_checkpoint
+from engine.run.fingerprint import run_identity
 from engine.run.metrics import read_metrics
 from engine.run.session import Run
 from tests.tolerances import assert_close
@@ -188,6 +189,24 @@ def test_offload_activations_gives_the_losses_and_adapter_of_a_plain_run(tiny_mo
     assert a.keys() == b.keys()
     for name in a:
         assert_close(b[name], a[name], torch.float32, name)
+
+
+def test_mlp_chunks_give_the_losses_of_a_plain_run_and_are_recorded(tiny_model_dir, qa_data, tmp_path):
+    """--mlp-chunk-tokens 64 on batches of ~350 tokens, without dropout: the loss curve of a run
+    in one piece; config.json records the value; with dropout it joins the run identity (the
+    masks are drawn per chunk), without it does not."""
+    train(run_config(tiny_model_dir, qa_data, tmp_path / "plain", max_steps=3, lora_dropout=0.0))
+    run = train(run_config(tiny_model_dir, qa_data, tmp_path / "chunks", max_steps=3, lora_dropout=0.0,
+                           mlp_chunk_tokens=64))
+    assert run.model.mlp_chunk_tokens == 64
+    assert json.loads((tmp_path / "chunks" / "config.json").read_text())["mlp_chunk_tokens"] == 64
+    plain, chunks = train_losses(tmp_path / "plain"), train_losses(tmp_path / "chunks")
+    assert len(plain) == 3
+    assert_close(torch.tensor(chunks), torch.tensor(plain), torch.float32, "loss curve")
+    for dropout, recorded in ((0.1, True), (0.0, False)):
+        cfg = run_config(tiny_model_dir, qa_data, tmp_path / "x", lora_dropout=dropout, mlp_chunk_tokens=64)
+        identity = run_identity(cfg, Path(tiny_model_dir), 192, torch.float32)
+        assert ("mlp_chunk_tokens" in identity) is recorded, dropout
 
 
 def test_finished_run_is_not_overwritten(tiny_model_dir, qa_data, tmp_path):
