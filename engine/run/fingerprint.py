@@ -13,7 +13,8 @@ shape (or the starting adapter's SHA-256) and the optimizer's settings.
 
 * a change of the learning-rate schedule (``lr``, ``lr_schedule``, ``warmup_steps``) or of the
   run's length (``max_steps``, ``epochs``) is accepted as deliberate and reported as a note, as is
-  a model or data file that moved (same SHA-256, another path or name);
+  a model or data file that moved (same SHA-256, another path or name), and a new MLP chunk size
+  (the way to resume a run that ran out of memory; only the dropout draws of later steps change);
 * any other difference is a mismatch: ``--resume`` stops with exit 2 naming the fields.
 
 Evaluation, checkpoint and logging intervals, the device, gradient checkpointing and activation
@@ -39,7 +40,7 @@ IDENTITY_FIELDS = ("method", "format", "eval_split", "max_len", "length_policy",
                    "precompute_ref", "rpo_alpha")
 ADAPTER_FIELDS = ("lora_r", "lora_alpha", "rslora", "target_modules")  # replaced by the starting adapter's hash
 SCHEDULE_FIELDS = ("lr", "lr_schedule", "warmup_steps", "max_steps", "epochs")
-NOTE_FIELDS = (*SCHEDULE_FIELDS, "model_name")
+NOTE_FIELDS = (*SCHEDULE_FIELDS, "model_name", "mlp_chunk_tokens")
 
 
 def run_identity(cfg: TrainConfig, model_dir: Path, max_len: int, dtype: torch.dtype) -> dict[str, Any]:

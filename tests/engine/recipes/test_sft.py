@@ -25,7 +25,7 @@ from engine.errors import EXIT_INPUT_ERROR, EXIT_PREEMPTED, InputError
 from engine.recipes import sft
 from engine.recipes.sft import backward_window
 from engine.run.checkpoint import latest_checkpoint, load_checkpoint
-from engine.run.fingerprint import run_identity
+from engine.run.fingerprint import compare_identity, run_identity
 from engine.run.metrics import read_metrics
 from engine.run.session import Run
 from tests.tolerances import assert_close
@@ -194,7 +194,8 @@ def test_offload_activations_gives_the_losses_and_adapter_of_a_plain_run(tiny_mo
 def test_mlp_chunks_give_the_losses_of_a_plain_run_and_are_recorded(tiny_model_dir, qa_data, tmp_path):
     """--mlp-chunk-tokens 64 on batches of ~350 tokens, without dropout: the loss curve of a run
     in one piece; config.json records the value; with dropout it joins the run identity (the
-    masks are drawn per chunk), without it does not."""
+    masks are drawn per chunk), without it does not; a resume with another chunk size (after an
+    out-of-memory) is accepted with a note."""
     train(run_config(tiny_model_dir, qa_data, tmp_path / "plain", max_steps=3, lora_dropout=0.0))
     run = train(run_config(tiny_model_dir, qa_data, tmp_path / "chunks", max_steps=3, lora_dropout=0.0,
                            mlp_chunk_tokens=64))
@@ -207,6 +208,11 @@ def test_mlp_chunks_give_the_losses_of_a_plain_run_and_are_recorded(tiny_model_d
         cfg = run_config(tiny_model_dir, qa_data, tmp_path / "x", lora_dropout=dropout, mlp_chunk_tokens=64)
         identity = run_identity(cfg, Path(tiny_model_dir), 192, torch.float32)
         assert ("mlp_chunk_tokens" in identity) is recorded, dropout
+    def identity(chunk):
+        cfg = run_config(tiny_model_dir, qa_data, tmp_path / "x", lora_dropout=0.1, mlp_chunk_tokens=chunk)
+        return run_identity(cfg, Path(tiny_model_dir), 192, torch.float32)
+
+    assert compare_identity(identity(64), identity(32)) == ([], ["mlp_chunk_tokens: checkpoint 64, now 32"])
 
 
 def test_finished_run_is_not_overwritten(tiny_model_dir, qa_data, tmp_path):
