@@ -283,6 +283,7 @@ def _quantize_dynamic_8bit(x: torch.Tensor, blocksize: int) -> tuple[torch.Tenso
     return q.view(-1)[:n], absmax
 
 
+@torch.no_grad()  # codes and statistics are not differentiable; the buffers are written with out=
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
     """Quantize a contiguous fp32/bf16/fp16 tensor of any shape to NF4 (see the module docstring).
 

@@ -102,6 +102,13 @@ def test_quantize_equals_the_bucketize_definition(shape, blocksize, dtype):
     assert torch.equal(q.absmax, absmax)
 
 
+def test_quantize_a_tensor_that_requires_grad():
+    w = _weight((4, 64), torch.float32).requires_grad_()
+    packed, absmax = _quantize_by_bucketize(w.detach(), 64)
+    q = quantize_nf4(w, 64, double_quant=False)
+    assert torch.equal(q.packed, packed) and torch.equal(q.absmax, absmax) and not q.absmax.requires_grad
+
+
 def test_values_on_a_midpoint_take_the_lower_code():
     """A block whose absmax is 1 is scaled exactly, so its values reach the code step as given:
     each midpoint, the float above it and the float below it (bucketize's tie rule)."""
