@@ -9,9 +9,11 @@ cut into blocks of ``blocksize`` elements (the last block may be partial). Per b
 
 Rounding is bitsandbytes' (its CPU/torch path): the scaled value is ``w * (1 / absmax)`` for full
 blocks and ``w / absmax`` for the partial last one (two different fp32 roundings, reproduced), then
-``bucketize`` against the fp32 midpoints of adjacent codes: a value exactly on a midpoint takes
-the LOWER code. Two codes per byte, the first element in the HIGH nibble; an odd count is padded
-with code 7 (the value 0.0).
+``bucketize`` against the fp32 midpoints of adjacent codes: the code is the number of midpoints
+strictly below the value, so a value exactly on a midpoint takes the LOWER code. (That count is
+computed by a lookup on the value's fp32 bits, `_code_table`, equal to bucketize for every fp32
+and 10x faster on a CPU.) Two codes per byte, the first element in the HIGH nibble; an odd count
+is padded with code 7 (the value 0.0).
 
 Double quantization ("compress statistics"): ``offset = mean(absmax)``; ``absmax - offset`` is
 quantized to 8 bits blockwise (blocksize 256) on bitsandbytes' signed dynamic map, keeping the
@@ -39,10 +41,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -134,27 +139,115 @@ def check_blocksize(blocksize: int) -> None:
         raise ValueError(f"blocksize={blocksize!r}: expected one of {VALID_BLOCKSIZES}")
 
 
-def _blockwise_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block absmax (n_blocks,) and the values scaled into [-1, 1] (n,), as bitsandbytes does:
-    multiply by the reciprocal for full blocks, divide for the partial last block."""
+_RANK_BITS = 19  # an fp32's low 19 bits: its rank inside its cell of 2**19 neighbouring floats
+_CELLS = 1 << (32 - _RANK_BITS)  # 8192 cells, named by the top 13 bits (sign, exponent, 4 mantissa bits)
+_NAN = len(NF4_VALUES) - 1  # bucketize's answer for NaN: every midpoint counted
+
+
+def _ordered_bits(bits: np.ndarray) -> np.ndarray:
+    """fp32 bit patterns (int32) -> int32 keys in the floats' order: ``o(a) < o(b)`` iff ``a < b``
+    (a negative float's magnitude bits are flipped); an involution, so it is its own inverse."""
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@functools.lru_cache(maxsize=None)
+def _code_table(device: torch.device) -> torch.Tensor:
+    """(8192,) int32 ``T`` with ``bucketize(v, midpoints) = (T[c] + r) >> 19`` for every fp32 v,
+    where ``o = _ordered_bits(v)``, ``c = (o >> 19) + 4096`` its cell and ``r = o & (2**19 - 1)``
+    its rank in the cell; built once per device, never written.
+
+    A cell holds 2**19 consecutive floats [lo, hi], at most 1/32 wide inside [-1, 1]: narrower
+    than the gap between two NF4 midpoints (>= 0.08), so it holds at most one midpoint, of rank
+    R. With ``base = #{midpoints < lo}``, ``T[c] = base * 2**19 + (2**19 - 1 - R)`` makes the
+    shift give ``base + [r > R]``: the number of midpoints strictly below v, a value equal to a
+    midpoint taking the lower code; a cell without a midpoint has ``T[c] = base * 2**19``.
+    Cells of exponent 255 (inf, NaN) give bucketize's answer for NaN, 15.
+    """
+    cells = np.arange(_CELLS, dtype=np.int64) - _CELLS // 2
+    first = _ordered_bits((cells << _RANK_BITS).astype(np.int32))
+    lo = first.view(np.float32)  # the smallest float of each cell (its ordered key is cells << 19)
+    special = ((first >> 23) & 0xFF) == 0xFF
+    code = np.asarray(NF4_VALUES, dtype=np.float32)
+    mids = (code[:-1] + code[1:]) / np.float32(2)  # in fp32, as the midpoints of `nf4_code`
+    ordered = _ordered_bits(mids.view(np.int32)).astype(np.int64)
+    cell_of_mid = (ordered >> _RANK_BITS) + _CELLS // 2
+    if len(set(cell_of_mid.tolist())) < len(mids):
+        raise AssertionError("an NF4 code cell holds two midpoints")  # impossible for the NF4 table
+    base = (mids[None, :] < np.where(special, 0, lo)[:, None]).sum(axis=1)
+    table = base << _RANK_BITS
+    table[cell_of_mid] += (1 << _RANK_BITS) - 1 - (ordered & ((1 << _RANK_BITS) - 1))
+    table[special] = _NAN << _RANK_BITS
+    return torch.from_numpy(table.astype(np.int32)).to(device)
+
+
+def _nf4_codes(scaled: torch.Tensor, out: torch.Tensor, work: _Work) -> None:
+    """``out[i] = bucketize(scaled[i], midpoints)`` (uint8) by the table of `_code_table`: eight
+    elementwise integer ops and one gather from an 8192-entry table, in ``work``'s buffers."""
+    n = scaled.numel()
+    bits, cell, rank = scaled.view(torch.int32), work.cell[:n], work.rank[:n]
+    torch.bitwise_right_shift(bits, 31, out=cell)  # _ordered_bits, in torch
+    cell.bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)
+    torch.bitwise_and(cell, (1 << _RANK_BITS) - 1, out=rank)
+    cell.bitwise_right_shift_(_RANK_BITS).add_(_CELLS // 2)
+    torch.index_select(_code_table(scaled.device), 0, cell, out=work.entry[:n])
+    torch.bitwise_right_shift(work.entry[:n].add_(rank), _RANK_BITS, out=out)
+
+
+def _pack_nibbles(codes: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> None:
+    """(2m,) uint8 codes in 0..15 -> ``out`` (m,) uint8, element 2j in the high nibble of byte j;
+    ``scratch``: >= 2m int16 of workspace.
+
+    Read as little-endian int16, a pair is ``p = c[2j] + 256 c[2j+1]``, and the low byte of
+    ``(p << 4) | (p >> 8)`` is ``c[2j] << 4 | c[2j+1]``: contiguous ops, 4x faster on a CPU than
+    shifting the strided ``c[0::2]``, which is the fallback on big-endian machines.
+    """
+    m = out.numel()
+    if sys.byteorder != "little":
+        torch.bitwise_left_shift(codes[0::2], 4, out=out)
+        out.bitwise_or_(codes[1::2])
+        return
+    pairs, high, low = codes.view(torch.int16), scratch[:m], scratch[m:2 * m]
+    torch.bitwise_left_shift(pairs, 4, out=high)
+    torch.bitwise_right_shift(pairs, 8, out=low)
+    torch.bitwise_or(high, low, out=out)  # int16 -> uint8 keeps the low byte
+
+
+@dataclass
+class _Work:
+    """Reused per-chunk buffers of `quantize_nf4` (one chunk of ``n`` elements at a time)."""
+
+    values: torch.Tensor  # (n,) fp32: the chunk in fp32, then |chunk|, then scaled into [-1, 1]
+    cell: torch.Tensor  # (n,) int32: the cell of each scaled value (`_code_table`)
+    rank: torch.Tensor  # (n,) int32: its rank in the cell
+    entry: torch.Tensor  # (n,) int32: the table entry of the cell, then (entry + rank)
+    codes: torch.Tensor  # (n,) uint8
+
+    @classmethod
+    def of(cls, n: int, device: torch.device) -> _Work:
+        empty = functools.partial(torch.empty, n, device=device)
+        return cls(empty(dtype=torch.float32), empty(dtype=torch.int32), empty(dtype=torch.int32),
+                   empty(dtype=torch.int32), empty(dtype=torch.uint8))
+
+
+# Elements per chunk: on a CPU the buffers (17 bytes per element, 4.5 MB) stay in cache; on a GPU the
+# chunk only bounds them (4M elements: 70 MB), a 7B model's largest weight taking 11 chunks.
+_CHUNK = {"cpu": 1 << 18}
+_CHUNK_DEFAULT = 1 << 22
+
+
+def _quantize_full_blocks(flat: torch.Tensor, blocksize: int, absmax: torch.Tensor, packed: torch.Tensor,
+                          work: _Work) -> None:
+    """Codes and absmax of whole blocks: ``flat`` (n,), n a multiple of ``blocksize`` (even), into
+    ``absmax`` (n / blocksize,) and ``packed`` (n / 2,). bitsandbytes' rounding: ``w * (1 / absmax)``."""
     n = flat.numel()
-    full = n - n % blocksize
-    blocks = flat[:full].view(-1, blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1), -1, 1).view(-1)
-    if full < n:
-        tail_max = flat[full:].abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, tail_max.view(1)])
-        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
-    return absmax, scaled
-
-
-def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """(n,) codes in 0..15 -> (ceil(n/2),) uint8, element 2j in the high nibble of byte j."""
-    codes = codes.to(torch.uint8)
-    if codes.numel() % 2:
-        codes = torch.cat([codes, codes.new_full((1,), NF4_VALUES.index(0.0))])
-    return (codes[0::2] << 4) | codes[1::2]
+    values = work.values[:n]
+    blocks = values.view(-1, blocksize)
+    values.copy_(flat).abs_()  # in fp32, exact
+    torch.amax(blocks, dim=1, out=absmax)
+    torch.mul(flat.view(-1, blocksize), (1.0 / absmax.clamp(min=1e-38)).view(-1, 1), out=blocks)  # fp32
+    values.clamp_(-1, 1)
+    _nf4_codes(values, work.codes[:n], work)
+    _pack_nibbles(work.codes[:n], packed, work.cell.view(torch.int16))  # cell is free again
 
 
 def _unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -162,8 +255,18 @@ def _unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1)[:n].long()
 
 
-def _quantize_dynamic_8bit(x: torch.Tensor, blocksize: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bitsandbytes' CPU blockwise 8-bit quantizer: (uint8 codes (n,), absmax (n_blocks,) fp32).
+@functools.lru_cache(maxsize=None)
+def _dynamic_lut(device: torch.device) -> torch.Tensor:
+    """(65536,) int64: the dynamic-map code of each point -1 + 2g / 65535 of bitsandbytes' grid, the
+    number of the map's midpoints strictly below it; built once per device, never written."""
+    code = dynamic_map(device)
+    grid_values = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32, device=device)) / (_LUT_SIZE - 1)
+    return torch.bucketize(grid_values, 0.5 * (code[:-1] + code[1:]))
+
+
+def _quantize_dynamic_8bit(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' CPU blockwise 8-bit quantizer on its dynamic map: (uint8 codes (n,), absmax
+    (n_blocks,) fp32).
 
     v = clamp(x * (1 / absmax), -1, 1) is put on the grid g = floor((v + 1) * 0.5 * 65535 + 0.5);
     the code is the one whose midpoint interval holds -1 + 2g / 65535. An all-zero block gets code 0.
@@ -175,16 +278,19 @@ def _quantize_dynamic_8bit(x: torch.Tensor, blocksize: int, code: torch.Tensor) 
     inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))  # all-zero blocks: no NaN
     v = torch.clamp(blocks * inverse.view(-1, 1), -1, 1)
     grid = torch.floor((v + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).long()
-    grid_values = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32, device=x.device)) / (_LUT_SIZE - 1)
-    midpoints = 0.5 * (code[:-1] + code[1:])
-    lut = torch.bucketize(grid_values, midpoints)  # number of midpoints strictly below each grid point
-    q = lut[grid].to(torch.uint8)
+    q = _dynamic_lut(x.device)[grid].to(torch.uint8)
     q[absmax == 0] = 0
     return q.view(-1)[:n], absmax
 
 
+@torch.no_grad()  # codes and statistics are not differentiable; the buffers are written with out=
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
-    """Quantize a contiguous fp32/bf16/fp16 tensor of any shape to NF4 (see the module docstring)."""
+    """Quantize a contiguous fp32/bf16/fp16 tensor of any shape to NF4 (see the module docstring).
+
+    The whole blocks go chunk by chunk through reused buffers (`_quantize_full_blocks`), so the
+    work stays in cache on a CPU and a weight never has a full-size fp32 copy; the partial last
+    block, if any, is quantized apart (divided by its absmax, as bitsandbytes does).
+    """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
     if weight.dtype not in FLOAT_DTYPES:
@@ -194,16 +300,31 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     if weight.numel() == 0:
         raise ValueError("weight: is empty")
     check_blocksize(blocksize)
-    absmax, scaled = _blockwise_scale(weight.reshape(-1).float(), blocksize)
-    code = nf4_code(weight.device)
-    codes = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2)  # ties go to the lower code
-    q = NF4Tensor(packed=_pack_nibbles(codes), absmax=absmax, blocksize=blocksize, shape=weight.shape,
-                  dtype=weight.dtype, code=code)
+    flat, device = weight.reshape(-1), weight.device
+    n = flat.numel()
+    full = n - n % blocksize
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
+    chunk = _CHUNK.get(device.type, _CHUNK_DEFAULT)  # a multiple of every blocksize
+    work = _Work.of(min(chunk, n + 1), device)
+    for start in range(0, full, chunk):
+        stop = min(start + chunk, full)
+        _quantize_full_blocks(flat[start:stop], blocksize, absmax[start // blocksize:stop // blocksize],
+                              packed[start // 2:stop // 2], work)
+    if full < n:
+        tail = flat[full:].float()
+        absmax[-1] = tail.abs().max().clamp(min=1e-38)
+        codes = work.codes[:n - full + (n - full) % 2]
+        codes[-1] = NF4_VALUES.index(0.0)  # the pad of an odd count: code 7, the value 0.0
+        _nf4_codes(torch.clamp(tail / absmax[-1], -1, 1), codes[:n - full], work)
+        _pack_nibbles(codes, packed[full // 2:], work.cell.view(torch.int16))
+    code = nf4_code(device)
+    q = NF4Tensor(packed=packed, absmax=absmax, blocksize=blocksize, shape=weight.shape, dtype=weight.dtype,
+                  code=code)
     if double_quant:
         offset = absmax.mean()
-        nested_code = dynamic_map(weight.device)
-        q.absmax, q.nested_absmax = _quantize_dynamic_8bit(absmax - offset, NESTED_BLOCKSIZE, nested_code)
-        q.nested_code, q.offset = nested_code, offset
+        q.absmax, q.nested_absmax = _quantize_dynamic_8bit(absmax - offset, NESTED_BLOCKSIZE)
+        q.nested_code, q.offset = dynamic_map(device), offset
     return q
 
 

@@ -46,8 +46,12 @@ __all__ = ["LlamaConfig", "PRESETS", "Preset", "LlamaForCausalLM", "LlamaModel",
 
 def rope_inv_freq(cfg: LlamaConfig, device: torch.device | str | None = None) -> torch.Tensor:
     """Inverse frequencies (hd/2,) fp32 with the config's scaling (default, linear, llama3),
-    bit-identical to transformers' (see `kernels.rope.rope_inv_freq`)."""
-    return kernel_rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+    bit-identical to transformers' (see `kernels.rope.rope_inv_freq`), on ``device`` (default: the
+    default device). Computed on the CPU and then moved: on meta (a model skeleton) the same ops
+    run torch's Python references, whose first call imports torch._dynamo (~1 s of a fresh load)."""
+    with torch.device("cpu"):
+        inv_freq = kernel_rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    return inv_freq.to(torch.get_default_device() if device is None else device)
 
 
 # ----------------------------------------------------------------------------------------------

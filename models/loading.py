@@ -2,7 +2,10 @@
 
 Loading builds the model on the meta device (no memory), then reads tensor after tensor from the
 (possibly sharded) safetensors files, converts each to the requested dtype and device and assigns
-it as the module's parameter: a 7B model never exists twice in memory. `expected_tensors` is the
+it as the module's parameter: a 7B model never exists twice in memory. The per-tensor work (reading
+the mapped file, the cast, the finiteness check, NF4 quantization on the target device) runs on a
+few threads (`load_workers`, `models.ordered_map`), a bounded number of tensors ahead of the
+assignments, which stay in file order. `expected_tensors` is the
 one map from HF tensor names to ours; our module tree mirrors transformers' names, so the map is the
 identity on names and its job is to list every tensor with its shape, derived from the config.
 Weights are read with safetensors only; pickled ``.bin`` files are never opened, and every file a
@@ -11,6 +14,7 @@ folder names (the shards of an index) must lie inside that folder.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -28,6 +32,7 @@ from models.bnb_checkpoint import BnbNF4Groups, is_bnb_nf4_checkpoint
 from models.config import LlamaConfig
 from models.errors import InputError
 from models.llama import LlamaForCausalLM, rope_inv_freq
+from models.ordered_map import ordered_map
 from models.presets import PRESETS
 from models.quantized import NF4Linear, should_quantize
 from models.safetensors_io import save_safetensors
@@ -152,19 +157,26 @@ def load_weights(model: LlamaForCausalLM, model_dir: Path, dtype: torch.dtype, d
     """Assign every checkpoint tensor to ``model`` (built on meta), one tensor at a time.
 
     Each tensor is checked (known name, shape, finite after the dtype cast), moved to ``device``
-    in ``dtype``, passed through ``transform(name, tensor)`` (a hook for per-layer quantization),
-    and set as the module's parameter. Raises `InputError` naming tensor and file on any mismatch.
-    A pre-quantized bitsandbytes NF4 checkpoint (config.json's ``quantization_config``) has its
-    quantized linears rebuilt from their bnb keys as `NF4Linear`s, whatever ``transform`` does.
+    in ``dtype``, passed through ``transform(name, tensor)`` (a hook for per-layer quantization,
+    called on worker threads: it must not touch shared state), and set as the module's parameter.
+    These per-tensor steps run `load_workers` at a time (`models.ordered_map`); the assignments
+    stay in file order on the calling thread. Raises `InputError` naming tensor and file on any
+    mismatch. A pre-quantized bitsandbytes NF4 checkpoint (config.json's ``quantization_config``)
+    has its quantized linears rebuilt from their bnb keys as `NF4Linear`s, whatever ``transform`` does.
     """
     expected = expected_tensors(model.config)
     seen: dict[str, Path] = {}
     files = weight_files(model_dir)
     bnb = BnbNF4Groups(files, expected, device) if is_bnb_nf4_checkpoint(model_dir) else None
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # worker threads start on GPU 0: name the GPU
+        device = torch.device("cuda", torch.cuda.current_device())
+    workers = load_workers(device)
     # One step per shard; shown only on a terminal (disable=None), a 7B model takes a while.
     for file in tqdm(files, desc=f"loading {model_dir.name}", unit="shard", disable=None, leave=False):
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
+                dense = []
                 for name in f.keys():
                     if _IGNORED.match(name) or (name == "lm_head.weight" and model.config.tie_word_embeddings):
                         continue
@@ -177,8 +189,13 @@ def load_weights(model: LlamaForCausalLM, model_dir: Path, dtype: torch.dtype, d
                     if name in seen:
                         raise InputError(f"{file}: tensor {name!r} also in {seen[name].name}")
                     seen[name] = file
-                    tensor = _checked_tensor(f.get_tensor(name), name, expected[name], file, dtype, device)
-                    _assign(model, name, transform(name, tensor) if transform else tensor)
+                    dense.append(name)
+                prepare = functools.partial(_prepared_tensor, shapes=expected, file=file, dtype=dtype,
+                                            device=device, transform=transform)
+                # get_tensor maps the file (reads nothing); reading, cast, check and transform run on the workers.
+                items = ((name, f.get_tensor(name)) for name in dense)
+                for name, tensor in zip(dense, ordered_map(prepare, items, workers)):
+                    _assign(model, name, tensor)
         except SafetensorError as err:
             raise InputError(f"{file}: unreadable safetensors file (truncated or corrupt?): {err}") from None
     if bnb is not None:
@@ -189,6 +206,27 @@ def load_weights(model: LlamaForCausalLM, model_dir: Path, dtype: torch.dtype, d
         raise InputError(f"{model_dir}: tensor(s) missing from the checkpoint: {', '.join(missing[:3])}{more}")
     model.tie_weights()
     model.model.inv_freq = rope_inv_freq(model.config, device)  # the non-persistent buffer, off meta
+
+
+MAX_LOAD_WORKERS = 4
+
+
+def load_workers(device: torch.device) -> int:
+    """Threads for the per-tensor steps of loading: up to 4 (transformers' loader uses as many), one
+    per CPU core this process may use; for a CPU target, one per ``torch.get_num_threads()`` cores,
+    so that torch's intra-op threads and ours do not oversubscribe the cores (1: no thread)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cpu":
+        cores //= max(1, torch.get_num_threads())
+    return max(1, min(MAX_LOAD_WORKERS, cores))
+
+
+def _prepared_tensor(item: tuple[str, torch.Tensor], *, shapes: dict[str, tuple[int, ...]], file: Path,
+                     dtype: torch.dtype, device: torch.device, transform: Transform | None) -> torch.Tensor | NF4Tensor:
+    """One worker's step: a mapped checkpoint tensor checked, cast, moved and transformed."""
+    name, tensor = item
+    tensor = _checked_tensor(tensor, name, shapes[name], file, dtype, device)
+    return transform(name, tensor) if transform else tensor
 
 
 def _checked_tensor(t: torch.Tensor, name: str, shape: tuple[int, ...], file: Path,

@@ -10,8 +10,8 @@ torch functions; nothing is patched) in which the ``torch.nn.init`` functions th
 such modes (``uniform_``, ``normal_``, ``kaiming_uniform_``, ``trunc_normal_``...) return their
 tensor untouched; the others (``zeros_``, ``ones_``) are one in-place call, a no-op on meta.
 
-It does not avoid the ``torch._dynamo`` import: `models.llama.rope_inv_freq` divides on meta while
-the model is built, and that division is the same Python reference.
+The RoPE buffer is computed on the CPU and moved to meta (`models.llama.rope_inv_freq`): divided on
+meta, it went through the same Python references, whose first call imports ``torch._dynamo``.
 """
 
 from __future__ import annotations

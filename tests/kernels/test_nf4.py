@@ -14,6 +14,8 @@ from kernels.nf4 import (
     FLOAT_DTYPES,
     NF4_VALUES,
     NF4Tensor,
+    _nf4_codes,
+    _Work,
     dequantize_nf4,
     dynamic_map,
     nf4_dequant_ref,
@@ -61,6 +63,91 @@ def test_quantize_bytes_equal_bnb_per_shape_dtype(shape, dtype, double_quant):
     w = _weight(shape, dtype, seed=1)
     packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
     _assert_same_as_bnb(quantize_nf4(w, 64, double_quant), packed, state)
+
+
+CODE = torch.tensor(NF4_VALUES)
+MIDPOINTS = (CODE[:-1] + CODE[1:]) / 2  # fp32, as the quantizer's
+
+
+def _quantize_by_bucketize(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition in whole-tensor torch (the implementation before the lookup table): packed
+    codes and absmax, with bitsandbytes' two roundings of the scaled value and bucketize's ties."""
+    flat = w.reshape(-1).float()
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = flat[:full].view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1), -1, 1).view(-1)
+    if full < n:
+        tail_max = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_max.view(1)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
+    codes = torch.bucketize(scaled, MIDPOINTS).to(torch.uint8)
+    if n % 2:
+        codes = torch.cat([codes, torch.tensor([7], dtype=torch.uint8)])
+    return (codes[0::2] << 4) | codes[1::2], absmax
+
+
+# (3, 100_001): two chunks of the CPU quantizer (2**18 elements), a partial block, an odd count;
+# (2, 2**18): exactly two chunks; (1, 5): less than a block.
+@pytest.mark.parametrize("shape", [(3, 100_001), (2, 2**18), (1, 5)])
+@pytest.mark.parametrize("blocksize", [64, 4096])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_quantize_equals_the_bucketize_definition(shape, blocksize, dtype):
+    w = _weight(shape, dtype, seed=7)
+    w.view(-1)[::997] *= 40  # outliers: blocks with very different scales
+    packed, absmax = _quantize_by_bucketize(w, blocksize)
+    q = quantize_nf4(w, blocksize, double_quant=False)
+    assert torch.equal(q.packed, packed), f"{int((q.packed != packed).sum())} bytes differ"
+    assert torch.equal(q.absmax, absmax)
+
+
+def test_quantize_a_tensor_that_requires_grad():
+    w = _weight((4, 64), torch.float32).requires_grad_()
+    packed, absmax = _quantize_by_bucketize(w.detach(), 64)
+    q = quantize_nf4(w, 64, double_quant=False)
+    assert torch.equal(q.packed, packed) and torch.equal(q.absmax, absmax) and not q.absmax.requires_grad
+
+
+def test_values_on_a_midpoint_take_the_lower_code():
+    """A block whose absmax is 1 is scaled exactly, so its values reach the code step as given:
+    each midpoint, the float above it and the float below it (bucketize's tie rule)."""
+    above, below = torch.nextafter(MIDPOINTS, torch.tensor(2.0)), torch.nextafter(MIDPOINTS, torch.tensor(-2.0))
+    w = torch.cat([torch.tensor([1.0]), MIDPOINTS, above, below])
+    w = torch.cat([w, torch.zeros(-w.numel() % 64)])
+    packed, _ = _quantize_by_bucketize(w, 64)
+    q = quantize_nf4(w, 64, double_quant=False)
+    assert torch.equal(q.packed, packed)
+    codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).view(-1).long()
+    steps = torch.arange(15)
+    assert torch.equal(codes[1:16], steps) and torch.equal(codes[16:31], steps + 1) and torch.equal(codes[31:46], steps)
+
+
+def test_code_lookup_equals_bucketize_at_every_cell_edge():
+    """The lookup of `_nf4_codes` against bucketize on the floats where it could go wrong: the first
+    and last float of each of its 8192 cells (of 2**19 neighbouring fp32 patterns), each midpoint and
+    its 3 neighbours either side, zeros, subnormals, NaN, and random bit patterns of any magnitude.
+    (-inf, which the quantizer's clamp never lets through, shares a cell with NaNs and is left out.)"""
+    cells = torch.arange(8192, dtype=torch.int64) << 19
+    edges = torch.cat([cells, cells | (2**19 - 1)])
+    near = [MIDPOINTS]
+    for direction in (2.0, -2.0):
+        x = MIDPOINTS
+        for _ in range(3):
+            x = torch.nextafter(x, torch.tensor(direction))
+            near.append(x)
+    random_bits = torch.randint(-2**31, 2**31, (200_000,), generator=torch.Generator().manual_seed(8))
+    values = torch.cat([
+        torch.where(edges >= 2**31, edges - 2**32, edges).to(torch.int32).view(torch.float32), *near,
+        torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-39, -1e-39, 1.0, -1.0, float("nan"), float("inf")]),
+        random_bits.to(torch.int32).view(torch.float32)])
+    values = values[values != float("-inf")]
+    out = torch.empty(values.numel(), dtype=torch.uint8)
+    _nf4_codes(values, out, _Work.of(values.numel(), values.device))
+    expected = torch.bucketize(values, MIDPOINTS)
+    bad = (out.long() != expected).nonzero().view(-1)
+    assert bad.numel() == 0, f"{bad.numel()} differ, e.g. {values[bad[:4]].tolist()}: {out[bad[:4]].tolist()} " \
+                             f"vs {expected[bad[:4]].tolist()}"
 
 
 # bitsandbytes' CPU dequantizer indexes absmax per row (AVX-512 path), which is only right when a

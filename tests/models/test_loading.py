@@ -103,6 +103,8 @@ def rewrite_tensor(folder, name, value):
 @pytest.mark.parametrize("case, value, message", [
     ("mis-shaped", lambda t: t[:, :-1].contiguous(), r"has shape \(16, 31\), expected \(16, 32\)"),
     ("nan", lambda t: t.index_fill(0, torch.tensor([3]), float("nan")), "non-finite"),
+    ("inf", lambda t: t.index_fill(1, torch.tensor([31]), float("inf")), "non-finite"),
+    ("-inf", lambda t: t.index_fill(0, torch.tensor([15]), -float("inf")), "non-finite"),
     ("missing", None, "missing from the checkpoint: model.layers.1.self_attn.k_proj.weight"),
 ])
 def test_bad_tensor_is_named(sharded, tmp_path, case, value, message):
@@ -113,6 +115,38 @@ def test_bad_tensor_is_named(sharded, tmp_path, case, value, message):
         load_model(folder)
     if case != "missing":
         assert shard in str(err.value) and name in str(err.value)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_several_workers_load_exactly_and_name_the_first_bad_tensor(sharded, tmp_path, monkeypatch, workers):
+    """The per-tensor steps on 1 or 3 threads: the same tensors, and of two bad ones in a shard the
+    error names the first in the file's order, whichever thread fails first."""
+    import models.loading
+
+    monkeypatch.setattr(models.loading, "load_workers", lambda device: workers)
+    model, folder = sharded
+    loaded = load_model(folder, dtype=torch.bfloat16)
+    for name, p in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], p.to(torch.bfloat16)), name
+    bad = copy_folder(folder, tmp_path / "bad")
+    index = json.loads((bad / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = max(set(index.values()), key=lambda f: sum(v == f for v in index.values()))  # the fullest shard
+    tensors = load_file(bad / shard)
+    first, second = sorted(tensors)[1], sorted(tensors)[-1]  # safetensors stores names sorted
+    tensors[first] = tensors[first].clone().fill_(float("nan"))
+    tensors[second] = tensors[second].clone().fill_(float("inf"))
+    save_file(tensors, bad / shard)
+    with pytest.raises(InputError, match=rf"{shard}: tensor '{first}' has non-finite values"):
+        load_model(bad, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", ["model.layers.1.mlp.down_proj.weight", "model.norm.weight"])
+def test_nf4_load_checks_finiteness_before_quantizing(sharded, tmp_path, name):
+    """A NaN in a linear that QLoRA quantizes is refused like one in a dense tensor."""
+    folder = copy_folder(sharded[1], tmp_path / "m")
+    shard = rewrite_tensor(folder, name, lambda t: t.index_fill(0, torch.tensor([1]), float("nan")))
+    with pytest.raises(InputError, match=rf"{shard}: tensor '{name}' has non-finite values"):
+        load_model(folder, dtype=torch.bfloat16, quantize="nf4")
 
 
 def test_unexpected_tensor(tmp_path):
