@@ -358,17 +358,18 @@ def _lowrank_wgrad_kernel(
 # compile without a register spill for sm_80 and sm_90 (tests/kernels/test_compile.py). The key
 # buckets M to a power of two, so a training run with varying token counts tunes a handful of
 # times, not every step.
-_FP32_TILES = [(32, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 3)]
-# The dropout up-projection (dX) of a group keeps two fp32 tiles live (the group's product and the
-# running sum) next to Philox: half the registers per thread (8 warps, or a smaller tile).
-_FP32_UP_DROPOUT_TILES = [(32, 32, 4, 3), (32, 64, 8, 3), (64, 32, 8, 3)]
+_FP32_TILES = [(32, 64, 4, 3), (64, 32, 8, 3), (32, 32, 4, 3)]
+# fp32 with dropout: the up-projection (dX) of a group keeps two fp32 tiles live (the group's
+# product and the running sum) next to Philox, and dA Philox next to fp32 operands: half the
+# registers per thread (8 warps, or a smaller tile).
+_FP32_DROPOUT_TILES = [(32, 32, 4, 3), (32, 64, 8, 3), (64, 32, 8, 3)]
 _TILES = {
-    "down": {(False, False): [(64, 128, 4, 3), (128, 64, 8, 3), (32, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3)],
+    "down": {(False, False): [(64, 128, 4, 3), (128, 64, 8, 3), (32, 128, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3)],
              (True, False): [(128, 64, 4, 3), (32, 128, 4, 4), (64, 64, 4, 4)]},
     "up": {(False, False): [(64, 128, 4, 2), (128, 64, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2)],
-           (True, False): [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)]},
-    "wgrad": {(False, False): [(64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3)],
-              (True, False): [(32, 64, 4, 4), (64, 32, 4, 4), (64, 64, 8, 3)]},
+           (True, False): [(32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)]},
+    "wgrad": {(False, False): [(64, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4)],
+              (True, False): [(64, 32, 4, 3), (32, 32, 4, 3), (64, 64, 8, 1)]},
 }
 _BLOCKS = {"down": ("BLOCK_M", "BLOCK_K"), "up": ("BLOCK_M", "BLOCK_N"), "wgrad": ("BLOCK_M", "BLOCK_N")}
 _KEYS = {"down": ["M_BUCKET", "K", "R"], "up": ["M_BUCKET", "N", "R"], "wgrad": ["M_BUCKET", "N", "R"]}
@@ -380,7 +381,7 @@ def _autotuned(op: str) -> dict[tuple[bool, bool], "triton.runtime.autotuner.Aut
     tuned = {}
     for dropout in (False, True):
         for fp32 in (False, True):
-            tiles = (_FP32_UP_DROPOUT_TILES if (op, dropout) == ("up", True) else _FP32_TILES) if fp32 \
+            tiles = (_FP32_DROPOUT_TILES if dropout and op != "down" else _FP32_TILES) if fp32 \
                 else _TILES[op][(dropout, False)]
             configs = [triton.Config(dict(zip(_BLOCKS[op], t[:2])), num_warps=t[2], num_stages=t[3]) for t in tiles]
             tuned[(dropout, fp32)] = triton.autotune(configs, key=_KEYS[op])(_KERNELS[op])
@@ -414,9 +415,18 @@ def _launch(raw, tuned, grid, keys, *args, **kwargs) -> None:
         tuned[grid](*args, **kwargs)
 
 
-def _block_r(rank: int) -> int:
-    """Rank tile: ≥ 16 (the smallest tl.dot), ≤ 64 (larger ranks loop or use more programs)."""
-    return min(64, max(16, triton.next_power_of_2(rank)))
+# The most rank columns a tile holds, per kernel: the up kernel loops over the rank (its dot's K), so
+# 16 keeps its h and u operands small next to the (BLOCK_M, BLOCK_N) accumulator; down and wgrad
+# hold the rank side of their output tile and spread larger ranks over more programs (the down
+# kernel's big x tiles leave room for 16 columns only). Wider rank tiles spilled registers at
+# r = 32 and 64 (tests/kernels/test_compile.py --full, triton 3.6 and 3.9).
+_RANK_TILE = {"down": 16, "up": 16, "wgrad": 32}
+
+
+def _block_r(rank: int, op: str) -> int:
+    """Rank tile of ``op``'s kernel: ≥ 16 (the smallest tl.dot), ≤ `_RANK_TILE` (larger ranks loop or
+    use more programs)."""
+    return min(_RANK_TILE[op], max(16, triton.next_power_of_2(rank)))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -450,7 +460,7 @@ def _lowrank_down(x: torch.Tensor, u: torch.Tensor, scale: float, drop: _Dropout
     (m, k), r = x.shape, u.shape[1]
     h = torch.empty((m, r), dtype=torch.float32, device=x.device) if out is None else out
     group_r, groups = _groups(r, group_r)
-    block_r = _block_r(group_r)
+    block_r = _block_r(group_r, "down")
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), groups * triton.cdiv(group_r, block_r))
@@ -475,7 +485,7 @@ def _lowrank_up_(c: torch.Tensor, h: torch.Tensor, u: torch.Tensor, scale: float
     _launch(_lowrank_up_kernel, _tuned(_UP_TUNED, drop, c), grid, ("BLOCK_M", "BLOCK_N"),
             h, u, c, _seed_ptr(drop, h), m, n, r, group_r, triton.next_power_of_2(m), *h.stride(), *u.stride(),
             *c.stride(), scale, _p(drop), DROPOUT=drop is not None, DOT_PRECISION=_dot_precision(c.dtype),
-            BLOCK_R=_block_r(group_r))
+            BLOCK_R=_block_r(group_r, "up"))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -487,7 +497,7 @@ def _num_sms(device: torch.device) -> int:
 def _wgrad_splits(m: int, n: int, r: int, num_sms: int, unit: int) -> tuple[int, int]:
     """(splits of the M rows, rows per split, a multiple of ``unit``): enough splits to give each
     SM ~2 programs, but never a split without rows (``r``: the rank of one group)."""
-    col_tiles = triton.cdiv(n, 128) * triton.cdiv(r, _block_r(r))
+    col_tiles = triton.cdiv(n, 128) * triton.cdiv(r, _block_r(r, "wgrad"))
     splits = max(1, min(triton.cdiv(m, unit), triton.cdiv(2 * num_sms, col_tiles)))
     return splits, triton.cdiv(triton.cdiv(m, splits), unit) * unit
 
@@ -498,7 +508,7 @@ def _wgrad(lo: torch.Tensor, x: torch.Tensor, scale: float, drop: _Dropout | Non
     ``group_r``, output rows of group g use x masked by ``drop.seed[g]``."""
     (m, n), r = x.shape, lo.shape[1]
     group_r, groups = _groups(r, group_r)
-    block_r = _block_r(group_r)
+    block_r = _block_r(group_r, "wgrad")
     unit = _INTERPRETER_META["BLOCK_M"] if interpreting() else _WGRAD_ROWS_PER_SPLIT
     splits, rows_per_split = _wgrad_splits(m, n * groups, group_r, _num_sms(x.device), unit)
     g = torch.empty((splits, r, n), dtype=torch.float32, device=x.device)
@@ -514,44 +524,50 @@ def _wgrad(lo: torch.Tensor, x: torch.Tensor, scale: float, drop: _Dropout | Non
 
 
 def compile_cases(shapes: ModelShapes) -> list[KernelCase]:
-    """Every launch of `_lowrank_down`, `_lowrank_up_` and `_wgrad` in `LoRALinearFunction`
-    (kernels/launch_cases.py), at the (in, out) = (hidden, intermediate) layer (gate/up; q/k/v/o
-    and down differ only in multiple-of-16 sizes), for each rank, dtype and dot precision, with
-    the operands' strides as the autograd.Function passes them: W (out, in) and A (r, in), B (out, r)
-    contiguous, so ``lora_b.t()``/``lora_a.t()`` have unit row stride. The grouped launches of
-    `kernels.lora_group` (projections sharing x: R = G·r columns, GROUP_R = r, the slices of the
-    concatenated output with its row stride) specialise alike unless G·r and r differ in being
-    multiples of 16 (Triton's integer specialisation): those get their own cases (G = 2, 3).
-    Edit this list when a launch in section 4 or in `kernels.lora_group` changes."""
+    """Every launch of `_lowrank_down`, `_lowrank_up_` and `_wgrad` in `LoRALinearFunction` and in
+    `kernels.lora_group` (kernels/launch_cases.py), at the (in, out) = (hidden, intermediate) layer
+    (gate/up; q/k/v/o and down differ only in multiple-of-16 sizes), for each rank, dtype and dot
+    precision, with the operands' strides as the autograd.Functions pass them: W (out, in) and
+    A (r, in), B (out, r) contiguous, so ``lora_b.t()``/``lora_a.t()`` have unit row stride. The
+    grouped op (G = 2, 3 adapters side by side: R = G·r; GROUP_R = r with dropout, else one group
+    of G·r) works on slices of the concatenated output, whose row stride is Σ out (here 2·out).
+    Cases that compile to the same binary are compiled once by the check. Edit this list when a
+    launch in either file changes."""
     M, K, N, f32, i64 = shapes.tokens, shapes.hidden, shapes.intermediate, torch.float32, torch.int64
     m_bucket, cases = triton.next_power_of_2(M), []
     for dt in shapes.dtypes:
         precisions = ("ieee", "tf32") if dt == torch.float32 else ("tf32",)  # see _dot_precision
         for r, prec in ((r, prec) for r in shapes.lora_ranks for prec in precisions):
-            meta = dict(DOT_PRECISION=prec, BLOCK_R=_block_r(r))
             tag = f"r={r} {prec}"
 
-            def down(name, k, stride_u, dropout, groups=1):
-                args = dict(x_ptr=dt, u_ptr=dt, h_ptr=f32, seed_ptr=i64 if dropout else f32, M=M, K=k,
-                            R=groups * r, GROUP_R=r, M_BUCKET=m_bucket, stride_xm=k, stride_xk=1, stride_uk=stride_u[0],
-                            stride_ur=stride_u[1], stride_hm=groups * r, stride_hr=1, scale=1.0, p=0.1)
-                return KernelCase(f"{name} {tag}", _lowrank_down_kernel, dt, args, dict(DROPOUT=dropout, **meta),
+            def down(name, k, stride_u, dropout, rank=r, group_r=r, stride_x=None, stride_h=None):
+                args = dict(x_ptr=dt, u_ptr=dt, h_ptr=f32, seed_ptr=i64 if dropout else f32, M=M, K=k, R=rank,
+                            GROUP_R=group_r, M_BUCKET=m_bucket, stride_xm=stride_x or k, stride_xk=1,
+                            stride_uk=stride_u[0], stride_ur=stride_u[1], stride_hm=stride_h or rank, stride_hr=1,
+                            scale=1.0, p=0.1)
+                meta = dict(DROPOUT=dropout, DOT_PRECISION=prec, BLOCK_R=_block_r(group_r, "down"))
+                return KernelCase(f"{name} {tag}", _lowrank_down_kernel, dt, args, meta,
                                   tuple(_DOWN_TUNED[(dropout, dt == f32)].configs))
 
-            def up(name, n, stride_u, dropout, groups=1):
-                args = dict(h_ptr=f32, u_ptr=dt, c_ptr=dt, seed_ptr=i64 if dropout else f32, M=M, N=n,
-                            R=groups * r, GROUP_R=r, M_BUCKET=m_bucket, stride_hm=groups * r, stride_hr=1, stride_ur=stride_u[0],
-                            stride_un=stride_u[1], stride_cm=n, stride_cn=1, scale=2.0, p=0.1)
-                return KernelCase(f"{name} {tag}", _lowrank_up_kernel, dt, args, dict(DROPOUT=dropout, **meta),
+            def up(name, n, stride_u, dropout, rank=r, group_r=r, stride_c=None, stride_h=None):
+                args = dict(h_ptr=f32, u_ptr=dt, c_ptr=dt, seed_ptr=i64 if dropout else f32, M=M, N=n, R=rank,
+                            GROUP_R=group_r, M_BUCKET=m_bucket, stride_hm=stride_h or rank, stride_hr=1,
+                            stride_ur=stride_u[0], stride_un=stride_u[1], stride_cm=stride_c or n, stride_cn=1,
+                            scale=2.0, p=0.1)
+                meta = dict(DROPOUT=dropout, DOT_PRECISION=prec, BLOCK_R=_block_r(group_r, "up"))
+                return KernelCase(f"{name} {tag}", _lowrank_up_kernel, dt, args, meta,
                                   tuple(_UP_TUNED[(dropout, dt == f32)].configs))
 
-            def wgrad(name, n, dropout, groups=1):
-                args = dict(l_ptr=f32, x_ptr=dt, g_ptr=f32, seed_ptr=i64 if dropout else f32, M=M, N=n,
-                            R=groups * r, GROUP_R=r, M_BUCKET=m_bucket,
-                            rows_per_split=_wgrad_splits(M, n * groups, r, shapes.num_sms, _WGRAD_ROWS_PER_SPLIT)[1],
-                            stride_lm=groups * r, stride_lr=1, stride_xm=n, stride_xn=1, stride_gs=r * n, stride_gr=n,
-                            stride_gn=1, scale=1.0, p=0.1)
-                return KernelCase(f"{name} {tag}", _lowrank_wgrad_kernel, dt, args, dict(DROPOUT=dropout, **meta),
+            def wgrad(name, n, dropout, rank=r, group_r=r, stride_x=None, stride_l=None):
+                groups = rank // group_r
+                args = dict(l_ptr=f32, x_ptr=dt, g_ptr=f32, seed_ptr=i64 if dropout else f32, M=M, N=n, R=rank,
+                            GROUP_R=group_r, M_BUCKET=m_bucket,
+                            rows_per_split=_wgrad_splits(M, n * groups, group_r, shapes.num_sms,
+                                                         _WGRAD_ROWS_PER_SPLIT)[1],
+                            stride_lm=stride_l or rank, stride_lr=1, stride_xm=stride_x or n, stride_xn=1,
+                            stride_gs=rank * n, stride_gr=n, stride_gn=1, scale=1.0, p=0.1)
+                meta = dict(DROPOUT=dropout, DOT_PRECISION=prec, BLOCK_R=_block_r(group_r, "wgrad"))
+                return KernelCase(f"{name} {tag}", _lowrank_wgrad_kernel, dt, args, meta,
                                   tuple(_WGRAD_TUNED[(dropout, dt == f32)].configs))
 
             cases += [
@@ -563,13 +579,18 @@ def compile_cases(shapes: ModelShapes) -> list[KernelCase]:
                 up("bwd dX += dH·A", K, (K, 1), False), up("bwd dX += keep ⊙ dH·A", K, (K, 1), True),
                 wgrad("bwd dA", K, False), wgrad("bwd dA dropout", K, True), wgrad("bwd dB", N, False),
             ]
-            for g in (2, 3):  # grouped: h = drop_g(x)·[A_1; …; A_G]ᵀ, dX += Σ keep_g ⊙ dH_g·A_g, dA_g
-                if (g * r) % 16 == 0 and r % 16 != 0:
-                    cases += [down(f"fwd h {g} groups", K, (1, K), False, g),
-                              down(f"fwd h dropout {g} groups", K, (1, K), True, g),
-                              up(f"bwd dX += Σ keep ⊙ dH·A {g} groups", K, (K, 1), True, g),
-                              up(f"bwd dX += Σ dH·A {g} groups", K, (K, 1), False, g),
-                              wgrad(f"bwd dA dropout {g} groups", K, True, g), wgrad(f"bwd dA {g} groups", K, False, g)]
+            for g in (2, 3):  # the grouped op: G·r columns of h side by side, slices of y (row stride 2N)
+                gr = g * r
+                cases += [
+                    down(f"group{g} fwd h", K, (1, K), False, gr, gr),
+                    down(f"group{g} fwd h dropout", K, (1, K), True, gr, r),
+                    up(f"group{g} fwd y_i += s·h_i·B_iᵀ", N, (1, r), False, stride_c=2 * N, stride_h=gr),
+                    down(f"group{g} bwd dH_i", N, (r, 1), False, stride_x=2 * N, stride_h=gr),
+                    up(f"group{g} bwd dX += Σ dH·A", K, (K, 1), False, gr, gr),
+                    up(f"group{g} bwd dX += Σ keep_g ⊙ dH_g·A_g", K, (K, 1), True, gr, r),
+                    wgrad(f"group{g} bwd dA", K, False, gr, gr), wgrad(f"group{g} bwd dA dropout", K, True, gr, r),
+                    wgrad(f"group{g} bwd dB_i", N, False, stride_x=2 * N, stride_l=gr),
+                ]
     return cases
 
 
