@@ -33,7 +33,9 @@ def test_ours_runs_full_rows_and_reports_tokens(tiny_model_dir):
     case = Case("tiny", str(tiny_model_dir), "cpu", "fp32", "none", 2, 16)
     row = run_provider(case, "ours", warmup=0, steps=2)
     assert row["status"] == "ok" and len(row["step_times_s"]) == 2
-    assert abs(row["tokens_per_s"] - 32 / row["median_step_s"]) < 1e-3 * row["tokens_per_s"]  # median rounded
+    # the row rounds the median step to 0.1 ms: 32 tokens over it, within what that rounding moves
+    rounding = 32 * 0.5e-4 / (row["median_step_s"] - 0.5e-4) ** 2 + 0.005
+    assert abs(row["tokens_per_s"] - 32 / row["median_step_s"]) <= rounding
     assert all(loss > 0 for loss in row["losses"])
 
 
