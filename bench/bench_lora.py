@@ -92,13 +92,18 @@ def base(x, weight, a, b):
     return F.linear(x, w)
 
 
-def main(argv: list[str] | None = None):
-    parser = bench_parser(__doc__)
+def add_lora_options(parser) -> None:
+    """The LoRA options of this bench and of bench_lora_group: tokens, rank, scale, dropout, NF4 base."""
     parser.add_argument("--tokens", type=int, nargs="*", help="token counts (default: the device's list)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank r")
     parser.add_argument("--scale", type=float, default=2.0, help="s = alpha / r")
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p (training mode)")
     parser.add_argument("--nf4", action="store_true", help="NF4 base weights (QLoRA)")
+
+
+def main(argv: list[str] | None = None):
+    parser = bench_parser(__doc__)
+    add_lora_options(parser)
     args = parser.parse_args(argv)
 
     device = bench_device()

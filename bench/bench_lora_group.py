@@ -27,7 +27,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from bench.bench_lora import make_weight
+from bench.bench_lora import add_lora_options, make_weight
 from bench.common import (Inputs, bench_device, bench_dtype, bench_parser, bench_shapes, dtype_name,
                           measure_modes, report)
 from kernels.lora import lora_linear
@@ -92,11 +92,7 @@ def base_of(weights):
 
 def main(argv: list[str] | None = None):
     parser = bench_parser(__doc__)
-    parser.add_argument("--tokens", type=int, nargs="*", help="token counts (default: the device's list)")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank r")
-    parser.add_argument("--scale", type=float, default=2.0, help="s = alpha / r")
-    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p (training mode)")
-    parser.add_argument("--nf4", action="store_true", help="NF4 base weights (QLoRA)")
+    add_lora_options(parser)
     args = parser.parse_args(argv)
 
     device = bench_device()

@@ -23,14 +23,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from engine.adapters import LoRAConfig, adapter_params, inject_lora, set_trainable
+from engine.adapters import adapter_params
 from kernels.backend import set_kernel_mode
 from kernels.linear_cross_entropy import linear_cross_entropy
 from models.attention import DocumentLayout
 from models.config import LlamaConfig
 from models.llama import LlamaForCausalLM
-from models.quantized import quantize_linears
 from tests.nf4_counting import counting_dequantizations
+from tests.lora_models import tiny_lora_model
 from tests.tolerances import assert_close
 
 V, H, I = 101, 8, 40  # H < C: no weight has as many rows as a chunk
@@ -42,17 +42,7 @@ MODES = ("none", "checkpoint", "offload")
 def tiny_model(quant: str, dropout: float) -> LlamaForCausalLM:
     cfg = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-5)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    if quant == "nf4":
-        quantize_linears(model)
-    inject_lora(model, LoRAConfig(r=4, alpha=8.0, dropout=dropout))
-    set_trainable(model)
-    with torch.no_grad():
-        for name, p in adapter_params(model).items():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.05)
-    return model.train()
+    return tiny_lora_model(cfg, quant, dropout)
 
 
 def step(model: LlamaForCausalLM, mode: str, chunk: int | None, shape: str = "row", seed: int = 123):

@@ -14,15 +14,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.adapters import LoRAConfig, adapter_params, inject_lora, set_trainable
+from engine.adapters import adapter_params
 from kernels.backend import set_kernel_mode
 from kernels.linear_cross_entropy import linear_cross_entropy
 from models.attention import DocumentLayout
 from models.config import LlamaConfig
 from models.llama import LlamaForCausalLM
 from models.offload import HostStash
-from models.quantized import quantize_linears
 from tests.nf4_counting import counting_dequantizations
+from tests.lora_models import tiny_lora_model
 from tests.tolerances import assert_close
 
 V, T = 101, 24
@@ -34,17 +34,7 @@ def tiny_model(quant: str, dropout: float = 0.1, device: str = "cpu") -> LlamaFo
     """3 blocks, GQA 4/2, LoRA r=4 on every linear (B ≠ 0 so that A has gradients)."""
     cfg = LlamaConfig(vocab_size=V, hidden_size=48, intermediate_size=77, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    if quant == "nf4":
-        quantize_linears(model)
-    inject_lora(model, LoRAConfig(r=4, alpha=8.0, dropout=dropout))
-    set_trainable(model)
-    with torch.no_grad():
-        for name, p in adapter_params(model).items():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.05)
-    return model.to(device).train()
+    return tiny_lora_model(cfg, quant, dropout).to(device)
 
 
 def set_mode(model: LlamaForCausalLM, mode: str) -> None:

@@ -13,15 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.adapters import LoRAConfig, inject_lora, set_trainable
 from engine.errors import InputError
 from kernels.backend import set_kernel_mode
 from kernels.nf4 import keep_dequantized
 from models.attention import DocumentLayout
 from models.config import LlamaConfig
-from models.llama import LlamaForCausalLM
 from models.loading import read_config
-from models.quantized import NF4Linear, quantize_linears
+from models.quantized import NF4Linear
+from tests.lora_models import tiny_lora_model
 from tools import memory_plan
 from tools.memory_parts import (
     LINEARS,
@@ -44,14 +43,8 @@ def block_saved_bytes(quant: str, targets: tuple[str, ...], dropout: float, reco
     requires grad), excluding parameters, buffers and the inputs shared by all blocks (positions,
     rotary frequencies, the layout): unique storages, each counted once. With MLP chunks, what
     the block saves around them (each chunk's own saves are its checkpoint's, dropped)."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(TINY)
-    if quant == "nf4":
-        quantize_linears(model)
-    inject_lora(model, LoRAConfig(r=4, alpha=8.0, dropout=dropout, target_modules=targets))
-    set_trainable(model)
+    model = tiny_lora_model(TINY, quant, dropout, targets, lora_b_std=None)
     model.mlp_chunk_tokens = chunk
-    model.train()
     block = model.model.layers[1]
     layout = DocumentLayout.from_lengths(LENGTHS)
     positions, inv_freq = layout.positions(), model.model.inv_freq
@@ -105,13 +98,8 @@ def test_mlp_chunk_saves_are_what_autograd_saves(path, quant, targets, dropout):
     input, which the block holds, and the parameters excluded); on the kernel path in the
     chunk's recompute context, keep_dequantized."""
     rows = 11
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(TINY)
-    if quant == "nf4":
-        quantize_linears(model)
-    inject_lora(model, LoRAConfig(r=4, alpha=8.0, dropout=dropout, target_modules=targets))
-    set_trainable(model)
-    mlp = model.model.layers[1].mlp.train()
+    model = tiny_lora_model(TINY, quant, dropout, targets, lora_b_std=None)
+    mlp = model.model.layers[1].mlp
     x = torch.randn(rows, TINY.hidden_size, requires_grad=True)
     shared = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), x)}
     saved: dict[int, int] = {}
