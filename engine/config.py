@@ -33,6 +33,7 @@ QUANTS = ("none", "nf4")
 LENGTH_POLICIES = ("truncate", "drop", "error")
 BATCHINGS = ("padding-free", "padded", "pack")  # engine.data.batching
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+DISTRIBUTED = ("auto", "ddp", "fsdp")  # engine.run.distributed
 MAX_SEED = 2**63 - 1
 # Defaults that differ by --method, used when the field is left unset (None).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -160,6 +161,15 @@ class TrainConfig:
                                         "MLP forward per step (and, with --quant nf4, a dequantization per chunk); "
                                         "LoRA dropout draws its masks per chunk. Default: in one piece.",
                                         range=AT_LEAST_1)
+    distributed: str = _opt("auto", "Under torchrun: ddp (every rank holds the model; the LoRA gradients are "
+                            "all-reduced) or fsdp (FSDP2: base weights, NF4 bytes included, LoRA weights and "
+                            "optimizer states sharded across the ranks, all-gathered per block). auto: one process "
+                            "without torchrun or with one rank, else ddp. --batch-size is per rank: a step takes "
+                            "grad_accum x ranks micro-batches, as one process with --grad-accum grad_accum x ranks.",
+                            DISTRIBUTED)
+    dist_timeout: float = _opt(600.0, "Seconds a collective may wait for the other ranks before this rank stops with "
+                               "an error (a rank that died or hangs never leaves the others waiting for ever).",
+                               range=POSITIVE)
     seed: int = _opt(42, "Seed for LoRA init, data order and dropout.", range=Range(0, MAX_SEED))
     # schedule of evaluation and checkpoints
     eval_every: int = _opt(0, "Evaluate every N steps (0: at the start and the end only).", range=AT_LEAST_0)

@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv, prog="python -m engine.train", description=DESCRIPTION)
     recipe = importlib.import_module(f"engine.recipes.{cfg.method}")  # heavy imports once the flags are valid
     run = recipe.train(cfg, progress=True)
+    if not run.parallel.is_main:  # under torchrun rank 0 speaks for the job
+        return 0
     if run.final_eval:
         print(f"final {recipe.summarize(run.final_eval)}", file=sys.stderr)
     for warning in run.warnings:  # given during the run, repeated where the user looks last

@@ -396,11 +396,24 @@ class LlamaForCausalLM(nn.Module):
                       position_ids: torch.Tensor | None = None,
                       segment_ids: torch.Tensor | DocumentLayout | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:
-        """(B, T, H): final-norm output, what the LM head (or a fused linear+CE) consumes."""
+        """(B, T, H): final-norm output, what the LM head (or a fused linear+CE) consumes.
+
+        Under DDP it runs through the wrapper given to `route_hidden_states` (DDP prepares its
+        gradient all-reduce in its own forward, so the training forward must pass through it)."""
+        route = self.__dict__.get("_hidden_states_route")
+        if route is not None:
+            return route(input_ids, attention_mask, position_ids, segment_ids, cache, hidden_only=True)
         return self.model(input_ids, attention_mask, position_ids, segment_ids, cache)
+
+    def route_hidden_states(self, wrapper: nn.Module | None) -> None:
+        """Send `hidden_states` through ``wrapper`` (a module around this model whose forward calls
+        this model's ``forward(..., hidden_only=True)``: `torch.nn.parallel.DistributedDataParallel`);
+        None: directly again. The wrapper is not registered as a submodule (it holds this model)."""
+        self.__dict__["_hidden_states_route"] = wrapper
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | DocumentLayout | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, V) in the model's dtype."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, cache))
+                cache: KVCache | None = None, hidden_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) in the model's dtype; with ``hidden_only`` the hidden states (B, T, H)."""
+        hidden = self.model(input_ids, attention_mask, position_ids, segment_ids, cache)
+        return hidden if hidden_only else self.lm_head(hidden)

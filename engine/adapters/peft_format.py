@@ -29,6 +29,7 @@ from engine.adapters.lora import ALL_LINEAR, LoRAConfig
 from engine.adapters.targets import find_targets, inject_lora, lora_modules
 from engine.errors import InputError
 from engine.atomic import atomic_dir
+from engine.dtensors import copy_full_into, full_tensor
 from models import load_model
 from models.safetensors_io import save_safetensors
 
@@ -101,17 +102,20 @@ def peft_config_dict(model: nn.Module, cfg: LoRAConfig, base_model_name_or_path:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT-keyed copies of the LoRA weights: ``base_model.model.<module>.lora_{A,B}.weight``."""
+    """PEFT-keyed copies of the LoRA weights: ``base_model.model.<module>.lora_{A,B}.weight``
+    (whole: under FSDP2 a collective, `engine.dtensors.full_tensor`)."""
     tensors = {}
     for name, m in lora_modules(model).items():
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous().clone()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous().clone()
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = full_tensor(m.lora_A.detach()).to("cpu").contiguous().clone()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = full_tensor(m.lora_B.detach()).to("cpu").contiguous().clone()
     return tensors
 
 
 def save_adapter(model: nn.Module, lora_cfg: LoRAConfig, out_dir: str | os.PathLike,
-                 base_model_name_or_path: str | None, metadata: dict[str, Any] | None = None) -> Path:
+                 base_model_name_or_path: str | None, metadata: dict[str, Any] | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the model's adapters as a PEFT folder at ``out_dir``, atomically; return the path.
+    ``tensors``: `adapter_state_dict` of the model, when the caller gathered it already.
 
     The folder is built under a temporary sibling name and renamed into place, so a reader never
     sees half an adapter; an existing folder at ``out_dir`` is replaced as a whole.
@@ -122,7 +126,8 @@ def save_adapter(model: nn.Module, lora_cfg: LoRAConfig, out_dir: str | os.PathL
     if metadata is not None:
         header[METADATA_KEY] = json.dumps(metadata, sort_keys=True)
     with atomic_dir(out, fsync=True) as tmp:
-        save_safetensors(adapter_state_dict(model), tmp / WEIGHTS_NAME, metadata=header)
+        save_safetensors(adapter_state_dict(model) if tensors is None else tensors, tmp / WEIGHTS_NAME,
+                         metadata=header)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 
@@ -283,8 +288,8 @@ def assign_adapter_weights(model: nn.Module, weights: dict[str, dict[str, torch.
     Shapes and module names must have been checked (`adapter_targets` or the caller)."""
     modules = lora_modules(model)
     for name, pair in weights.items():
-        modules[name].lora_A.copy_(pair["lora_A"])
-        modules[name].lora_B.copy_(pair["lora_B"])
+        copy_full_into(modules[name].lora_A, pair["lora_A"])  # plain, or this rank's FSDP2 shard
+        copy_full_into(modules[name].lora_B, pair["lora_B"])
 
 
 def load_adapted_model(name_or_path: str | os.PathLike, adapter: str | os.PathLike | None = None, *,

@@ -155,24 +155,30 @@ def chosen_tokens(batch: Batch) -> int:
 
 def train_step(run: Run, obj: PreferenceObjective, window: list[Batch]) -> StepResult:
     """One optimizer step of DPO (with RPO's chosen NLL when ``rpo_alpha`` > 0) over one window."""
-    n_pairs = sum(b.num_documents // 2 for b in window)
-    n_chosen = max(sum(chosen_tokens(b) for b in window), 1)
+    parallel = run.parallel  # under torchrun: this rank's share of the step, counts summed over the ranks
+    local_pairs = sum(b.num_documents // 2 for b in window)
+    n_pairs, n_chosen, n_tokens, real_tokens = parallel.sum_ints([
+        local_pairs, sum(chosen_tokens(b) for b in window),
+        sum(count_loss_tokens(b) for b in window), sum(b.real_tokens for b in window)])
+    n_chosen = max(n_chosen, 1)
     alpha = obj.options.rpo_alpha
     total = torch.zeros((), dtype=torch.float32, device=run.device)
     nll = torch.zeros((), dtype=torch.float32, device=run.device)
     parts = []
-    for batch in window:
+    for batch in parallel.micro_batches(window, run.cfg.seed):
         losses, metrics, chosen_logps = pair_losses(obj, batch.to(run.device), "train")
         batch_nll = -chosen_logps.sum() / n_chosen
-        (losses.sum() / n_pairs + alpha * batch_nll).backward()
+        parallel.backward(losses.sum() / n_pairs + alpha * batch_nll)
         total += losses.detach().sum() / n_pairs + alpha * batch_nll.detach()
         nll += batch_nll.detach()
         parts.append(metrics)
+    parallel.sum_(total)
+    parallel.sum_(nll)
     update = run.optimizer.step(total, run.step)  # loss and metrics stay on the device (Run reads them)
     samples = [run.data.train[pair].source for b in window for pair in batch_pairs(b)]
-    metrics = mean_metrics(parts, on_host=False) | ({"nll_loss": nll} if alpha else {})
-    return StepResult(total, update, tokens=sum(count_loss_tokens(b) for b in window),
-                      real_tokens=sum(b.real_tokens for b in window), samples=samples, metrics=metrics)
+    metrics = parallel.weighted_sum(mean_metrics(parts, on_host=False), local_pairs / n_pairs)  # over all pairs
+    metrics |= {"nll_loss": nll} if alpha else {}
+    return StepResult(total, update, tokens=n_tokens, real_tokens=real_tokens, samples=samples, metrics=metrics)
 
 
 @torch.no_grad()

@@ -24,30 +24,39 @@ from engine.data.batching import Batch, BatchLoader
 from engine.data.batching_report import sft_batching_report
 from engine.data.samples import load_sft_data
 from engine.losses.causal_lm import count_loss_tokens, loss_sum, mean_loss
+from engine.run.distributed import Parallel
 from engine.run.session import Run, StepResult
 
 METHOD = "sft"
 
 
-def backward_window(model: torch.nn.Module, window: list[Batch], device: torch.device) -> tuple[torch.Tensor, int]:
+def backward_window(model: torch.nn.Module, window: list[Batch], device: torch.device,
+                    parallel: Parallel | None = None, seed: int | None = None) -> tuple[torch.Tensor, int]:
     """Backward of one accumulation window, normalised by its total loss tokens N: each micro-batch
     contributes ``loss_sum / N``, so the summed gradient is that of the mean loss over all N tokens,
     the same as one batch holding all of them. Returns (mean loss, a 0-d tensor left on the
-    device, and N, counted on the CPU batches)."""
-    n_tokens = sum(count_loss_tokens(b) for b in window)
+    device, and N, counted on the CPU batches).
+
+    Under torchrun (``parallel``) the window is this rank's share of the step: N and the loss are
+    summed over the ranks and the gradient comes out as that of the whole step
+    (`engine.run.distributed`); with ``seed`` each micro-batch draws its dropout under its own seed.
+    """
+    parallel = parallel or Parallel.single(device)
+    n_tokens, = parallel.sum_ints([sum(count_loss_tokens(b) for b in window)])  # before any backward
     total = torch.zeros((), dtype=torch.float32, device=device)
-    for batch in window:
+    for batch in parallel.micro_batches(window, seed):
         part = loss_sum(model, batch.to(device))
-        (part / max(n_tokens, 1)).backward()
+        parallel.backward(part / max(n_tokens, 1))
         total += part.detach()
-    return total / max(n_tokens, 1), n_tokens
+    return parallel.sum_(total) / max(n_tokens, 1), n_tokens
 
 
 def train_step(run: Run, window: list[Batch]) -> StepResult:
     """One optimizer step of SFT over the micro-batches of one accumulation window."""
-    loss, n_tokens = backward_window(run.model, window, run.device)
+    loss, n_tokens = backward_window(run.model, window, run.device, run.parallel, seed=run.cfg.seed)
     update = run.optimizer.step(loss, run.step)
-    return StepResult(loss, update, tokens=n_tokens, real_tokens=sum(b.real_tokens for b in window),
+    real_tokens, = run.parallel.sum_ints([sum(b.real_tokens for b in window)])
+    return StepResult(loss, update, tokens=n_tokens, real_tokens=real_tokens,
                       samples=[run.data.train[i].source for b in window for row in b.sample_ids for i in row])
 
 

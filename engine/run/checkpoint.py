@@ -28,8 +28,9 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
-from engine.errors import InputError
 from engine.atomic import fsync_files
+from engine.dtensors import full_tensor, like
+from engine.errors import InputError
 from models.safetensors_io import save_safetensors
 
 MARKER = "COMPLETE"
@@ -45,11 +46,12 @@ def _named_trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """AdamW's per-parameter state keyed by parameter name (stable across processes)."""
+    """AdamW's per-parameter state keyed by parameter name, whole (stable across processes and
+    world sizes: FSDP2's shards are gathered, a collective every rank must call)."""
     out: dict[str, torch.Tensor] = {}
     for name, param in _named_trainable(model).items():
         for key, value in optimizer.state.get(param, {}).items():
-            tensor = value if torch.is_tensor(value) else torch.tensor(value)
+            tensor = full_tensor(value) if torch.is_tensor(value) else torch.tensor(value)
             out[f"{name}.{key}"] = tensor.detach().cpu().contiguous()
     return out
 
@@ -62,8 +64,9 @@ def load_optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimi
             full = f"{name}.{key}"
             if full not in tensors:
                 raise InputError(f"{where}: optimizer state has no {full!r}; was the run's LoRA setup changed?")
-            value = tensors[full]
-            state[key] = value.to(param.device) if key != "step" else value.clone()
+            # on the parameter's device (fused AdamW keeps its step there), and for a sharded
+            # parameter (FSDP2) cut to this rank's shard
+            state[key] = like(tensors[full], param) if key != "step" else tensors[full].to(param.device)
         optimizer.state[param] = state
 
 
@@ -90,23 +93,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                    write_adapter: Callable[[Path], None], keep: int,
+def checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    return checkpoint_root(output_dir) / f"{PREFIX}{step:06d}"
+
+
+def save_checkpoint(output_dir: str | Path, step: int, optimizer_state: dict[str, torch.Tensor],
+                    state: dict[str, Any], write_adapter: Callable[[Path], None], keep: int,
                     extras: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write checkpoint ``step`` atomically, then keep only the newest ``keep`` ones.
 
-    ``extras``: ``{name: tensors}`` saved as ``name.safetensors`` (read back with `load_extra`).
+    ``optimizer_state``: `optimizer_tensors`; ``extras``: ``{name: tensors}`` saved as
+    ``name.safetensors`` (read back with `load_extra`).
     """
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{step:06d}"
+    final = checkpoint_path(output_dir, step)
     tmp = root / f".tmp-{PREFIX}{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         write_adapter(tmp / "adapter")
-        save_safetensors(optimizer_tensors(model, optimizer), tmp / "optimizer.safetensors")
+        save_safetensors(optimizer_state, tmp / "optimizer.safetensors")
         save_safetensors(rng_tensors(), tmp / "rng.safetensors")
         for name, tensors in (extras or {}).items():
             save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")

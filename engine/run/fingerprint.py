@@ -43,9 +43,16 @@ SCHEDULE_FIELDS = ("lr", "lr_schedule", "warmup_steps", "max_steps", "epochs")
 NOTE_FIELDS = (*SCHEDULE_FIELDS, "model_name", "mlp_chunk_tokens")
 
 
-def run_identity(cfg: TrainConfig, model_dir: Path, max_len: int, dtype: torch.dtype) -> dict[str, Any]:
-    """The identity of a run (see the module docstring); plain JSON values."""
+def run_identity(cfg: TrainConfig, model_dir: Path, max_len: int, dtype: torch.dtype,
+                 micro_batches_per_step: int | None = None) -> dict[str, Any]:
+    """The identity of a run (see the module docstring); plain JSON values.
+
+    ``grad_accum`` records the micro-batches of a step over all ranks (``--grad-accum`` × ranks
+    under torchrun, `engine.run.distributed`): a run checkpointed on 2 ranks with --grad-accum 1
+    resumes on 1 with --grad-accum 2, the same steps."""
     fields = {name: getattr(cfg, name) for name in IDENTITY_FIELDS}
+    if micro_batches_per_step is not None:
+        fields["grad_accum"] = micro_batches_per_step
     fields["max_len"] = max_len  # the resolved length, not the flag's None
     # Batching beyond padded / --pack (which "pack" records): only when used, so that a checkpoint
     # written before these options existed (padded or packed) still matches --batching padded / --pack.

@@ -35,6 +35,13 @@ class MetricsLog:
             fh.write(json.dumps(record) + "\n")
 
 
+class DiscardedLog:
+    """The metrics log of a rank other than 0 under torchrun: rank 0 writes the one file."""
+
+    def write(self, kind: str, step: int, **values: Any) -> None:
+        pass
+
+
 def _parse(line: str) -> dict | None:
     try:
         record = json.loads(line)

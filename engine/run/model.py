@@ -23,6 +23,7 @@ from engine.adapters import (
     set_trainable,
 )
 from engine.config import TrainConfig
+from engine.dtensors import full_tensor
 from engine.errors import InputError
 from models import LlamaConfig, load_model
 from models.skeleton import meta_model
@@ -71,7 +72,7 @@ def check_model_fits(cfg: TrainConfig, model_config: LlamaConfig, max_token_id: 
 def non_finite_parameter(model: nn.Module) -> str | None:
     """The name of the first adapter tensor with a NaN or an infinity (with how many), else None."""
     for name, param in adapter_params(model).items():
-        bad = int((~torch.isfinite(param.detach())).sum())
+        bad = int((~torch.isfinite(full_tensor(param.detach()))).sum())  # FSDP2: gathered on every rank
         if bad:
             return f"{name}: {bad} of {param.numel()} values are NaN or infinite"
     return None

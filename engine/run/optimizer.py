@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.dtensors import full_tensor
 from engine.run.schedule import lr_at
 
 
@@ -58,7 +59,8 @@ class Optimizer:
     def step(self, loss: torch.Tensor | float, step: int) -> Update:
         """Clip, guard and apply the accumulated gradients for optimizer step ``step`` (0-based);
         ``loss`` is the step's mean loss (a 0-d tensor on the device, or a float)."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm).float()
+        # under FSDP2 the norm of the sharded gradients is a replicated DTensor: its local value is the total
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)).float()
         loss = torch.as_tensor(loss, dtype=torch.float32, device=grad_norm.device)
         found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
         lr = self.lr_at(step)

@@ -21,6 +21,13 @@ an evaluation, a checkpoint or the end reads them all at once: `engine.run.pendi
 (checkpoint at the next step boundary, exit with `EXIT_PREEMPTED`), and the final rule: a run
 with no successful optimizer step, or whose adapter is not finite, fails with `EXIT_DIVERGED`
 and no completion marker.
+
+Under torchrun (`engine.run.distributed`) every rank runs this same code: each trains its share
+of the step's micro-batches (`windows`), the counts and losses are summed over the ranks, and only
+rank 0 touches the output folder (lock, run.json, metrics, checkpoints, adapter, plot, marker);
+the others take part in the collectives a checkpoint or the adapter needs (gathering FSDP2's
+shards) and wait at a barrier until rank 0 has written it. A SIGTERM stops every rank at the same
+step: the ranks agree on it at each step boundary.
 """
 
 from __future__ import annotations
@@ -40,15 +47,19 @@ from engine.adapters import load_adapter_weights, save_adapter
 from engine.config import TrainConfig
 from engine.data.batching import Batch
 from engine.errors import EXIT_DIVERGED, EXIT_PREEMPTED, InputError, RunStopped
+from engine.adapters.peft_format import adapter_state_dict
 from engine.run.checkpoint import (
+    checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
+    optimizer_tensors,
     read_state,
     save_checkpoint,
 )
+from engine.run.distributed import Parallel, local_frozen_bytes
 from engine.run.fingerprint import compare_identity, run_identity
 from engine.run.folder import COMPLETE, RunFolder, lineage, write_json
-from engine.run.metrics import MetricsLog, plot_loss_curve
+from engine.run.metrics import DiscardedLog, MetricsLog, plot_loss_curve
 from engine.run.model import (
     TrainableModel,
     build_model,
@@ -58,7 +69,7 @@ from engine.run.model import (
 from engine.run.optimizer import Optimizer, Update
 from engine.run.pending import PendingSteps, StepRecord
 from engine.run.schedule import default_warmup
-from engine.run.setup import resolve_device, resolve_dtype, resolve_max_len
+from engine.run.setup import resolve_dtype, resolve_max_len
 from models import load_tokenizer
 from models.loading import read_config, resolve_model_dir
 
@@ -100,8 +111,10 @@ class Run:
     def open(cls, cfg: TrainConfig, method: str, progress: bool = True) -> Run:
         """Check the flags and the output folder; settle device, dtype, model folder and tokenizer."""
         cfg.validate()
-        run = cls(cfg, method, progress)
-        run.device = resolve_device(cfg.device)
+        parallel = Parallel.start(cfg.distributed, cfg.device, cfg.dist_timeout)
+        run = cls(cfg, method, progress and parallel.is_main)
+        run.parallel = parallel
+        run.device = parallel.device
         run.dtype = resolve_dtype(cfg.dtype, run.device)
         run.model_dir = resolve_model_dir(cfg.model)
         run.model_config = read_config(run.model_dir)
@@ -109,6 +122,7 @@ class Run:
         run.folder = RunFolder(run.output, resume=cfg.resume, overwrite=cfg.overwrite)
         run.protected = [run.model_dir, *(Path(p) for p in (cfg.data, cfg.eval_data, cfg.init_adapter) if p)]
         run.folder.check(run.protected)
+        parallel.barrier()  # every rank checked the folder before rank 0 claims it
         run.tokenizer = load_tokenizer(run.model_dir)
         return run
 
@@ -120,24 +134,30 @@ class Run:
             self.folder.abandon()  # nothing was written: leave no folder behind
         else:
             self.folder.release()
+        if exc_type is None:
+            self.parallel.close()
 
     def plan(self, steps_per_epoch: int) -> None:
-        """``total_steps`` (``--max-steps``, or ``--epochs`` passes of ``grad_accum`` micro-batches)
-        and the warmup."""
+        """``total_steps`` (``--max-steps``, or ``--epochs`` passes of ``grad_accum`` micro-batches per
+        rank) and the warmup."""
         cfg = self.cfg
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch / cfg.grad_accum))
+        self.micro_batches_per_step = cfg.grad_accum * self.parallel.world
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch /
+                                                             self.micro_batches_per_step))
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
 
     def build_model(self) -> TrainableModel:
         """Check that the model can take the adapter and the data, lock the output folder, then load
         the weights (base, NF4 with --quant nf4, the adapter)."""
         check_model_fits(self.cfg, self.model_config, self.data.max_token_id())
-        self.identity = run_identity(self.cfg, self.model_dir, self.max_len, self.dtype)
+        self.identity = run_identity(self.cfg, self.model_dir, self.max_len, self.dtype,
+                                     micro_batches_per_step=self.micro_batches_per_step)
         if self.cfg.resume:
             self._resume_point()  # a checkpoint made for another run fails here, before any weight is read
-        self.folder.claim(self.protected)
+        if self.parallel.is_main:
+            self.folder.claim(self.protected)
         self.trainable = build_model(self.cfg, self.model_dir, self.device, self.dtype)
-        self.model = self.trainable.model
+        self.model = self.parallel.prepare(self.trainable.model)
         return self.trainable
 
     # ------------------------------------------------------------------ start
@@ -166,13 +186,16 @@ class Run:
             self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
             self.bad_in_a_row = state["bad_in_a_row"]
             self.applied_steps = state.get("applied_steps", self.step)
-        else:
+        elif self.parallel.is_main:
             self.folder.begin(self.method)
             write_json(self.output / "config.json", cfg.to_json())
             write_json(self.output / "data_report.json", [r.__dict__ for r in reports if r is not None])
-        self.metrics = MetricsLog(self.output / "metrics.jsonl", resume_step=self.step if resume_from else None)
+        self.metrics = MetricsLog(self.output / "metrics.jsonl", resume_step=self.step if resume_from else None) \
+            if self.parallel.is_main else DiscardedLog()
         if notes:
             self.metrics.write("resume", self.step, changed=notes)
+        if self.parallel.distributed:
+            self._log_distribution()
         if self.progress:
             self._announce(reports, resume_from, notes)
         return resume_from
@@ -193,6 +216,20 @@ class Run:
                              "--overwrite)")
         return checkpoint, notes
 
+    def _log_distribution(self) -> None:
+        """A ``distributed`` metrics line: strategy, ranks, and the frozen decoder-block bytes each
+        rank holds (about 1/N of them each under FSDP2, all of them under DDP)."""
+        held, total = local_frozen_bytes(self.model)
+        per_rank = self.parallel.gather_ints(held)
+        self.metrics.write("distributed", self.step, strategy=self.parallel.strategy, world_size=self.parallel.world,
+                           base_bytes=total, base_bytes_per_rank=per_rank,
+                           micro_batches_per_step=self.micro_batches_per_step)
+        if self.progress:
+            print(f"distributed: {self.parallel.strategy} over {self.parallel.world} ranks; each holds "
+                  f"{', '.join(f'{b / 2**20:,.1f}' for b in per_rank)} MiB of the {total / 2**20:,.1f} MiB of "
+                  f"frozen block weights; {self.micro_batches_per_step} micro-batches of --batch-size "
+                  f"{self.cfg.batch_size} per step ({self.cfg.grad_accum} per rank)", file=sys.stderr)
+
     def _announce(self, reports: list, resume_from: Path | None, notes: list[str]) -> None:
         """What is about to happen, on stderr: the model, the adapter, the data, the steps."""
         data = self.data
@@ -208,7 +245,8 @@ class Run:
     # ------------------------------------------------------------------ the loop
 
     def windows(self, loader) -> Iterator[list[Batch]]:
-        """The next ``grad_accum`` micro-batches, step after step, from the saved data position on,
+        """This rank's ``grad_accum`` micro-batches of each step (of the ``grad_accum · world`` the
+        step takes from the global order), step after step, from the saved data position on,
         across epochs, until ``total_steps``; evaluates at step 0 first (with an eval set). The
         progress bar and the SIGTERM handler live as long as this generator."""
         if self.step == 0 and self.evaluate_fn is not None:
@@ -220,8 +258,9 @@ class Run:
         batches = self._batches_from_position(loader)
         try:
             while self.step < self.total_steps:
-                self._window = [next(batches) for _ in range(self.cfg.grad_accum)]
-                yield self._window
+                step_batches = [next(batches) for _ in range(self.micro_batches_per_step)]
+                self._last_batch = step_batches[-1]  # the data position after this step
+                yield self.parallel.window(step_batches)
         finally:
             self._bar.close()
             signal.signal(signal.SIGTERM, previous_handler)
@@ -239,13 +278,14 @@ class Run:
         for a recipe that watches its figures."""
         cfg = self.cfg
         self.step += 1
-        last = self._window[-1]
+        last = self._last_batch
         self.epoch, self.batch_index = last.epoch, last.index + 1
         self._pending.add(self.step, result)
         self._bar.update(1)
         evaluating = bool(cfg.eval_every) and self.step % cfg.eval_every == 0 and self.step < self.total_steps
         saving = bool(cfg.save_every) and self.step % cfg.save_every == 0 and self.step < self.total_steps
-        stopping = self._stop_requested and self.step < self.total_steps
+        stopping = self.step < self.total_steps and (
+            self.parallel.any(self._stop_requested) if self.parallel.distributed else self._stop_requested)
         records = []
         if self.step % cfg.log_every == 0 or self.step == self.total_steps or evaluating or saving or stopping:
             records = self.read_pending()
@@ -316,14 +356,27 @@ class Run:
         return {**record, **self.lineage_extra}
 
     def write_adapter(self, folder: Path) -> None:
-        save_adapter(self.model, self.trainable.lora_cfg, folder, self.cfg.model, metadata=self.adapter_metadata())
+        """Every rank: the adapter (its FSDP2 shards gathered); rank 0 writes it to ``folder``."""
+        self._adapter_writer()(folder)
+
+    def _adapter_writer(self) -> Callable[[Path], None]:
+        tensors = adapter_state_dict(self.model)  # a collective under FSDP2: every rank, same order
+        return lambda folder: save_adapter(self.model, self.trainable.lora_cfg, folder, self.cfg.model,
+                                           metadata=self.adapter_metadata(), tensors=tensors) \
+            if self.parallel.is_main else None
 
     def save_checkpoint(self) -> Path:
+        """Every rank gathers the adapter and AdamW state (FSDP2) and waits; rank 0 writes them."""
         self.read_pending()  # the guard's counts go into the checkpoint
         state = {"epoch": self.epoch, "batch_index": self.batch_index, "bad_in_a_row": self.bad_in_a_row,
                  "applied_steps": self.applied_steps, "total_steps": self.total_steps, "made_for": self.identity}
-        return save_checkpoint(self.output, self.step, self.model, self.optimizer.adamw, state, self.write_adapter,
-                               keep=self.cfg.keep_checkpoints, extras=self.extras)
+        write_adapter = self._adapter_writer()
+        optimizer_state = optimizer_tensors(self.model, self.optimizer.adamw)
+        if self.parallel.is_main:
+            save_checkpoint(self.output, self.step, optimizer_state, state, write_adapter,
+                            keep=self.cfg.keep_checkpoints, extras=self.extras)
+        self.parallel.barrier()  # the checkpoint exists for every rank once this returns
+        return checkpoint_path(self.output, self.step)
 
     def finish(self) -> dict[str, Any]:
         """Check the outcome, then the final eval, the adapter, the loss curve, the summary line
@@ -339,9 +392,13 @@ class Run:
                              "Lower --lr or check the data", EXIT_DIVERGED)
         self.final_eval = self.evaluate() if self.evaluate_fn is not None else {}
         self.write_adapter(self.output / "adapter")
+        if not self.parallel.is_main:
+            self.parallel.barrier()  # rank 0 writes the rest, then joins this barrier
+            return self.final_eval
         plot_loss_curve(self.output / "metrics.jsonl", self.output / "loss.png", ylabel=self.loss_label)
         summary = {"steps": self.step, "trainable_parameters": self.trainable.trainable_parameters,
                    "eval": self.final_eval, "adapter": str(self.output / "adapter"), "warnings": self.warnings}
         self.metrics.write("summary", self.step, **summary)
         write_json(self.output / COMPLETE, summary)
+        self.parallel.barrier()
         return self.final_eval
