@@ -1,0 +1,56 @@
+"""Running `engine.train` as the tests of the distributed path need: in one process, or under
+torchrun on this machine's CPUs (gloo), one thread per process (CI has two cores)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+def train_args(model: Path, data: Path, output: Path, **flags) -> list[str]:
+    """engine.train's flags: ``flag_name=value`` (True: a bare switch)."""
+    args = ["--model", str(model), "--data", str(data), "--output", str(output), "--device", "cpu"]
+    for name, value in flags.items():
+        args += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return args
+
+
+def run_single(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return _check(subprocess.run([sys.executable, "-m", "engine.train", *args], cwd=ROOT, env=env(),
+                                 capture_output=True, text=True, timeout=timeout))
+
+
+def run_torchrun(args: list[str], nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    command = [*TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), "-m", "engine.train", *args]
+    return _check(subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout))
+
+
+def _check(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stderr[-4000:]}"
+    return done
+
+
+def metrics(output: Path, kind: str) -> list[dict]:
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r["kind"] == kind]
+
+
+def losses(output: Path) -> torch.Tensor:
+    return torch.tensor([r["loss"] for r in metrics(output, "train")], dtype=torch.float64)
+
+
+def adapter(output: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(output / "adapter" / "adapter_model.safetensors"))
