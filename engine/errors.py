@@ -49,25 +49,39 @@ def _traceback_if(debug: bool) -> None:
         traceback.print_exc()
 
 
+def rank_prefix() -> str:
+    """``"rank R: "`` in a process of a torchrun job of several ranks (its lines say who speaks), else ""."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
+        return f"rank {os.environ['RANK']}: "
+    return ""
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Call ``main(argv)`` and exit with its return code; report expected failures in one line."""
+    """Call ``main(argv)`` and exit with its return code; report expected failures in one line
+    (under torchrun with the rank that failed: every rank reports its own error)."""
     args = sys.argv[1:] if argv is None else argv
     debug = bool(os.environ.get("ENGINE_DEBUG")) or "--debug" in args
+    who = rank_prefix()
     try:
         code = main(argv)
     except InputError as err:
         _traceback_if(debug)
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{who}error: {err}", file=sys.stderr)
         sys.exit(EXIT_INPUT_ERROR)
     except RunStopped as stop:
         _traceback_if(debug)
-        print(f"stopped: {stop}", file=sys.stderr)
+        print(f"{who}stopped: {stop}", file=sys.stderr)
         sys.exit(stop.exit_code)
     except OSError as err:
         _traceback_if(debug)
-        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        print(f"{who}error: {describe_os_error(err)}", file=sys.stderr)
         sys.exit(EXIT_IO_ERROR)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"{who}interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as err:
+        if who:  # e.g. a collective that failed because another rank died: say which rank saw it
+            print(f"{who}failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                  file=sys.stderr)
+        raise
     sys.exit(code or 0)

@@ -39,8 +39,8 @@ def flags(**extra) -> dict:
     micro-batch gradients (ranks add theirs in another order) moves it by a few per cent of lr
     (1.7e-5 at lr 5e-4, 1 element of 2,304, with the default eps). A larger eps keeps the
     update proportional to g there, so the adapters compare at the fp32 table."""
-    return dict(max_steps=STEPS, batch_size=1, max_len=96, batching="pack", lr=5e-4, warmup_steps=1, lora_r=4,
-                lora_alpha=8, lora_dropout=0.1, seed=3, save_every=2, keep_checkpoints=2, adam_eps=1e-6, **extra)
+    return dict(dict(max_steps=STEPS, batch_size=1, max_len=96, batching="pack", lr=5e-4, warmup_steps=1, lora_r=4,
+                     lora_alpha=8, lora_dropout=0.1, seed=3, save_every=2, keep_checkpoints=2, adam_eps=1e-6), **extra)
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,17 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_and_back(runs, smollm2_dir, da
     for name, value in adapter(runs["single"]).items():
         assert_close(adapter(from_one)[name], value, torch.float32, name=name)
         assert_close(adapter(from_ranks)[name], value, torch.float32, name=name)
+
+
+def test_qlora_under_fsdp_shards_the_nf4_bytes_and_gives_the_single_process_losses(smollm2_dir, data, tmp_path):
+    """The NF4 base is sharded as its quantized bytes: each of 2 ranks holds about half of them,
+    and the losses are those of one process training the same QLoRA."""
+    quick = dict(max_steps=2, save_every=0, quant="nf4")
+    run_single(train_args(smollm2_dir, data, tmp_path / "single", **flags(grad_accum=2, **quick)))
+    run_torchrun(train_args(smollm2_dir, data, tmp_path / "fsdp", **flags(grad_accum=1, distributed="fsdp", **quick)))
+    assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "single"), torch.float32, name="QLoRA losses")
+    line, = metrics(tmp_path / "fsdp", "distributed")
+    per_rank, total = line["base_bytes_per_rank"], line["base_bytes"]
+    nf4_bytes = 30 * (576 * 576 * 2 + 576 * 192 * 2 + 576 * 1536 * 3) // 2  # 4-bit codes of every block linear
+    assert nf4_bytes < total < 1.1 * nf4_bytes  # NF4 codes + absmax (not a dequantized copy)
+    assert all(abs(b - total / 2) < 0.01 * total for b in per_rank), per_rank

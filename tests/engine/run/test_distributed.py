@@ -1,0 +1,55 @@
+"""The pieces of `engine.run.distributed` that need no second process (the torchrun runs are in
+tests/distributed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.errors import InputError
+from engine.run.distributed import Parallel, local_frozen_bytes, micro_batch_seed, quantized_bytes_as_parameters
+from models.config import LlamaConfig
+from models.quantized import NF4Linear
+from tests.lora_models import tiny_lora_model
+from tests.tolerances import assert_close
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ddp_and_fsdp_need_torchrun(monkeypatch, strategy):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(InputError, match=f"--distributed {strategy}: start the run with torchrun"):
+        Parallel.start(strategy, "cpu", 60)
+    assert Parallel.start("auto", "cpu", 60).strategy == "single"
+
+
+def test_each_rank_takes_its_run_of_the_step_in_global_order():
+    step = list(range(6))  # grad_accum 3 on 2 ranks
+    shares = [Parallel("ddp", torch.device("cpu"), rank=r, world=2).window(step) for r in range(2)]
+    assert shares == [[0, 1, 2], [3, 4, 5]]
+    assert Parallel.single(torch.device("cpu")).window(step) == step
+
+
+def test_micro_batch_seeds_depend_on_the_batch_alone():
+    seeds = {micro_batch_seed(7, epoch, index) for epoch in range(3) for index in range(1000)}
+    assert len(seeds) == 3000 and all(0 <= s < 2**63 for s in seeds)
+    assert micro_batch_seed(7, 1, 5) == micro_batch_seed(7, 1, 5) != micro_batch_seed(8, 1, 5)
+
+
+def test_nf4_bytes_become_frozen_parameters_and_compute_the_same():
+    """What FSDP2 shards: the packed codes and absmax as frozen parameters; the output is unchanged."""
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = tiny_lora_model(cfg, quant="nf4", dropout=0.0).eval()
+    x = torch.randint(0, 64, (1, 12))
+    before = model(x)
+    held_before, total_before = local_frozen_bytes(model)
+    turned = quantized_bytes_as_parameters(model)
+    linears = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    assert turned == 3 * len(linears) > 0  # packed, absmax, nested absmax of each
+    for m in linears:
+        assert {n for n, _ in m.named_parameters()} >= {"weight_packed", "weight_absmax", "weight_nested_absmax"}
+        assert not any(p.requires_grad for p in m.parameters())
+        assert "weight_quant_map" in dict(m.named_buffers())  # the code books stay replicated buffers
+    assert local_frozen_bytes(model) == (held_before, total_before) == (total_before, total_before)
+    assert_close(model(x), before, torch.float32, name="logits")
