@@ -44,7 +44,9 @@ def _check(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def metrics(output: Path, kind: str) -> list[dict]:
-    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    text = (output / "metrics.jsonl").read_text()
+    complete = text[:text.rfind("\n") + 1]  # a line being written by a running job is not read yet
+    lines = [json.loads(line) for line in complete.splitlines()]
     return [r for r in lines if r["kind"] == kind]
 
 

@@ -101,3 +101,27 @@ def test_two_nodes_meet_through_the_c10d_rendezvous(tiny_model_dir, data, tmp_pa
     assert line["world_size"] == 2
     run_single(train_args(tiny_model_dir, data, tmp_path / "one", **flags(grad_accum=2)))
     assert_close(losses(tmp_path / "nodes"), losses(tmp_path / "one"), torch.float32, name="2 nodes")
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tiny_model_dir, data, tmp_path):
+    """The ranks agree on a stop at each step boundary: SIGTERM to rank 1 alone makes both save one
+    checkpoint and exit with EXIT_PREEMPTED (no rank left waiting in a collective)."""
+    out = tmp_path / "run"
+    args = train_args(tiny_model_dir, data, out, **flags(max_steps=100000, epochs=1000, save_every=0))
+    launcher = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "engine.train", *args],
+                                cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(metrics(out, "train") if (out / "metrics.jsonl").is_file() else []) < 2:
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()[-3000:]
+            time.sleep(0.2)
+        os.kill(rank_pid(launcher, 1), signal.SIGTERM)
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    assert stderr.count("exitcode  : 75") == 2 or ("rank 0: stopped: SIGTERM" in stderr and
+                                                   "rank 1: stopped: SIGTERM" in stderr), stderr[-3000:]
+    saved = read_state(latest_checkpoint(out))["step"]
+    assert metrics(out, "train")[-1]["step"] == saved  # the step both ranks stopped at

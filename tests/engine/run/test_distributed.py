@@ -53,3 +53,11 @@ def test_nf4_bytes_become_frozen_parameters_and_compute_the_same():
         assert "weight_quant_map" in dict(m.named_buffers())  # the code books stay replicated buffers
     assert local_frozen_bytes(model) == (held_before, total_before) == (total_before, total_before)
     assert_close(model(x), before, torch.float32, name="logits")
+
+
+def test_activation_offload_is_refused_under_fsdp():
+    from engine.config import TrainConfig
+
+    cfg = TrainConfig(model="m", data="d", offload_activations=True, distributed="fsdp")
+    with pytest.raises(InputError, match="--offload-activations does not work with --distributed fsdp"):
+        cfg.validate()
