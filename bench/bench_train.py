@@ -15,13 +15,14 @@ Parts:
 * ``gpu``: QLoRA (NF4, bf16 compute) on the ``llama2-7b`` and ``llama3.1-8b`` shapes with random
   weights (`tools.random_checkpoint`, one bf16 folder per shape, written once, with a small
   tokenizer for the loaders that want one), batch 4 x 2048 tokens of full rows (no padding for
-  any provider), providers ``ours``, ``hf_peft``, ``unsloth``, ``liger``, each in a process of its
+  any provider), providers ``ours``, ``hf_peft``, ``unsloth``, ``ours_fsdp`` (ours under FSDP2 on one
+  rank, llama2-7b only), ``liger``, each in a process of its
   own, one after the other (a provider that cannot import or fails is recorded with its reason and
   the others go on; each starts with an empty GPU). Per provider: tokens/s, peak memory (the CUDA
   allocator's peak over the measured steps: weights + optimizer state + activations) and
   MFU = 6·N·tokens/s / the bf16 matmul peak measured at the start of the run (`bench.train_report`).
   Targets (checked in `bench.targets`): ours/HF tokens/s >= 3, ours/Unsloth >= 1.15, ours/HF peak
-  memory <= 0.6, MFU >= 0.5. ``--budget-s`` bounds the part (default 300 s): a provider that would
+  memory <= 0.6, MFU >= 0.5, ours/ours_fsdp tokens/s <= 1.05. ``--budget-s`` bounds the part (default 300 s): a provider that would
   start with too little time left is skipped and says so; the jobs run in order of priority (ours and
   HF+PEFT on both shapes, then Unsloth, then Liger), so that a short budget cuts the references first.
 
@@ -68,7 +69,7 @@ from bench.train_report import case_ratios, measure_matmul_flops, mfu, param_cou
 from models.loading import save_model
 
 GPU_PRESETS = ("llama2-7b", "llama3.1-8b")
-GPU_PROVIDERS = ("ours", "hf_peft", "unsloth", "liger")  # in order of importance: the budget cuts the last
+GPU_PROVIDERS = ("ours", "hf_peft", "unsloth", "ours_fsdp", "liger")  # in order of importance: the budget cuts the last
 WORKER_MAX_S = 150  # one provider on one shape: load, quantize, warm-up and steps
 # Guesses for an H100/H200 (not yet measured): import + load + quantize + 5 steps of 4 x 2048 tokens.
 JOB_ESTIMATE_S = {"ours": 25, "hf_peft": 40, "unsloth": 60, "liger": 40}
@@ -225,9 +226,10 @@ def run_isolated(case: Case, provider: str, warmup: int, steps: int, timeout_s: 
 
 def gpu_jobs(presets, providers) -> list[tuple[str, str]]:
     """(shape, provider) in the order they run, which is their priority (a short budget cuts the
-    last): ours and HF+PEFT on every shape, then Unsloth on every shape, then Liger (a reference)."""
-    rank = {"ours": 0, "hf_peft": 0, "unsloth": 1, "liger": 2}
-    jobs = [(preset, p) for preset in presets for p in providers]
+    last): ours and HF+PEFT on every shape, then Unsloth on every shape, then ours under FSDP2 on
+    one rank (the first shape only: its overhead over ``ours``), then Liger (a reference)."""
+    rank = {"ours": 0, "hf_peft": 0, "unsloth": 1, "ours_fsdp": 2, "liger": 3}
+    jobs = [(preset, p) for preset in presets for p in providers if p != "ours_fsdp" or preset == presets[0]]
     return sorted(jobs, key=lambda job: rank.get(job[1], 1))  # stable: shape order kept within a rank
 
 

@@ -114,6 +114,7 @@ TRAIN_TARGETS = (  # (check, key of bench.train_report.case_ratios, op, target)
     ("ours / unsloth tokens/s", "tokens_per_s_over_unsloth", ">=", 1.15),
     ("ours / hf_peft peak memory", "peak_memory_over_hf_peft", "<=", 0.6),
     ("ours MFU", "mfu", ">=", 0.5),
+    ("ours / ours_fsdp (1 rank) tokens/s", "tokens_per_s_over_ours_fsdp", "<=", 1.05),  # FSDP2's overhead
 )
 
 

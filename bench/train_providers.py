@@ -110,8 +110,7 @@ def _optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Opt
 
 # ----------------------------------------------------------------------------- ours
 
-def build_ours(case: Case) -> Provider:
-    """Our model + LoRA and the SFT recipe's step."""
+def _our_model(case: Case) -> torch.nn.Module:
     model = load_model(case.model_dir, dtype=case.torch_dtype, device=case.device,
                        quantize=None if case.quant == "none" else case.quant)
     torch.manual_seed(0)
@@ -119,11 +118,49 @@ def build_ours(case: Case) -> Provider:
     set_trainable(model)
     model.gradient_checkpointing = True
     model.train()
+    return model
+
+
+def build_ours(case: Case) -> Provider:
+    """Our model + LoRA and the SFT recipe's step."""
+    model = _our_model(case)
     params, optimizer = lora_optimizer(model)
     device = torch.device(case.device)
 
     def step(batch: Batch) -> torch.Tensor:
         loss, _ = backward_window(model, [batch], device)
+        _optimizer_step(params, optimizer)
+        return loss
+
+    return Provider(prepare=lambda batch: batch.to(device), step=step)
+
+
+def build_ours_fsdp(case: Case) -> Provider:
+    """Ours under FSDP2 in a process group of one rank (`engine.run.distributed`, what
+    ``torchrun --nproc_per_node 1 -m engine.train --distributed fsdp`` runs): the cost of the
+    sharding itself, its all-gathers and reduce-scatters, against ``ours`` (issue 11: within 5 %)."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    from engine.run.distributed import Parallel, shard_model
+
+    device = torch.device(case.device)
+    with socket.socket() as sock:  # a free port for the one-rank store
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = device.type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1,
+                            device_id=device if cuda else None)
+    model = _our_model(case)
+    shard_model(model)
+    parallel = Parallel("fsdp", device)
+    params, optimizer = lora_optimizer(model)
+
+    def step(batch: Batch) -> torch.Tensor:
+        loss, _ = backward_window(model, [batch], device, parallel)
         _optimizer_step(params, optimizer)
         return loss
 
@@ -207,7 +244,8 @@ def build_unsloth(case: Case) -> Provider:
 
 
 PROVIDERS: dict[str, Callable[[Case], Provider]] = {
-    "ours": build_ours, "hf_peft": build_hf, "liger": build_liger, "unsloth": build_unsloth}
+    "ours": build_ours, "hf_peft": build_hf, "liger": build_liger, "unsloth": build_unsloth,
+    "ours_fsdp": build_ours_fsdp}
 
 
 # ----------------------------------------------------------------------------- timing

@@ -8,9 +8,9 @@ from bench.train_providers import Case, run_provider
 
 
 def test_jobs_run_ours_and_hf_first_and_liger_last():
-    jobs = bench_train.gpu_jobs(["a", "b"], ["ours", "hf_peft", "unsloth", "liger"])
+    jobs = bench_train.gpu_jobs(["a", "b"], ["ours", "hf_peft", "unsloth", "ours_fsdp", "liger"])
     assert jobs == [("a", "ours"), ("a", "hf_peft"), ("b", "ours"), ("b", "hf_peft"), ("a", "unsloth"),
-                    ("b", "unsloth"), ("a", "liger"), ("b", "liger")]
+                    ("b", "unsloth"), ("a", "ours_fsdp"), ("a", "liger"), ("b", "liger")]
 
 
 def test_job_limit_caps_and_skips():
@@ -53,3 +53,25 @@ def test_run_all_plan_keeps_the_train_budget():
     assert steps["bench_train --part gpu"] is not None and steps["bench_train --part gpu"] >= 240
     assert sum(v for v in steps.values() if v) <= 470 + 30  # the budget, plus the train's grace
     assert dict(plan(200, ["nf4"], quick=True, tests=True, train=True))["tests/kernels"] is None
+
+
+def test_ours_under_fsdp_on_one_rank_trains_what_ours_trains(tiny_model_dir, tmp_path):
+    """The ``ours_fsdp`` provider (a process group of one, in a process of its own as on the GPU)
+    runs the same steps as ``ours``: the same losses, to the fp32 table."""
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    import torch
+
+    from tests.tolerances import assert_close
+
+    case = Case("tiny", str(tiny_model_dir), "cpu", "fp32", "none", 2, 16)
+    out = tmp_path / "row.json"
+    subprocess.run([sys.executable, "-m", "bench.train_providers", "--provider", "ours_fsdp", "--case",
+                    json.dumps(asdict(case)), "--warmup", "0", "--steps", "3", "--out", str(out)], check=True,
+                   env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    fsdp = json.loads(out.read_text())
+    ours = run_provider(case, "ours", warmup=0, steps=3)
+    assert fsdp["status"] == "ok" and fsdp["losses"][-1] != fsdp["losses"][0]
+    assert_close(torch.tensor(fsdp["losses"]), torch.tensor(ours["losses"]), torch.float32, name="losses")

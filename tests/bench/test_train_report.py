@@ -67,7 +67,8 @@ def test_case_ratios_give_none_for_a_peer_that_did_not_run():
 def test_train_checks_take_the_worst_case_and_leave_missing_peers_without_verdict():
     by_check = {h.check: h for h in check("train", ROWS)}
     assert set(by_check) == {"ours / hf_peft tokens/s", "ours / unsloth tokens/s", "ours / hf_peft peak memory",
-                             "ours MFU"}
+                             "ours MFU", "ours / ours_fsdp (1 rank) tokens/s"}
+    assert by_check["ours / ours_fsdp (1 rank) tokens/s"].value is None  # not run: no verdict, no figure
     speed = by_check["ours / hf_peft tokens/s"]
     assert (speed.value, speed.where, speed.ok) == (pytest.approx(3.6), "7b", True)  # min(3.6, 4.0)
     memory = by_check["ours / hf_peft peak memory"]
