@@ -21,6 +21,11 @@ what autograd really saves on a small block.
 * ``kernel`` path (CUDA: the Triton ops' autograd Functions, FlexAttention), `saved_kernel_path`.
 * ``reference`` path (CPU: the plain-torch references differentiated by autograd, per-document
   SDPA), `saved_reference_path`; the loss is the reference's (N, V) fp32 logits.
+
+On G GPUs (``Setup.gpus``, ``Setup.strategy``) the peak is per GPU, N the tokens of one rank's
+micro-batch; stored and transient parts are those of one GPU. Only ``fixed`` changes
+(`parallel_parts`): DDP keeps the whole model on every rank plus its gradient buckets; FSDP2
+shards every tensor 1/G and adds the all-gathered blocks in flight.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import math
 from dataclasses import dataclass, field
 
 from engine.adapters.lora import LLAMA_LINEARS as LINEARS
+from engine.errors import InputError
 from kernels.linear_cross_entropy import _chunk_rows
 from kernels.nf4 import NESTED_BLOCKSIZE, NF4_VALUES, dynamic_map, quantize_nf4
 from models.config import LlamaConfig
@@ -44,6 +50,7 @@ NF4_TABLE_BYTES = (len(NF4_VALUES) + dynamic_map().numel()) * FP32  # the code t
 CUDA_CONTEXT_BYTES = 1 << 30
 CUDA_ALLOCATOR_SLACK = 0.05
 CPU_RUN_OVERHEAD_BYTES = 100 << 20
+STRATEGIES = ("single", "ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,17 @@ class Setup:
     offload: bool = False
     mlp_chunk: int | None = None  # C, tokens per MLP chunk (models.mlp_chunks); None: off
     device: str = "cuda"  # "cuda": kernel path; "cpu": reference path
+    gpus: int = 1  # G ranks, each with its own micro-batch of N tokens
+    strategy: str = "single"  # "ddp" or "fsdp" (FSDP2) on G ranks
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES or self.gpus < 1:
+            raise InputError(f"strategy {self.strategy!r} on {self.gpus} GPUs: expected one of "
+                             f"{', '.join(STRATEGIES)} on at least 1")
+        if self.gpus > 1 and self.strategy == "single":
+            raise InputError(f"--gpus {self.gpus}: more than one GPU needs --strategy ddp or fsdp")
+        if self.strategy != "single" and self.device != "cuda":
+            raise InputError(f"--strategy {self.strategy}: modelled on the CUDA path only (--device cuda)")
 
     @property
     def kernel_path(self) -> bool:
@@ -294,15 +312,85 @@ def loss_working_set(s: Setup) -> int:
     return norm + loss + copy
 
 
+def linear_tensors(s: Setup, out: int, inp: int) -> list[tuple[int, int]]:
+    """The frozen base tensors of one (out, in) linear as (dim-0 length, bytes per dim-0 row):
+    dense [(out, in·e)]; NF4 its 1-D buffers (`nf4_bytes`): packed ⌈n/2⌉ and absmax codes
+    ⌈n/bs⌉ of 1 byte, nested absmax ⌈⌈n/bs⌉/256⌉, offset 1 and the 16 + 256 table entries of 4."""
+    if s.quant != "nf4":
+        return [(out, inp * s.dtype_bytes)]
+    n = out * inp
+    blocks = math.ceil(n / NF4_BLOCKSIZE)
+    return [(math.ceil(n / 2), 1), (blocks, 1), (math.ceil(blocks / NESTED_BLOCKSIZE), FP32), (1, FP32),
+            (len(NF4_VALUES), FP32), (dynamic_map().numel(), FP32)]
+
+
+def block_tensors(s: Setup, kind: str) -> list[tuple[int, int]]:
+    """One decoder block's tensors as (dim-0 length, bytes per row): ``base`` the 7 linears'
+    (`linear_tensors`), ``norms`` the two RMSNorm weights (H, e), ``lora`` fp32 A (r, in) and
+    B (out, r) per targeted linear."""
+    shapes, r = linear_shapes(s.cfg), s.lora_rank
+    if kind == "base":
+        return [t for o, i in shapes.values() for t in linear_tensors(s, o, i)]
+    if kind == "norms":
+        return [(s.cfg.hidden_size, s.dtype_bytes)] * 2
+    return [t for name, (o, i) in shapes.items() if name in s.targets for t in ((r, i * FP32), (o, r * FP32))]
+
+
+def root_tensors(s: Setup) -> list[tuple[int, int]]:
+    """What ``fully_shard`` at the root holds: the embedding (V, H·e), the head unless tied, the
+    final norm (H, e)."""
+    cfg, e = s.cfg, s.dtype_bytes
+    heads = 1 if cfg.tie_word_embeddings else 2
+    return [(cfg.vocab_size, cfg.hidden_size * e)] * heads + [(cfg.hidden_size, e)]
+
+
+def shard_bytes(tensors: list[tuple[int, int]], ranks: int) -> int:
+    """One rank's shard: FSDP2 splits dim 0 in ``ranks`` chunks padded up, Σ ⌈k/G⌉ · row bytes."""
+    return sum(math.ceil(k / ranks) * row for k, row in tensors)
+
+
+def parallel_parts(s: Setup, p: Plan) -> None:
+    """The weights, adapter and communication parts of one GPU's peak, by strategy (G = gpus):
+
+    * single: base weights, embeddings/head/norms, LoRA's fp32 params + grads + AdamW moments.
+    * ddp: the same on every rank, plus the gradient buckets DDP reduces in: a copy of the
+      adapter gradients, 4 bytes per LoRA parameter.
+    * fsdp (FSDP2, ``fully_shard`` per decoder block and at the root): every block tensor —
+      base weights (NF4 all-gathered as its quantized bytes), norms, LoRA — sharded on dim 0,
+      `shard_bytes`; the root's tensors unsharded on every rank from the forward to the end of
+      the backward (the full tensors plus the rank's own 1/G shard, which stays allocated); the
+      all-gather output of 2 blocks (the one computing and the one prefetched; a block recomputed
+      under checkpointing is gathered again, still 2 live); LoRA's params, fp32 gradient shards
+      (the reduce-scatter output) and AdamW moments sharded, 4 · shard(lora); and the unsharded
+      fp32 gradients of the one block whose backward is in flight, the reduce-scatter's input.
+    """
+    L, G = s.cfg.num_hidden_layers, s.gpus
+    base_note = "NF4 (packed + absmax + nested stats)" if s.quant == "nf4" else f"{s.dtype_bytes}-byte dense"
+    lora_note = f"{lora_param_count(s):,} fp32 params × 4"
+    if s.strategy != "fsdp":
+        p.add("base weights", base_weight_bytes(s), base_note)
+        p.add("embeddings, head, norms", embedding_bytes(s), "tied head" if s.cfg.tie_word_embeddings
+              else "untied head")
+        p.add("LoRA params + grads + AdamW", lora_bytes(s), lora_note)
+        if s.strategy == "ddp":
+            p.add("DDP gradient buckets", FP32 * lora_param_count(s), "a copy of the LoRA grads, fp32")
+        return
+    root = root_tensors(s)
+    block = [*block_tensors(s, "base"), *block_tensors(s, "norms"), *block_tensors(s, "lora")]
+    p.add("base weights", L * shard_bytes(block_tensors(s, "base"), G), f"1/{G} shard of {L} blocks, " + base_note)
+    p.add("embeddings, head, norms", shard_bytes(root, 1) + shard_bytes(root, G)
+          + L * shard_bytes(block_tensors(s, "norms"), G), f"root unsharded + its 1/{G} shard; block norms 1/{G}")
+    p.add("LoRA params + grads + AdamW", 4 * L * shard_bytes(block_tensors(s, "lora"), G), f"1/{G} of " + lora_note)
+    p.add("all-gather buffers (2 blocks)", 2 * shard_bytes(block, 1), "computing + prefetched block, unsharded")
+    p.add("unsharded block gradients", shard_bytes(block_tensors(s, "lora"), 1), "one block's LoRA grads, fp32")
+
+
 def plan(s: Setup) -> Plan:
     """The parts of the predicted peak (module docstring) for one setup."""
     cfg, N, e, L = s.cfg, s.tokens, s.dtype_bytes, s.cfg.num_hidden_layers
     block_input = N * cfg.hidden_size * e
     p = Plan()
-    p.add("base weights", base_weight_bytes(s), "NF4 (packed + absmax + nested stats)" if s.quant == "nf4"
-          else f"{e}-byte dense")
-    p.add("embeddings, head, norms", embedding_bytes(s), "tied head" if cfg.tie_word_embeddings else "untied head")
-    p.add("LoRA params + grads + AdamW", lora_bytes(s), f"{lora_param_count(s):,} fp32 params × 4")
+    parallel_parts(s, p)
     offloaded = s.checkpointing and s.offload and s.device == "cuda"  # on a CPU the host *is* the device
     if offloaded:
         p.host_bytes = L * block_input

@@ -6,6 +6,7 @@
         --gpu-mem 80GiB --max-context
     python -m tools.memory_plan --model ~/.cache/lora-engine/smollm2-135m-instruct --device cpu --tokens 256 \\
         --no-grad-checkpointing --lora-rank 8
+    python -m tools.memory_plan --model llama3.1-70b --quant nf4 --gpus 2 --strategy fsdp --gpu-mem 80GiB --max-context
 
 ``--model`` is a preset (`models.presets`) or a local HF folder (its config.json; nothing is
 downloaded or loaded). ``--tokens`` is the tokens of one micro-batch (``--batch-size`` rows of
@@ -19,6 +20,18 @@ allocator slack (stated constants) — or, with ``--device cpu``, the same step 
 the engine takes there (fp32, the plain-torch references, per document SDPA) plus a stated
 process overhead; `tools.measure_rss` measures such a run.
 ``--max-context`` bisects the longest row that fits in ``--gpu-mem``.
+
+``--gpus G --strategy ddp|fsdp`` predicts the peak of ONE GPU, ``--tokens`` being one rank's
+micro-batch; the engine's parallel runs are modelled as (`memory_parts.parallel_parts`):
+DDP — every rank holds the whole model as on one GPU, plus DDP's gradient buckets (a copy of the
+adapter gradients, 4 bytes per LoRA parameter). FSDP2 — ``fully_shard`` per decoder block and at
+the root: every block tensor (bf16 weights, or NF4 packed bytes + absmax + nested absmax,
+all-gathered as quantized bytes; norms; LoRA) sharded on dim 0, 1/G per rank padded up; the root
+(embeddings, final norm, untied head) unsharded from the forward to the end of the backward, so
+whole on every rank (plus its own 1/G shard); the all-gather output of 2 blocks (the one
+computing and the one prefetched; under checkpointing the recompute gathers again, still 2);
+LoRA's params, fp32 gradient shards and AdamW moments 1/G, plus the unsharded gradients of the
+block in flight. Activations and transients are those of one GPU.
 
 Checked: for SmolLM2-135M on the CPU (2 steps, r = 8, 256 tokens) the prediction is within 2.5 %
 of the measured peak RSS increase, without and with --offload-activations, and with
@@ -45,6 +58,17 @@ block 73.8 GiB); with MLP chunks of 8192 at 40.5 GiB (the recomputed block 31.7 
 ~52 KiB of attention and norm saves, 8 KiB of MLP input, 24 KiB of gradients (3·H·e) and the
 prefetched 8 KiB block input; the chunk's tensors a constant ~1.4 GiB). Past ~524k tokens N·H exceeds 2³¹ elements: the kernels' index
 arithmetic at that size is unchecked on a GPU, like the rest of this table.
+
+On several GPUs (``--strategy fsdp``, PREDICTED, same setup; per rank, and with
+--offload-activations in parentheses; notes/fits.md has the commands):
+
+    longest row        2 × 24 GiB           3 × 24 GiB        4 × 24 GiB         2 × 80 GiB
+    llama2-70b         4 tokens (16)        3,781 (14,392)    5,727 (21,799)     33,042 (125,775)
+    llama3.1-70b       does not fit (28.6)  1,354 (5,157)     3,452 (13,141)     30,313 (115,385)
+
+(llama3.1-70b on 2 GPUs needs 28.6 GiB each at one token: its 128,256-token embedding and head,
+4.2 GB, are whole on every rank.) llama3.1-8b at 8,192 tokens per rank, per GPU: one GPU 11.47 GiB;
+ddp 11.63 GiB on any G; fsdp 13.76 / 10.64 / 9.09 / 8.31 GiB on 1 / 2 / 4 / 8 GPUs.
 """
 
 from __future__ import annotations
@@ -57,7 +81,7 @@ from engine.errors import InputError, run_cli
 from models.config import LlamaConfig
 from models.loading import read_config
 from models.presets import PRESETS
-from tools.memory_parts import LINEARS, Setup, plan
+from tools.memory_parts import LINEARS, STRATEGIES, Setup, plan
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -103,7 +127,8 @@ def setup_from_args(args: argparse.Namespace, tokens: int) -> Setup:
     return Setup(cfg=model_config(args.model), tokens=tokens, batch_size=args.batch_size, quant=args.quant,
                  dtype_bytes=DTYPE_BYTES[dtype], lora_rank=args.lora_rank, targets=targets_from_flag(args.targets),
                  lora_dropout=args.lora_dropout, checkpointing=not args.no_grad_checkpointing,
-                 offload=args.offload_activations, mlp_chunk=args.mlp_chunk_tokens, device=args.device)
+                 offload=args.offload_activations, mlp_chunk=args.mlp_chunk_tokens, device=args.device,
+                 gpus=args.gpus, strategy=args.strategy)
 
 
 def longest_row(args: argparse.Namespace, budget: int) -> int:
@@ -131,6 +156,8 @@ def report(s: Setup, budget: int | None) -> str:
              "offload" if s.offload else ("checkpointing" if s.checkpointing else "no checkpointing"), s.device]
     if s.mlp_chunk is not None:
         flags.insert(-1, f"MLP chunks of {s.mlp_chunk:,}" if s.chunked else "MLP in one piece (tokens <= chunk)")
+    if s.strategy != "single":
+        flags.append(f"{s.strategy} on {s.gpus} GPU{'s' if s.gpus > 1 else ''} (per GPU, tokens per rank)")
     lines = ["predicted peak memory, " + ", ".join(flags)]
     width = max(len(name) for name in p.parts)
     lines += [f"  {name:<{width}}  {gib(nbytes)}   {p.notes[name]}" for name, nbytes in p.parts.items()]
@@ -160,6 +187,10 @@ def parser() -> argparse.ArgumentParser:
                    "(the engine's --mlp-chunk-tokens; default: in one piece)")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="compute dtype (default bf16 on cuda, fp32 on cpu)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="which code path (default cuda)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (ranks) training together (default 1); "
+                   "the plan is per GPU, --tokens per rank")
+    p.add_argument("--strategy", choices=STRATEGIES, default="single",
+                   help="single (default), ddp or fsdp (FSDP2 per block + root); --gpus > 1 needs ddp or fsdp")
     p.add_argument("--gpu-mem", help="memory to fit in, e.g. 80GiB (with --device cpu: RAM)")
     p.add_argument("--max-context", action="store_true", help="search the longest row that fits --gpu-mem")
     return p
@@ -168,7 +199,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     budget = parse_size(args.gpu_mem) if args.gpu_mem else None
-    for name in ("batch_size", "lora_rank", "mlp_chunk_tokens"):
+    for name in ("batch_size", "lora_rank", "mlp_chunk_tokens", "gpus"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_context:

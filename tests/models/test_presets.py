@@ -12,8 +12,11 @@ from models.presets import PRESETS
 PUBLISHED = {
     "llama2-7b": ("meta-llama/Llama-2-7b-hf", (4096, 32, 32, 32, 11008, 32000, 10000.0, 4096), 6_738_415_616),
     "llama2-13b": ("meta-llama/Llama-2-13b-hf", (5120, 40, 40, 40, 13824, 32000, 10000.0, 4096), 13_015_864_320),
+    "llama2-70b": ("meta-llama/Llama-2-70b-hf", (8192, 80, 64, 8, 28672, 32000, 10000.0, 4096), 68_976_648_192),
     "llama3-8b": ("meta-llama/Meta-Llama-3-8B", (4096, 32, 32, 8, 14336, 128256, 500000.0, 8192), 8_030_261_248),
     "llama3.1-8b": ("meta-llama/Llama-3.1-8B", (4096, 32, 32, 8, 14336, 128256, 500000.0, 131072), 8_030_261_248),
+    "llama3.1-70b": ("meta-llama/Llama-3.1-70B", (8192, 80, 64, 8, 28672, 128256, 500000.0, 131072),
+                     70_553_706_496),
     "mistral-7b": ("mistralai/Mistral-7B-v0.1", (4096, 32, 32, 8, 14336, 32000, 10000.0, 32768), 7_241_732_096),
     "tinyllama-1.1b": ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", (2048, 22, 32, 4, 5632, 32000, 10000.0, 2048),
                        1_100_048_384),
@@ -40,13 +43,17 @@ def test_preset_numbers_and_parameter_count(name):
 
 
 def test_family_specifics():
-    assert PRESETS["llama3.1-8b"].config.rope_scaling == {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192}
-    assert all(PRESETS[n].config.rope_scaling is None for n in PRESETS if n != "llama3.1-8b")
+    llama31 = ("llama3.1-8b", "llama3.1-70b")
+    for name in llama31:
+        assert PRESETS[name].config.rope_scaling == {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    assert all(PRESETS[n].config.rope_scaling is None for n in PRESETS if n not in llama31)
     assert PRESETS["mistral-7b"].config.sliding_window == 4096
     assert [n for n in PRESETS if PRESETS[n].config.tie_word_embeddings] == ["smollm2-135m"]
-    assert PRESETS["llama3-8b"].config.eos_token_ids == (128001,)
+    for name in ("llama3-8b", "llama3.1-70b"):
+        assert (PRESETS[name].config.bos_token_id, PRESETS[name].config.eos_token_ids) == (128000, (128001,))
+    assert (PRESETS["llama2-70b"].config.bos_token_id, PRESETS["llama2-70b"].config.eos_token_ids) == (1, (2,))
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED))

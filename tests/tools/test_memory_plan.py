@@ -19,12 +19,16 @@ from kernels.nf4 import keep_dequantized
 from models.attention import DocumentLayout
 from models.config import LlamaConfig
 from models.loading import read_config
+from models.presets import PRESETS
 from models.quantized import NF4Linear
 from tests.lora_models import tiny_lora_model
 from tools import memory_plan
 from tools.memory_parts import (
+    CUDA_ALLOCATOR_SLACK,
     LINEARS,
     Setup,
+    base_weight_bytes,
+    lora_param_count,
     mlp_chunk_saved,
     nf4_bytes,
     plan,
@@ -167,7 +171,8 @@ def test_the_acceptance_command_prints_each_part_and_the_verdict(capsys):
     assert "fit in 80.00 GiB" in out or "fits in 80.00 GiB" in out
 
 
-@pytest.mark.parametrize("flags", [[], ["--offload-activations"], ["--offload-activations", "--mlp-chunk-tokens", "8192"]])
+@pytest.mark.parametrize("flags", [[], ["--offload-activations"], ["--offload-activations", "--mlp-chunk-tokens", "8192"],
+                                   ["--gpus", "2", "--strategy", "fsdp"], ["--gpus", "4", "--strategy", "ddp"]])
 def test_max_context_is_the_longest_row_that_fits(capsys, flags):
     argv = ["--model", "llama3.1-8b", "--quant", "nf4", "--gpu-mem", "80GiB", "--max-context", *flags]
     memory_plan.main(argv)
@@ -206,7 +211,79 @@ def test_mlp_chunks_shrink_the_recomputed_block_and_beat_the_unsloth_figure(caps
     (["--model", "llama3.1-8b", "--tokens", "10", "--offload-activations", "--no-grad-checkpointing"],
      "needs checkpointing"),
     (["--model", "llama3.1-8b", "--tokens", "10", "--mlp-chunk-tokens", "0"], "--mlp-chunk-tokens must be at least 1"),
+    (["--model", "llama3.1-8b", "--tokens", "10", "--gpus", "2"], "needs --strategy ddp or fsdp"),
+    (["--model", "llama3.1-8b", "--tokens", "10", "--gpus", "0", "--strategy", "fsdp"], "--gpus must be at least 1"),
+    (["--model", "llama3.1-8b", "--tokens", "10", "--device", "cpu", "--strategy", "ddp"], "CUDA path only"),
 ])
 def test_bad_input_names_the_flag(argv, message):
     with pytest.raises(InputError, match=message):
         memory_plan.main(argv)
+
+
+def gpu_setup(model: str, quant: str, strategy: str = "single", gpus: int = 1, tokens: int = 8192) -> Setup:
+    return Setup(PRESETS[model].config, tokens=tokens, quant=quant, gpus=gpus, strategy=strategy)
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_fsdp_on_two_gpus_halves_the_sharded_parts(quant):
+    """Llama-2-70B on 2 ranks: every block tensor's dim 0 is even, so the base weights and LoRA's
+    params + grads + AdamW halve exactly — but for NF4's 1-element offset (4 bytes) per linear,
+    which a rank holds whole; the root (embedding, head, final norm: (2V + 1)·H·e) is full plus
+    its half shard; block norms halve."""
+    cfg = PRESETS["llama2-70b"].config
+    single, fsdp = plan(gpu_setup("llama2-70b", quant)).parts, plan(gpu_setup("llama2-70b", quant, "fsdp", 2)).parts
+    L, H, V, e = 80, 8192, 32000, 2
+    offsets = L * 7 * 4 if quant == "nf4" else 0
+    assert 2 * fsdp["base weights"] - single["base weights"] == offsets
+    assert 2 * fsdp["LoRA params + grads + AdamW"] == single["LoRA params + grads + AdamW"]
+    assert fsdp["embeddings, head, norms"] == (2 * V + 1) * H * e * 3 // 2 + L * H * e
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers) == (V, H, L)
+
+
+@pytest.mark.parametrize("model, quant", [("llama3.1-8b", "none"), ("llama3.1-8b", "nf4"), ("llama2-70b", "nf4")])
+def test_all_gather_buffers_are_two_whole_blocks(model, quant):
+    """Two unsharded blocks: their base linears (one L-th of the single-GPU base weights,
+    `nf4_bytes` for NF4), two norms 2·H·e, and the fp32 LoRA params; whatever the rank count.
+    The unsharded gradients in flight are one block's LoRA params in fp32."""
+    s = gpu_setup(model, quant)
+    L, H = s.cfg.num_hidden_layers, s.cfg.hidden_size
+    block = base_weight_bytes(s) // L + 2 * H * 2 + 4 * lora_param_count(s) // L
+    for gpus in (2, 3, 8):
+        parts = plan(gpu_setup(model, quant, "fsdp", gpus)).parts
+        assert parts["all-gather buffers (2 blocks)"] == 2 * block
+        assert parts["unsharded block gradients"] == 4 * lora_param_count(s) // L
+
+
+def test_ddp_is_the_single_gpu_plan_plus_gradient_buckets():
+    """Llama-3.1-8B, r = 16 on all 7 linears: 32 · 16 · Σ(in + out) = 41,943,040 LoRA params, a
+    4-byte bucket copy each; the allocator's slack grows by 5 % of it; nothing else changes."""
+    single = plan(gpu_setup("llama3.1-8b", "nf4"))
+    for gpus in (1, 2, 8):
+        ddp = plan(gpu_setup("llama3.1-8b", "nf4", "ddp", gpus))
+        buckets = ddp.parts.pop("DDP gradient buckets")
+        assert buckets == 4 * 41_943_040
+        context = ddp.parts.pop("CUDA context + allocator") - single.parts["CUDA context + allocator"]
+        assert abs(context - CUDA_ALLOCATOR_SLACK * buckets) <= 1
+        assert ddp.parts == {k: v for k, v in single.parts.items() if k != "CUDA context + allocator"}
+
+
+def test_70b_qlora_per_gpu_numbers_are_sane():
+    """Llama-2-70B's 80 · 855,638,016 linear weights in NF4 cost 1/2 + 1/64 + 4/(64·256) bytes
+    each: 16.4 GiB per GPU on 2 (the whole weights a rank holds, with the root and the gathered
+    blocks, 17-19 GiB). On 2 × 24 GiB llama3.1-70b does not fit at all (its 128,256-token
+    vocabulary: 2 × 2.1 GB embedding and head held whole), on 4 it does (predicted)."""
+    parts = plan(gpu_setup("llama2-70b", "nf4", "fsdp", 2)).parts
+    expected = 80 * 855_638_016 * (1 / 2 + 1 / 64 + 4 / (64 * 256)) / 2
+    assert abs(parts["base weights"] / expected - 1) < 1e-3 and 16 < parts["base weights"] / 2**30 < 17
+    held = parts["base weights"] + parts["embeddings, head, norms"] + parts["all-gather buffers (2 blocks)"]
+    assert 17 < held / 2**30 < 19
+    assert plan(gpu_setup("llama3.1-70b", "nf4", "fsdp", 2, tokens=1)).peak > 24 * 2**30
+    assert plan(gpu_setup("llama3.1-70b", "nf4", "fsdp", 4, tokens=2048)).peak < 24 * 2**30
+
+
+def test_the_multi_gpu_report_names_the_strategy_and_its_parts(capsys):
+    memory_plan.main(["--model", "llama3.1-70b", "--quant", "nf4", "--gpus", "2", "--strategy", "fsdp",
+                      "--tokens", "8192", "--gpu-mem", "80GiB"])
+    out = capsys.readouterr().out
+    assert "fsdp on 2 GPUs (per GPU, tokens per rank)" in out and "fits in 80.00 GiB" in out
+    assert "all-gather buffers (2 blocks)" in out and "unsharded block gradients" in out
