@@ -255,7 +255,7 @@ def train(cfg: TrainConfig, progress: bool = True, options: DPOOptions | None = 
                     if pairs:
                         obj.ref_tables[split] = precompute_reference(
                             obj.reference, pairs, cfg.batch_size, pad_id, run.device,
-                            f"reference log-probs ({split})", progress, **layout)
+                            f"reference log-probs ({split})", run.progress, **layout)
             run.extras[REFERENCE_EXTRA] = obj.ref_tables
         for window in run.windows(loader):
             for record in run.end_step(train_step(run, obj, window)):  # the steps read on the host now
