@@ -224,6 +224,7 @@ class BatchLoader:
         self.shuffle, self.batching, self.pack, self.max_len = shuffle, batching, batching == "pack", max_len
         self.pad_to_multiple_of, self.max_tokens = pad_to_multiple_of, max_tokens
         self.lengths = [len(s.input_ids) for s in samples]
+        self._planned: tuple[int | None, list] = (None, [])  # (epoch, its groups): planned once per epoch
         too_long = first_over_budget(self.lengths, max_tokens)
         if too_long is not None:
             raise TokenBudgetError(f"{samples[too_long].source}: sample has {self.lengths[too_long]} tokens, more "
@@ -235,7 +236,12 @@ class BatchLoader:
         return epoch_order(n, self.seed, epoch) if self.shuffle else list(range(n))
 
     def groups(self, epoch: int) -> list[list[list[int]]]:
-        """Per batch of ``epoch``, the sample indices of each of its rows."""
+        """Per batch of ``epoch``, the sample indices of each of its rows (planned once per epoch)."""
+        if self._planned[0] != epoch:
+            self._planned = (epoch, self._plan(epoch))
+        return self._planned[1]
+
+    def _plan(self, epoch: int) -> list[list[list[int]]]:
         order = self.order(epoch)
         if self.pack:
             rows = plan_rows(self.lengths, order, self.max_len)
@@ -253,6 +259,10 @@ class BatchLoader:
         groups = self.groups(epoch)
         for index in range(start, len(groups)):
             yield self._collate(groups[index], epoch, index)
+
+    def batch(self, epoch: int, index: int) -> Batch:
+        """Batch ``index`` of ``epoch`` alone (under torchrun each rank collates only its own)."""
+        return self._collate(self.groups(epoch)[index], epoch, index)
 
     def _collate(self, chunk: list[list[int]], epoch: int, index: int) -> Batch:
         if self.pack:

@@ -67,6 +67,7 @@ class PairBatchLoader:
         self.pairs, self.batch_size, self.pad_id, self.seed, self.shuffle = pairs, batch_size, pad_id, seed, shuffle
         self.batching, self.max_len, self.max_tokens = batching, max_len, max_tokens
         self.lengths = [2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs]  # both sequences
+        self._planned: tuple[int | None, list] = (None, [])  # (epoch, its groups): planned once per epoch
         too_long = first_over_budget(self.lengths, max_tokens)
         if too_long is not None:
             raise TokenBudgetError(f"{pairs[too_long].source}: pair has {self.lengths[too_long]} tokens (prompt + "
@@ -78,8 +79,10 @@ class PairBatchLoader:
         return epoch_order(n, self.seed, epoch) if self.shuffle else list(range(n))
 
     def groups(self, epoch: int) -> list[list[int]]:
-        """The pairs of each batch of ``epoch``."""
-        return batch_groups(self.order(epoch), self.lengths, self.batch_size, self.max_tokens)
+        """The pairs of each batch of ``epoch`` (planned once per epoch)."""
+        if self._planned[0] != epoch:
+            self._planned = (epoch, batch_groups(self.order(epoch), self.lengths, self.batch_size, self.max_tokens))
+        return self._planned[1]
 
     def num_batches(self, epoch: int) -> int:
         return len(self.groups(epoch))
@@ -89,6 +92,10 @@ class PairBatchLoader:
         groups = self.groups(epoch)
         for index in range(start, len(groups)):
             yield self.collate(groups[index], epoch, index)
+
+    def batch(self, epoch: int, index: int) -> Batch:
+        """Batch ``index`` of ``epoch`` alone (under torchrun each rank collates only its own)."""
+        return self.collate(self.groups(epoch)[index], epoch, index)
 
     def documents(self, chunk: list[int]) -> list:
         """The 2B documents of a batch as `Sample` rows: ``[c_1 … c_B, r_1 … r_B]``."""

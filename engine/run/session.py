@@ -44,10 +44,10 @@ import torch
 from tqdm import tqdm
 
 from engine.adapters import load_adapter_weights, save_adapter
+from engine.adapters.peft_format import adapter_state_dict
 from engine.config import TrainConfig
 from engine.data.batching import Batch
 from engine.errors import EXIT_DIVERGED, EXIT_PREEMPTED, InputError, RunStopped
-from engine.adapters.peft_format import adapter_state_dict
 from engine.run.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
@@ -255,20 +255,21 @@ class Run:
         self._bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train",
                          unit="step", dynamic_ncols=True)
         self.model.train()
-        batches = self._batches_from_position(loader)
+        positions = self._positions_from(loader)
         try:
             while self.step < self.total_steps:
-                step_batches = [next(batches) for _ in range(self.micro_batches_per_step)]
-                self._last_batch = step_batches[-1]  # the data position after this step
-                yield self.parallel.window(step_batches)
+                step = [next(positions) for _ in range(self.micro_batches_per_step)]  # (epoch, index) each
+                self._last_position = step[-1]  # the data position after this step
+                yield [loader.batch(epoch, index) for epoch, index in self.parallel.window(step)]
         finally:
             self._bar.close()
             signal.signal(signal.SIGTERM, previous_handler)
 
-    def _batches_from_position(self, loader) -> Iterator[Batch]:
+    def _positions_from(self, loader) -> Iterator[tuple[int, int]]:
+        """(epoch, batch index) of every micro-batch from the saved data position on, across epochs."""
         epoch, start = self.epoch, self.batch_index
         while True:
-            yield from loader.batches(epoch, start)
+            yield from ((epoch, index) for index in range(start, loader.num_batches(epoch)))
             epoch, start = epoch + 1, 0
 
     def end_step(self, result: StepResult) -> list[StepRecord]:
@@ -278,8 +279,8 @@ class Run:
         for a recipe that watches its figures."""
         cfg = self.cfg
         self.step += 1
-        last = self._last_batch
-        self.epoch, self.batch_index = last.epoch, last.index + 1
+        epoch, index = self._last_position
+        self.epoch, self.batch_index = epoch, index + 1
         self._pending.add(self.step, result)
         self._bar.update(1)
         evaluating = bool(cfg.eval_every) and self.step % cfg.eval_every == 0 and self.step < self.total_steps
@@ -360,10 +361,15 @@ class Run:
         self._adapter_writer()(folder)
 
     def _adapter_writer(self) -> Callable[[Path], None]:
-        tensors = adapter_state_dict(self.model)  # a collective under FSDP2: every rank, same order
-        return lambda folder: save_adapter(self.model, self.trainable.lora_cfg, folder, self.cfg.model,
-                                           metadata=self.adapter_metadata(), tensors=tensors) \
-            if self.parallel.is_main else None
+        """The adapter gathered now (a collective under FSDP2: every rank, in the same order), and
+        a function that writes it to a folder on rank 0 (and does nothing on the others)."""
+        tensors = adapter_state_dict(self.model)
+
+        def write(folder: Path) -> None:
+            if self.parallel.is_main:
+                save_adapter(self.model, self.trainable.lora_cfg, folder, self.cfg.model,
+                             metadata=self.adapter_metadata(), tensors=tensors)
+        return write
 
     def save_checkpoint(self) -> Path:
         """Every rank gathers the adapter and AdamW state (FSDP2) and waits; rank 0 writes them."""

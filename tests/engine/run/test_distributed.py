@@ -61,3 +61,18 @@ def test_activation_offload_is_refused_under_fsdp():
     cfg = TrainConfig(model="m", data="d", offload_activations=True, distributed="fsdp")
     with pytest.raises(InputError, match="--offload-activations does not work with --distributed fsdp"):
         cfg.validate()
+
+
+@pytest.mark.parametrize("batching", ["padded", "padding-free", "pack"])
+def test_a_loader_collates_one_batch_alone_as_in_its_epoch(batching):
+    """What a rank collates of a step (`BatchLoader.batch`) is that batch of the epoch's sequence."""
+    from engine.data.batching import BatchLoader
+    from engine.data.samples import Sample
+
+    samples = [Sample(list(range(3, 3 + n)), list(range(3, 3 + n)), f"s:{n}") for n in (5, 9, 3, 12, 7, 4, 8)]
+    loader = BatchLoader(samples, 2, pad_id=0, seed=1, batching=batching, max_len=16)
+    for epoch in (0, 1):
+        for index, expected in enumerate(loader.batches(epoch)):
+            alone = loader.batch(epoch, index)
+            assert (alone.epoch, alone.index, alone.sample_ids) == (epoch, index, expected.sample_ids)
+            assert torch.equal(alone.input_ids, expected.input_ids) and torch.equal(alone.labels, expected.labels)
