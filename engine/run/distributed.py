@@ -270,3 +270,19 @@ def local_frozen_bytes(model: nn.Module) -> tuple[int, int]:
         held += local.numel() * local.element_size()
         total += p.numel() * p.element_size()
     return held, total
+
+
+def layout_report(parallel: Parallel, model: nn.Module, micro_batches_per_step: int,
+                  batch_size: int) -> tuple[dict[str, Any], str]:
+    """(metrics fields, one line for stderr) of the job: strategy, ranks, micro-batches per step and
+    the frozen decoder-block bytes each rank holds (about 1/N each under FSDP2, all under DDP).
+    A collective: every rank calls it."""
+    held, total = local_frozen_bytes(model)
+    per_rank = parallel.gather_ints(held)
+    fields = {"strategy": parallel.strategy, "world_size": parallel.world, "base_bytes": total,
+              "base_bytes_per_rank": per_rank, "micro_batches_per_step": micro_batches_per_step}
+    line = (f"distributed: {parallel.strategy} over {parallel.world} ranks; each holds "
+            f"{', '.join(f'{b / 2**20:,.1f}' for b in per_rank)} MiB of the {total / 2**20:,.1f} MiB of frozen "
+            f"block weights; {micro_batches_per_step} micro-batches of --batch-size {batch_size} per step "
+            f"({micro_batches_per_step // parallel.world} per rank)")
+    return fields, line

@@ -22,12 +22,9 @@ an evaluation, a checkpoint or the end reads them all at once: `engine.run.pendi
 with no successful optimizer step, or whose adapter is not finite, fails with `EXIT_DIVERGED`
 and no completion marker.
 
-Under torchrun (`engine.run.distributed`) every rank runs this same code: each trains its share
-of the step's micro-batches (`windows`), the counts and losses are summed over the ranks, and only
-rank 0 touches the output folder (lock, run.json, metrics, checkpoints, adapter, plot, marker);
-the others take part in the collectives a checkpoint or the adapter needs (gathering FSDP2's
-shards) and wait at a barrier until rank 0 has written it. A SIGTERM stops every rank at the same
-step: the ranks agree on it at each step boundary.
+Under torchrun (`engine.run.distributed`) every rank runs this code on its share of each step
+(`windows`); only rank 0 writes the output folder, the others join the collectives that gather
+FSDP2's shards for it and wait at a barrier; the ranks agree on a SIGTERM stop at each step.
 """
 
 from __future__ import annotations
@@ -56,7 +53,7 @@ from engine.run.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from engine.run.distributed import Parallel, local_frozen_bytes
+from engine.run.distributed import Parallel, layout_report
 from engine.run.fingerprint import compare_identity, run_identity
 from engine.run.folder import COMPLETE, RunFolder, lineage, write_json
 from engine.run.metrics import DiscardedLog, MetricsLog, plot_loss_curve
@@ -217,18 +214,11 @@ class Run:
         return checkpoint, notes
 
     def _log_distribution(self) -> None:
-        """A ``distributed`` metrics line: strategy, ranks, and the frozen decoder-block bytes each
-        rank holds (about 1/N of them each under FSDP2, all of them under DDP)."""
-        held, total = local_frozen_bytes(self.model)
-        per_rank = self.parallel.gather_ints(held)
-        self.metrics.write("distributed", self.step, strategy=self.parallel.strategy, world_size=self.parallel.world,
-                           base_bytes=total, base_bytes_per_rank=per_rank,
-                           micro_batches_per_step=self.micro_batches_per_step)
+        """A ``distributed`` metrics line (`engine.run.distributed.layout_report`), and its summary."""
+        fields, line = layout_report(self.parallel, self.model, self.micro_batches_per_step, self.cfg.batch_size)
+        self.metrics.write("distributed", self.step, **fields)
         if self.progress:
-            print(f"distributed: {self.parallel.strategy} over {self.parallel.world} ranks; each holds "
-                  f"{', '.join(f'{b / 2**20:,.1f}' for b in per_rank)} MiB of the {total / 2**20:,.1f} MiB of "
-                  f"frozen block weights; {self.micro_batches_per_step} micro-batches of --batch-size "
-                  f"{self.cfg.batch_size} per step ({self.cfg.grad_accum} per rank)", file=sys.stderr)
+            print(line, file=sys.stderr)
 
     def _announce(self, reports: list, resume_from: Path | None, notes: list[str]) -> None:
         """What is about to happen, on stderr: the model, the adapter, the data, the steps."""
