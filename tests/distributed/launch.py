@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,6 +38,20 @@ def run_single(args: list[str], timeout: float = 600) -> subprocess.CompletedPro
 def run_torchrun(args: list[str], nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
     command = [*TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), "-m", "engine.train", *args]
     return _check(subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout))
+
+
+def start_torchrun(args: list[str], nproc: int = 2) -> subprocess.Popen:
+    """A torchrun job left running (stderr kept for the failure message)."""
+    return subprocess.Popen([*TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), "-m", "engine.train", *args],
+                            cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(job: subprocess.Popen, ready: Callable[[], bool], timeout: float = 300) -> None:
+    """Poll until ``ready()``; fails if the job ends first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert job.poll() is None and time.monotonic() < deadline, job.stderr.read()[-3000:]
+        time.sleep(0.2)
 
 
 def _check(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

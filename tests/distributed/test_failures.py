@@ -14,7 +14,17 @@ import pytest
 import torch
 
 from engine.run.checkpoint import latest_checkpoint, read_state
-from tests.distributed.launch import ROOT, TORCHRUN, env, losses, metrics, run_single, train_args
+from tests.distributed.launch import (
+    ROOT,
+    TORCHRUN,
+    env,
+    losses,
+    metrics,
+    run_single,
+    start_torchrun,
+    train_args,
+    wait_for,
+)
 from tests.tolerances import assert_close
 
 
@@ -54,13 +64,9 @@ def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
 def test_kill_9_of_rank_1_stops_rank_0_and_keeps_the_last_checkpoint(tiny_model_dir, data, tmp_path):
     out = tmp_path / "run"
     args = train_args(tiny_model_dir, data, out, **flags(max_steps=100000, save_every=1, epochs=1000))
-    launcher = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "engine.train", *args],
-                                cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    launcher = start_torchrun(args)
     try:
-        deadline = time.monotonic() + 300
-        while not (out / "checkpoints" / "step-000003").is_dir():
-            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()[-3000:]
-            time.sleep(0.2)
+        wait_for(launcher, (out / "checkpoints" / "step-000003").is_dir)
         victim = rank_pid(launcher, 1)
         assert victim is not None
         os.kill(victim, signal.SIGKILL)
@@ -108,13 +114,9 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tiny_model_dir, d
     checkpoint and exit with EXIT_PREEMPTED (no rank left waiting in a collective)."""
     out = tmp_path / "run"
     args = train_args(tiny_model_dir, data, out, **flags(max_steps=100000, epochs=1000, save_every=0))
-    launcher = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "engine.train", *args],
-                                cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    launcher = start_torchrun(args)
     try:
-        deadline = time.monotonic() + 300
-        while len(metrics(out, "train") if (out / "metrics.jsonl").is_file() else []) < 2:
-            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()[-3000:]
-            time.sleep(0.2)
+        wait_for(launcher, lambda: (out / "metrics.jsonl").is_file() and len(metrics(out, "train")) >= 2)
         os.kill(rank_pid(launcher, 1), signal.SIGTERM)
         _, stderr = launcher.communicate(timeout=120)
     finally:
