@@ -19,6 +19,7 @@ from engine.data.batching import Batch, BatchLoader
 from engine.data.render import IGNORE
 from engine.data.samples import Sample
 from engine.errors import InputError
+from engine.run.distributed import Parallel, evaluation_share
 from kernels.linear_cross_entropy import (
     linear_cross_entropy,
     linear_logprobs,
@@ -57,7 +58,8 @@ def completion_logps(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor
     Hidden state t predicts token t + 1, so the labels are shifted by one; the head runs fused
     (`kernels.linear_cross_entropy`: no (N, V) logits).
     """
-    return hidden_logps(hidden_states(model, batch), model.lm_head.weight, batch)
+    hidden = hidden_states(model, batch)  # first: under FSDP2 the head weight is whole only after the forward
+    return hidden_logps(hidden, model.lm_head.weight, batch)
 
 
 def hidden_logps(hidden: torch.Tensor, head_weight: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,19 +142,27 @@ def perplexity(loss: float) -> float:
 @torch.no_grad()
 def mean_loss(model: nn.Module, samples: list[Sample], *, batch_size: int, pad_id: int,
               device: torch.device | str, desc: str = "eval", progress: bool = True,
-              batching: str = "padded") -> LossResult:
+              batching: str = "padded", parallel: Parallel | None = None) -> LossResult:
     """Σ loss over every trainable token of ``samples`` / their number (batches of ``batch_size``
-    samples in file order, ``padded`` or ``padding-free``: the same sum up to float rounding)."""
+    samples in file order, ``padded`` or ``padding-free``: the same sum up to float rounding).
+    Under torchrun (``parallel``) the ranks share the batches (`evaluation_share`) and sum."""
     loader = BatchLoader(samples, batch_size, pad_id=pad_id, shuffle=False, batching=batching)
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
-    for batch in tqdm(loader.batches(0), total=loader.num_batches(0), desc=desc, unit="batch",
-                      disable=not progress, leave=False, dynamic_ncols=True):
-        tokens += count_loss_tokens(batch)  # on the CPU batch: no device sync per batch
-        total += loss_sum(model, batch.to(device)).double()
+    share = list(evaluation_share(parallel, loader.num_batches(0)))
+    for index, counted in tqdm(share, desc=desc, unit="batch", disable=not progress, leave=False,
+                               dynamic_ncols=True):
+        batch = loader.batch(0, index)
+        part = loss_sum(model, batch.to(device)).double()
+        if counted:
+            tokens += count_loss_tokens(batch)  # on the CPU batch: no device sync per batch
+            total += part
     model.train(was_training)
+    if parallel is not None:
+        parallel.sum_(total)
+        tokens, = parallel.sum_ints([tokens])
     if tokens == 0:
         raise InputError(f"{desc}: no trainable tokens to evaluate")
     loss = total.item() / tokens

@@ -58,6 +58,7 @@ from engine.losses.preference import (
 from engine.recipes.dpo_monitor import DisplacementMonitor
 from engine.recipes.dpo_reference import ReferencePolicy, precompute_reference
 from engine.run.checkpoint import load_extra
+from engine.run.distributed import Parallel, evaluation_share
 from engine.run.metrics import read_metrics
 from engine.run.session import Run, StepResult
 
@@ -182,26 +183,37 @@ def train_step(run: Run, obj: PreferenceObjective, window: list[Batch]) -> StepR
 
 
 @torch.no_grad()
-def evaluate(obj: PreferenceObjective, loader: PairBatchLoader, device: torch.device) -> dict[str, Any]:
-    """Mean DPO loss over the held-out pairs, their metrics prefixed ``eval/``, and ``eval/kl``."""
+def evaluate(obj: PreferenceObjective, loader: PairBatchLoader, device: torch.device,
+             parallel: Parallel | None = None) -> dict[str, Any]:
+    """Mean DPO loss over the held-out pairs, their metrics prefixed ``eval/``, and ``eval/kl``.
+    Under torchrun the ranks share the batches (`evaluation_share`) and sum what they counted."""
     was_training = obj.model.training
     obj.model.eval()
-    weight = obj.model.lm_head.weight
-    total, pairs, parts, kl_sum, kl_tokens = 0.0, 0, [], 0.0, 0
-    for cpu_batch in loader.batches(0):
-        batch = cpu_batch.to(device)
+    sums: dict[str, torch.Tensor] = {}  # per-pair metrics summed; loss, pairs, KL and its positions beside them
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    for index, counted in evaluation_share(parallel, loader.num_batches(0)):
+        batch = loader.batch(0, index).to(device)
         ref_hidden = obj.reference.hidden_states(batch)
         hidden = hidden_states(obj.model, batch)
+        weight = obj.model.lm_head.weight  # read after the forward: under FSDP2 the root's whole weight then
         policy, lengths = hidden_logps(hidden, weight, batch)
         ref = obj.table_logps(batch, "eval")
         ref = hidden_logps(ref_hidden, weight, batch)[0] if ref is None else ref
         losses, metrics = losses_from_logps(obj.options, policy, ref, lengths)
         kl, n = completion_kl(hidden, ref_hidden, weight, batch)
-        total, pairs, kl_sum, kl_tokens = total + losses.sum().item(), pairs + losses.numel(), kl_sum + kl, kl_tokens + n
-        parts.append(metrics)
+        if counted:
+            totals += torch.tensor([losses.sum().item(), losses.numel(), kl, n], dtype=torch.float64, device=device)
+            for name, values in metrics.items():
+                sums[name] = sums.get(name, 0) + values.double().sum()
     obj.model.train(was_training)
-    return {"loss": total / pairs, "pairs": pairs, **{f"eval/{k}": v for k, v in mean_metrics(parts).items()},
-            "eval/kl": kl_sum / max(kl_tokens, 1)}
+    names = list(metrics)  # every batch has the same metrics
+    summed = torch.cat([totals, torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float64, device=device)
+                                             for k in names])])
+    if parallel is not None:
+        parallel.sum_(summed)
+    loss_sum, pairs, kl_sum, kl_tokens, *metric_sums = summed.tolist()
+    return {"loss": loss_sum / pairs, "pairs": int(pairs),
+            **{f"eval/{k}": v / pairs for k, v in zip(names, metric_sums)}, "eval/kl": kl_sum / max(kl_tokens, 1)}
 
 
 def summarize(result: dict[str, Any]) -> str:
@@ -236,7 +248,7 @@ def train(cfg: TrainConfig, progress: bool = True, options: DPOOptions | None = 
         monitor = DisplacementMonitor(options.warn_chosen_drop)
 
         def evaluate_and_watch() -> dict[str, Any]:
-            result = evaluate(obj, eval_loader, run.device)
+            result = evaluate(obj, eval_loader, run.device, run.parallel)
             warning = monitor.observe(result["eval/logps/chosen_per_token"], result["eval/rewards/margins"],
                                       result["eval/kl"])
             if warning:

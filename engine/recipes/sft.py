@@ -81,7 +81,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Run:
 
         def evaluate() -> dict[str, Any]:
             return mean_loss(run.model, run.data.eval, batch_size=cfg.batch_size, pad_id=pad_id,
-                             device=run.device, progress=False, batching=eval_batching).to_json()
+                             device=run.device, progress=False, batching=eval_batching,
+                             parallel=run.parallel).to_json()
 
         run.start([run.data.train_report, run.data.eval_report, sft_batching_report(loader)],
                   evaluate if run.data.eval else None, summarize)

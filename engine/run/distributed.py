@@ -207,6 +207,18 @@ class Parallel:
         return [int(t) for t in out]
 
 
+def evaluation_share(parallel: Parallel | None, n_batches: int) -> Iterator[tuple[int, bool]]:
+    """This rank's part of an evaluation over ``n_batches`` batches shared by the ranks: (batch
+    index, counted) per forward, batches r, r + N, r + 2N, ... for rank r. Every rank runs the same
+    number of forwards, ⌈n / N⌉ (FSDP2 all-gathers inside each): a rank with no batch left in the
+    last round runs batch 0 again and does not count it. The caller sums what it counted over the
+    ranks (`Parallel.sum_`). One process: every batch, once."""
+    rank, world = (parallel.rank, parallel.world) if parallel is not None else (0, 1)
+    for first in range(0, n_batches, world):
+        index = first + rank
+        yield (index, True) if index < n_batches else (0, False)
+
+
 def _rank_device(device_flag: str, local_rank: int) -> torch.device:
     """Rank r's device: ``cuda:LOCAL_RANK`` (auto or cuda, where CUDA exists), else the CPU."""
     if device_flag == "cpu" or (device_flag == "auto" and not torch.cuda.is_available()):

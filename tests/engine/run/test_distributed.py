@@ -76,3 +76,16 @@ def test_a_loader_collates_one_batch_alone_as_in_its_epoch(batching):
             alone = loader.batch(epoch, index)
             assert (alone.epoch, alone.index, alone.sample_ids) == (epoch, index, expected.sample_ids)
             assert torch.equal(alone.input_ids, expected.input_ids) and torch.equal(alone.labels, expected.labels)
+
+
+@pytest.mark.parametrize("n_batches, world", [(7, 3), (6, 3), (2, 4), (5, 1)])
+def test_the_ranks_share_an_evaluation_in_equal_rounds(n_batches, world):
+    """Each batch is counted by exactly one rank; every rank runs ⌈n / N⌉ forwards (FSDP2 needs it)."""
+    from engine.run.distributed import evaluation_share
+
+    shares = [list(evaluation_share(Parallel("ddp", torch.device("cpu"), rank=r, world=world), n_batches))
+              for r in range(world)]
+    assert all(len(share) == -(-n_batches // world) for share in shares)
+    counted = sorted(index for share in shares for index, counted in share if counted)
+    assert counted == list(range(n_batches))
+    assert list(evaluation_share(None, n_batches)) == [(i, True) for i in range(n_batches)]
