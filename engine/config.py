@@ -211,12 +211,6 @@ class TrainConfig:
         if self.offload_activations and self.grad_checkpointing is False:
             raise InputError("--offload-activations keeps the inputs of gradient checkpointing in CPU memory: it "
                              "needs checkpointing, which --no-grad-checkpointing turns off")
-        if self.offload_activations and self.distributed == "fsdp":
-            raise InputError("--offload-activations does not work with --distributed fsdp yet: its recompute takes "
-                             "gradients with respect to the block's parameters, which FSDP2 replaces by their "
-                             "all-gathered copies during the block (the gradients would be lost). Use "
-                             "--grad-checkpointing (the default on a GPU) or --mlp-chunk-tokens with fsdp, or "
-                             "--offload-activations with ddp")
         if self.dpo_label_smoothing and self.dpo_loss not in ("sigmoid", "robust"):
             raise InputError(f"--dpo-label-smoothing applies to the sigmoid and robust losses, not {self.dpo_loss!r}")
 

@@ -24,12 +24,17 @@ One `torch.autograd.Function`, `_OffloadedBlock`, per block call:
   dequantized twice per step, forward and recompute: the contract of
   ``models.llama._recompute_keeps_dequantized``), and
 
-      (∂L/∂x, ∂L/∂θ) = torch.autograd.grad(y', (x', θ), dy)
+      torch.autograd.backward(y', dy)
 
-  over the recomputed y' = block(x') and the block's trainable parameters θ (LoRA's A and B).
-  θ are inputs of the Function, so its output requires grad even when x does not (the first
-  block's input comes from a frozen embedding) and their gradients flow back through the
-  autograd engine like any other (accumulated into ``.grad``, hooks see them).
+  over the recomputed y' = block(x'): ∂L/∂x' lands in x'.grad (returned as the Function's
+  gradient of x), and the gradients of the block's trainable parameters θ (LoRA's A and B)
+  accumulate into the ``.grad`` of the parameters the recompute used, once, as in any backward
+  (hooks see them: DDP's all-reduce marks each parameter ready once). Under FSDP2 those are the
+  block's all-gathered parameters, whose gradients FSDP2's own hooks reduce-scatter into the
+  shards, which is why θ cannot be inputs of the Function (they would be the shards, which the
+  recompute never touches). An empty leaf that requires grad (`_GRAD_ANCHOR`) is its input
+  instead, so that its output requires grad even when x does not (the first block's input comes
+  from a frozen embedding).
 
 Non-tensor arguments (positions, rotary frequencies, a `DocumentLayout`, ``cache=None``) pass
 through to the block in both calls. Autocast is re-entered in the recompute with the forward's
@@ -135,8 +140,8 @@ class _OffloadedBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, stash: HostStash, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                *params: torch.Tensor) -> torch.Tensor:
-        ctx.stash, ctx.run, ctx.params = stash, run, params
+                *anchor: torch.Tensor) -> torch.Tensor:
+        ctx.stash, ctx.run = stash, run
         ctx.rng = _rng_states(x.device)
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
         y = run(x)  # autograd is off inside a Function's forward: nothing of the block is saved
@@ -157,9 +162,8 @@ class _OffloadedBlock(torch.autograd.Function):
             if cuda_state is not None:
                 torch.cuda.set_rng_state(cuda_state, x.device)
             y = ctx.run(x)
-        wanted = [t for t, needed in zip((x, *ctx.params), ctx.needs_input_grad[2:]) if needed]
-        grads = iter(torch.autograd.grad(y, wanted, dy, allow_unused=True))
-        return (None, None, *(next(grads) if needed else None for needed in ctx.needs_input_grad[2:]))
+        torch.autograd.backward(y, dy)  # θ's gradients accumulate into the .grad of what the recompute used
+        return (None, None, x.grad if ctx.needs_input_grad[2] else None, *(None for _ in ctx.needs_input_grad[3:]))
 
 
 def offloaded_checkpoint(stash: HostStash, block: nn.Module, x: torch.Tensor, *args: Any) -> torch.Tensor:
@@ -168,5 +172,11 @@ def offloaded_checkpoint(stash: HostStash, block: nn.Module, x: torch.Tensor, *a
     ``args`` are passed through unchanged to both the forward and the recompute; the gradient
     reaches x (if it requires grad) and every parameter of ``block`` that requires grad.
     """
-    params = [p for p in block.parameters() if p.requires_grad]
-    return _OffloadedBlock.apply(stash, lambda inp: block(inp, *args), x, *params)
+    trains = any(p.requires_grad for p in block.parameters())
+    return _OffloadedBlock.apply(stash, lambda inp: block(inp, *args), x, *([_GRAD_ANCHOR] if trains else []))
+
+
+# An empty leaf that requires grad, given to `_OffloadedBlock` when its block has trainable
+# parameters: the block's output then requires grad even when its input does not, so the backward
+# reaches the block (the parameters themselves are not inputs of the Function; see the module doc).
+_GRAD_ANCHOR = torch.empty(0, requires_grad=True)

@@ -1,6 +1,7 @@
 """FSDP2 with a head of its own (not tied to the embedding, as Llama-2 and Llama-3 have): the fused
 loss reads the root's all-gathered head weight after ``hidden_states``; 2 ranks train what one
-process trains, and the evaluation the ranks share gives one process's (a 2-layer model, seconds)."""
+process trains (with the block inputs offloaded too), and the evaluation the ranks share gives one
+process's (a 2-layer model, seconds)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ def test_an_untied_head_under_fsdp_gives_the_single_process_losses(smollm2_dir, 
     run_single(train_args(model_dir, data, tmp_path / "one", grad_accum=2, **flags))
     run_torchrun(train_args(model_dir, data, tmp_path / "two", distributed="fsdp", **flags))
     assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), torch.float32, name="untied losses")
+    # with the block inputs offloaded: the recompute's gradients reach FSDP2's shards too
+    run_torchrun(train_args(model_dir, data, tmp_path / "offload", distributed="fsdp", offload_activations=True,
+                            **flags))
+    assert_close(losses(tmp_path / "offload"), losses(tmp_path / "one"), torch.float32, name="offloaded losses")
     evals = {name: metrics(tmp_path / name, "eval") for name in ("one", "two")}
     assert [r["tokens"] for r in evals["two"]] == [r["tokens"] for r in evals["one"]]
     assert_close(torch.tensor([r["loss"] for r in evals["two"]]), torch.tensor([r["loss"] for r in evals["one"]]),

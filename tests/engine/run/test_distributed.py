@@ -55,14 +55,6 @@ def test_nf4_bytes_become_frozen_parameters_and_compute_the_same():
     assert_close(model(x), before, torch.float32, name="logits")
 
 
-def test_activation_offload_is_refused_under_fsdp():
-    from engine.config import TrainConfig
-
-    cfg = TrainConfig(model="m", data="d", offload_activations=True, distributed="fsdp")
-    with pytest.raises(InputError, match="--offload-activations does not work with --distributed fsdp"):
-        cfg.validate()
-
-
 @pytest.mark.parametrize("batching", ["padded", "padding-free", "pack"])
 def test_a_loader_collates_one_batch_alone_as_in_its_epoch(batching):
     """What a rank collates of a step (`BatchLoader.batch`) is that batch of the epoch's sequence."""
