@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -136,9 +137,12 @@ class Parallel:
         if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
-            # every rank loaded the same files and seeded the same LoRA init: no broadcast needed
+            # every rank loaded the same files and seeded the same LoRA init: no broadcast needed, at
+            # the start or in the forward (the buffers are constants); torch 2.13 renamed the option
+            named = inspect.signature(DistributedDataParallel).parameters
+            no_buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in named else "broadcast_buffers": False}
             self._ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                                else None, broadcast_buffers=False, init_sync=False)
+                                                else None, init_sync=False, **no_buffer_sync)
             model.route_hidden_states(self._ddp)
         elif self.strategy == "fsdp":
             shard_model(model)
