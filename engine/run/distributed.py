@@ -132,6 +132,11 @@ class Parallel:
 
     # ------------------------------------------------------------------ the model
 
+    def check_replica_fits(self, model_config: Any, dtype: torch.dtype, quant: str) -> None:
+        """Under DDP on a GPU: `check_replica_fits` against this GPU's memory (else nothing)."""
+        if self.strategy == "ddp" and self.device.type == "cuda":
+            check_replica_fits(model_config, dtype, quant, torch.cuda.get_device_properties(self.device).total_memory)
+
     def prepare(self, model: nn.Module) -> nn.Module:
         """Wrap (DDP) or shard (FSDP2) the model in place; returns it (the same object)."""
         if self.strategy == "ddp":
@@ -221,6 +226,32 @@ def evaluation_share(parallel: Parallel | None, n_batches: int) -> Iterator[tupl
     for first in range(0, n_batches, world):
         index = first + rank
         yield (index, True) if index < n_batches else (0, False)
+
+
+def replica_bytes(model_config: Any, dtype: torch.dtype, quant: str) -> int:
+    """The bytes of the weights one DDP rank holds whole: every tensor in ``dtype``, or with NF4
+    the decoder-block linears at 4 bits plus one fp8 absmax per 64 weights (`models.quantized`)."""
+    from models.quantized import should_quantize
+    from models.skeleton import meta_model
+
+    total, element = 0, torch.empty((), dtype=dtype).element_size()
+    for name, p in meta_model(model_config).named_parameters():
+        if quant == "nf4" and should_quantize(name):
+            total += p.numel() // 2 + p.numel() // 64
+        else:
+            total += p.numel() * element
+    return total
+
+
+def check_replica_fits(model_config: Any, dtype: torch.dtype, quant: str, device_bytes: int) -> None:
+    """DDP keeps the whole model on every GPU: refuse (pointing to FSDP2) a model whose weights
+    alone exceed the GPU's memory, before anything is loaded."""
+    need = replica_bytes(model_config, dtype, quant)
+    if need > device_bytes:
+        raise InputError(f"--distributed ddp (or auto) keeps the whole model on every GPU, and its weights alone "
+                         f"({need / 2**30:,.1f} GiB) exceed this GPU's {device_bytes / 2**30:,.1f} GiB: use "
+                         "--distributed fsdp to shard them over the ranks (tools.memory_plan --gpus N --strategy fsdp "
+                         "predicts what fits)")
 
 
 def _rank_device(device_flag: str, local_rank: int) -> torch.device:

@@ -116,6 +116,7 @@ class Run:
         run.model_dir = resolve_model_dir(cfg.model)
         run.model_config = read_config(run.model_dir)
         run.max_len = resolve_max_len(cfg.max_len, run.model_config)
+        parallel.check_replica_fits(run.model_config, run.dtype, cfg.quant)  # DDP: the whole model on each GPU
         run.folder = RunFolder(run.output, resume=cfg.resume, overwrite=cfg.overwrite)
         run.protected = [run.model_dir, *(Path(p) for p in (cfg.data, cfg.eval_data, cfg.init_adapter) if p)]
         run.folder.check(run.protected)
@@ -213,8 +214,7 @@ class Run:
                              "--overwrite)")
         return checkpoint, notes
 
-    def _log_distribution(self) -> None:
-        """A ``distributed`` metrics line (`engine.run.distributed.layout_report`), and its summary."""
+    def _log_distribution(self) -> None:  # a "distributed" metrics line, and its summary on stderr
         fields, line = layout_report(self.parallel, self.model, self.micro_batches_per_step, self.cfg.batch_size)
         self.metrics.write("distributed", self.step, **fields)
         if self.progress:

@@ -81,3 +81,18 @@ def test_the_ranks_share_an_evaluation_in_equal_rounds(n_batches, world):
     counted = sorted(index for share in shares for index, counted in share if counted)
     assert counted == list(range(n_batches))
     assert list(evaluation_share(None, n_batches)) == [(i, True) for i in range(n_batches)]
+
+
+def test_ddp_refuses_a_model_whose_weights_exceed_one_gpu():
+    """Llama-2-70B in bf16 (138 GB) cannot be a DDP replica on an 80 GiB GPU; in NF4 (~36 GB) it can."""
+    from engine.run.distributed import check_replica_fits, replica_bytes
+    from models.presets import PRESETS
+
+    config = PRESETS["llama2-70b"].config
+    bf16 = replica_bytes(config, torch.bfloat16, "none")
+    assert bf16 == 2 * 68_976_648_192  # every parameter in bf16
+    nf4 = replica_bytes(config, torch.bfloat16, "nf4")
+    assert 0.25 * bf16 < nf4 < 0.3 * bf16
+    with pytest.raises(InputError, match=r"exceed this GPU's 80.0 GiB: use --distributed fsdp"):
+        check_replica_fits(config, torch.bfloat16, "none", 80 * 2**30)
+    check_replica_fits(config, torch.bfloat16, "nf4", 80 * 2**30)
