@@ -40,6 +40,7 @@ Strategies (`Parallel.prepare`):
   dequantizes its own weights after it, as on one device. LoRA masters stay fp32 and so do
   their reduce-scatters; the base computes in its own dtype (bf16 on a GPU): no cast policy.
 
+Evaluation is shared too (`evaluation_share`: equal rounds, each batch counted by one rank).
 Host-side agreement (counts, the SIGTERM stop, barriers) runs on a gloo group, so it never
 waits on the GPU stream.
 """

@@ -84,6 +84,8 @@ def compare_identity(saved: dict[str, Any], current: dict[str, Any]) -> tuple[li
         if before == now:
             continue
         line = f"{name}: checkpoint {_short(before)}, now {_short(now)}"
+        if name == "grad_accum":  # over all ranks: 2 ranks with --grad-accum 2 resume as 1 with --grad-accum 4
+            line += " (micro-batches per step over all ranks: --grad-accum × the number of ranks)"
         same_file = isinstance(before, dict) and isinstance(now, dict) and before.get("sha256") == now.get("sha256")
         (notes if name in NOTE_FIELDS or same_file else mismatches).append(line)
     return mismatches, notes

@@ -96,3 +96,11 @@ def test_ddp_refuses_a_model_whose_weights_exceed_one_gpu():
     with pytest.raises(InputError, match=r"exceed this GPU's 80.0 GiB: use --distributed fsdp"):
         check_replica_fits(config, torch.bfloat16, "none", 80 * 2**30)
     check_replica_fits(config, torch.bfloat16, "nf4", 80 * 2**30)
+
+
+def test_a_resume_with_other_micro_batches_per_step_says_they_count_over_all_ranks():
+    from engine.run.fingerprint import compare_identity
+
+    mismatches, notes = compare_identity({"grad_accum": 4}, {"grad_accum": 2})
+    assert mismatches == ["grad_accum: checkpoint 4, now 2 (micro-batches per step over all ranks: --grad-accum × "
+                          "the number of ranks)"] and notes == []
