@@ -68,6 +68,15 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LUT_SIZE = 65536  # grid of bitsandbytes' CPU 8-bit quantizer
 
 
+def nf4_bytes(n: int, blocksize: int = 64) -> int:
+    """The bytes of one weight of n elements in this file's double-quantised layout (what an
+    `models.quantized.NF4Linear` holds): packed codes ⌈n/2⌉ uint8, absmax codes ⌈n/bs⌉ uint8,
+    nested absmax ⌈⌈n/bs⌉/256⌉ fp32, offset 1 fp32, and the 16-entry NF4 and 256-entry dynamic
+    code tables in fp32 (each module holds its own). ``blocksize``: `quantize_nf4`'s default."""
+    blocks = -(-n // blocksize)
+    return -(-n // 2) + blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) + 4 + 4 * (len(NF4_VALUES) + 256)
+
+
 def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
     """The NF4 table, (16,) fp32, sorted ascending."""
     return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)

@@ -37,12 +37,11 @@ from dataclasses import dataclass, field
 from engine.adapters.lora import LLAMA_LINEARS as LINEARS
 from engine.errors import InputError
 from kernels.linear_cross_entropy import _chunk_rows
-from kernels.nf4 import NESTED_BLOCKSIZE, NF4_VALUES, dynamic_map, quantize_nf4
+from kernels.nf4 import NESTED_BLOCKSIZE, NF4_VALUES, dynamic_map, nf4_bytes, quantize_nf4
 from models.config import LlamaConfig
 
 NF4_BLOCKSIZE = inspect.signature(quantize_nf4).parameters["blocksize"].default  # what --quant nf4 uses
 FP32 = 4
-NF4_TABLE_BYTES = (len(NF4_VALUES) + dynamic_map().numel()) * FP32  # the code tables each NF4Linear holds
 # Stated constants, not derived: the CUDA context with cuBLAS / Triton workspaces and modules
 # (0.5-1 GiB on recent GPUs), the caching allocator's fragmentation as a fraction of the tensor
 # peak, and a CPU run's memory besides the model (tokenizer, tokenized data, torch's lazily
@@ -114,14 +113,6 @@ def linear_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
         cfg.num_key_value_heads * cfg.head_dim
     return {"q_proj": (q, H), "k_proj": (kv, H), "v_proj": (kv, H), "o_proj": (H, q),
             "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
-
-
-def nf4_bytes(n: int, blocksize: int = NF4_BLOCKSIZE) -> int:
-    """One weight of n elements in `kernels.nf4`'s double-quantised layout: packed codes ⌈n/2⌉
-    uint8, absmax codes ⌈n/bs⌉ uint8, nested absmax ⌈⌈n/bs⌉/256⌉ fp32, offset 1 fp32, and the
-    16-entry NF4 and 256-entry dynamic code tables in fp32 (each module holds its own)."""
-    blocks = math.ceil(n / blocksize)
-    return math.ceil(n / 2) + blocks + math.ceil(blocks / NESTED_BLOCKSIZE) * FP32 + FP32 + NF4_TABLE_BYTES
 
 
 def base_weight_bytes(s: Setup) -> int:

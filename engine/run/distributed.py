@@ -231,17 +231,14 @@ def evaluation_share(parallel: Parallel | None, n_batches: int) -> Iterator[tupl
 
 def replica_bytes(model_config: Any, dtype: torch.dtype, quant: str) -> int:
     """The bytes of the weights one DDP rank holds whole: every tensor in ``dtype``, or with NF4
-    the decoder-block linears at 4 bits plus one fp8 absmax per 64 weights (`models.quantized`)."""
+    the decoder-block linears in NF4 (`kernels.nf4.nf4_bytes`, as `models.quantized` stores them)."""
+    from kernels.nf4 import nf4_bytes
     from models.quantized import should_quantize
     from models.skeleton import meta_model
 
-    total, element = 0, torch.empty((), dtype=dtype).element_size()
-    for name, p in meta_model(model_config).named_parameters():
-        if quant == "nf4" and should_quantize(name):
-            total += p.numel() // 2 + p.numel() // 64
-        else:
-            total += p.numel() * element
-    return total
+    element = torch.empty((), dtype=dtype).element_size()
+    return sum(nf4_bytes(p.numel()) if quant == "nf4" and should_quantize(name) else p.numel() * element
+               for name, p in meta_model(model_config).named_parameters())
 
 
 def check_replica_fits(model_config: Any, dtype: torch.dtype, quant: str, device_bytes: int) -> None:
