@@ -173,8 +173,7 @@ def train_step(run: Run, obj: PreferenceObjective, window: list[Batch]) -> StepR
         total += losses.detach().sum() / n_pairs + alpha * batch_nll.detach()
         nll += batch_nll.detach()
         parts.append(metrics)
-    parallel.sum_(total)
-    parallel.sum_(nll)
+    total, nll = parallel.sum_(torch.stack([total, nll])).unbind()  # one all-reduce for both
     update = run.optimizer.step(total, run.step)  # loss and metrics stay on the device (Run reads them)
     samples = [run.data.train[pair].source for b in window for pair in batch_pairs(b)]
     metrics = parallel.weighted_sum(mean_metrics(parts, on_host=False), local_pairs / n_pairs)  # over all pairs
