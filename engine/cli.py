@@ -17,7 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from engine.config import TrainConfig, check_value, field_kind, flag_name
+from engine.config import LIST_KINDS, TrainConfig, check_value, field_kind, flag_name
 from engine.errors import EXIT_INPUT_ERROR, InputError
 
 if sys.version_info >= (3, 11):
@@ -99,7 +99,7 @@ def _default_text(f) -> str:
 def build_parser(prog: str, description: str) -> ArgumentParser:
     """One flag per `TrainConfig` field, defaults left unset (None) so that a TOML file can fill them."""
     parser = ArgumentParser(prog=prog, description=description,
-                            usage=f"{prog} --model MODEL --data FILE [--method sft|dpo] [options]")
+                            usage=f"{prog} --model MODEL --data FILE [--method sft|dpo|reward|grpo] [options]")
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file of field = value overrides "
                         "(keys as the flags, with - or _); command-line flags win.")
     for f in fields(TrainConfig):
@@ -108,6 +108,9 @@ def build_parser(prog: str, description: str) -> ArgumentParser:
         help_text = (f.metadata["help"] + _default_text(f)).replace("%", "%%")  # argparse formats help with %
         if kind is bool:  # --pack / --no-pack, plus --pack false for scripts
             parser.add_argument(flag, dest=f.name, action=BoolFlag, default=None, help=help_text)
+        elif kind in LIST_KINDS:  # --reward exact --reward number, or --reward exact number
+            parser.add_argument(flag, dest=f.name, type=LIST_KINDS[kind], nargs="+", action="extend", default=None,
+                                metavar=f.name.upper(), help=help_text)
         else:
             choices = f.metadata["choices"]
             parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=choices,

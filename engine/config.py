@@ -25,7 +25,8 @@ from typing import Any, get_type_hints
 
 from engine.errors import InputError
 
-METHODS = ("sft", "dpo")  # each the name of a module in engine/recipes/
+METHODS = ("sft", "dpo", "reward", "grpo")  # each the name of a module in engine/recipes/
+GRPO_LOSSES = ("grpo", "dr_grpo", "rloo")  # engine.losses.policy
 DPO_LOSSES = ("sigmoid", "robust", "ipo", "hinge")
 FORMATS = ("auto", "text", "completion", "alpaca", "messages", "sharegpt")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -39,6 +40,8 @@ MAX_SEED = 2**63 - 1
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"lr": 2e-4},
     "dpo": {"lr": 5e-5},
+    "reward": {"lr": 1e-4},
+    "grpo": {"lr": 1e-5},
 }
 
 
@@ -105,6 +108,33 @@ class TrainConfig:
                                        "than this many nats per token since step 0 while the reward margin "
                                        "grows (likelihood displacement); 0 turns the warning off.",
                                        range=AT_LEAST_0)
+    # GRPO (--method grpo)
+    num_generations: int = _opt(8, "GRPO: completions sampled per prompt (a group); advantages compare the "
+                                "rewards within each group.", range=Range(2))
+    max_completion_len: int = _opt(256, "GRPO: most new tokens per sampled completion (sampling stops earlier at "
+                                   "an end-of-sequence token).", range=AT_LEAST_1)
+    temperature: float = _opt(1.0, "GRPO: sampling temperature of the completions (the policy's log-probs in the "
+                              "loss use the same temperature).", range=POSITIVE)
+    top_p: float = _opt(1.0, "GRPO: nucleus sampling mass of the completions, in (0, 1].",
+                        range=Range(0, 1, low_open=True))
+    grpo_loss: str = _opt("grpo", "GRPO: objective: grpo (advantages (r - mean) / std in each group, loss averaged "
+                          "per completion), dr_grpo (r - mean, loss summed over tokens / (completions x "
+                          "--max-completion-len)) or rloo (leave-one-out baseline, the KL to the reference "
+                          "subtracted from the reward).", GRPO_LOSSES)
+    epsilon: float = _opt(0.2, "GRPO: clipping range of the importance ratio pi / pi_old, [1 - eps, 1 + eps].",
+                          range=POSITIVE)
+    beta: float = _opt(0.04, "GRPO: weight of the KL penalty to the reference policy (the base with adapters off, "
+                       "or the frozen --init-adapter); 0 turns it off and skips the reference forward.",
+                       range=AT_LEAST_0)
+    num_iterations: int = _opt(1, "GRPO: optimizer steps on each batch of sampled completions (their log-probs at "
+                               "sampling time kept as pi_old).", range=AT_LEAST_1)
+    reward: list[str] | None = _opt(None, "GRPO: reward functions, one or more: exact, number, regex:PATTERN, "
+                                    "json-schema:FILE, module:function or path/to/file.py:function (called as "
+                                    "f(prompts, completions, **columns) -> list of floats).")
+    reward_weights: list[float] | None = _opt(None, "GRPO: weight of each --reward (and --reward-model) in the "
+                                              "total reward, in their order (default: 1 each).")
+    reward_model: str | None = _opt(None, "GRPO: a reward model folder (from --method reward) scoring each "
+                                    "completion; adds to the --reward functions.")
     # length and batching
     max_len: int | None = _opt(None, "Maximum tokens per sample (default: min(model context, 2048)).",
                                range=Range(2))
@@ -226,8 +256,11 @@ _HINTS = get_type_hints(TrainConfig)
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
+LIST_KINDS = {list[str]: str, list[float]: float}  # list-valued fields (a flag given several values) -> item type
+
+
 def field_kind(name: str) -> tuple[type, bool]:
-    """(scalar type, optional) of a field: ``int | None`` -> (int, True)."""
+    """(type, optional) of a field: ``int | None`` -> (int, True); ``list[str] | None`` -> (list[str], True)."""
     hint = _HINTS[name]
     args = getattr(hint, "__args__", None)
     if args:
@@ -241,6 +274,19 @@ def check_value(name: str, value: Any) -> str | None:
     meta = _FIELDS[name].metadata
     if value is None:
         return None if optional or _FIELDS[name].default is None else "a value is required"
+    if kind in LIST_KINDS:
+        if not isinstance(value, (list, tuple)) or not value:
+            return f"expected a list of one or more values, got {_shown(value)}"
+        for item in value:
+            problem = _check_scalar(name, LIST_KINDS[kind], item)
+            if problem is not None:
+                return problem
+        return None
+    return _check_scalar(name, kind, value)
+
+
+def _check_scalar(name: str, kind: type, value: Any) -> str | None:
+    meta = _FIELDS[name].metadata
     if kind is bool and not isinstance(value, bool):
         return f"expected true or false, got {_shown(value)}"
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
