@@ -77,6 +77,7 @@ def train_step(run: Run, window: list[Batch]) -> StepResult:
     update = run.optimizer.step(total, run.step)  # loss and metrics stay on the device (Run reads them)
     samples = [run.data.train[pair].source for b in window for pair in batch_pairs(b)]
     metrics = parallel.weighted_sum(mean_metrics(parts, on_host=False), local_pairs / n_pairs)  # over all pairs
+    # "tokens": every token of the pairs feeds their scores (the loss is normalised by pairs, not tokens)
     return StepResult(total, update, tokens=real_tokens, real_tokens=real_tokens, samples=samples, metrics=metrics)
 
 

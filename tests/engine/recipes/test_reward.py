@@ -204,6 +204,14 @@ def test_eval_cli_reports_the_runs_final_accuracy_and_refuses_what_is_not_a_rewa
     assert not bad_out.exists()  # nothing written on bad input
 
 
+def test_merge_refuses_a_reward_model(trained, tiny_model_dir, tmp_path):
+    from engine.merge import merge_to_folder
+
+    with pytest.raises(InputError, match="a reward model .*would give a causal LM without its head"):
+        merge_to_folder(str(tiny_model_dir), str(trained / "adapter"), tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
 # ---------------------------------------------------------------------------- real weights
 
 def test_reward_model_on_smollm2_beats_the_untrained_head_on_held_out_pairs(smollm2_dir, tmp_path):
