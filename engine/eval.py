@@ -2,6 +2,7 @@
 
     python -m engine.eval --model BASE --adapter A [--adapter B ...] --data domain.jsonl \\
         [--general general.jsonl] [--out DIR]
+    python -m engine.eval --reward-model RUN/adapter --data prefs.jsonl [--model BASE] [--out DIR]
 
 For the base and for each adapter: the mean loss per trainable token and the perplexity on the
 domain set (SFT data in any format `engine.train` reads; only completion / assistant tokens count)
@@ -9,6 +10,10 @@ and on general text (``{"text": ...}`` lines, every token counts: a rise there a
 forgetting). The base is loaded once; the adapters are read and checked against its shapes before
 any weight is loaded, then applied one after the other (see `engine.comparison`). Writes
 ``OUT/eval.md`` (the markdown table, also printed), ``OUT/eval.json`` and ``OUT/eval.png``.
+
+With ``--reward-model`` it measures a reward model (``--method reward``) instead: its held-out
+pairwise accuracy and mean margin on the preference pairs of ``--data`` (`engine.reward_eval`);
+``--model`` then defaults to the base the reward model records.
 """
 
 from __future__ import annotations
@@ -34,15 +39,21 @@ DATA_FORMATS = ("auto", "text", "completion", "alpaca", "messages", "sharegpt")
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m engine.eval", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="Base model: a local Hugging Face folder or a preset name. Required.")
+    p.add_argument("--model", default=None, help="Base model: a local Hugging Face folder or a preset name. Required, "
+                   "except with --reward-model (default: the base it records).")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="A PEFT-format adapter folder for this base; repeat for several.")
-    p.add_argument("--data", required=True, help="Domain evaluation set (JSONL/JSON, SFT formats). Required.")
+    p.add_argument("--data", required=True, help="Domain evaluation set (JSONL/JSON, SFT formats); with "
+                   "--reward-model, preference pairs. Required.")
+    p.add_argument("--reward-model", default=None, metavar="DIR",
+                   help="A reward model folder (the adapter of --method reward): report its pairwise accuracy on "
+                   "the preference pairs of --data instead of comparing adapters.")
     p.add_argument("--format", default="auto", choices=DATA_FORMATS, help="Format of --data (default: detect).")
     p.add_argument("--general", default=None, help="General text ({\"text\": ...} lines) for the forgetting check.")
     p.add_argument("--out", default="outputs/eval", help="Folder for eval.md, eval.json and eval.png "
                    "(default: outputs/eval; those three files are replaced, nothing else).")
-    p.add_argument("--batch-size", type=int, default=4, help="Sequences per batch (default: 4).")
+    p.add_argument("--batch-size", type=int, default=4, help="Sequences per batch; pairs with --reward-model "
+                   "(default: 4).")
     p.add_argument("--max-len", type=int, default=None,
                    help="Truncate samples to this many tokens (default: min(model context, 2048)).")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
@@ -59,6 +70,10 @@ def read_adapters(paths: list[str], model_dir: Path) -> list[Adapter]:
     if len(set(paths)) != len(paths):
         raise InputError(f"--adapter: the same folder is given twice ({', '.join(paths)})")
     adapters = [read_adapter(p) for p in paths]
+    for adapter in adapters:
+        if adapter.config.modules_to_save:
+            raise InputError(f"--adapter {adapter.path}: a reward model (a score head beside LoRA); measure it with "
+                             "--reward-model")
     with torch.device("meta"):
         skeleton = LlamaForCausalLM(read_config(model_dir))
     for adapter in adapters:
@@ -107,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--max-len {args.max_len}: expected at least 2")
     out = Path(args.out)
     check_out(out)
+    if args.reward_model is not None:
+        from engine import reward_eval
+
+        return reward_eval.main(args, out)
+    if args.model is None:
+        raise InputError("--model is required (a local folder or a preset name), unless --reward-model is given")
     # Everything the user can get wrong is checked before the weights are loaded.
     model_dir = resolve_model_dir(args.model)
     max_len = resolve_max_len(args.max_len, read_config(model_dir))

@@ -34,6 +34,7 @@ from engine.adapters import (
     merge,
     read_adapter_config,
     read_adapter_weights,
+    read_head_weight,
 )
 from engine.cli import ArgumentParser
 from engine.errors import InputError, run_cli
@@ -117,6 +118,9 @@ def merge_to_folder(base: str, adapter: str, out: str | os.PathLike, dtype: torc
     base_dir = models.resolve_model_dir(base)
     check_out(out, base_dir, Path(adapter), overwrite)
     adapter_cfg, adapter_weights = read_adapter_config(adapter), read_adapter_weights(adapter)
+    if read_head_weight(adapter, adapter_cfg) is not None:
+        raise InputError(f"--adapter {adapter}: a reward model (a score head beside LoRA): merging it would give a "
+                         "causal LM without its head; score with it through engine.reward_model instead")
     with torch.device("meta"):  # the adapter fits the base: checked before any weight is read
         adapter_targets(models.LlamaForCausalLM(read_config(base_dir)), adapter, adapter_cfg, adapter_weights)
     # Load at the checkpoint's own precision and round each merged weight once, to ``dtype``.

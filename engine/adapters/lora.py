@@ -32,7 +32,12 @@ OUTPUT_HEAD = "lm_head"
 
 @dataclass
 class LoRAConfig:
-    """What to adapt and how. Field meanings match PEFT's ``LoraConfig`` (``alpha`` = ``lora_alpha``)."""
+    """What to adapt and how. Field meanings match PEFT's ``LoraConfig`` (``alpha`` = ``lora_alpha``).
+
+    ``modules_to_save`` is what a read adapter folder trains whole beside LoRA: () for a causal-LM
+    adapter, ``("score",)`` for a reward model's head (`engine.adapters.score_head`), the only
+    one we support. Saving derives it from the model (whether it has the head), not from here.
+    """
 
     r: int = 16
     alpha: float = 32.0
@@ -42,6 +47,7 @@ class LoRAConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     exclude_modules: tuple[str, ...] | str | None = None
+    modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (list, set)):
@@ -49,6 +55,7 @@ class LoRAConfig:
                                         else self.target_modules)
         if isinstance(self.exclude_modules, (list, set)):
             self.exclude_modules = tuple(self.exclude_modules)
+        self.modules_to_save = tuple(self.modules_to_save)
         if not isinstance(self.r, int) or self.r <= 0:
             raise InputError(f"LoRA rank r must be a positive integer, got {self.r!r}")
         if not self.alpha > 0:

@@ -8,6 +8,15 @@ A folder holds
   ``...lora_B.weight`` (out, r) per adapted module. PEFT also writes/accepts ``.lora_A.default.weight``
   and keys without the ``base_model.model.`` prefix; we read all of these spellings.
 
+A reward model (`engine.recipes.reward`) is a LoRA adapter plus its scalar head ``score``
+(`engine.adapters.score_head`), in PEFT's sequence-classification form, so that
+``PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=1), dir)``
+loads it: ``task_type: "SEQ_CLS"``, ``modules_to_save: ["score"]`` in the config, and the head's whole
+weight (1, H) under ``base_model.model.score.weight`` (the key PEFT 0.21 writes for a
+modules_to_save module; it lists ``["classifier", "score"]`` itself, which we read too, Llama has
+no ``classifier``). Any other modules_to_save is refused. A plain adapter is written exactly as
+before: ``task_type: "CAUSAL_LM"``, ``modules_to_save: null``, LoRA tensors only.
+
 Our own extra information (training lineage, ``metadata=``) rides in the safetensors header under
 the key ``lora_engine`` as a JSON string: PEFT ignores the header, whereas an unknown key in
 ``adapter_config.json`` makes it warn.
@@ -26,6 +35,7 @@ from safetensors import safe_open
 from torch import nn
 
 from engine.adapters.lora import ALL_LINEAR, LoRAConfig
+from engine.adapters.score_head import SCORE, ScoreHead, attach_score_head, score_head
 from engine.adapters.targets import find_targets, inject_lora, lora_modules
 from engine.errors import InputError
 from engine.atomic import atomic_dir
@@ -38,6 +48,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 METADATA_KEY = "lora_engine"
 _PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.default)?\.weight$")
+HEAD_KEY = f"{_PREFIX}{SCORE}.weight"  # a reward model's head, as PEFT saves a modules_to_save module
+_HEAD_SPELLINGS = (f"{SCORE}.weight", f"{SCORE}.modules_to_save.default.weight")  # after the prefix
+SEQ_CLS_MODULES = ({SCORE}, {"classifier", SCORE})  # modules_to_save of a reward model: ours, PEFT's
 
 # PEFT LoraConfig features we cannot honour: field -> value(s) meaning "not used".
 _UNSUPPORTED = {
@@ -45,7 +58,6 @@ _UNSUPPORTED = {
     "lora_bias": (False, None),
     "bias": ("none", None),
     "fan_in_fan_out": (False, None),
-    "modules_to_save": (None, []),
     "layers_to_transform": (None, []),
     "layer_replication": (None, []),
     "trainable_token_indices": (None, [], {}),
@@ -76,9 +88,10 @@ def peft_config_dict(model: nn.Module, cfg: LoRAConfig, base_model_name_or_path:
     else:
         target_modules = sorted(cfg.target_modules)
     exclude = cfg.exclude_modules if isinstance(cfg.exclude_modules, (str, type(None))) else list(cfg.exclude_modules)
+    reward = score_head(model) is not None
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_CLS" if reward else "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
@@ -92,7 +105,7 @@ def peft_config_dict(model: nn.Module, cfg: LoRAConfig, base_model_name_or_path:
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": [SCORE] if reward else None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "use_dora": False,
@@ -102,12 +115,19 @@ def peft_config_dict(model: nn.Module, cfg: LoRAConfig, base_model_name_or_path:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT-keyed copies of the LoRA weights: ``base_model.model.<module>.lora_{A,B}.weight``
-    (whole: under FSDP2 a collective, `engine.dtensors.full_tensor`)."""
+    """PEFT-keyed copies of the LoRA weights: ``base_model.model.<module>.lora_{A,B}.weight``, and
+    of a reward model's head, ``base_model.model.score.weight`` (fp32; whole: under FSDP2 a
+    collective, `engine.dtensors.full_tensor`)."""
+    def whole(param: torch.Tensor) -> torch.Tensor:
+        return full_tensor(param.detach()).to("cpu").contiguous().clone()
+
     tensors = {}
     for name, m in lora_modules(model).items():
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = full_tensor(m.lora_A.detach()).to("cpu").contiguous().clone()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = full_tensor(m.lora_B.detach()).to("cpu").contiguous().clone()
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = whole(m.lora_A)
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = whole(m.lora_B)
+    head = score_head(model)
+    if head is not None:
+        tensors[HEAD_KEY] = whole(head.weight)
     return tensors
 
 
@@ -152,6 +172,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
     for key, neutral in _UNSUPPORTED.items():
         if raw.get(key) not in neutral:
             raise InputError(f"{path}: {key}={raw[key]!r} is not supported (LoRA on linear layers only)")
+    modules_to_save = _modules_to_save(path, raw)
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in raw:
             raise InputError(f"{path}: missing required field {key!r}")
@@ -160,10 +181,27 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
             r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
             target_modules=raw["target_modules"], use_rslora=bool(raw.get("use_rslora", False)),
             rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},
-            exclude_modules=raw.get("exclude_modules"),
+            exclude_modules=raw.get("exclude_modules"), modules_to_save=modules_to_save,
         )
     except InputError as err:
         raise InputError(f"{path}: {err}") from None
+
+
+def _modules_to_save(path: Path, raw: dict[str, Any]) -> tuple[str, ...]:
+    """("score",) for a reward model (task_type SEQ_CLS, modules_to_save ["score"] or PEFT's
+    ["classifier", "score"]), () for a plain adapter; InputError for any other modules_to_save."""
+    listed = raw.get("modules_to_save") or []
+    seq_cls = raw.get("task_type") == "SEQ_CLS"
+    if not isinstance(listed, list) or (listed and set(listed) not in SEQ_CLS_MODULES):
+        raise InputError(f"{path}: modules_to_save={listed!r} is not supported (LoRA on linear layers only; "
+                         f"the one exception is a reward model's {SCORE!r} head)")
+    if listed and not seq_cls:
+        raise InputError(f"{path}: modules_to_save={listed!r} is a sequence-classification head, but task_type is "
+                         f"{raw.get('task_type')!r}; a reward model has task_type 'SEQ_CLS'")
+    if seq_cls and not listed:
+        raise InputError(f"{path}: task_type 'SEQ_CLS' without modules_to_save [{SCORE!r}]: a reward model saves its "
+                         "score head")
+    return (SCORE,) if listed else ()
 
 
 def read_adapter_metadata(adapter_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -196,6 +234,8 @@ def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, dict[str, 
     try:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
+                if key.removeprefix(_PREFIX) in _HEAD_SPELLINGS:
+                    continue  # a reward model's head: `read_head_weight`
                 match = _KEY_RE.match(key.removeprefix(_PREFIX))
                 if match is None:
                     raise InputError(f"{path}: tensor {key!r} is not a LoRA A/B weight (embedding, DoRA or "
@@ -217,6 +257,41 @@ def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, dict[str, 
                 raise InputError(f"{path}: {module}.{which}.weight has {bad} non-finite values (NaN or inf): "
                                  "the adapter is broken (was its run diverging?)")
     return weights
+
+
+def read_head_weight(adapter_dir: str | os.PathLike, cfg: LoRAConfig) -> torch.Tensor | None:
+    """A reward model's head weight (1, H) from the safetensors file, when the config lists it
+    (``cfg.modules_to_save``, `read_adapter_config`), else None; InputError when the file and the
+    config disagree, or the weight is not a finite (1, H) float tensor."""
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = [k for k in f.keys() if k.removeprefix(_PREFIX) in _HEAD_SPELLINGS]
+            weight = f.get_tensor(found[0]) if found else None
+    except Exception as err:  # safetensors raises its own error types for corrupt headers/files
+        raise InputError(f"{path}: cannot read safetensors file ({err})") from None
+    if SCORE not in cfg.modules_to_save:
+        if weight is not None:
+            raise InputError(f"{path}: holds a {SCORE!r} head ({found[0]}) that {CONFIG_NAME} does not list in "
+                             "modules_to_save")
+        return None
+    if weight is None:
+        raise InputError(f"{path}: no {HEAD_KEY} (the reward model's head that {CONFIG_NAME} lists in "
+                         "modules_to_save)")
+    if not weight.is_floating_point() or weight.dim() != 2 or weight.shape[0] != 1:
+        raise InputError(f"{path}: {found[0]} has shape {tuple(weight.shape)} and dtype {weight.dtype}; a reward "
+                         "head is a (1, hidden) float weight (num_labels=1)")
+    bad = int((~torch.isfinite(weight)).sum())
+    if bad:
+        raise InputError(f"{path}: {found[0]} has {bad} non-finite values (NaN or inf): the reward model is broken")
+    return weight
+
+
+def check_head_fits(adapter_dir: str | os.PathLike, head: torch.Tensor | None, hidden_size: int) -> None:
+    """A read head (or None) against the model's hidden size."""
+    if head is not None and head.shape[1] != hidden_size:
+        raise InputError(f"{Path(adapter_dir) / WEIGHTS_NAME}: {HEAD_KEY} has shape {tuple(head.shape)}, expected "
+                         f"(1, {hidden_size}) (the base's hidden size)")
 
 
 def _check_shapes(path: Path, model: nn.Module, cfg: LoRAConfig, targets: list[str],
@@ -253,22 +328,36 @@ def adapter_targets(model: nn.Module, adapter_dir: str | os.PathLike, cfg: LoRAC
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAConfig:
-    """Inject LoRA into ``model`` per the folder's config and load its weights (as fp32); return the config.
+    """Inject LoRA into ``model`` per the folder's config and load its weights (as fp32); a reward
+    model's head is attached as ``model.score`` (`engine.adapters.score_head`). Returns the config.
 
     Everything is checked before the model is touched: the config, every key and shape.
     """
     cfg = read_adapter_config(adapter_dir)
     weights = read_adapter_weights(adapter_dir)
+    head = read_head_weight(adapter_dir, cfg)
     adapter_targets(model, adapter_dir, cfg, weights)
+    check_head_fits(adapter_dir, head, model.config.hidden_size)
     inject_lora(model, cfg)
     assign_adapter_weights(model, weights)
+    if head is not None:
+        attach_score_head(model, ScoreHead(head).to(model.model.embed_tokens.weight.device))
     return cfg
 
 
 def load_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
-    """Copy a saved adapter's weights into a model that already has the same LoRA layers (resume)."""
+    """Copy a saved adapter's weights into a model that already has the same LoRA layers (resume),
+    and the head into a reward model's ``score``."""
     path = Path(adapter_dir) / WEIGHTS_NAME
     weights = read_adapter_weights(adapter_dir)
+    head_weight = read_head_weight(adapter_dir, read_adapter_config(adapter_dir))
+    head = score_head(model)
+    if (head is None) != (head_weight is None):
+        raise InputError(f"{path}: {'has no' if head_weight is None else 'has a'} reward head ({HEAD_KEY}), "
+                         f"the model {'has one' if head is not None else 'has none'}")
+    if head is not None and tuple(head_weight.shape) != tuple(head.weight.shape):
+        raise InputError(f"{path}: {HEAD_KEY} has shape {tuple(head_weight.shape)}, expected "
+                         f"{tuple(head.weight.shape)}")
     modules = lora_modules(model)
     if set(weights) != set(modules):
         diff = sorted(set(weights) ^ set(modules))
@@ -279,6 +368,8 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> No
             if got != tuple(param.shape):
                 raise InputError(f"{path}: {name}.{which} has shape {got}, expected {tuple(param.shape)}")
     assign_adapter_weights(model, weights)
+    if head is not None:
+        copy_full_into(head.weight, head_weight)
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from engine.adapters.peft_format import (
     assign_adapter_weights,
     read_adapter_config,
     read_adapter_weights,
+    read_head_weight,
 )
 from engine.adapters.targets import inject_lora, remove_lora
 
@@ -41,6 +42,7 @@ def read_adapter(path: str | Path, name: str | None = None) -> Adapter:
     """Config and weights of a PEFT-format folder (InputError when missing or malformed)."""
     path = Path(path)
     config = read_adapter_config(path)
+    read_head_weight(path, config)  # a reward head must agree with the config (the caller decides on it)
     weights = {module: {k: t.to(torch.float32) for k, t in pair.items()}
                for module, pair in read_adapter_weights(path).items()}
     return Adapter(name or str(path), path, config, weights)

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from engine.adapters.lora import ALL_LINEAR, OUTPUT_HEAD, LoRAConfig, LoRALinear
+from engine.adapters.score_head import SCORE, score_head
 from engine.errors import InputError
 from models.quantized import NF4Linear
 
@@ -103,18 +104,24 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The LoRA parameters by name (``<module>.lora_A`` / ``<module>.lora_B``), in model order."""
+    """The adapter's parameters by name: LoRA's (``<module>.lora_A`` / ``<module>.lora_B``), in
+    model order, then a reward model's head (``score.weight``, `engine.adapters.score_head`)
+    when the model has one: what trains, what is saved, what must stay finite."""
     params: dict[str, nn.Parameter] = {}
     for name, m in lora_modules(model).items():
         params[f"{name}.lora_A"] = m.lora_A
         params[f"{name}.lora_B"] = m.lora_B
+    head = score_head(model)
+    if head is not None:
+        params[f"{SCORE}.weight"] = head.weight
     return params
 
 
 def set_trainable(model: nn.Module) -> int:
-    """Freeze everything but the LoRA weights; return the number of trainable elements."""
+    """Freeze everything but the adapter (LoRA, and a reward model's head); return the number of
+    trainable elements."""
     lora = {id(p) for p in adapter_params(model).values()}
-    if not lora:
+    if not lora_modules(model):
         raise ValueError("set_trainable: the model has no LoRA adapters (call inject_lora first)")
     for p in model.parameters():
         p.requires_grad_(id(p) in lora)

@@ -24,7 +24,10 @@ including the last end-of-turn token (any EOS id); without one, EOS is appended.
 tokenized once and shared by both rows; labels are -100 on the prompt and the completion tokens
 on the completion (then shifted by the loss, as for SFT).
 
-A missing or mistyped prompt / chosen / rejected is an error naming file, line and field (with
+An optional numeric ``margin`` per record (TRL's reward-modelling field: how much better chosen is)
+is kept on the pair for the reward model's loss (`engine.losses.reward`); DPO ignores it.
+
+A missing or mistyped prompt / chosen / rejected / margin is an error naming file, line and field (with
 ``skip_invalid=True``, ``--skip-invalid-records``: a skip counted as ``skipped_missing_fields``).
 Skipped and counted in a `PreferenceReport` (with the first line numbers): an empty completion,
 identical chosen and rejected (also when they only became identical through truncation), an empty
@@ -45,6 +48,8 @@ forward scores both sides: 2B padded rows, or one padding-free row, or rows pack
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -74,6 +79,7 @@ class PreferencePair:
     chosen: list[int]
     rejected: list[int]
     source: str  # "file:line"
+    margin: float = 0.0  # the record's optional "margin" (reward modelling)
 
     def rows(self) -> tuple[Sample, Sample]:
         """The chosen and the rejected sequence as SFT-style samples (labels -100 on the prompt)."""
@@ -116,6 +122,7 @@ class _Parsed:
     prompt: Any
     chosen: Any
     rejected: Any
+    margin: float = 0.0
 
 
 def _messages(value: Any, key: str) -> tuple[dict[str, str], ...] | Invalid:
@@ -153,10 +160,18 @@ def _split_text(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 
 def parse_record(obj: dict) -> _Parsed | Invalid:
-    """The record's form and parts, or `Invalid` naming the missing or mistyped field."""
+    """The record's form, parts and margin, or `Invalid` naming the missing or mistyped field."""
     for key in PREFERENCE_KEYS:
         if obj.get(key) is None:
             return Invalid(f"field {key!r} is missing")
+    margin = obj.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        return Invalid(f"field 'margin' must be a finite number, got {margin!r}")
+    parsed = _parse_parts(obj)
+    return parsed if isinstance(parsed, Invalid) else dataclasses.replace(parsed, margin=float(margin))
+
+
+def _parse_parts(obj: dict) -> _Parsed | Invalid:
     chosen, rejected = obj["chosen"], obj["rejected"]
     if "prompt" not in obj:
         if isinstance(chosen, str) and isinstance(rejected, str):
@@ -218,33 +233,42 @@ def tokenize_pair(parsed: _Parsed, tokenizer: Any, special: SpecialTokens, sourc
     With ``max_len``: at most the prompt's last ``max_len`` tokens and each completion's first
     ``max_len + 1`` (then `fit_length` cuts them as the length policy says).
     """
+    prompt, (chosen, rejected) = tokenize_completions(parsed.form, parsed.prompt, [parsed.chosen, parsed.rejected],
+                                                      tokenizer, special, source, max_len)
+    return prompt, chosen, rejected
+
+
+def tokenize_completions(form: str, prompt: Any, completions: list[Any], tokenizer: Any, special: SpecialTokens,
+                         source: str, max_len: int | None = None) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, ids of each completion) for a prompt and completions of one parsed ``form``
+    (`parse_record`), rendered as `tokenize_pair` renders a pair's two sides: what the reward
+    model scores (`engine.reward_model`) is rendered as it was trained."""
     def completion(ids_of_text: str, end_with_eos: bool) -> list[int]:
         ids = encode_head(tokenizer, ids_of_text, max_len)
         if max_len is not None and len(ids) > max_len:
             return ids  # cut: its end is beyond what is kept
         return ids + [special.eos_id] if end_with_eos else _end_at_stop(ids, special)
 
-    if parsed.form.endswith("text"):
-        prompt_text = parsed.prompt
-        chosen, rejected = (completion(t, end_with_eos=True) for t in (parsed.chosen, parsed.rejected))
+    if form.endswith("text"):
+        prompt_text = prompt
+        ids = [completion(t, end_with_eos=True) for t in completions]
     else:
         if not special.has_chat_template:
             raise InputError(f"{source}: conversational preference data needs a chat template and this "
                              "tokenizer has none; use prompt/chosen/rejected strings instead")
-        messages = [dict(m) for m in parsed.prompt]
+        messages = [dict(m) for m in prompt]
         prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        completions = []
-        for side in (parsed.chosen, parsed.rejected):
+        ids = []
+        for side in completions:
             full = tokenizer.apply_chat_template(messages + [dict(m) for m in side], add_generation_prompt=False)
             if not full.startswith(prompt_text):
                 raise InputError(f"{source}: the chat template is not prefix-stable (the rendered prompt is "
                                  "not a prefix of the rendered conversation); use prompt/chosen/rejected strings")
-            completions.append(completion(full[len(prompt_text):], end_with_eos=False))
-        chosen, rejected = completions
-    prompt, cut = encode_tail(tokenizer, prompt_text, max_len) if max_len else (_encode(tokenizer, prompt_text), False)
-    if special.adds_bos and not cut and prompt[:1] != [special.bos_id]:
-        prompt = [special.bos_id, *prompt]
-    return prompt, chosen, rejected
+            ids.append(completion(full[len(prompt_text):], end_with_eos=False))
+    prompt_ids, cut = encode_tail(tokenizer, prompt_text, max_len) if max_len else (_encode(tokenizer, prompt_text), False)
+    if special.adds_bos and not cut and prompt_ids[:1] != [special.bos_id]:
+        prompt_ids = [special.bos_id, *prompt_ids]
+    return prompt_ids, ids
 
 
 def fit_length(prompt: list[int], chosen: list[int], rejected: list[int],
@@ -308,7 +332,7 @@ def load_preference_pairs(path: str | Path, tokenizer: Any, *, max_len: int | No
                 report.count("skipped_identical", line)
                 continue
             report.count("truncated", line)
-        pairs.append(PreferencePair(prompt, chosen, rejected, source))
+        pairs.append(PreferencePair(prompt, chosen, rejected, source, parsed.margin))
     report.format = ", ".join(f"{form} ({n})" for form, n in sorted(forms.items())) or "preference"
     report.kept = len(pairs)
     if not pairs:

@@ -1,5 +1,6 @@
 """The model a run trains: the frozen base (dense or NF4) with a LoRA adapter that is the only
-trainable part, a fresh one from the flags or the one given with ``--init-adapter``."""
+trainable part, a fresh one from the flags or the one given with ``--init-adapter``; for a reward
+model the adapter includes the scalar head ``score`` (`engine.adapters.score_head`)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ from engine.adapters import (
     read_adapter_config,
     read_adapter_metadata,
     read_adapter_weights,
+    read_head_weight,
     set_trainable,
 )
+from engine.adapters.peft_format import check_head_fits
+from engine.adapters.score_head import attach_score_head, initializer_range, new_score_head, score_head
 from engine.config import TrainConfig
 from engine.dtensors import full_tensor
 from engine.errors import InputError
@@ -47,10 +51,13 @@ def lora_config_from_flags(cfg: TrainConfig) -> LoRAConfig:
                       use_rslora=cfg.rslora)
 
 
-def check_model_fits(cfg: TrainConfig, model_config: LlamaConfig, max_token_id: int) -> None:
+def check_model_fits(cfg: TrainConfig, model_config: LlamaConfig, max_token_id: int,
+                     with_score_head: bool = False) -> None:
     """Before any weight is loaded: the data's token ids fit the vocabulary, the adapter's targets
     exist, and the rank is at most the smallest dimension of a targeted linear (a larger one would
-    only allocate parameters that add no capacity). Checked on a meta-device model: no memory."""
+    only allocate parameters that add no capacity). Checked on a meta-device model: no memory.
+    A starting adapter with a reward head is for a reward run only (``with_score_head``), and its
+    head must fit the hidden size."""
     if max_token_id >= model_config.vocab_size:
         raise InputError(f"{cfg.data}: token id {max_token_id} is outside the model's vocabulary of "
                          f"{model_config.vocab_size} (the tokenizer has more tokens than the model's embedding)")
@@ -58,6 +65,11 @@ def check_model_fits(cfg: TrainConfig, model_config: LlamaConfig, max_token_id: 
     if cfg.init_adapter:
         adapter_cfg = read_adapter_config(cfg.init_adapter)
         adapter_targets(skeleton, cfg.init_adapter, adapter_cfg, read_adapter_weights(cfg.init_adapter))
+        head = read_head_weight(cfg.init_adapter, adapter_cfg)
+        if head is not None and not with_score_head:
+            raise InputError(f"--init-adapter {cfg.init_adapter}: a reward model (a 'score' head beside LoRA); "
+                             f"--method {cfg.method} starts from a causal-LM adapter (from --method sft or dpo)")
+        check_head_fits(cfg.init_adapter, head, model_config.hidden_size)
         return
     lora_cfg = lora_config_from_flags(cfg)
     for name in find_targets(skeleton, lora_cfg):
@@ -70,7 +82,8 @@ def check_model_fits(cfg: TrainConfig, model_config: LlamaConfig, max_token_id: 
 
 
 def non_finite_parameter(model: nn.Module) -> str | None:
-    """The name of the first adapter tensor with a NaN or an infinity (with how many), else None."""
+    """The name of the first adapter tensor (LoRA, or a reward head) with a NaN or an infinity
+    (with how many), else None."""
     for name, param in adapter_params(model).items():
         bad = int((~torch.isfinite(full_tensor(param.detach()))).sum())  # FSDP2: gathered on every rank
         if bad:
@@ -78,8 +91,15 @@ def non_finite_parameter(model: nn.Module) -> str | None:
     return None
 
 
-def build_model(cfg: TrainConfig, model_dir: Path, device: torch.device, dtype: torch.dtype) -> TrainableModel:
+def build_model(cfg: TrainConfig, model_dir: Path, device: torch.device, dtype: torch.dtype,
+                with_score_head: bool = False) -> TrainableModel:
     """Load the base (quantized to NF4 with ``--quant nf4``), attach the adapter, freeze the rest.
+
+    ``with_score_head`` (a reward model): the adapter includes the head ``model.score``, the
+    starting adapter's when it has one, else a fresh one (`new_score_head`: HF's initialisation,
+    seeded by ``cfg.seed`` on a generator of its own). It exists before the model is wrapped for
+    DDP or sharded by FSDP2 (`engine.run.session.Run.build_model`), so both treat it as they treat
+    LoRA's weights.
 
     The global RNG is seeded first: it draws LoRA A's initialisation and, later, dropout.
     ``--init-adapter`` brings its own r, alpha and targets; dropout is a training choice and
@@ -98,6 +118,9 @@ def build_model(cfg: TrainConfig, model_dir: Path, device: torch.device, dtype: 
     else:
         lora_cfg, parent = lora_config_from_flags(cfg), None
         inject_lora(model, lora_cfg)
+    if with_score_head and score_head(model) is None:
+        attach_score_head(model, new_score_head(model.config.hidden_size, cfg.seed, initializer_range(model_dir),
+                                                device=device))
     trainable = set_trainable(model)
     model.gradient_checkpointing = cfg.offload_activations or (
         cfg.grad_checkpointing if cfg.grad_checkpointing is not None else device.type == "cuda")

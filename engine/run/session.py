@@ -144,17 +144,18 @@ class Run:
                                                              self.micro_batches_per_step))
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
 
-    def build_model(self) -> TrainableModel:
+    def build_model(self, with_score_head: bool = False) -> TrainableModel:
         """Check that the model can take the adapter and the data, lock the output folder, then load
-        the weights (base, NF4 with --quant nf4, the adapter)."""
-        check_model_fits(self.cfg, self.model_config, self.data.max_token_id())
+        the weights (base, NF4 with --quant nf4, the adapter; with ``with_score_head`` a reward
+        model's head, part of the adapter), and wrap (DDP) or shard (FSDP2) the whole."""
+        check_model_fits(self.cfg, self.model_config, self.data.max_token_id(), with_score_head)
         self.identity = run_identity(self.cfg, self.model_dir, self.max_len, self.dtype,
                                      micro_batches_per_step=self.micro_batches_per_step)
         if self.cfg.resume:
             self._resume_point()  # a checkpoint made for another run fails here, before any weight is read
         if self.parallel.is_main:
             self.folder.claim(self.protected)
-        self.trainable = build_model(self.cfg, self.model_dir, self.device, self.dtype)
+        self.trainable = build_model(self.cfg, self.model_dir, self.device, self.dtype, with_score_head)
         self.model = self.parallel.prepare(self.trainable.model)
         return self.trainable
 

@@ -213,3 +213,80 @@ def test_bad_adapters_raise_input_error_and_leave_model_untouched(hf_dir, tmp_pa
     with pytest.raises(InputError, match=message):
         load_adapter(model, adapter)
     assert not lora_modules(model)
+
+
+# ---------------------------------------------------------------------------- reward models (SEQ_CLS)
+
+def hf_seq_cls(path):
+    """transformers' sequence classifier (num_labels=1) on the folder; pad_token_id None, so each
+    sequence, scored alone, is pooled at its last position."""
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = None
+    return model.eval()
+
+
+def our_scores(model, rows):
+    with torch.no_grad():  # one row at a time: the last position is the last token
+        return torch.stack([model.score(model.hidden_states(row[None])[0, -1]) for row in rows])
+
+
+def test_peft_reward_adapter_loaded_by_us_gives_peft_scores(hf_dir, tmp_path):
+    """PEFT's own SEQ_CLS adapter (it lists modules_to_save ["classifier", "score"]): we load its LoRA
+    and its head, and score every sequence as PEFT does."""
+    torch.manual_seed(3)
+    pmodel = peft.get_peft_model(hf_seq_cls(hf_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                     task_type="SEQ_CLS")).eval()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in pmodel.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        expected = torch.stack([pmodel(row[None]).logits[0, 0] for row in ids()])
+    pmodel.save_pretrained(tmp_path / "peft_rm")
+    assert set(json.loads((tmp_path / "peft_rm" / CONFIG_NAME).read_text())["modules_to_save"]) == {"classifier", "score"}
+    model = load_model(hf_dir)
+    cfg = load_adapter(model, tmp_path / "peft_rm")
+    assert cfg.modules_to_save == ("score",) and model.score.weight.shape == (1, 64)
+    assert "score.weight" in adapter_params(model)
+    assert_close(our_scores(model, ids()), expected, torch.float32, "our scores with PEFT's reward adapter",
+                 atol=LOGITS_FP32_ATOL)
+
+
+def test_plain_adapter_config_is_causal_lm_and_has_no_head(hf_dir, tmp_path):
+    our_adapter(hf_dir, tmp_path / "a", LoRAConfig(r=2, target_modules=("q_proj",)))
+    written = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    assert written["task_type"] == "CAUSAL_LM" and written["modules_to_save"] is None
+    with safe_open(str(tmp_path / "a" / WEIGHTS_NAME), "pt") as f:
+        assert all(".lora_" in k for k in f.keys())
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("other_module", r"modules_to_save=\['lm_head'\] is not supported \(LoRA on linear layers only"),
+    ("causal_lm_task", r"is a sequence-classification head, but task_type is 'CAUSAL_LM'"),
+    ("no_head_weight", r"no base_model\.model\.score\.weight"),
+    ("unlisted_head", r"holds a 'score' head .* does not list in modules_to_save"),
+    ("head_shape", r"a reward head is a \(1, hidden\) float weight"),
+])
+def test_bad_reward_adapters_raise_input_error(hf_dir, tmp_path, breakage, message):
+    adapter = tmp_path / "a"
+    model = our_adapter(hf_dir, adapter, LoRAConfig(r=2, target_modules=("q_proj",)))
+    config_path, weights_path = adapter / CONFIG_NAME, adapter / WEIGHTS_NAME
+    config = json.loads(config_path.read_text())
+    head = {"base_model.model.score.weight": torch.randn(1, model.config.hidden_size)}
+    reward = {"task_type": "SEQ_CLS", "modules_to_save": ["score"]}
+    if breakage == "other_module":
+        config_path.write_text(json.dumps({**config, **reward, "modules_to_save": ["lm_head"]}))
+    elif breakage == "causal_lm_task":
+        config_path.write_text(json.dumps({**config, "modules_to_save": ["score"]}))
+        _rewrite(weights_path, lambda t: {**t, **head})
+    elif breakage == "no_head_weight":
+        config_path.write_text(json.dumps({**config, **reward}))
+    elif breakage == "unlisted_head":
+        _rewrite(weights_path, lambda t: {**t, **head})
+    elif breakage == "head_shape":
+        config_path.write_text(json.dumps({**config, **reward}))
+        _rewrite(weights_path, lambda t: {**t, "base_model.model.score.weight": torch.randn(2, 64)})
+    fresh = load_model(hf_dir)
+    with pytest.raises(InputError, match=message):
+        load_adapter(fresh, adapter)
+    assert not lora_modules(fresh) and not hasattr(fresh, "score")

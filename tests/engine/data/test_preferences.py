@@ -114,6 +114,23 @@ def test_invalid_pairs_are_errors_or_counted_skips_with_their_lines(tmp_path):
     assert "1 skipped identical (lines 4)" in report.summary()
 
 
+def test_optional_margin_is_read_per_pair_and_a_non_number_names_its_line(tmp_path):
+    """TRL's reward-modelling field: a number (int or float) kept on the pair, 0 when absent; a
+    string, a boolean, null or an infinity is an error naming file:line (or a counted skip)."""
+    tok = TinyTokenizer()
+    good = {"prompt": "Question?", "chosen": " yes", "rejected": " no"}
+    records = [good, {**good, "margin": 2}, {**good, "margin": -0.5}, {**good, "margin": "1.0"},
+               {**good, "margin": True}, {**good, "margin": None}, {**good, "margin": 1e999}]
+    path = tmp_path / "margins.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[:4]))
+    with pytest.raises(InputError, match=rf"{re.escape(str(path))}:4: field 'margin' must be a finite number, got '1.0'"):
+        load_preference_pairs(path, tok)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records).replace("Infinity", "1e999"))
+    pairs, report = load_preference_pairs(path, tok, skip_invalid=True)
+    assert [p.margin for p in pairs] == [0.0, 2.0, -0.5] and all(isinstance(p.margin, float) for p in pairs)
+    assert report.lines == {"skipped_missing_fields": [4, 5, 6, 7]}
+
+
 def test_all_invalid_or_not_preference_data_is_an_error(tmp_path):
     tok = TinyTokenizer()
     bad = write(tmp_path, [{"prompt": "Q?", "chosen": " a", "rejected": " a"}, {"prompt": "", "chosen": "a",

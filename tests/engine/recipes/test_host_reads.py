@@ -1,5 +1,5 @@
 """A training step reads nothing on the host: three steps of the SmolLM2 fixture (SFT with LoRA
-and QLoRA, DPO with LoRA) under a `TorchDispatchMode` that counts every op that makes the host wait for a tensor's
+and QLoRA, DPO and the reward model with LoRA) under a `TorchDispatchMode` that counts every op that makes the host wait for a tensor's
 value — zero in the steps that do not log, one (the copy of the pending figures) in the step that
 does.
 
@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.config import TrainConfig
-from engine.recipes import dpo, sft
+from engine.recipes import dpo, reward, sft
 from engine.run.session import Run
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -58,9 +58,9 @@ def first_lines(src: str, n: int, folder: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("method,quant", [("sft", "none"), ("sft", "nf4"), ("dpo", "none")])
+@pytest.mark.parametrize("method,quant", [("sft", "none"), ("sft", "nf4"), ("dpo", "none"), ("reward", "none")])
 def test_steps_read_the_host_only_when_they_log(smollm2_dir, tmp_path, monkeypatch, method, quant):
-    recipe = {"sft": sft, "dpo": dpo}[method]
+    recipe = {"sft": sft, "dpo": dpo, "reward": reward}[method]
     data = first_lines("license_qa.jsonl" if method == "sft" else "license_prefs.jsonl", 6, tmp_path)
     per_step: dict[int, Counter] = {}
     train_step, end_step = recipe.train_step, Run.end_step
