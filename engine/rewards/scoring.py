@@ -153,19 +153,44 @@ def _std(x: torch.Tensor) -> torch.Tensor:
     return x.std() if x.numel() > 1 else torch.zeros((), dtype=x.dtype)
 
 
+def reward_sums(scores: list[RewardScores], num_generations: int) -> torch.Tensor:
+    """What the reward metrics need, summed over batches (and, by the caller, over ranks): (6 + 2F,)
+    float64 [n, Σ total, Σ total², Σ group std, groups, groups with zero std, then Σ r_f, Σ r_f² of
+    each function]."""
+    g = num_generations
+    rows = []
+    for s in scores:
+        total = s.total.double()
+        if g < 1 or total.numel() % g:
+            raise ValueError(f"{total.numel()} rewards do not split into groups of num_generations={g}")
+        groups = total.view(-1, g)
+        group_std = groups.std(dim=1) if g > 1 else torch.zeros(groups.shape[0], dtype=total.dtype)
+        zero_std = (groups == groups[:, :1]).all(dim=1)
+        row = [total.numel(), total.sum(), total.square().sum(), group_std.sum(), groups.shape[0], zero_std.sum()]
+        for values in s.per_function.values():
+            row += [values.double().sum(), values.double().square().sum()]
+        rows.append(torch.tensor([float(v) for v in row], dtype=torch.float64))
+    return torch.stack(rows).sum(0)
+
+
+def metrics_from_sums(sums: list[float], names: list[str], prefix: str = "") -> dict[str, float]:
+    """TRL's reward metrics (module docstring) from `reward_sums`, each name prefixed with ``prefix``."""
+    n, total, squares, group_std, groups, zero_std, *per_function = sums
+
+    def std(s: float, sq: float) -> float:  # Bessel-corrected, 0 for one value
+        return math.sqrt(max(sq - s * s / n, 0.0) / (n - 1)) if n > 1 else 0.0
+
+    metrics = {}
+    for i, name in enumerate(names):
+        s, sq = per_function[2 * i], per_function[2 * i + 1]
+        metrics[f"{prefix}rewards/{name}/mean"] = s / n
+        metrics[f"{prefix}rewards/{name}/std"] = std(s, sq)
+    metrics[f"{prefix}reward"] = total / n
+    metrics[f"{prefix}reward_std"] = group_std / max(groups, 1)
+    metrics[f"{prefix}frac_reward_zero_std"] = zero_std / max(groups, 1)
+    return metrics
+
+
 def reward_metrics(scores: RewardScores, num_generations: int) -> dict[str, float]:
     """TRL's reward metrics of one batch (definitions in the module docstring), as floats."""
-    total = scores.total.double()
-    g = num_generations
-    if g < 1 or total.numel() % g:
-        raise ValueError(f"{total.numel()} rewards do not split into groups of num_generations={g}")
-    metrics = {}
-    for name, values in scores.per_function.items():
-        metrics[f"rewards/{name}/mean"] = values.double().mean().item()
-        metrics[f"rewards/{name}/std"] = _std(values.double()).item()
-    groups = total.view(-1, g)
-    group_std = groups.std(dim=1) if g > 1 else torch.zeros(groups.shape[0], dtype=total.dtype)
-    metrics["reward"] = total.mean().item()
-    metrics["reward_std"] = group_std.mean().item()
-    metrics["frac_reward_zero_std"] = (groups == groups[:, :1]).all(dim=1).double().mean().item()
-    return metrics
+    return metrics_from_sums(reward_sums([scores], num_generations).tolist(), list(scores.per_function))
