@@ -23,6 +23,7 @@ import torch
 from engine.cli import ArgumentParser
 from engine.errors import InputError, run_cli
 from engine.run.setup import DTYPES, resolve_device
+from engine.sampling import sample_next_tokens
 from models.llama import LlamaForCausalLM
 
 
@@ -32,12 +33,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     softmax(logits / T) restricted to the smallest prefix (by probability) whose mass reaches top_p."""
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    sorted_probs, order = probs.sort(descending=True)
-    mass_before = sorted_probs.cumsum(0) - sorted_probs
-    sorted_probs = torch.where(mass_before < top_p, sorted_probs, torch.zeros_like(sorted_probs))  # keeps the top-1
-    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-    return int(order[choice])
+    return int(sample_next_tokens(logits[None], temperature, top_p, generator)[0])  # (1, V) -> one token
 
 
 @torch.inference_mode()

@@ -65,11 +65,14 @@ def sample_next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_probs = torch.where(mass_before < top_p, sorted_probs, torch.zeros_like(sorted_probs))  # keeps the top-1
-    choice = torch.multinomial(sorted_probs / sorted_probs.sum(dim=-1, keepdim=True), 1, generator=generator)  # (B, 1)
-    return order.gather(-1, choice)[:, 0]
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        kept = (sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p  # the nucleus; keeps the top-1
+        probs = probs * torch.zeros_like(kept).scatter(-1, order, kept)  # back in vocabulary order
+    # drawn over the vocabulary order, never the sorted one: near-equal probabilities swap places in
+    # a sort under rounding-level changes (another GEMM path, another rank count), which would map
+    # the same random number to another token
+    return torch.multinomial(probs / probs.sum(dim=-1, keepdim=True), 1, generator=generator)[:, 0]
 
 
 def left_padded(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
