@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,24 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [record for line in lines if (record := _parse(line)) is not None]
 
 
+@dataclass(frozen=True)
+class Curve:
+    """A chart a run draws at its end beside loss.png: ``train_key`` of the train lines and
+    ``eval_key`` of the eval lines against the step, in ``OUTPUT/png``."""
+
+    png: str
+    train_key: str
+    eval_key: str
+    ylabel: str
+
+
 def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, ylabel: str = "loss") -> None:
     """Train loss per step and eval loss at its steps, on one chart with integer step ticks."""
+    plot_curve(metrics_path, png_path, Curve(Path(png_path).name, "loss", "loss", ylabel))
+
+
+def plot_curve(metrics_path: str | Path, png_path: str | Path, curve: Curve) -> None:
+    """``curve.train_key`` per train line and ``curve.eval_key`` at the eval steps, integer step ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,16 +88,19 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, ylabel: str 
     from matplotlib.ticker import MaxNLocator
 
     records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train" and isinstance(r.get("loss"), float)]
-    evals = [(r["step"], r["loss"]) for r in records if r["kind"] == "eval" and isinstance(r.get("loss"), float)]
+    train = [(r["step"], r[curve.train_key]) for r in records
+             if r["kind"] == "train" and isinstance(r.get(curve.train_key), (int, float))]
+    evals = [(r["step"], r[curve.eval_key]) for r in records
+             if r["kind"] == "eval" and isinstance(r.get(curve.eval_key), (int, float))]
+    name = curve.train_key.split("/")[-1]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+        ax.plot(*zip(*train), label=f"train {name}", linewidth=1.2)
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.5)
+        ax.plot(*zip(*evals), "o-", label=f"eval {name}", linewidth=1.5)
     ax.set_xlabel("optimizer step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(curve.ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -56,7 +56,7 @@ from engine.run.checkpoint import (
 from engine.run.distributed import Parallel, layout_report
 from engine.run.fingerprint import compare_identity, run_identity
 from engine.run.folder import COMPLETE, RunFolder, lineage, write_json
-from engine.run.metrics import DiscardedLog, MetricsLog, plot_loss_curve
+from engine.run.metrics import Curve, DiscardedLog, MetricsLog, plot_curve, plot_loss_curve
 from engine.run.model import (
     TrainableModel,
     build_model,
@@ -98,6 +98,7 @@ class Run:
         self.extras: dict[str, dict[str, torch.Tensor]] = {}  # method tensors saved in checkpoints
         self.lineage_extra: dict[str, Any] = {}               # method fields of the adapter's lineage
         self.loss_label = "loss"                              # y axis of loss.png
+        self.curves: list[Curve] = []                         # the method's charts beside loss.png
         self.warnings: list[str] = []                         # repeated in the summary
         self._begun = self._stop_requested = False
         self._pending = PendingSteps()                        # steps not yet read on the host
@@ -393,6 +394,8 @@ class Run:
             self.parallel.barrier()  # rank 0 writes the rest, then joins this barrier
             return self.final_eval
         plot_loss_curve(self.output / "metrics.jsonl", self.output / "loss.png", ylabel=self.loss_label)
+        for curve in self.curves:
+            plot_curve(self.output / "metrics.jsonl", self.output / curve.png, curve)
         summary = {"steps": self.step, "trainable_parameters": self.trainable.trainable_parameters,
                    "eval": self.final_eval, "adapter": str(self.output / "adapter"), "warnings": self.warnings}
         self.metrics.write("summary", self.step, **summary)
