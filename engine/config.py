@@ -38,10 +38,10 @@ DISTRIBUTED = ("auto", "ddp", "fsdp")  # engine.run.distributed
 MAX_SEED = 2**63 - 1
 # Defaults that differ by --method, used when the field is left unset (None).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sft": {"lr": 2e-4},
-    "dpo": {"lr": 5e-5},
-    "reward": {"lr": 1e-4},
-    "grpo": {"lr": 1e-5},
+    "sft": {"lr": 2e-4, "lora_dropout": 0.05},
+    "dpo": {"lr": 5e-5, "lora_dropout": 0.05},
+    "reward": {"lr": 1e-4, "lora_dropout": 0.05},
+    "grpo": {"lr": 1e-5, "lora_dropout": 0.0},
 }
 
 
@@ -156,7 +156,8 @@ class TrainConfig:
     epochs: float = _opt(1.0, "Passes over the training data (ignored when --max-steps is set).", range=POSITIVE)
     max_steps: int | None = _opt(None, "Optimizer steps to run (default: from --epochs).", range=AT_LEAST_1)
     # optimisation
-    lr: float | None = _opt(None, "Peak learning rate (default: 2e-4 for --method sft, 5e-5 for dpo).",
+    lr: float | None = _opt(None, "Peak learning rate (default: 2e-4 for --method sft, 5e-5 for dpo, 1e-4 for "
+                            "reward, 1e-5 for grpo).",
                             range=POSITIVE)
     lr_schedule: str = _opt("cosine", "Learning-rate schedule after warmup.", SCHEDULES)
     warmup_steps: int | None = _opt(None, "Linear warmup steps (default: 3% of the run).", range=AT_LEAST_0)
@@ -171,7 +172,9 @@ class TrainConfig:
     lora_r: int = _opt(16, "LoRA rank (at most the smallest dimension of a targeted linear).", range=AT_LEAST_1)
     lora_alpha: float = _opt(32.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with --rslora).",
                              range=POSITIVE)
-    lora_dropout: float = _opt(0.05, "Dropout on the LoRA input.", range=FRACTION)
+    lora_dropout: float | None = _opt(None, "Dropout on the LoRA input (default: 0.05; 0 for --method grpo, "
+                                      "whose importance ratio compares the policy with itself at sampling "
+                                      "time).", range=FRACTION)
     rslora: bool = _opt(False, "Rank-stabilised LoRA scaling alpha/sqrt(r).")
     target_modules: str = _opt("all-linear", "Comma-separated module names (q_proj,...,down_proj) or 'all-linear'.")
     init_adapter: str | None = _opt(None, "Start from this PEFT-format adapter folder (ours or made elsewhere); "

@@ -281,3 +281,33 @@ class PromptLoader:
         """The batches of ``epoch`` from batch index ``start`` on."""
         for index in range(start, self.num_batches(epoch)):
             yield self.batch(epoch, index)
+
+
+class StepRepeats:
+    """A prompt loader whose every step's batches come ``repeats`` times in a row (GRPO's
+    ``--num-iterations``: several optimizer steps on one batch of sampled completions).
+
+    A step takes ``per_step`` consecutive batch positions (``grad_accum`` × ranks). Block k of the
+    epoch, the underlying batches ``k·per_step … k·per_step + per_step − 1``, fills positions
+    ``k·per_step·repeats …`` ``repeats`` times over: position i is underlying batch
+    ``(i // (per_step·repeats))·per_step + i % per_step``. An epoch keeps whole blocks only (the at
+    most ``per_step − 1`` batches left over are the next epoch's to draw in another order), so no
+    step's repeats straddle an epoch.
+    """
+
+    def __init__(self, loader: PromptLoader, per_step: int, repeats: int):
+        if loader.num_batches(0) < per_step:
+            raise InputError(f"{loader.num_batches(0)} batches of prompts per epoch, fewer than the {per_step} "
+                             "micro-batches of one step (--grad-accum × ranks): lower --batch-size or "
+                             "--grad-accum")
+        self.loader, self.per_step, self.repeats = loader, per_step, repeats
+
+    def num_batches(self, epoch: int) -> int:
+        return self.loader.num_batches(epoch) // self.per_step * self.per_step * self.repeats
+
+    def source_index(self, index: int) -> int:
+        """The underlying batch at position ``index`` of an epoch."""
+        return index // (self.per_step * self.repeats) * self.per_step + index % self.per_step
+
+    def batch(self, epoch: int, index: int) -> PromptBatch:
+        return self.loader.batch(epoch, self.source_index(index))

@@ -41,6 +41,8 @@ IDENTITY_FIELDS = ("method", "format", "eval_split", "max_len", "length_policy",
 ADAPTER_FIELDS = ("lora_r", "lora_alpha", "rslora", "target_modules")  # replaced by the starting adapter's hash
 SCHEDULE_FIELDS = ("lr", "lr_schedule", "warmup_steps", "max_steps", "epochs")
 NOTE_FIELDS = (*SCHEDULE_FIELDS, "model_name", "mlp_chunk_tokens")
+GRPO_FIELDS = ("num_generations", "max_completion_len", "temperature", "top_p", "grpo_loss", "epsilon", "beta",
+               "num_iterations", "reward", "reward_weights", "reward_model")  # only a GRPO run records them
 
 
 def run_identity(cfg: TrainConfig, model_dir: Path, max_len: int, dtype: torch.dtype,
@@ -62,6 +64,8 @@ def run_identity(cfg: TrainConfig, model_dir: Path, max_len: int, dtype: torch.d
         fields["max_tokens_per_batch"] = cfg.max_tokens_per_batch
     if cfg.mlp_chunk_tokens is not None and cfg.lora_dropout > 0:  # the MLPs' dropout masks are drawn per chunk
         fields["mlp_chunk_tokens"] = cfg.mlp_chunk_tokens
+    if cfg.method == "grpo":
+        fields.update({name: getattr(cfg, name) for name in GRPO_FIELDS})
     if cfg.init_adapter:
         for name in ADAPTER_FIELDS:
             fields.pop(name, None)
