@@ -274,7 +274,6 @@ def field_kind(name: str) -> tuple[type, bool]:
 def check_value(name: str, value: Any) -> str | None:
     """What is wrong with ``value`` for field ``name`` (its type, finiteness, choices, range), or None."""
     kind, optional = field_kind(name)
-    meta = _FIELDS[name].metadata
     if value is None:
         return None if optional or _FIELDS[name].default is None else "a value is required"
     if kind in LIST_KINDS:
