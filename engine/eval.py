@@ -3,6 +3,7 @@
     python -m engine.eval --model BASE --adapter A [--adapter B ...] --data domain.jsonl \\
         [--general general.jsonl] [--out DIR]
     python -m engine.eval --reward-model RUN/adapter --data prefs.jsonl [--model BASE] [--out DIR]
+    python -m engine.eval --model BASE --adapter A [...] --data prompts.jsonl --reward number [--out DIR]
 
 For the base and for each adapter: the mean loss per trainable token and the perplexity on the
 domain set (SFT data in any format `engine.train` reads; only completion / assistant tokens count)
@@ -14,6 +15,9 @@ any weight is loaded, then applied one after the other (see `engine.comparison`)
 With ``--reward-model`` it measures a reward model (``--method reward``) instead: its held-out
 pairwise accuracy and mean margin on the preference pairs of ``--data`` (`engine.reward_eval`);
 ``--model`` then defaults to the base the reward model records.
+
+With ``--reward SPEC ...`` it compares the base and the adapters by the mean reward of their greedy
+completions to the prompts of ``--data`` (a GRPO run's measure, `engine.prompt_eval`).
 """
 
 from __future__ import annotations
@@ -48,6 +52,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--reward-model", default=None, metavar="DIR",
                    help="A reward model folder (the adapter of --method reward): report its pairwise accuracy on "
                    "the preference pairs of --data instead of comparing adapters.")
+    p.add_argument("--reward", nargs="+", action="extend", default=None, metavar="SPEC",
+                   help="Reward functions (as engine.train's --reward: exact, number, regex:PATTERN, "
+                   "json-schema:FILE, module:function, file.py:function): --data holds prompts, and each model "
+                   "(base, adapters) is measured by the mean reward of its greedy completions.")
+    p.add_argument("--reward-weights", nargs="+", type=float, action="extend", default=None, metavar="W",
+                   help="With --reward: the weight of each function in the total (default: 1 each).")
+    p.add_argument("--max-completion-len", type=int, default=256,
+                   help="With --reward: most new tokens per completion (default: 256).")
     p.add_argument("--format", default="auto", choices=DATA_FORMATS, help="Format of --data (default: detect).")
     p.add_argument("--general", default=None, help="General text ({\"text\": ...} lines) for the forgetting check.")
     p.add_argument("--out", default="outputs/eval", help="Folder for eval.md, eval.json and eval.png "
@@ -128,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         return reward_eval.main(args, out)
     if args.model is None:
         raise InputError("--model is required (a local folder or a preset name), unless --reward-model is given")
+    if args.reward:
+        from engine import prompt_eval
+
+        return prompt_eval.main(args, out)
+    if args.reward_weights:
+        raise InputError("--reward-weights applies with --reward")
     # Everything the user can get wrong is checked before the weights are loaded.
     model_dir = resolve_model_dir(args.model)
     max_len = resolve_max_len(args.max_len, read_config(model_dir))

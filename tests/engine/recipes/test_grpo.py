@@ -213,3 +213,25 @@ def test_bad_grpo_settings_are_input_errors(tiny_model_dir, task, tmp_path):
     with pytest.raises(InputError, match="--pack"):
         grpo.train(grpo_config(tiny_model_dir, task, tmp_path / "c", pack=True), progress=False)
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_engine_eval_reward_table_reproduces_the_runs_evaluations(tiny_model_dir, task, tmp_path):
+    """``engine.eval --reward``: the base row is the run's step-0 eval, the adapter's its final one
+    (greedy completions in the same batches: --batch-size = batch_size × G of the run)."""
+    from engine.eval import main as eval_main
+
+    grpo.train(grpo_config(tiny_model_dir, task, tmp_path / "run", max_steps=4, lr=5e-2), progress=False)
+    evals = lines(tmp_path / "run", "eval")
+    spec = f"{task['rewards']}:short"
+    assert eval_main(["--model", str(tiny_model_dir), "--adapter", str(tmp_path / "run" / "adapter"),
+                      "--data", str(task["eval"]), "--reward", spec, "regex:[aeiou]", "--reward-weights", "1", "0.5",
+                      "--max-completion-len", "6", "--max-len", "96", "--batch-size", "3", "--out",
+                      str(tmp_path / "eval"), "--no-progress", "--device", "cpu"]) == 0
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    base, trained = result["rows"]
+    same = lambda a, b: abs(a - b) < 1e-9  # the same completions; sums in another order
+    assert same(base["reward"], evals[0]["eval/reward"]) and same(trained["reward"], evals[-1]["eval/reward"])
+    assert same(trained["rewards"]["short"], evals[-1]["eval/rewards/short/mean"])
+    assert trained["reward"] != base["reward"]
+    assert base["prompts"] == 2 and len(trained["completions"]) == 2
+    assert "| base |" in (tmp_path / "eval" / "eval.md").read_text()
