@@ -4,6 +4,7 @@
     python -m engine.train --model ./my-model --data train.jsonl --quant nf4 --output runs/qlora
     python -m engine.train --config run.toml --lr 1e-4        # flags override the TOML file
     python -m engine.train --method dpo --model M --data prefs.jsonl --init-adapter runs/sft/adapter
+    python -m engine.train --method grpo --model M --data prompts.jsonl --reward number --init-adapter runs/sft/adapter
     python -m engine.train --method reward --model M --data prefs.jsonl --eval-data prefs_eval.jsonl
 
 Each ``--method NAME`` is the recipe ``engine.recipes.NAME`` (``train(cfg, progress)``).
@@ -21,9 +22,10 @@ import sys
 from engine.cli import parse_config
 from engine.errors import run_cli
 
-DESCRIPTION = ("Fine-tune a Llama-family model with LoRA (or QLoRA with --quant nf4), by SFT or DPO, or train a "
-               "reward model (--method reward). Writes the PEFT-format "
-               "adapter to OUTPUT/adapter, metrics to OUTPUT/metrics.jsonl and the loss curve to OUTPUT/loss.png.")
+DESCRIPTION = ("Fine-tune a Llama-family model with LoRA (or QLoRA with --quant nf4): by SFT or DPO, a reward "
+               "model (--method reward), or online from rewards (--method grpo: GRPO, Dr. GRPO or RLOO with "
+               "--grpo-loss, graded by --reward functions or a --reward-model). Writes the PEFT-format adapter to "
+               "OUTPUT/adapter, metrics to OUTPUT/metrics.jsonl and the loss curve to OUTPUT/loss.png.")
 
 
 def main(argv: list[str] | None = None) -> int:
