@@ -297,7 +297,7 @@ def train(cfg: TrainConfig, progress: bool = True, options: GRPOOptions | None =
 
 
 def _reward_model(path: str, run: Run):
-    """The scorer of a reward-model folder, on the run's device and dtype."""
+    """The scorer of a reward-model folder, on the run's device and dtype (NF4 with --quant nf4)."""
     from engine.reward_model import RewardModelScorer
 
-    return RewardModelScorer.load(path, device=run.device, dtype=run.dtype)
+    return RewardModelScorer.load(path, device=run.device, dtype=run.dtype, quant=run.cfg.quant)

@@ -235,3 +235,28 @@ def test_engine_eval_reward_table_reproduces_the_runs_evaluations(tiny_model_dir
     assert trained["reward"] != base["reward"]
     assert base["prompts"] == 2 and len(trained["completions"]) == 2
     assert "| base |" in (tmp_path / "eval" / "eval.md").read_text()
+
+
+def test_a_reward_model_scores_the_completions(tiny_model_dir, task, tmp_path):
+    """--reward-model: a reward model trained by --method reward is one more weighted reward function."""
+    from engine.recipes import reward
+    from engine.reward_model import RewardModelScorer
+
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("\n".join((Path(__file__).resolve().parents[3] / "examples" / "license_prefs.jsonl")
+                               .read_text().splitlines()[:4]) + "\n")
+    reward.train(TrainConfig(method="reward", model=str(tiny_model_dir), data=str(prefs), output=str(tmp_path / "rm"),
+                             max_steps=1, batch_size=2, max_len=128, lora_r=4), progress=False)
+    grpo.train(grpo_config(tiny_model_dir, task, tmp_path / "run", reward=["regex:[aeiou]"],
+                           reward_model=str(tmp_path / "rm" / "adapter"), reward_weights=[1.0, 2.0], max_steps=1),
+               progress=False)
+    completions = lines(tmp_path / "run", "completion", "completions.jsonl")
+    scorer = RewardModelScorer.load(tmp_path / "rm" / "adapter", device="cpu", dtype=torch.float32)
+    samples = {s.source: s for s in load_prompt_data(task["train"], load_tokenizer(tiny_model_dir),
+                                                     max_prompt_len=90).train}
+    prompts = [samples[c["prompt"]].prompt for c in completions]
+    expected = scorer(prompts, [[{"role": "assistant", "content": c["completion"]}] for c in completions])
+    for c, score in zip(completions, expected):
+        assert abs(c["rewards/reward_model"] - score) < 1e-5
+        assert abs(c["reward"] - (c["rewards/regex"] + 2.0 * c["rewards/reward_model"])) < 1e-5
+    assert "rewards/reward_model/mean" in lines(tmp_path / "run", "train")[0]
