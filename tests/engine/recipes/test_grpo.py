@@ -260,3 +260,15 @@ def test_a_reward_model_scores_the_completions(tiny_model_dir, task, tmp_path):
         assert abs(c["rewards/reward_model"] - score) < 1e-5
         assert abs(c["reward"] - (c["rewards/regex"] + 2.0 * c["rewards/reward_model"])) < 1e-5
     assert "rewards/reward_model/mean" in lines(tmp_path / "run", "train")[0]
+
+
+@pytest.mark.parametrize("function", ["broken", "none_for_all", "too_few"])
+def test_the_command_line_exits_2_with_one_line_naming_the_function(tiny_model_dir, task, tmp_path, capfd, function):
+    from tests.faults.conftest import cli
+
+    result = cli("train", "--method", "grpo", "--model", str(tiny_model_dir), "--data", str(task["train"]),
+                 "--output", str(tmp_path / "out"), "--reward", f"{task['rewards']}:{function}",
+                 "--num-generations", "2", "--max-completion-len", "4", "--max-len", "96", "--lora-r", "2",
+                 capfd=capfd)
+    assert result.code == 2 and f"reward {function}" in result.message and "train.jsonl:" in result.message
+    assert not (tmp_path / "out").exists()
