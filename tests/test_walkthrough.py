@@ -21,9 +21,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-# The README's walk-through with fewer steps: SFT --max-steps 60 -> SFT_STEPS, DPO 30 -> DPO_STEPS, each
-# evaluated at its first and last step only (evaluation draws no random numbers: the steps are the same).
-SFT_STEPS, DPO_STEPS = 24, 12
+# The README's walk-through with fewer steps: SFT --max-steps 60 -> SFT_STEPS, DPO 30 -> DPO_STEPS, GRPO
+# 20 -> GRPO_STEPS, each evaluated at its first and last step only (evaluation draws no random numbers:
+# the steps are the same).
+SFT_STEPS, DPO_STEPS, GRPO_STEPS = 24, 12, 10
 
 
 def cli(module: str, *args) -> subprocess.CompletedProcess:
@@ -50,7 +51,8 @@ def walkthrough(smollm2_dir, tmp_path_factory) -> dict:
         runs / "dpo" / "adapter", "--data", EXAMPLES / "license_qa_eval.jsonl", "--general",
         EXAMPLES / "general_text.jsonl", "--out", runs / "eval", "--no-progress")
     rows = {row["name"]: row for row in json.loads((runs / "eval" / "eval.json").read_text())["rows"]}
-    return {"runs": runs, "dpo_args": dpo, "base": rows["base"], "sft": rows[str(runs / "sft" / "adapter")],
+    return {"runs": runs, "dpo_args": dpo, "model": smollm2_dir, "base": rows["base"],
+            "sft": rows[str(runs / "sft" / "adapter")],
             "dpo": rows[str(runs / "dpo" / "adapter")]}
 
 
@@ -73,3 +75,20 @@ def test_a_far_too_high_learning_rate_is_warned_about(walkthrough):
     assert "likelihood displacement" in result.stderr
     summary = json.loads((out / "run_complete.json").read_text())
     assert summary["warnings"] == [warnings[0]["message"]]
+
+
+def test_grpo_after_sft_raises_the_held_out_reward(walkthrough):
+    """SFT → GRPO on the arithmetic prompts, graded by the final number: the held-out greedy reward
+    (the SFT adapter's at step 0) rises by at least 0.15 and ends at 0.85 or more (the README's
+    run: 0.69 → 0.97 in 20 steps; the base model scores 0.22)."""
+    out = walkthrough["runs"] / "grpo"
+    cli("engine.train", "--method", "grpo", "--model", walkthrough["model"], "--init-adapter",
+        walkthrough["runs"] / "sft" / "adapter", "--data", EXAMPLES / "arithmetic.jsonl", "--eval-data",
+        EXAMPLES / "arithmetic_eval.jsonl", "--reward", "number", "--output", out, "--batch-size", "2",
+        "--num-generations", "8", "--max-completion-len", "24", "--max-len", "128", "--temperature", "0.8",
+        "--lr", "1e-4", "--max-steps", GRPO_STEPS, "--eval-every", GRPO_STEPS)
+    evals = [r for r in records(out) if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, GRPO_STEPS]
+    start, end = evals[0]["eval/reward"], evals[-1]["eval/reward"]
+    assert end >= start + 0.15 and end >= 0.85, (start, end)
+    assert (out / "reward.png").is_file() and (out / "completions.jsonl").is_file()
