@@ -45,6 +45,7 @@ from engine.recipes.dpo_reference import ReferencePolicy
 from engine.recipes.grpo_rollout import Rollout, Rollouts, SamplingOptions, token_logps
 from engine.recipes.grpo_state import restore_rollouts, saved_rollouts
 from engine.rewards import RewardError, load_reward_functions, metrics_from_sums, reward_sums
+from engine.rewards.scoring import RESERVED_COLUMNS
 from engine.run.checkpoint import load_extra
 from engine.run.distributed import Parallel, evaluation_share
 from engine.run.metrics import Curve, MetricsLog
@@ -99,7 +100,12 @@ def check_config(cfg: TrainConfig, max_len: int) -> int:
 
 
 def check_columns(data, required: set[str]) -> None:
-    """Every record has the columns the reward functions read (``answer`` for exact / number)."""
+    """Every record has the columns the reward functions read (``answer`` for exact / number), and
+    none is named as their two positional arguments (``prompts``, ``completions``)."""
+    for sample in data.train + data.eval:
+        if clash := sorted(RESERVED_COLUMNS & set(sample.columns)):
+            raise InputError(f"{sample.source}: the field {clash[0]!r} has the name of a reward function's argument "
+                             "(f(prompts, completions, **columns)); rename it")
     for column in sorted(required):
         missing = data.records_missing(column)
         if missing:

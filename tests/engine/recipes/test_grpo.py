@@ -210,9 +210,13 @@ def test_bad_grpo_settings_are_input_errors(tiny_model_dir, task, tmp_path):
     with pytest.raises(InputError, match=r"no_answer\.jsonl:5: the record has no 'answer' field"):
         grpo.train(grpo_config(tiny_model_dir, task, tmp_path / "b", reward=["number"], reward_weights=None,
                                data=str(no_answer)), progress=False)
+    clash = tmp_path / "clash.jsonl"
+    clash.write_text(json.dumps({"prompt": "What is 1 + 1?", "completions": ["2"]}) + "\n")
+    with pytest.raises(InputError, match=r"clash\.jsonl:1: the field 'completions' has the name"):
+        grpo.train(grpo_config(tiny_model_dir, task, tmp_path / "d", data=str(clash)), progress=False)
     with pytest.raises(InputError, match="--pack"):
         grpo.train(grpo_config(tiny_model_dir, task, tmp_path / "c", pack=True), progress=False)
-    assert not any((tmp_path / n).exists() for n in "abc")
+    assert not any((tmp_path / n).exists() for n in "abcd")
 
 
 def test_engine_eval_reward_table_reproduces_the_runs_evaluations(tiny_model_dir, task, tmp_path):
