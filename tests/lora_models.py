@@ -10,6 +10,27 @@ from models.llama import LlamaForCausalLM
 from models.quantized import quantize_linears
 
 
+def randomize_lora_b(model: torch.nn.Module, std: float) -> None:
+    """Draw every LoRA B from N(0, std) instead of PEFT's zeros: the adapter changes the outputs and
+    A gets gradients too."""
+    with torch.no_grad():
+        for name, p in adapter_params(model).items():
+            if name.endswith("lora_B"):
+                p.normal_(0, std)
+
+
+def loaded_lora_model(model_dir, std: float = 0.2, dropout: float = 0.0) -> torch.nn.Module:
+    """The model of ``model_dir`` (fp32) with LoRA r=4 alpha=8 on every linear, B random (seed 0)."""
+    from models import load_model
+
+    torch.manual_seed(0)
+    model = load_model(model_dir)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=dropout, target_modules="all-linear"))
+    set_trainable(model)
+    randomize_lora_b(model, std)
+    return model
+
+
 def tiny_lora_model(cfg: LlamaConfig, quant: str = "none", dropout: float = 0.1, targets="all-linear",
                     lora_b_std: float | None = 0.05) -> LlamaForCausalLM:
     """Seeded random weights (NF4 for ``quant="nf4"``), LoRA r=4 alpha=8 on ``targets``, only the
@@ -22,8 +43,5 @@ def tiny_lora_model(cfg: LlamaConfig, quant: str = "none", dropout: float = 0.1,
     inject_lora(model, LoRAConfig(r=4, alpha=8.0, dropout=dropout, target_modules=targets))
     set_trainable(model)
     if lora_b_std is not None:
-        with torch.no_grad():
-            for name, p in adapter_params(model).items():
-                if name.endswith("lora_B"):
-                    p.normal_(0, lora_b_std)
+        randomize_lora_b(model, lora_b_std)
     return model.train()

@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from engine.adapters import LoRAConfig, adapter_params, inject_lora, set_trainable
+from engine.adapters import adapter_params, set_trainable
 from engine.adapters.score_head import attach_score_head, new_score_head
 from engine.data.pair_batching import PairBatchLoader
 from engine.data.preferences import PreferencePair
 from engine.losses.reward import bradley_terry_losses, last_token_index, reward_metrics, sequence_rewards
-from models import load_model
+from tests.lora_models import loaded_lora_model
 from tests.tolerances import assert_close
 
 # ---------------------------------------------------------------------------- the loss
@@ -73,15 +73,9 @@ def pairs_of_odd_lengths() -> list[PreferencePair]:
 @pytest.fixture(scope="module")
 def reward_model(tiny_model_dir):
     """The tiny model with LoRA (B random: the adapter matters) and a score head."""
-    torch.manual_seed(0)
-    model = load_model(tiny_model_dir)
-    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
+    model = loaded_lora_model(tiny_model_dir, std=0.2)
     attach_score_head(model, new_score_head(model.config.hidden_size, seed=1, std=0.5))
     set_trainable(model)
-    with torch.no_grad():
-        for name, p in adapter_params(model).items():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.2)
     return model
 
 

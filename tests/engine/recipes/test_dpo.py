@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.adapters import LoRAConfig, adapter_params, inject_lora, set_trainable
+from engine.adapters import adapter_params
 from engine.config import TrainConfig
 from engine.data.preferences import PairBatchLoader, load_dpo_data
 from engine.errors import InputError
@@ -23,6 +23,8 @@ from engine.recipes.dpo_reference import ReferencePolicy
 from engine.run.metrics import read_metrics
 from engine.run.session import Run
 from models import load_model, load_tokenizer
+from tests.lora_models import loaded_lora_model
+from tests.engine.recipes.pref_files import write_pref_subset
 from tests.tolerances import assert_close, tol
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -32,11 +34,7 @@ PREFS_EVAL = ROOT / "examples" / "license_prefs_eval.jsonl"
 
 @pytest.fixture(scope="module")
 def pref_data(tmp_path_factory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("prefs")
-    lines = PREFS.read_text().splitlines()
-    (out / "train.jsonl").write_text("\n".join(lines[:16]) + "\n")
-    (out / "eval.jsonl").write_text("\n".join(PREFS_EVAL.read_text().splitlines()[:4]) + "\n")
-    return out / "train.jsonl", out / "eval.jsonl"
+    return write_pref_subset(tmp_path_factory.mktemp("prefs"), 16, 4)
 
 
 def dpo_config(model_dir: Path, data: tuple[Path, Path], output: Path, **overrides) -> TrainConfig:
@@ -63,15 +61,7 @@ def pair_batch(model_dir: Path, data: Path, n: int = 4):
 
 
 def lora_model(model_dir: Path) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = load_model(model_dir)
-    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
-    set_trainable(model)
-    with torch.no_grad():
-        for name, p in adapter_params(model).items():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.2)
-    return model
+    return loaded_lora_model(model_dir, std=0.2)
 
 
 # ---------------------------------------------------------------------------- the reference policy

@@ -24,6 +24,7 @@ from engine.recipes import dpo, reward
 from engine.reward_model import RewardModelScorer
 from engine.run.metrics import read_metrics
 from models import load_model, load_tokenizer
+from tests.engine.recipes.pref_files import write_pref_subset
 from tests.tolerances import LOGITS_FP32_ATOL, assert_close
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -33,10 +34,7 @@ PREFS_EVAL = ROOT / "examples" / "license_prefs_eval.jsonl"
 
 @pytest.fixture(scope="module")
 def pref_data(tmp_path_factory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("prefs")
-    (out / "train.jsonl").write_text("\n".join(PREFS.read_text().splitlines()[:16]) + "\n")
-    (out / "eval.jsonl").write_text("\n".join(PREFS_EVAL.read_text().splitlines()[:6]) + "\n")
-    return out / "train.jsonl", out / "eval.jsonl"
+    return write_pref_subset(tmp_path_factory.mktemp("prefs"), 16, 6)
 
 
 def reward_config(model_dir: Path, data: tuple[Path, Path], output: Path, **overrides) -> TrainConfig:
