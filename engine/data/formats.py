@@ -19,11 +19,11 @@ such records); one with nothing to learn (an empty completion) is skipped as `SK
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.data.reading import keys_seen
 from engine.errors import InputError
 
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -118,8 +118,7 @@ def detect_format(records: list, path: str | Path, forced: str | None = None) ->
             first_line.setdefault(matches[0], raw.line)
     if len(first_line) == 1:
         return next(iter(first_line))
-    keys = Counter(k for raw in records for k in raw.value)
-    seen = ", ".join(f"{k} (x{n})" for k, n in keys.most_common(20))
+    seen = keys_seen(records)
     if not first_line:
         raise InputError(f"{path}: unknown data format; keys seen: {seen}; accepted formats: "
                          f"{_accepted()}")

@@ -124,3 +124,14 @@ class PairBatchLoader:
             tensors = {k: torch.stack([p[k] for p in packed]) for k in packed[0]}
         return with_host_facts(Batch(**tensors, sample_ids=[[owner[d] for d in row] for row in rows],
                                      epoch=epoch, index=index))
+
+
+def pair_loaders(train: list[PreferencePair], held_out: list[PreferencePair], batch_size: int, *, pad_id: int,
+                 seed: int, batching: str, max_len: int,
+                 max_tokens: int | None = None) -> tuple[PairBatchLoader, PairBatchLoader | None]:
+    """A preference run's loaders: the training pairs in their (seed, epoch) order, and the held-out
+    pairs in file order (None without any), both laid out as ``batching``."""
+    layout = {"batching": batching, "max_len": max_len}
+    loader = PairBatchLoader(train, batch_size, pad_id=pad_id, seed=seed, max_tokens=max_tokens, **layout)
+    eval_loader = PairBatchLoader(held_out, batch_size, pad_id=pad_id, shuffle=False, **layout) if held_out else None
+    return loader, eval_loader

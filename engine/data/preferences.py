@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from engine.data.formats import Invalid
-from engine.data.reading import read_records
+from engine.data.reading import keys_seen, read_records
 from engine.data.render import IGNORE, SpecialTokens, encode_head, encode_tail
 from engine.data.samples import (
     LENGTH_POLICIES,
@@ -296,8 +296,7 @@ def load_preference_pairs(path: str | Path, tokenizer: Any, *, max_len: int | No
     path = Path(path)
     records = read_records(path)
     if not any(k in raw.value for raw in records for k in PREFERENCE_KEYS):
-        keys = Counter(k for raw in records for k in raw.value)
-        seen = ", ".join(f"{k} (x{n})" for k, n in keys.most_common(20))
+        seen = keys_seen(records)
         raise InputError(f"{path}: not preference data; keys seen: {seen}; expected prompt/chosen/rejected "
                          "(strings or message lists) or chosen/rejected conversations")
     special = SpecialTokens.of(tokenizer)

@@ -52,7 +52,7 @@ from typing import Any, ClassVar
 from engine.data.batching import batch_groups, check_loader_options, epoch_order
 from engine.data.formats import Invalid
 from engine.data.preferences import _messages
-from engine.data.reading import read_records
+from engine.data.reading import keys_seen, read_records
 from engine.data.render import SpecialTokens, encode_head, encode_tail
 from engine.data.samples import LENGTH_POLICIES, DataReport, invalid_record, load_with_eval
 from engine.errors import InputError
@@ -178,8 +178,7 @@ def load_prompts(path: str | Path, tokenizer: Any, *, max_prompt_len: int, lengt
     path = Path(path)
     records = read_records(path)
     if not any(PROMPT_KEY in raw.value for raw in records):
-        keys = Counter(k for raw in records for k in raw.value)
-        seen = ", ".join(f"{k} (x{n})" for k, n in keys.most_common(20))
+        seen = keys_seen(records)
         raise InputError(f"{path}: not prompt data; keys seen: {seen}; expected a 'prompt' field (a string or "
                          "a list of messages) in each record")
     special = SpecialTokens.of(tokenizer)

@@ -10,6 +10,8 @@ surrogate escape (``"\\ud800"``), which no tokenizer can encode.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -146,3 +148,9 @@ def _read_json_array(text: str, start: int, path: Path) -> list[RawRecord]:
     if skip_ws(pos + 1) != len(text):
         raise fail(skip_ws(pos + 1), "unexpected content after the closing ']'")
     return records
+
+
+def keys_seen(records: list[RawRecord]) -> str:
+    """The record keys of a file with their counts, most common first (20 at most), for error messages."""
+    keys = Counter(k for raw in records for k in raw.value)
+    return ", ".join(f"{k} (x{n})" for k, n in keys.most_common(20))

@@ -38,6 +38,7 @@ import torch
 from engine.config import TrainConfig
 from engine.data.batching import Batch
 from engine.data.batching_report import dpo_batching_report
+from engine.data.pair_batching import pair_loaders
 from engine.data.preferences import PairBatchLoader, load_dpo_data
 from engine.errors import InputError
 from engine.losses.causal_lm import (
@@ -232,11 +233,10 @@ def train(cfg: TrainConfig, progress: bool = True, options: DPOOptions | None = 
                                  eval_path=cfg.eval_data, eval_split=cfg.eval_split, seed=cfg.seed,
                                  skip_invalid=cfg.skip_invalid_records)
         pad_id = run.tokenizer.pad_token_id
-        layout = {"batching": cfg.batching, "max_len": run.max_len}
-        loader = PairBatchLoader(run.data.train, cfg.batch_size, pad_id=pad_id, seed=cfg.seed,
-                                 max_tokens=cfg.max_tokens_per_batch, **layout)
-        eval_loader = PairBatchLoader(run.data.eval, cfg.batch_size, pad_id=pad_id, shuffle=False, **layout) \
-            if run.data.eval else None
+        layout = {"batching": cfg.batching, "max_len": run.max_len}  # also the reference precomputation's
+        loader, eval_loader = pair_loaders(run.data.train, run.data.eval, cfg.batch_size, pad_id=pad_id,
+                                           seed=cfg.seed, batching=cfg.batching, max_len=run.max_len,
+                                           max_tokens=cfg.max_tokens_per_batch)
         run.plan(loader.num_batches(0))
         model = run.build_model().model
         obj = PreferenceObjective(model, ReferencePolicy(model, frozen_initial=cfg.init_adapter is not None),

@@ -35,6 +35,7 @@ import torch
 from engine.config import TrainConfig
 from engine.data.batching import Batch
 from engine.data.batching_report import dpo_batching_report
+from engine.data.pair_batching import pair_loaders
 from engine.data.preferences import PairBatchLoader, PreferencePair, load_dpo_data
 from engine.losses.preference import mean_metrics
 from engine.losses.reward import bradley_terry_losses, last_token_index, reward_metrics, sequence_rewards
@@ -116,11 +117,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Run:
                                  eval_path=cfg.eval_data, eval_split=cfg.eval_split, seed=cfg.seed,
                                  skip_invalid=cfg.skip_invalid_records)
         pad_id = run.tokenizer.pad_token_id
-        layout = {"batching": cfg.batching, "max_len": run.max_len}
-        loader = PairBatchLoader(run.data.train, cfg.batch_size, pad_id=pad_id, seed=cfg.seed,
-                                 max_tokens=cfg.max_tokens_per_batch, **layout)
-        eval_loader = PairBatchLoader(run.data.eval, cfg.batch_size, pad_id=pad_id, shuffle=False, **layout) \
-            if run.data.eval else None
+        loader, eval_loader = pair_loaders(run.data.train, run.data.eval, cfg.batch_size, pad_id=pad_id,
+                                           seed=cfg.seed, batching=cfg.batching, max_len=run.max_len,
+                                           max_tokens=cfg.max_tokens_per_batch)
         run.plan(loader.num_batches(0))
         run.build_model(with_score_head=True)  # the head exists before DDP / FSDP2 see the model
         run.loss_label = LOSS_LABEL
