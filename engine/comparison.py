@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.adapters.switcher import Adapter, AdapterSwitcher, check_adapter_fits
-from engine.adapters.targets import remove_lora
+from engine.adapters.switcher import Adapter, base_then_adapters
 from engine.data.samples import Sample
 from engine.losses.causal_lm import LossResult, mean_loss
 
@@ -42,19 +41,12 @@ class Row:
 def compare(model: nn.Module, adapters: list[Adapter], sets: dict[str, list[Sample]], *, batch_size: int,
             pad_id: int, device: torch.device | str, progress: bool = True) -> list[Row]:
     """The base row, then one row per adapter, each evaluated on every set (e.g. domain, general)."""
-    remove_lora(model)
-    for adapter in adapters:
-        check_adapter_fits(model, adapter)
-    switcher = AdapterSwitcher(model)
     rows = []
-    for adapter in [None, *adapters]:
-        switcher.activate(adapter)
-        name = BASE if adapter is None else adapter.name
+    for name in base_then_adapters(model, adapters, BASE):
         results = {set_name: mean_loss(model, samples, batch_size=batch_size, pad_id=pad_id, device=device,
                                        desc=f"{name} / {set_name}", progress=progress)
                    for set_name, samples in sets.items()}
         rows.append(Row(name, results))
-    switcher.activate(None)
     return rows
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.adapters.switcher import AdapterSwitcher, check_adapter_fits
+from engine.adapters.switcher import base_then_adapters
 from engine.data.prompts import PromptLoader, load_prompt_data
 from engine.errors import InputError
 from engine.recipes.grpo import check_columns
@@ -102,18 +102,12 @@ def main(args: argparse.Namespace, out: Path) -> int:
 
     model = load_model(model_dir, dtype=dtype, device=device, quantize=None if args.quant == "none" else args.quant)
     eos_ids = set(config.eos_token_ids) | set(tokenizer.eos_token_ids)
-    for adapter in adapters:
-        check_adapter_fits(model, adapter)
-    switcher = AdapterSwitcher(model)
     rows = []
-    for adapter in [None, *adapters]:
-        switcher.activate(adapter)
-        name = BASE if adapter is None else adapter.name
+    for name in base_then_adapters(model, adapters, BASE):
         row = score_model(model, tokenizer, data.train, rewards, batch_size=args.batch_size,
                           max_new_tokens=args.max_completion_len, eos_ids=eos_ids, desc=name,
                           progress=not args.no_progress)
         rows.append({"name": name, **row})
-    switcher.activate(None)
 
     table = markdown_table(rows, rewards.names)
     print(table)

@@ -10,6 +10,7 @@ injected. ``activate(None)`` puts the plain base back.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,3 +82,16 @@ class AdapterSwitcher:
         assign_adapter_weights(self.model, adapter.weights)
         self.model.eval()  # no LoRA dropout
         self.active = adapter
+
+
+def base_then_adapters(model: nn.Module, adapters: list[Adapter], base_name: str = "base") -> Iterator[str]:
+    """The plain base, then each adapter in turn, active in ``model`` (every one checked against it
+    first); yields the name of what is active, and puts the plain base back at the end."""
+    remove_lora(model)
+    for adapter in adapters:
+        check_adapter_fits(model, adapter)
+    switcher = AdapterSwitcher(model)
+    for adapter in [None, *adapters]:
+        switcher.activate(adapter)
+        yield base_name if adapter is None else adapter.name
+    switcher.activate(None)
