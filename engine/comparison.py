@@ -15,13 +15,17 @@ agree. The base is loaded once; the adapters are switched in and out of it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from engine.adapters.switcher import Adapter, base_then_adapters
+from engine.adapters.switcher import Adapter, base_then_adapters, check_adapter_fits, read_adapter
 from engine.data.samples import Sample
+from engine.errors import InputError
 from engine.losses.causal_lm import LossResult, mean_loss
+from models.llama import LlamaForCausalLM
+from models.loading import read_config
 
 BASE = "base"
 
@@ -79,3 +83,19 @@ def rows_to_json(rows: list[Row]) -> list[dict]:
                     "perplexity_ratio_vs_base": r.perplexity / base.results[s].perplexity}
                 for s, r in row.results.items()}}
             for row in rows]
+
+
+def read_adapters(paths: list[str], model_dir: Path) -> list[Adapter]:
+    """Read every adapter and check it against the base's shapes on a meta-device model (no weights)."""
+    if len(set(paths)) != len(paths):
+        raise InputError(f"--adapter: the same folder is given twice ({', '.join(paths)})")
+    adapters = [read_adapter(p) for p in paths]
+    for adapter in adapters:
+        if adapter.config.modules_to_save:
+            raise InputError(f"--adapter {adapter.path}: a reward model (a score head beside LoRA); measure it with "
+                             "--reward-model")
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(read_config(model_dir))
+    for adapter in adapters:
+        check_adapter_fits(skeleton, adapter)
+    return adapters

@@ -24,17 +24,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from engine.adapters import Adapter, check_adapter_fits, read_adapter
 from engine.cli import ArgumentParser
-from engine.comparison import Row, compare, markdown_table, rows_to_json
+from engine.comparison import Row, compare, markdown_table, read_adapters, rows_to_json
 from engine.data.samples import load_samples
 from engine.errors import InputError, run_cli
 from engine.run.folder import model_files_in, write_json
 from engine.run.setup import DTYPES, resolve_device, resolve_dtype, resolve_max_len
 from models import load_model, load_tokenizer
-from models.llama import LlamaForCausalLM
 from models.loading import read_config, resolve_model_dir
 
 DOMAIN, GENERAL = "domain", "general"
@@ -75,22 +71,6 @@ def build_parser() -> ArgumentParser:
                    help="Quantize the base to NF4, as a QLoRA adapter was trained (default: none).")
     p.add_argument("--no-progress", action="store_true", help="No progress bars.")
     return p
-
-
-def read_adapters(paths: list[str], model_dir: Path) -> list[Adapter]:
-    """Read every adapter and check it against the base's shapes on a meta-device model (no weights)."""
-    if len(set(paths)) != len(paths):
-        raise InputError(f"--adapter: the same folder is given twice ({', '.join(paths)})")
-    adapters = [read_adapter(p) for p in paths]
-    for adapter in adapters:
-        if adapter.config.modules_to_save:
-            raise InputError(f"--adapter {adapter.path}: a reward model (a score head beside LoRA); measure it with "
-                             "--reward-model")
-    with torch.device("meta"):
-        skeleton = LlamaForCausalLM(read_config(model_dir))
-    for adapter in adapters:
-        check_adapter_fits(skeleton, adapter)
-    return adapters
 
 
 def plot(rows: list[Row], set_names: list[str], png: Path) -> None:

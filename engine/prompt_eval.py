@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from engine.adapters.switcher import base_then_adapters
+from engine.comparison import read_adapters
 from engine.data.prompts import PromptLoader, load_prompt_data
 from engine.errors import InputError
 from engine.recipes.grpo import check_columns
@@ -82,8 +83,6 @@ def main(args: argparse.Namespace, out: Path) -> int:
             raise InputError(f"{flag} applies to comparing losses, not to --reward (prompts and their rewards)")
     if args.max_completion_len < 1:
         raise InputError(f"--max-completion-len {args.max_completion_len}: expected at least 1")
-    from engine.eval import read_adapters  # the same checks as the loss comparison
-
     rewards = load_reward_functions(args.reward, args.reward_weights)
     model_dir = resolve_model_dir(args.model)
     config = read_config(model_dir)
