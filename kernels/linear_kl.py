@@ -7,7 +7,7 @@ Math, per token i with the policy's hidden row h_i (H,), the base model's hidden
     z0_i = W h0_i,    log p0_i = z0_i − lse0_i,   lse0_i = log Σ_v exp(z0_iv)       base
     KL_i = KL(p0_i ‖ p_i) = Σ_v p0_iv (log p0_iv − log p_iv)
          = Σ_v p0_iv (z0_iv − z_iv) + lse_i − lse0_i
-    KL_i = 0 where mask_i is False (never NaN, whatever the row holds)
+    KL_i = 0 where mask_i is False, with a zero gradient (never NaN, whatever the row holds)
 
 The direction is base ‖ policy: the expectation is under the base distribution p0, so the policy
 is penalised wherever it drops probability the base gave (the "forgetting" of issue 14). It equals
@@ -15,31 +15,37 @@ is penalised wherever it drops probability the base gave (the "forgetting" of is
 Reductions: ``none`` gives KL (N,) fp32; ``sum`` gives Σ_i KL_i; ``mean`` gives Σ_i KL_i / n with n
 the number of unmasked rows — 0 with zero gradients when n = 0, not 0/0 = NaN. Results are fp32
 whatever the inputs. KL ≥ 0 in exact arithmetic; rounding may leave a row at −1e-7, it is not
-clamped. With h = h0 (a fresh adapter, B = 0) every KL_i and every gradient is exactly 0: the two
-GEMMs give the same bits, so z0 − z = 0 and lse = lse0.
+clamped. With h = h0 (a fresh adapter, B = 0) every KL_i is exactly 0, and so is every gradient
+on the fused path: the two GEMMs give the same bits, so z0 − z = 0, m = m0, s = s0 and p = p0 (the
+reference's autograd gives p · Σ p0 − p0, 0 up to the rounding of Σ p0).
 
 Backward. Only the policy is differentiated: the base pass is a constant reference (``base_hidden``
 must not require grad) and the head is frozen, as in LoRA (``weight`` must not require grad; a
 trainable head would need dW = dzᵀ h, which this op does not compute — it raises instead). With
-s_i the upstream gradient of row i (times 1/n for ``mean``, 0 for masked rows)::
+g_i the upstream gradient of row i (times 1/n for ``mean``, 0 for masked rows)::
 
     ∂KL_i/∂z_iv = p_iv − p0_iv          (Σ_v p0_iv = 1 makes the lse_i term give p_iv)
-    dz_i = s_i (p_i − p0_i),   dh = dz W (N, H)
+    dz_i = g_i (p_i − p0_i),   dh = dz W (N, H)
 
 How the fused path runs (the Triton path; CUDA tensors, or forced). Tokens are cut into chunks of
 C rows (C·V ≤ ``CHUNK_ELEMENTS`` per logits chunk: 512 tokens at V = 128,256; two chunks, z and z0,
 live at once, as much memory as one chunk of `kernels.linear_cross_entropy`). Per chunk: the
 logits z = h_c Wᵀ and z0 = h0_c Wᵀ (C, V) are two cuBLAS GEMMs in the input dtype; one Triton
 program per row makes one online pass over the vocabulary in fp32 (BLOCK_V columns at a time)
-that keeps the running maxima m, m0, the sums Σ exp(z − m), Σ exp(z0 − m0) and
-t = Σ exp(z0 − m0)(z0 − z), each rescaled when its maximum grows, so that
-KL = t / Σ exp(z0 − m0) + lse − lse0 comes out of that one pass; when a gradient is wanted, a
-second pass over the row overwrites z in place with dz = p − p0; one more GEMM gives
+that keeps the running maxima m, m0 and the sums s = Σ exp(z − m), s0 = Σ exp(z0 − m0),
+t = Σ exp(z0 − m0)(z0 − z), each rescaled when its maximum grows, so that one pass gives
+
+    KL = t / s0 + lse − lse0 = t / s0 + (m − m0) − log(s0 / s)
+
+(the log of a ratio near 1 when the policy is near the base, rather than the difference of two
+lse ≈ log V: that keeps KL's absolute error at ~1e-7 instead of ~1e-6, which matters for the
+KL ~ 1e-5 of a run that has barely moved). When a gradient is wanted, a second pass over the row
+overwrites z in place with dz = p − p0 = exp(z − lse) − exp(z0 − lse0); one more GEMM gives
 dh_c = dz W. So the work is the eager version's three GEMMs, and the extra memory is two (C, V)
 chunks instead of two (N, V) logits, their log-softmaxes and their gradient.
 
 What is saved for backward, and why: the head is frozen, so the only gradient is dh, and row i of
-dh is linear in that row's upstream gradient: dh_i = s_i · (p_i − p0_i) W. The forward therefore
+dh is linear in that row's upstream gradient: dh_i = g_i · (p_i − p0_i) W. The forward therefore
 computes the unit gradient u = mask · (p − p0) W (N, H) (in the input dtype) whenever the policy
 needs a gradient, and saves only u — for every reduction, ``none`` included, unlike the
 cross-entropy op (whose dW is a sum over rows and cannot be rescaled afterwards). Backward is a
@@ -107,11 +113,13 @@ def _reduce(per_token: torch.Tensor, mask: torch.Tensor, reduction: str) -> torc
 
 
 def _reference(policy_hidden, base_hidden, weight, mask, reduction):
+    if mask is None:
+        mask = torch.ones(policy_hidden.shape[0], dtype=torch.bool, device=policy_hidden.device)
+    keep = mask[:, None]  # masked rows enter as zeros, so that no NaN or inf they hold reaches a gradient
     w = weight.float()
-    log_p = F.log_softmax(F.linear(policy_hidden.float(), w), dim=-1)  # (N, V) fp32
-    log_p0 = F.log_softmax(F.linear(base_hidden.float(), w), dim=-1)  # (N, V) fp32, a constant
+    log_p = F.log_softmax(F.linear(torch.where(keep, policy_hidden.float(), 0.0), w), dim=-1)  # (N, V) fp32
+    log_p0 = F.log_softmax(F.linear(torch.where(keep, base_hidden.float(), 0.0), w), dim=-1)  # (N, V), a constant
     per_token = (log_p0.exp() * (log_p0 - log_p)).sum(-1)  # Σ_v p0 (log p0 − log p), (N,)
-    mask = torch.ones_like(per_token, dtype=torch.bool) if mask is None else mask
     return _reduce(torch.where(mask, per_token, 0.0), mask, reduction)
 
 
@@ -157,10 +165,11 @@ def _lkl_rows_kernel(
             s0 = s0 * alpha + tl.sum(e0, axis=0)
             t = t * alpha + tl.sum(e0 * (z0 - z), axis=0)
             m0 = m0_new
-        lse = m + tl.log(s)
-        lse0 = m0 + tl.log(s0)
-        tl.store(kl_ptr + row, t / s0 + lse - lse0)
+        # lse − lse0 = (m − m0) − log(s0 / s): the log of a ratio ≈ 1, not a difference of two ≈ log V
+        tl.store(kl_ptr + row, t / s0 + (m - m0) - tl.log(s0 / s))
         if WRITE_GRAD:
+            lse = m + tl.log(s)
+            lse0 = m0 + tl.log(s0)
             for v0 in range(0, V, BLOCK_V):
                 inside = v0 + cols < V
                 z = tl.load(z_row + v0 + cols, mask=inside, other=0.0).to(tl.float32)
@@ -237,7 +246,7 @@ class LinearKLFunction(torch.autograd.Function):
         ctx.reduction = reduction
         kl, unit = _lkl_chunked(policy_hidden, base_hidden, weight, mask.view(torch.uint8), need_grad)
         denom = mask.sum().clamp(min=1) if reduction == "mean" else None
-        # the head is frozen, so row i of dh is s_i · u_i: keep the unit gradient u (N, H) and the
+        # the head is frozen, so row i of dh is g_i · u_i: keep the unit gradient u (N, H) and the
         # mean's count, nothing of vocabulary size and not the hidden states (module docstring)
         ctx.save_for_backward(unit, denom)
         if reduction == "none":

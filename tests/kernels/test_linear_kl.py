@@ -108,6 +108,20 @@ def test_masked_rows_are_exactly_zero(impl, device):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_masked_rows_holding_nan_and_inf_give_zero(impl, device):
+    """Whatever a masked row holds (padding garbage), its KL and its gradient are 0."""
+    policy, base, weight, mask = make_inputs(5, 16, 300, torch.float32, device, masked=(1, 3))
+    with torch.no_grad():
+        policy[1], base[3] = float("nan"), float("inf")
+    kl = run(impl, policy, base, weight, mask, reduction="none")
+    leaf, expected = kl_div_expected(policy, base.nan_to_num(posinf=0.0), weight, mask, "none", torch.float32)
+    assert_close(kl, expected, torch.float32, "kl")
+    kl.backward(torch.ones_like(kl))
+    expected.backward(torch.ones_like(expected))
+    assert_close(policy.grad, torch.where(mask[:, None], leaf.grad, 0.0), torch.float32, "dpolicy")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_every_row_masked_is_zero_not_nan(impl, reduction, device):
     policy, base, weight, _ = make_inputs(5, 24, 300, torch.float32, device)
