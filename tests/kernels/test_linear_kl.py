@@ -27,6 +27,7 @@ CASES = [  # (N, H, V, dtype)
     (6, 40, 1000, torch.bfloat16),
     (3, 16, 49_152, torch.bfloat16),
     (3, 16, 128_256, torch.bfloat16),
+    (5, 16, 32_000, torch.float16),
 ]
 
 
