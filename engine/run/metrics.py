@@ -79,6 +79,12 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, ylabel: str 
     plot_curve(metrics_path, png_path, Curve(Path(png_path).name, "loss", "loss", ylabel))
 
 
+def plot_curves(metrics_path: str | Path, folder: str | Path, curves: list[Curve]) -> None:
+    """Each curve of a run's ``metrics.jsonl`` as ``folder/curve.png``."""
+    for curve in curves:
+        plot_curve(metrics_path, Path(folder) / curve.png, curve)
+
+
 def plot_curve(metrics_path: str | Path, png_path: str | Path, curve: Curve) -> None:
     """``curve.train_key`` per train line and ``curve.eval_key`` at the eval steps, integer step ticks."""
     import matplotlib

@@ -11,9 +11,26 @@ one `StepRecord` of plain floats per step, in order.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from engine.run.optimizer import Update
+
+
+@dataclass
+class StepResult:
+    """What a recipe's step returns: its mean loss, the optimizer's `Update`, the tokens the loss
+    was normalised by, the non-padding tokens processed (throughput), the samples of the window
+    ("file:line", named when a step is skipped) and the method's own metrics. The loss and the
+    metrics may be 0-d tensors left on the device: `Run` reads them once per log interval."""
+
+    loss: torch.Tensor | float
+    update: Update
+    tokens: int
+    real_tokens: int
+    samples: list[str]
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
 @dataclass

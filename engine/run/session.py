@@ -33,7 +33,6 @@ import math
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,34 +55,19 @@ from engine.run.checkpoint import (
 from engine.run.distributed import Parallel, layout_report
 from engine.run.fingerprint import compare_identity, run_identity
 from engine.run.folder import COMPLETE, RunFolder, lineage, write_json
-from engine.run.metrics import Curve, DiscardedLog, MetricsLog, plot_curve, plot_loss_curve
+from engine.run.metrics import Curve, DiscardedLog, MetricsLog, plot_curves
 from engine.run.model import (
     TrainableModel,
     build_model,
     check_model_fits,
     non_finite_parameter,
 )
-from engine.run.optimizer import Optimizer, Update
-from engine.run.pending import PendingSteps, StepRecord
+from engine.run.optimizer import Optimizer
+from engine.run.pending import PendingSteps, StepRecord, StepResult
 from engine.run.schedule import default_warmup
 from engine.run.setup import resolve_dtype, resolve_max_len
 from models import load_tokenizer
 from models.loading import read_config, resolve_model_dir
-
-
-@dataclass
-class StepResult:
-    """What a recipe's step returns: its mean loss, the optimizer's `Update`, the tokens the loss
-    was normalised by, the non-padding tokens processed (throughput), the samples of the window
-    ("file:line", named when a step is skipped) and the method's own metrics. The loss and the
-    metrics may be 0-d tensors left on the device: `Run` reads them once per log interval."""
-
-    loss: torch.Tensor | float
-    update: Update
-    tokens: int
-    real_tokens: int
-    samples: list[str]
-    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
 class Run:
@@ -393,9 +377,8 @@ class Run:
         if not self.parallel.is_main:
             self.parallel.barrier()  # rank 0 writes the rest, then joins this barrier
             return self.final_eval
-        plot_loss_curve(self.output / "metrics.jsonl", self.output / "loss.png", ylabel=self.loss_label)
-        for curve in self.curves:
-            plot_curve(self.output / "metrics.jsonl", self.output / curve.png, curve)
+        plot_curves(self.output / "metrics.jsonl", self.output, [Curve("loss.png", "loss", "loss", self.loss_label),
+                                                                 *self.curves])
         summary = {"steps": self.step, "trainable_parameters": self.trainable.trainable_parameters,
                    "eval": self.final_eval, "adapter": str(self.output / "adapter"), "warnings": self.warnings}
         self.metrics.write("summary", self.step, **summary)
