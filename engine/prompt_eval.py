@@ -28,7 +28,7 @@ from engine.comparison import read_adapters
 from engine.data.prompts import PromptLoader, load_prompt_data
 from engine.errors import InputError
 from engine.recipes.grpo import check_columns
-from engine.recipes.grpo_rollout import completion_messages
+from engine.recipes.grpo_rollout import score_completions
 from engine.rewards import load_reward_functions
 from engine.run.folder import write_json
 from engine.run.setup import resolve_device, resolve_dtype, resolve_max_len
@@ -59,11 +59,7 @@ def score_model(model, tokenizer, samples, rewards, *, batch_size: int, max_new_
     for prompts in tqdm(list(loader.batches(0)), desc=desc, unit="batch", disable=not progress, leave=False):
         ids = sample_completions(model, prompts.prompt_ids, max_new_tokens=max_new_tokens, temperature=0.0,
                                  top_p=1.0, eos_token_ids=eos_ids, generator=None, pad_id=tokenizer.pad_token_id)
-        texts = [tokenizer.decode(c, skip_special_tokens=True) for c in ids]
-        columns = {name: [s.columns.get(name) for s in prompts.samples] for name in prompts.samples[0].columns}
-        scores = rewards.score([s.prompt for s in prompts.samples],
-                               [completion_messages(s, t) for s, t in zip(prompts.samples, texts)],
-                               columns, [s.source for s in prompts.samples])
+        texts, scores = score_completions(rewards, tokenizer, prompts.samples, ids)
         for i, sample in enumerate(prompts.samples):
             completions.append({"prompt": sample.source, "completion": texts[i], "tokens": len(ids[i]),
                                 "reward": float(scores.total[i]),

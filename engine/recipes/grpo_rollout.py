@@ -126,6 +126,18 @@ def completion_messages(sample: PromptSample, text: str):
     return [{"role": "assistant", "content": text}] if sample.conversational else text
 
 
+def score_completions(rewards: RewardSet, tokenizer, samples: list[PromptSample],
+                      completions: list[list[int]]) -> tuple[list[str], RewardScores]:
+    """The completions' texts (special tokens dropped) and their rewards; ``samples[i]`` is
+    completion i's prompt, whose record's other fields are the columns (None where one lacks one)."""
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+    names = sorted({name for s in samples for name in s.columns})
+    columns = {name: [s.columns.get(name) for s in samples] for name in names}
+    scores = rewards.score([s.prompt for s in samples], [completion_messages(s, t) for s, t in zip(samples, texts)],
+                           columns, [s.source for s in samples])
+    return texts, scores
+
+
 class Rollouts:
     """Makes `Rollout`s with the training model (and its reference policy) for one run."""
 
@@ -142,13 +154,8 @@ class Rollouts:
                                   generator=generator, pad_id=self.pad_id, all_finished=self.all_finished)
 
     def score(self, samples: list[PromptSample], completions: list[list[int]]) -> tuple[list[str], RewardScores]:
-        """The completions' texts and their rewards (``samples[i]`` is completion i's prompt)."""
-        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-        columns = {name: [s.columns.get(name) for s in samples] for name in samples[0].columns}
-        scores = self.rewards.score([s.prompt for s in samples],
-                                    [completion_messages(s, t) for s, t in zip(samples, texts)],
-                                    columns, [s.source for s in samples])
-        return texts, scores
+        """`score_completions` with the run's reward functions and tokenizer."""
+        return score_completions(self.rewards, self.tokenizer, samples, completions)
 
     def make(self, prompts: PromptBatch) -> Rollout:
         """Sample, score and prepare one micro-batch (see the module docstring)."""
