@@ -117,10 +117,12 @@ def check_columns(data, required: set[str]) -> None:
 
 def length_metrics(completions: list[list[int]], eos_ids: set[int], parallel: Parallel,
                    prefix: str = "") -> dict[str, float]:
-    """completions/mean_length, min, max and clipped_ratio (no EOS sampled) over every rank."""
+    """completions/mean_length, min, max and clipped_ratio (no EOS sampled) over every rank (a
+    collective: every rank calls it, one with no completions too)."""
     lengths = [len(c) for c in completions]
     n, total, clipped = parallel.sum_ints([len(lengths), sum(lengths), sum(c[-1] not in eos_ids for c in completions)])
-    low, high = min(parallel.gather_ints(min(lengths))), max(parallel.gather_ints(max(lengths)))
+    low = min(parallel.gather_ints(min(lengths, default=2**62)))
+    high = max(parallel.gather_ints(max(lengths, default=0)))
     return {f"{prefix}completions/mean_length": total / n, f"{prefix}completions/min_length": low,
             f"{prefix}completions/max_length": high, f"{prefix}completions/clipped_ratio": clipped / n}
 
@@ -214,9 +216,7 @@ def evaluate(rollouts: Rollouts, samples: list[PromptSample], batch_size: int, p
     result = {k: v for k, v in metrics_from_sums(figures, names, prefix="eval/").items()
               if not k.endswith(("reward_std", "zero_std"))}  # one completion per prompt: no groups
     result["prompts"] = int(figures[0])
-    if completions:
-        result |= length_metrics(completions, rollouts.eos_ids, Parallel.single(parallel.device), prefix="eval/")
-    return result
+    return result | length_metrics(completions, rollouts.eos_ids, parallel, prefix="eval/")
 
 
 def summarize(result: dict[str, Any]) -> str:
