@@ -60,9 +60,9 @@ from engine.data.formats import Invalid
 from engine.data.reading import keys_seen, read_records
 from engine.data.render import IGNORE, SpecialTokens, encode_head, encode_tail
 from engine.data.samples import (
-    LENGTH_POLICIES,
     DataReport,
     Sample,
+    check_length_options,
     invalid_record,
     load_with_eval,
 )
@@ -125,7 +125,7 @@ class _Parsed:
     margin: float = 0.0
 
 
-def _messages(value: Any, key: str) -> tuple[dict[str, str], ...] | Invalid:
+def parse_messages(value: Any, key: str) -> tuple[dict[str, str], ...] | Invalid:
     """A validated tuple of {"role", "content"} messages, or `Invalid` naming the first bad one."""
     if isinstance(value, dict):
         value = [value]
@@ -147,7 +147,7 @@ def _completion(value: Any, key: str) -> tuple[dict[str, str], ...] | Invalid:
     """A conversational completion: a message list, one message, or the assistant's text."""
     if isinstance(value, str):
         return ({"role": "assistant", "content": value},)
-    return _messages(value, key)
+    return parse_messages(value, key)
 
 
 def _split_text(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -176,7 +176,7 @@ def _parse_parts(obj: dict) -> _Parsed | Invalid:
     if "prompt" not in obj:
         if isinstance(chosen, str) and isinstance(rejected, str):
             return _Parsed("implicit-text", *_split_text(chosen, rejected))
-        c, r = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+        c, r = parse_messages(chosen, "chosen"), parse_messages(rejected, "rejected")
         for part in (c, r):
             if isinstance(part, Invalid):
                 return part
@@ -190,7 +190,7 @@ def _parse_parts(obj: dict) -> _Parsed | Invalid:
             if not isinstance(obj[key], str):
                 return Invalid(f"field {key!r} must be a string like the prompt, got {type(obj[key]).__name__}")
         return _Parsed("text", prompt, chosen, rejected)
-    parts = (_messages(prompt, "prompt"), _completion(chosen, "chosen"), _completion(rejected, "rejected"))
+    parts = (parse_messages(prompt, "prompt"), _completion(chosen, "chosen"), _completion(rejected, "rejected"))
     for part in parts:
         if isinstance(part, Invalid):
             return part
@@ -289,10 +289,7 @@ def load_preference_pairs(path: str | Path, tokenizer: Any, *, max_len: int | No
                           length_policy: str = "truncate",
                           skip_invalid: bool = False) -> tuple[list[PreferencePair], PreferenceReport]:
     """Parse, check, tokenize and length-check every record of one file."""
-    if length_policy not in LENGTH_POLICIES:
-        raise InputError(f"length_policy={length_policy!r}; expected one of {', '.join(LENGTH_POLICIES)}")
-    if max_len is not None and max_len < 2:
-        raise InputError(f"max_len={max_len}; expected at least 2 tokens")
+    check_length_options(length_policy, max_len)
     path = Path(path)
     records = read_records(path)
     if not any(k in raw.value for raw in records for k in PREFERENCE_KEYS):

@@ -51,10 +51,10 @@ from typing import Any, ClassVar
 
 from engine.data.batching import batch_groups, check_loader_options, epoch_order
 from engine.data.formats import Invalid
-from engine.data.preferences import _messages
+from engine.data.preferences import parse_messages
 from engine.data.reading import keys_seen, read_records
 from engine.data.render import SpecialTokens, encode_head, encode_tail
-from engine.data.samples import LENGTH_POLICIES, DataReport, invalid_record, load_with_eval
+from engine.data.samples import DataReport, check_length_options, invalid_record, load_with_eval
 from engine.errors import InputError
 
 PROMPT_KEY = "prompt"
@@ -119,7 +119,7 @@ def parse_prompt(record: dict) -> str | list[dict] | Invalid:
         return Invalid(f"field {PROMPT_KEY!r} is null, expected a string or a list of messages")
     if isinstance(value, str):
         return value
-    messages = _messages(value, PROMPT_KEY)
+    messages = parse_messages(value, PROMPT_KEY)
     if isinstance(messages, Invalid):
         return messages
     return [value] if isinstance(value, dict) else value
@@ -171,10 +171,7 @@ def tokenize_prompt(text: str, tokenizer: Any, special: SpecialTokens, max_len: 
 def load_prompts(path: str | Path, tokenizer: Any, *, max_prompt_len: int, length_policy: str = "truncate",
                  skip_invalid: bool = False) -> tuple[list[PromptSample], PromptReport]:
     """Parse, check, render, tokenize and length-check every record of one file."""
-    if length_policy not in LENGTH_POLICIES:
-        raise InputError(f"length_policy={length_policy!r}; expected one of {', '.join(LENGTH_POLICIES)}")
-    if max_prompt_len < 2:
-        raise InputError(f"max_prompt_len={max_prompt_len}; expected at least 2 tokens")
+    check_length_options(length_policy, max_prompt_len, "max_prompt_len")
     path = Path(path)
     records = read_records(path)
     if not any(PROMPT_KEY in raw.value for raw in records):

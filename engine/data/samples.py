@@ -96,6 +96,14 @@ class DataReport:
         return "; ".join(parts)
 
 
+def check_length_options(length_policy: str, max_len: int | None, name: str = "max_len") -> None:
+    """InputError for a length policy no loader knows, or a length limit (``name``) under 2 tokens."""
+    if length_policy not in LENGTH_POLICIES:
+        raise InputError(f"length_policy={length_policy!r}; expected one of {', '.join(LENGTH_POLICIES)}")
+    if max_len is not None and max_len < 2:
+        raise InputError(f"{name}={max_len}; expected at least 2 tokens")
+
+
 def invalid_record(path: Path, where: str, problem: str, what: str) -> InputError:
     """The error for a record that its file's format cannot read (strict mode)."""
     return InputError(f"{path}:{where}: {problem} ({what}); fix the record, or pass --skip-invalid-records "
@@ -117,11 +125,7 @@ def load_samples(path: str | Path, tokenizer: Any, *, format: str | None = None,
                  max_len: int | None = None, length_policy: str = "truncate",
                  train_on_prompt: bool = False, skip_invalid: bool = False) -> tuple[list[Sample], DataReport]:
     """Parse, detect, normalise, tokenize and length-check every record of one file."""
-    if length_policy not in LENGTH_POLICIES:
-        raise InputError(f"length_policy={length_policy!r}; expected one of "
-                         f"{', '.join(LENGTH_POLICIES)}")
-    if max_len is not None and max_len < 2:
-        raise InputError(f"max_len={max_len}; expected at least 2 tokens")
+    check_length_options(length_policy, max_len)
     path = Path(path)
     records = read_records(path)
     special = SpecialTokens.of(tokenizer)
