@@ -22,10 +22,12 @@ finished; that needs a host read, done every ``check_every`` steps only. Extra s
 completion (a finished row's tokens are discarded; an unfinished row's tokens do not depend on
 when the check happens), only how much of the generator the call consumes.
 
-Sampling, row by row exactly as `engine.generate.sample_next`: temperature 0 is argmax; else
-p = softmax(logits / T), sorted decreasingly, token k kept iff the mass before it is below top_p
-(so the top-1 always is), renormalised, and ONE ``torch.multinomial`` over the (B, V) rows with the
-given generator (deterministic given its state).
+Sampling, row by row as `engine.generate.sample_next` (which calls `sample_next_tokens`):
+temperature 0 is argmax; else p = softmax(logits / T); with top_p < 1 the nucleus is found by a
+sort (token k kept iff the mass before it, in decreasing order, is below top_p: the top-1 always
+is) and the mask scattered back; then ONE ``torch.multinomial`` over the (B, V) rows in vocabulary
+order with the given generator (deterministic given its state; drawing over the sorted order would
+let rounding-level changes reorder near-equal probabilities and change the token).
 
 The model runs in eval mode (no LoRA dropout) and every module gets its mode back afterwards. Only
 ``model.hidden_states`` and ``model.lm_head`` are called, so LoRA-injected (`engine.adapters`),

@@ -65,18 +65,13 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Curve:
-    """A chart a run draws at its end beside loss.png: ``train_key`` of the train lines and
-    ``eval_key`` of the eval lines against the step, in ``OUTPUT/png``."""
+    """A chart a run draws at its end (loss.png, a method's own): ``train_key`` of the train lines
+    and ``eval_key`` of the eval lines against the step, in ``OUTPUT/png``."""
 
     png: str
     train_key: str
     eval_key: str
     ylabel: str
-
-
-def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, ylabel: str = "loss") -> None:
-    """Train loss per step and eval loss at its steps, on one chart with integer step ticks."""
-    plot_curve(metrics_path, png_path, Curve(Path(png_path).name, "loss", "loss", ylabel))
 
 
 def plot_curves(metrics_path: str | Path, folder: str | Path, curves: list[Curve]) -> None:
