@@ -35,6 +35,7 @@ LENGTH_POLICIES = ("truncate", "drop", "error")
 BATCHINGS = ("padding-free", "padded", "pack")  # engine.data.batching
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DISTRIBUTED = ("auto", "ddp", "fsdp")  # engine.run.distributed
+ON_BUDGET = ("stop", "keep-best")  # engine.run.budget
 MAX_SEED = 2**63 - 1
 # Defaults that differ by --method, used when the field is left unset (None).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -135,6 +136,27 @@ class TrainConfig:
                                               "total reward, in their order (default: 1 each).")
     reward_model: str | None = _opt(None, "GRPO: a reward model folder (from --method reward) scoring each "
                                     "completion; adds to the --reward functions.")
+    # continued fine-tuning without forgetting (engine.run.retention, engine.data.replay)
+    retain_data: str | None = _opt(None, "General data (any format of --data) measured at step 0, at every "
+                                   "evaluation and at the end: its loss (retain/loss), the change against the base "
+                                   "model with every adapter off (retain/loss_delta) and the mean KL(base || "
+                                   "policy) per token on it (retain/kl), in the eval lines of metrics.jsonl.")
+    replay_data: str | None = _opt(None, "SFT: general samples (any format of --data) mixed into the training "
+                                   "batches, --replay-ratio of all samples trained on (replay/loss in the train "
+                                   "lines).")
+    replay_ratio: float = _opt(0.1, "SFT with --replay-data: the fraction of the samples of each step that come "
+                               "from the replay data (over the run exactly, to within one sample per step).",
+                               range=Range(0, 1, low_open=True, high_open=True))
+    kl_to_base: float = _opt(0.0, "SFT: add this beta times the mean KL(base || policy) per trained token to the "
+                             "loss (the base: the same weights with every adapter off, no second copy); 0 turns "
+                             "it off.", range=AT_LEAST_0)
+    max_forgetting: float | None = _opt(None, "With --retain-data: the most the retention loss may rise over the "
+                                        "base's, in nats per token; see --on-budget (default: no budget).",
+                                        range=AT_LEAST_0)
+    on_budget: str = _opt("stop", "With --max-forgetting: stop (end the run at the first evaluation over the "
+                          "budget; adapter/ is the last evaluated adapter inside it) or keep-best (train to the "
+                          "end; adapter/ is the in-budget adapter with the lowest eval loss, or the last in-budget "
+                          "one without an eval set, and adapter-last/ the final weights).", ON_BUDGET)
     # length and batching
     max_len: int | None = _opt(None, "Maximum tokens per sample (default: min(model context, 2048)).",
                                range=Range(2))
@@ -244,6 +266,16 @@ class TrainConfig:
         if self.offload_activations and self.grad_checkpointing is False:
             raise InputError("--offload-activations keeps the inputs of gradient checkpointing in CPU memory: it "
                              "needs checkpointing, which --no-grad-checkpointing turns off")
+        if self.method != "sft" and (self.replay_data or self.kl_to_base):
+            raise InputError(f"--{'replay-data' if self.replay_data else 'kl-to-base'} applies to --method sft, "
+                             f"not {self.method} (--retain-data and --max-forgetting work for every method)")
+        if self.replay_data and self.batching == "pack":
+            raise InputError("--replay-data mixes whole samples into batches of samples; it does not apply to "
+                             "packed rows (--pack / --batching pack): use --batching padding-free")
+        if self.max_forgetting is not None and not self.retain_data:
+            raise InputError("--max-forgetting is measured on --retain-data: give the general data to measure it on")
+        if self.on_budget != "stop" and self.max_forgetting is None:
+            raise InputError(f"--on-budget {self.on_budget} applies with --max-forgetting")
         if self.dpo_label_smoothing and self.dpo_loss not in ("sigmoid", "robust"):
             raise InputError(f"--dpo-label-smoothing applies to the sigmoid and robust losses, not {self.dpo_loss!r}")
 

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     run = recipe.train(cfg, progress=True)
     if not run.parallel.is_main:  # under torchrun rank 0 speaks for the job
         return 0
-    if run.final_eval:
-        print(f"final {recipe.summarize(run.final_eval)}", file=sys.stderr)
+    if run.eval_summary:
+        print(f"final {run.eval_summary}", file=sys.stderr)
     for warning in run.warnings:  # given during the run, repeated where the user looks last
         print(f"warning: {warning}", file=sys.stderr)
     print(f"adapter written to {run.output / 'adapter'}", file=sys.stderr)

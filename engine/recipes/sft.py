@@ -11,6 +11,12 @@ One optimizer step (`train_step`), top to bottom:
 3. `engine.run.optimizer.Optimizer.step`: a non-finite loss or gradient never reaches the
    weights (the step is skipped and logged), else clip, schedule, AdamW;
 4. `engine.run.session.Run.end_step`: log, evaluate and checkpoint on schedule.
+
+Against forgetting (`mitigated_step`, only when asked): ``--replay-data`` appends general samples
+to the window's micro-batches (`engine.data.replay`: the fraction ``--replay-ratio`` of all
+samples, in a resumable order), and ``--kl-to-base β`` adds β · KL(base ‖ policy) per trained token
+(`engine.losses.anchored`). The train line's ``loss`` stays the training data's mean loss;
+``replay/loss``, ``kl_to_base`` and ``objective`` (what the step minimised) come beside it.
 """
 
 from __future__ import annotations
@@ -22,12 +28,16 @@ import torch
 from engine.config import TrainConfig
 from engine.data.batching import Batch, BatchLoader
 from engine.data.batching_report import sft_batching_report
+from engine.data.replay import Mixed, ReplayMix
 from engine.data.samples import load_sft_data
+from engine.losses.anchored import anchored_sums
 from engine.losses.causal_lm import count_loss_tokens, loss_sum, mean_loss
+from engine.run.checkpoint import load_extra
 from engine.run.distributed import Parallel
 from engine.run.session import Run, StepResult
 
 METHOD = "sft"
+REPLAY = "replay"  # the checkpoint's replay.safetensors
 
 
 def backward_window(model: torch.nn.Module, window: list[Batch], device: torch.device,
@@ -60,6 +70,39 @@ def train_step(run: Run, window: list[Batch]) -> StepResult:
                       samples=[run.data.train[i].source for b in window for row in b.sample_ids for i in row])
 
 
+def mitigated_step(run: Run, loader: BatchLoader, window: list[Batch], replay: ReplayMix | None) -> StepResult:
+    """One optimizer step of SFT with replay samples mixed in and / or the KL anchor (module
+    docstring): the gradient of (train + replay + β · kl) / N over the whole window."""
+    beta, parallel = run.cfg.kl_to_base, run.parallel
+    mixed = [Mixed.plain(b) for b in window]
+    if replay is not None:  # assigned over every rank's micro-batches, then this rank's share
+        groups = [[i for row in loader.groups(epoch)[index] for i in row] for epoch, index in run.step_positions]
+        mine = parallel.window(replay.assign(groups))
+        mixed = [replay.batch(loader, b, ids) for b, ids in zip(window, mine)]
+    n_tokens, n_replay, n_replay_samples = parallel.sum_ints(
+        [sum(count_loss_tokens(m.batch) for m in mixed), sum(m.replay_tokens() for m in mixed),
+         sum(m.replay_samples for m in mixed)])  # before any backward
+    sums = torch.zeros(3, dtype=torch.float32, device=run.device)  # train, replay, kl
+    for m, batch in zip(mixed, parallel.micro_batches([m.batch for m in mixed], run.cfg.seed)):
+        part = anchored_sums(run.model, Mixed(batch.to(run.device), m.replay_labels, m.replay_samples), beta)
+        parallel.backward(part.objective(beta) / max(n_tokens, 1))
+        sums += torch.stack([part.train, part.replay, part.kl]).detach()
+    train, replayed, kl = parallel.sum_(sums)
+    objective = (train + replayed + beta * kl) / max(n_tokens, 1)
+    update = run.optimizer.step(objective, run.step)
+    metrics = {"objective": objective}
+    if replay is not None:
+        metrics.update({"replay/loss": replayed / max(n_replay, 1), "replay/tokens": n_replay,
+                        "replay/samples": n_replay_samples})
+    if beta:
+        metrics["kl_to_base"] = kl / max(n_tokens, 1)
+    real_tokens, = parallel.sum_ints([sum(m.batch.real_tokens for m in mixed)])
+    samples = [replay.source_of(loader, i) if replay else run.data.train[i].source
+               for m in mixed for row in m.batch.sample_ids for i in row]
+    return StepResult(train / max(n_tokens - n_replay, 1), update, tokens=n_tokens, real_tokens=real_tokens,
+                      samples=samples, metrics=metrics)
+
+
 def summarize(result: dict[str, Any]) -> str:
     return f"eval loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}"
 
@@ -75,6 +118,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Run:
         loader = BatchLoader(run.data.train, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, batching=cfg.batching,
                              max_len=run.max_len, max_tokens=cfg.max_tokens_per_batch)
         eval_batching = "padded" if cfg.batching == "padded" else "padding-free"  # eval: batch_size samples
+        replay = ReplayMix.load(cfg, run.tokenizer, run.max_len, run.model_config.vocab_size)
         run.plan(loader.num_batches(0))
         run.build_model()
         run.loss_label = "cross-entropy (nats / token)"
@@ -84,9 +128,18 @@ def train(cfg: TrainConfig, progress: bool = True) -> Run:
                              device=run.device, progress=False, batching=eval_batching,
                              parallel=run.parallel).to_json()
 
-        run.start([run.data.train_report, run.data.eval_report, sft_batching_report(loader)],
-                  evaluate if run.data.eval else None, summarize)
+        resumed = run.start([run.data.train_report, run.data.eval_report, sft_batching_report(loader),
+                             replay.report if replay else None],
+                            evaluate if run.data.eval else None, summarize)
+        if replay is not None and resumed is not None:
+            replay.restore(load_extra(resumed, REPLAY))
         for window in run.windows(loader):
-            run.end_step(train_step(run, window))
+            if replay is None and not cfg.kl_to_base:
+                result = train_step(run, window)
+            else:
+                result = mitigated_step(run, loader, window, replay)
+                if replay is not None:
+                    run.extras[REPLAY] = replay.state()  # the replay position after this step
+            run.end_step(result)
         run.finish()
         return run

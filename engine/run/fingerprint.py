@@ -7,7 +7,8 @@ model's weights at every start would take minutes), the data files with their SH
 pipeline (format, lengths, packing, prompt masking), the batch geometry (padding-free batches and
 a token budget included: they change the dropout draws and the batches), MLP chunks when LoRA
 has dropout (its masks are drawn per chunk), the seed, quantization and dtype, the adapter's
-shape (or the starting adapter's SHA-256) and the optimizer's settings.
+shape (or the starting adapter's SHA-256), the optimizer's settings, and the retention, replay,
+KL-anchor and budget options when given.
 
 `compare_identity` sorts the differences between a saved identity and the current one:
 
@@ -30,6 +31,8 @@ from typing import Any
 import torch
 
 from engine.config import TrainConfig
+from engine.errors import InputError
+from engine.run.checkpoint import latest_checkpoint, read_state
 from engine.run.folder import data_file_record, file_sha256
 from models.loading import weight_files
 
@@ -66,6 +69,16 @@ def run_identity(cfg: TrainConfig, model_dir: Path, max_len: int, dtype: torch.d
         fields["mlp_chunk_tokens"] = cfg.mlp_chunk_tokens
     if cfg.method == "grpo":
         fields.update({name: getattr(cfg, name) for name in GRPO_FIELDS})
+    # issue 14's options, only when used (older checkpoints match runs without them): the retention
+    # file decides the cached base numbers, replay and the KL anchor the gradients, the budget the adapter
+    if cfg.retain_data:
+        fields["retain_data"] = data_file_record(cfg.retain_data)
+    if cfg.replay_data:
+        fields.update(replay_data=data_file_record(cfg.replay_data), replay_ratio=cfg.replay_ratio)
+    if cfg.kl_to_base:
+        fields["kl_to_base"] = cfg.kl_to_base
+    if cfg.max_forgetting is not None:
+        fields.update(max_forgetting=cfg.max_forgetting, on_budget=cfg.on_budget)
     if cfg.init_adapter:
         for name in ADAPTER_FIELDS:
             fields.pop(name, None)
@@ -100,3 +113,20 @@ def _short(value: Any) -> str:
         return f"{value.get('path')} (sha256 {value['sha256'][:12]}…)"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def resume_point(output: Path, identity: dict[str, Any]) -> tuple[Path, list[str]]:
+    """The newest complete checkpoint of ``output``, after checking what it was made for
+    (InputError on a mismatch, naming the fields); returns it with the accepted changes (notes)."""
+    checkpoint = latest_checkpoint(output)
+    if checkpoint is None:
+        raise InputError(f"--resume: no complete checkpoint in {output / 'checkpoints'}")
+    saved = read_state(checkpoint).get("made_for")
+    if saved is None:
+        return checkpoint, ["the checkpoint records no identity (written by an older version): not checked"]
+    mismatches, notes = compare_identity(saved, identity)
+    if mismatches:
+        raise InputError(f"--resume: {checkpoint} was made for another run: {'; '.join(mismatches)}. "
+                         "Resume with the original settings, or start a new run (another --output, or "
+                         "--overwrite)")
+    return checkpoint, notes

@@ -66,12 +66,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 @dataclass(frozen=True)
 class Curve:
     """A chart a run draws at its end (loss.png, a method's own): ``train_key`` of the train lines
-    and ``eval_key`` of the eval lines against the step, in ``OUTPUT/png``."""
+    and ``eval_key`` of the eval lines against the step, in ``OUTPUT/png``; ``also`` adds more eval
+    keys as (key, label), dashed (the retention loss beside the training loss)."""
 
     png: str
     train_key: str
     eval_key: str
     ylabel: str
+    also: tuple[tuple[str, str], ...] = ()
 
 
 def plot_curves(metrics_path: str | Path, folder: str | Path, curves: list[Curve]) -> None:
@@ -99,6 +101,11 @@ def plot_curve(metrics_path: str | Path, png_path: str | Path, curve: Curve) -> 
         ax.plot(*zip(*train), label=f"train {name}", linewidth=1.2)
     if evals:
         ax.plot(*zip(*evals), "o-", label=f"eval {name}", linewidth=1.5)
+    for key, label in curve.also:
+        points = [(r["step"], r[key]) for r in records
+                  if r["kind"] == "eval" and isinstance(r.get(key), (int, float))]
+        if points:
+            ax.plot(*zip(*points), "s--", label=label, linewidth=1.2)
     ax.set_xlabel("optimizer step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(curve.ylabel)

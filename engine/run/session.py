@@ -17,7 +17,8 @@ its loss per micro-batch, calls ``backward`` and then ``run.optimizer.step(loss,
 position (epoch, batch index) that makes resume exact, what the checkpoint was made for
 (`engine.run.fingerprint`), the count of non-finite steps in a row (stop with `EXIT_DIVERGED`
 after ``max_bad_steps``), metrics lines (a step's figures stay on the device until a logging step,
-an evaluation, a checkpoint or the end reads them all at once: `engine.run.pending`), evaluation and checkpoints on their schedules, SIGTERM
+an evaluation, a checkpoint or the end reads them all at once: `engine.run.pending`), evaluation and checkpoints on their schedules, the retention set and its budget
+(``--retain-data``, ``--max-forgetting``: `engine.run.forgetting`), SIGTERM
 (checkpoint at the next step boundary, exit with `EXIT_PREEMPTED`), and the final rule: a run
 with no successful optimizer step, or whose adapter is not finite, fails with `EXIT_DIVERGED`
 and no completion marker.
@@ -43,17 +44,11 @@ from engine.adapters import load_adapter_weights, save_adapter
 from engine.adapters.peft_format import adapter_state_dict
 from engine.config import TrainConfig
 from engine.data.batching import Batch
-from engine.errors import EXIT_DIVERGED, EXIT_PREEMPTED, InputError, RunStopped
-from engine.run.checkpoint import (
-    checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
-    optimizer_tensors,
-    read_state,
-    save_checkpoint,
-)
+from engine.errors import EXIT_DIVERGED, EXIT_PREEMPTED, RunStopped
+from engine.run.checkpoint import checkpoint_path, load_checkpoint, optimizer_tensors, save_checkpoint
 from engine.run.distributed import Parallel, layout_report
-from engine.run.fingerprint import compare_identity, run_identity
+from engine.run.fingerprint import resume_point, run_identity
+from engine.run.forgetting import ForgettingWatch
 from engine.run.folder import COMPLETE, RunFolder, lineage, write_json
 from engine.run.metrics import Curve, DiscardedLog, MetricsLog, plot_curves
 from engine.run.model import (
@@ -79,11 +74,14 @@ class Run:
         self.step = self.epoch = self.batch_index = self.bad_in_a_row = self.applied_steps = 0
         self.data: Any = None                                 # the recipe's data (train / eval, reports)
         self.final_eval: dict[str, Any] = {}
+        self.eval_summary = ""                                # the latest evaluation's printed line
         self.extras: dict[str, dict[str, torch.Tensor]] = {}  # method tensors saved in checkpoints
         self.lineage_extra: dict[str, Any] = {}               # method fields of the adapter's lineage
         self.loss_label = "loss"                              # y axis of loss.png
         self.curves: list[Curve] = []                         # the method's charts beside loss.png
         self.warnings: list[str] = []                         # repeated in the summary
+        self.forgetting: ForgettingWatch | None = None          # --retain-data (and --max-forgetting)
+        self._last_eval: tuple[int, dict[str, Any]] | None = None  # (step, figures) of the latest evaluation
         self._begun = self._stop_requested = False
         self._pending = PendingSteps()                        # steps not yet read on the host
 
@@ -103,10 +101,12 @@ class Run:
         run.max_len = resolve_max_len(cfg.max_len, run.model_config)
         parallel.check_replica_fits(run.model_config, run.dtype, cfg.quant)  # DDP: the whole model on each GPU
         run.folder = RunFolder(run.output, resume=cfg.resume, overwrite=cfg.overwrite)
-        run.protected = [run.model_dir, *(Path(p) for p in (cfg.data, cfg.eval_data, cfg.init_adapter) if p)]
+        run.protected = [run.model_dir, *(Path(p) for p in (cfg.data, cfg.eval_data, cfg.init_adapter,
+                                                             cfg.retain_data, cfg.replay_data) if p)]
         run.folder.check(run.protected)
         parallel.barrier()  # every rank checked the folder before rank 0 claims it
         run.tokenizer = load_tokenizer(run.model_dir)
+        run.forgetting = ForgettingWatch.open(cfg, run.tokenizer, run.max_len, run.model_config.vocab_size)
         return run
 
     def __enter__(self) -> Run:
@@ -137,7 +137,7 @@ class Run:
         self.identity = run_identity(self.cfg, self.model_dir, self.max_len, self.dtype,
                                      micro_batches_per_step=self.micro_batches_per_step)
         if self.cfg.resume:
-            self._resume_point()  # a checkpoint made for another run fails here, before any weight is read
+            resume_point(self.output, self.identity)  # a checkpoint made for another run fails here, before any weight is read
         if self.parallel.is_main:
             self.folder.claim(self.protected)
         self.trainable = build_model(self.cfg, self.model_dir, self.device, self.dtype, with_score_head)
@@ -158,11 +158,12 @@ class Run:
         """
         cfg = self.cfg
         self.evaluate_fn, self.summarize = evaluate, summarize
+        reports = [*reports, self.forgetting.retention.report if self.forgetting else None]
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = Optimizer(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                    weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
                                    schedule=cfg.lr_schedule, warmup=self.warmup, total_steps=self.total_steps)
-        resume_from, notes = self._resume_point() if cfg.resume else (None, [])  # again, under the lock
+        resume_from, notes = resume_point(self.output, self.identity) if cfg.resume else (None, [])  # again, under the lock
         self._begun = True
         if resume_from is not None:
             state = load_checkpoint(resume_from, self.model, self.optimizer.adamw,
@@ -170,6 +171,8 @@ class Run:
             self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
             self.bad_in_a_row = state["bad_in_a_row"]
             self.applied_steps = state.get("applied_steps", self.step)
+            if self.forgetting is not None:
+                self.forgetting.restore(resume_from, self.extras)
         elif self.parallel.is_main:
             self.folder.begin(self.method)
             write_json(self.output / "config.json", cfg.to_json())
@@ -183,22 +186,6 @@ class Run:
         if self.progress:
             self._announce(reports, resume_from, notes)
         return resume_from
-
-    def _resume_point(self) -> tuple[Path, list[str]]:
-        """The newest complete checkpoint, after checking what it was made for (InputError on a
-        mismatch, naming the fields); returns it with the accepted schedule changes."""
-        checkpoint = latest_checkpoint(self.output)
-        if checkpoint is None:
-            raise InputError(f"--resume: no complete checkpoint in {self.output / 'checkpoints'}")
-        saved = read_state(checkpoint).get("made_for")
-        if saved is None:
-            return checkpoint, ["the checkpoint records no identity (written by an older version): not checked"]
-        mismatches, notes = compare_identity(saved, self.identity)
-        if mismatches:
-            raise InputError(f"--resume: {checkpoint} was made for another run: {'; '.join(mismatches)}. "
-                             "Resume with the original settings, or start a new run (another --output, or "
-                             "--overwrite)")
-        return checkpoint, notes
 
     def _log_distribution(self) -> None:  # a "distributed" metrics line, and its summary on stderr
         fields, line = layout_report(self.parallel, self.model, self.micro_batches_per_step, self.cfg.batch_size)
@@ -225,7 +212,7 @@ class Run:
         step takes from the global order), step after step, from the saved data position on,
         across epochs, until ``total_steps``; evaluates at step 0 first (with an eval set). The
         progress bar and the SIGTERM handler live as long as this generator."""
-        if self.step == 0 and self.evaluate_fn is not None:
+        if self.step == 0 and self.evaluates:
             self.evaluate()
         previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
         self._bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train",
@@ -233,9 +220,9 @@ class Run:
         self.model.train()
         positions = self._positions_from(loader)
         try:
-            while self.step < self.total_steps:
+            while self.step < self.total_steps and not (self.forgetting and self.forgetting.stop):
                 step = [next(positions) for _ in range(self.micro_batches_per_step)]  # (epoch, index) each
-                self._last_position = step[-1]  # the data position after this step
+                self.step_positions = step  # every rank's micro-batches of this step; the last: the position after it
                 yield [loader.batch(epoch, index) for epoch, index in self.parallel.window(step)]
         finally:
             self._bar.close()
@@ -255,7 +242,7 @@ class Run:
         for a recipe that watches its figures."""
         cfg = self.cfg
         self.step += 1
-        epoch, index = self._last_position
+        epoch, index = self.step_positions[-1]
         self.epoch, self.batch_index = epoch, index + 1
         self._pending.add(self.step, result)
         self._bar.update(1)
@@ -317,34 +304,44 @@ class Run:
 
     # ------------------------------------------------------------------ eval, checkpoints, outputs
 
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run evaluates: an eval set, or a retention set (``--retain-data``)."""
+        return self.evaluate_fn is not None or self.forgetting is not None
+
     def evaluate(self) -> dict[str, Any]:
-        """Run the recipe's evaluation, log it as an ``eval`` line and print its summary."""
-        result = self.evaluate_fn()
+        """Run the recipe's evaluation and the retention set's (with its budget), log them as one
+        ``eval`` line and print their summary."""
+        result = self.evaluate_fn() if self.evaluate_fn is not None else {}
+        parts = [self.summarize(result)] if self.evaluate_fn is not None else []
+        if self.forgetting is not None:
+            parts.append(self.forgetting.measure(self.model, self.device, self.parallel, self.step, result,
+                                                 self.extras, lambda: adapter_state_dict(self.model)))
         self.metrics.write("eval", self.step, **result)
+        self.eval_summary = "; ".join(parts)
         if self.progress:
-            tqdm.write(f"step {self.step}: {self.summarize(result)}", file=sys.stderr)
+            tqdm.write(f"step {self.step}: {self.eval_summary}", file=sys.stderr)
+        self._last_eval = (self.step, result)
         return result
 
-    def adapter_metadata(self) -> dict[str, Any]:
+    def adapter_metadata(self, steps: int | None = None) -> dict[str, Any]:
         cfg = self.cfg
         data = [self.identity["data"]] + ([self.identity["eval_data"]] if cfg.eval_data else [])
-        record = lineage(method=self.method, base_model=cfg.model, data=data, steps=self.step,
+        record = lineage(method=self.method, base_model=cfg.model, data=data, steps=self.step if steps is None else steps,
                          parent_adapter=cfg.init_adapter, parent_lineage=self.trainable.parent_lineage)
         return {**record, **self.lineage_extra}
 
-    def write_adapter(self, folder: Path) -> None:
-        """Every rank: the adapter (its FSDP2 shards gathered); rank 0 writes it to ``folder``."""
-        self._adapter_writer()(folder)
-
-    def _adapter_writer(self) -> Callable[[Path], None]:
-        """The adapter gathered now (a collective under FSDP2: every rank, in the same order), and
-        a function that writes it to a folder on rank 0 (and does nothing on the others)."""
-        tensors = adapter_state_dict(self.model)
+    def _adapter_writer(self, tensors: dict[str, torch.Tensor] | None = None,
+                        steps: int | None = None) -> Callable[[Path], None]:
+        """The adapter gathered now (a collective under FSDP2: every rank, in the same order), or
+        ``tensors`` kept from step ``steps``, and a function that writes it to a folder on rank 0
+        (and does nothing on the others)."""
+        tensors = adapter_state_dict(self.model) if tensors is None else tensors
 
         def write(folder: Path) -> None:
             if self.parallel.is_main:
                 save_adapter(self.model, self.trainable.lora_cfg, folder, self.cfg.model,
-                             metadata=self.adapter_metadata(), tensors=tensors)
+                             metadata=self.adapter_metadata(steps), tensors=tensors)
         return write
 
     def save_checkpoint(self) -> Path:
@@ -372,15 +369,25 @@ class Run:
         if bad is not None:
             raise RunStopped(f"the trained adapter has non-finite values ({bad}); no adapter was written. "
                              "Lower --lr or check the data", EXIT_DIVERGED)
-        self.final_eval = self.evaluate() if self.evaluate_fn is not None else {}
-        self.write_adapter(self.output / "adapter")
+        if self._last_eval is not None and self._last_eval[0] == self.step:  # the budget stopped at this eval
+            self.final_eval = self._last_eval[1]
+        else:
+            self.final_eval = self.evaluate() if self.evaluates else {}
+        for name, tensors, steps in (self.forgetting.adapters(self.step) if self.forgetting else [("adapter", None, None)]):
+            self._adapter_writer(tensors, steps)(self.output / name)
         if not self.parallel.is_main:
             self.parallel.barrier()  # rank 0 writes the rest, then joins this barrier
             return self.final_eval
-        plot_curves(self.output / "metrics.jsonl", self.output, [Curve("loss.png", "loss", "loss", self.loss_label),
-                                                                 *self.curves])
+        retention = (("retain/loss", "retention loss"), ("retain/base_loss", "retention loss, base")) \
+            if self.forgetting else ()
+        plot_curves(self.output / "metrics.jsonl", self.output,
+                    [Curve("loss.png", "loss", "loss", self.loss_label, retention), *self.curves])
         summary = {"steps": self.step, "trainable_parameters": self.trainable.trainable_parameters,
                    "eval": self.final_eval, "adapter": str(self.output / "adapter"), "warnings": self.warnings}
+        if self.forgetting is not None:
+            summary["forgetting"] = self.forgetting.report()
+            if self.forgetting.message() and self.progress:
+                print(f"--max-forgetting: {self.forgetting.message()}", file=sys.stderr)
         self.metrics.write("summary", self.step, **summary)
         write_json(self.output / COMPLETE, summary)
         self.parallel.barrier()
