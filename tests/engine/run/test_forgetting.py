@@ -181,3 +181,32 @@ def test_flags_that_do_not_go_together_are_refused(tiny_model_dir, files, tmp_pa
     with pytest.raises(InputError, match=message):
         config(tiny_model_dir, files, tmp_path / "bad", **overrides).validate()
     assert not (tmp_path / "bad").exists()
+
+
+def test_replay_and_kl_anchor_resume_exactly_and_mix_the_exact_fraction(tiny_model_dir, files, tmp_path):
+    cfg = dict(replay_data=str(files["retain"]), replay_ratio=0.2, kl_to_base=0.5, max_steps=6, eval_every=3,
+               save_every=3, keep_checkpoints=3, lora_dropout=0.1)
+    full = tmp_path / "full"
+    sft.train(config(tiny_model_dir, files, full, **cfg), progress=False)
+    lines = [r for r in read_metrics(full / "metrics.jsonl") if r["kind"] == "train"]
+    # 4 training samples per step, replay / (train + replay) = 0.2: 1 replay sample per step
+    assert [r["replay/samples"] for r in lines] == [1] * 6
+    assert lines[0]["kl_to_base"] == 0.0 and all(r["kl_to_base"] > 0 for r in lines[1:])
+    for r in lines:  # objective = (train + replay + β kl) / N over the N tokens of both
+        train_tokens = r["tokens"] - r["replay/tokens"]
+        total = (r["loss"] * train_tokens + r["replay/loss"] * r["replay/tokens"]) / r["tokens"] + 0.5 * r["kl_to_base"]
+        assert_close(torch.tensor(r["objective"]), torch.tensor(total), name=f"objective of step {r['step']}")
+
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-000003", part / "checkpoints" / "step-000003")
+    shutil.copy(full / "config.json", part / "config.json")
+    kept = [r for r in read_metrics(full / "metrics.jsonl") if r["step"] <= 3 and r["kind"] != "summary"]
+    (part / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    sft.train(config(tiny_model_dir, files, part, resume=True, **cfg), progress=False)
+
+    def figures(folder: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(folder / "metrics.jsonl")
+                if r["kind"] in ("train", "eval")]
+    assert figures(part) == figures(full)  # the same replay samples, dropout draws and KL, bit for bit
+    assert_same_adapter(part / "adapter", full / "adapter")
