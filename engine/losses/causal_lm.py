@@ -42,11 +42,17 @@ def hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 
 def loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Σ over the batch's trainable tokens of -log p(next token), in fp32 (a 0-dim tensor)."""
-    hidden = hidden_states(model, batch)
+    hidden = hidden_states(model, batch)  # first: under FSDP2 the head weight is whole only after the forward
+    return hidden_loss_sum(hidden, model.lm_head.weight, batch)
+
+
+def hidden_loss_sum(hidden: torch.Tensor, head_weight: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """`loss_sum` from hidden states (B, T, H) already computed: the head ``(V, H)`` and the
+    cross-entropy fused over positions [:, :-1] against `shifted_labels` (0-dim fp32)."""
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), H)
     # labels_checked: every token id was checked against the vocabulary when the data met the
     # model (engine.run.model.check_model_fits), so the op skips its range check (a host read)
-    return linear_cross_entropy(hidden, model.lm_head.weight, shifted_labels(batch).reshape(-1), reduction="sum",
+    return linear_cross_entropy(hidden, head_weight, shifted_labels(batch).reshape(-1), reduction="sum",
                                 labels_checked=True)
 
 
