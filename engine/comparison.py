@@ -10,11 +10,15 @@ tokens count; the general set is plain text, so every token after the first does
 `engine.losses.causal_lm.mean_loss` as training's evaluation computes it, so eval and train losses
 agree. The base is loaded once; the adapters are switched in and out of it
 (`engine.adapters.switcher`).
+
+On one set (``kl_set``: the general text, in `engine.eval`) each adapter row also gets its mean
+KL(base ‖ adapter) per counted token, computed in the same pass as its loss there
+(`engine.forgetting`); the base row's is 0 by definition (not computed).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +27,7 @@ from torch import nn
 from engine.adapters.switcher import Adapter, base_then_adapters, check_adapter_fits, read_adapter
 from engine.data.samples import Sample
 from engine.errors import InputError
+from engine.forgetting import loss_and_kl_to_base
 from engine.losses.causal_lm import LossResult, mean_loss
 from models.llama import LlamaForCausalLM
 from models.loading import read_config
@@ -32,10 +37,12 @@ BASE = "base"
 
 @dataclass
 class Row:
-    """One line of the comparison: a name ("base" or the adapter) and its results per set."""
+    """One line of the comparison: a name ("base" or the adapter), its results per set, and its
+    mean KL(base ‖ this) per token on the sets where it was measured (0.0 for the base)."""
 
     name: str
     results: dict[str, LossResult]
+    kl_to_base: dict[str, float] = field(default_factory=dict)
 
     def delta(self, base: "Row", set_name: str) -> float:
         """loss(this) - loss(base) on one set: negative = better than the base."""
@@ -43,25 +50,34 @@ class Row:
 
 
 def compare(model: nn.Module, adapters: list[Adapter], sets: dict[str, list[Sample]], *, batch_size: int,
-            pad_id: int, device: torch.device | str, progress: bool = True) -> list[Row]:
-    """The base row, then one row per adapter, each evaluated on every set (e.g. domain, general)."""
+            pad_id: int, device: torch.device | str, progress: bool = True, kl_set: str | None = None) -> list[Row]:
+    """The base row, then one row per adapter, each evaluated on every set (e.g. domain, general);
+    on ``kl_set`` (one of ``sets``, or None) also the KL to the base."""
     rows = []
-    for name in base_then_adapters(model, adapters, BASE):
-        results = {set_name: mean_loss(model, samples, batch_size=batch_size, pad_id=pad_id, device=device,
-                                       desc=f"{name} / {set_name}", progress=progress)
-                   for set_name, samples in sets.items()}
-        rows.append(Row(name, results))
+    for i, name in enumerate(base_then_adapters(model, adapters, BASE)):
+        results, kl = {}, {}
+        for set_name, samples in sets.items():
+            options = dict(batch_size=batch_size, pad_id=pad_id, device=device, desc=f"{name} / {set_name}",
+                           progress=progress)
+            if set_name != kl_set:
+                results[set_name] = mean_loss(model, samples, **options)
+            elif i == 0:  # the base: KL(base ‖ base) = 0
+                results[set_name], kl[set_name] = mean_loss(model, samples, **options), 0.0
+            else:
+                both = loss_and_kl_to_base(model, samples, **options)
+                results[set_name], kl[set_name] = both.loss, both.kl_to_base
+        rows.append(Row(name, results, kl))
     return rows
 
 
 def markdown_table(rows: list[Row], set_names: list[str]) -> str:
     """Rows: base, each adapter. Per set: loss, perplexity, and the loss change against the base
-    (with the perplexity change in percent)."""
+    (with the perplexity change in percent); where measured, then the KL to the base ("—" for the base)."""
+    base = rows[0]
     header = ["model"]
     for s in set_names:
-        header += [f"{s} loss", f"{s} ppl", f"Δ {s} vs base"]
+        header += [f"{s} loss", f"{s} ppl", f"Δ {s} vs base"] + ([f"{s} KL to base"] if s in base.kl_to_base else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    base = rows[0]
     for row in rows:
         cells = [row.name]
         for s in set_names:
@@ -72,6 +88,8 @@ def markdown_table(rows: list[Row], set_names: list[str]) -> str:
             else:
                 ppl_change = 100.0 * (r.perplexity / base.results[s].perplexity - 1.0)
                 cells.append(f"{row.delta(base, s):+.4f} ({ppl_change:+.1f}% ppl)")
+            if s in base.kl_to_base:
+                cells.append("—" if row is base else f"{row.kl_to_base[s]:.4g}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -80,7 +98,8 @@ def rows_to_json(rows: list[Row]) -> list[dict]:
     base = rows[0]
     return [{"name": row.name,
              **{s: {**r.to_json(), "delta_loss_vs_base": row.delta(base, s),
-                    "perplexity_ratio_vs_base": r.perplexity / base.results[s].perplexity}
+                    "perplexity_ratio_vs_base": r.perplexity / base.results[s].perplexity,
+                    **({"kl_to_base": row.kl_to_base[s]} if s in row.kl_to_base else {})}
                 for s, r in row.results.items()}}
             for row in rows]
 

@@ -23,7 +23,8 @@ from engine.adapters import (
     remove_lora,
     save_adapter,
 )
-from engine.comparison import compare
+from engine.comparison import compare, markdown_table, rows_to_json
+from engine.forgetting import loss_and_kl_to_base
 from engine.data.samples import Sample
 from engine.errors import EXIT_INPUT_ERROR, run_cli
 from engine.eval import main as eval_main
@@ -134,6 +135,40 @@ def test_switching_equals_loading_each_alone(tiny):
                     assert rows[0].results[name] == off, name
     assert rows[1].results == rows[4].results
     assert rows[1].results != rows[2].results
+
+
+def test_kl_set_adds_kl_and_keeps_every_loss(tiny, tmp_path):
+    """compare(kl_set="general"): every loss is the one without it (bitwise), the base's KL is 0.0,
+    a fresh adapter's (B = 0) exactly 0.0, a random adapter's the one `loss_and_kl_to_base` gives;
+    the table gets a "general KL to base" column after the general ones, the JSON a kl_to_base field."""
+    model_dir, paths = tiny
+    fresh_model = load_model(model_dir)
+    inject_lora(fresh_model, LoRAConfig(r=2, alpha=4, target_modules=("q_proj", "down_proj")))
+    fresh = save_adapter(fresh_model, LoRAConfig(r=2, alpha=4, target_modules=("q_proj", "down_proj")),
+                         tmp_path / "fresh", str(model_dir))
+    sets = {"domain": tiny_samples()[:4], "general": tiny_samples()[4:]}
+    adapters = [read_adapter(paths["a1"]), read_adapter(fresh), read_adapter(paths["b"])]
+    model = load_model(model_dir)
+    plain = compare(model, adapters, sets, batch_size=2, pad_id=PAD, device="cpu", progress=False)
+    rows = compare(model, adapters, sets, batch_size=2, pad_id=PAD, device="cpu", progress=False, kl_set="general")
+    assert [r.results for r in rows] == [r.results for r in plain]
+    assert all(r.kl_to_base == {} for r in plain)
+    assert rows[0].kl_to_base == {"general": 0.0}  # the base: 0 by definition
+    assert rows[2].kl_to_base == {"general": 0.0}  # the fresh adapter: exactly the base
+    alone = load_model(model_dir)
+    load_adapter(alone, paths["b"])
+    expected = loss_and_kl_to_base(alone, sets["general"], batch_size=2, pad_id=PAD, device="cpu", progress=False)
+    assert rows[3].kl_to_base == {"general": expected.kl_to_base} and expected.kl_to_base > 1e-3
+    assert rows[1].kl_to_base["general"] > 1e-3
+
+    header, _, base_line, a1_line, *_ = markdown_table(rows, list(sets)).splitlines()
+    assert header.split(" | ")[4:] == ["general loss", "general ppl", "Δ general vs base", "general KL to base |"]
+    assert base_line.endswith("| — |")
+    assert a1_line.endswith(f"| {rows[1].kl_to_base['general']:.4g} |")
+    assert "KL" not in markdown_table(plain, list(sets))
+    as_json = rows_to_json(rows)
+    assert [r["general"]["kl_to_base"] for r in as_json] == [r.kl_to_base["general"] for r in rows]
+    assert all("kl_to_base" not in r["domain"] for r in as_json)
 
 
 def test_nf4_base_rows_equal_direct_cross_entropy(tiny):
