@@ -8,9 +8,13 @@
 For the base and for each adapter: the mean loss per trainable token and the perplexity on the
 domain set (SFT data in any format `engine.train` reads; only completion / assistant tokens count)
 and on general text (``{"text": ...}`` lines, every token counts: a rise there against the base is
-forgetting). The base is loaded once; the adapters are read and checked against its shapes before
-any weight is loaded, then applied one after the other (see `engine.comparison`). Writes
-``OUT/eval.md`` (the markdown table, also printed), ``OUT/eval.json`` and ``OUT/eval.png``.
+forgetting), where each adapter's mean KL(base ‖ adapter) per token is measured too
+(`engine.forgetting`). The base is loaded once; the adapters are read and checked against its
+shapes before any weight is loaded, then applied one after the other (see `engine.comparison`).
+Writes ``OUT/eval.md`` (the markdown table, also printed), ``OUT/eval.json`` and ``OUT/eval.png``
+(losses as bars); with ``--general`` also ``OUT/eval_tradeoff.png``: domain gain against
+forgetting, one point per adapter, a chain of runs (``--init-adapter``) drawn as a path
+(`engine.tradeoff`).
 
 With ``--reward-model`` it measures a reward model (``--method reward``) instead: its held-out
 pairwise accuracy and mean margin on the preference pairs of ``--data`` (`engine.reward_eval`);
@@ -30,6 +34,7 @@ from engine.data.samples import load_samples
 from engine.errors import InputError, run_cli
 from engine.run.folder import model_files_in, write_json
 from engine.run.setup import DTYPES, resolve_device, resolve_dtype, resolve_max_len
+from engine.tradeoff import plot_tradeoff, read_node, tradeoff_edges, tradeoff_points
 from models import load_model, load_tokenizer
 from models.loading import read_config, resolve_model_dir
 
@@ -57,9 +62,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-completion-len", type=int, default=256,
                    help="With --reward: most new tokens per completion (default: 256).")
     p.add_argument("--format", default="auto", choices=DATA_FORMATS, help="Format of --data (default: detect).")
-    p.add_argument("--general", default=None, help="General text ({\"text\": ...} lines) for the forgetting check.")
-    p.add_argument("--out", default="outputs/eval", help="Folder for eval.md, eval.json and eval.png "
-                   "(default: outputs/eval; those three files are replaced, nothing else).")
+    p.add_argument("--general", default=None, help="General text ({\"text\": ...} lines) for the forgetting check: "
+                   "loss and KL to the base on it, and the trade-off chart.")
+    p.add_argument("--out", default="outputs/eval", help="Folder for eval.md, eval.json, eval.png and, with "
+                   "--general, eval_tradeoff.png (default: outputs/eval; those files are replaced, nothing else).")
     p.add_argument("--batch-size", type=int, default=4, help="Sequences per batch; pairs with --reward-model "
                    "(default: 4).")
     p.add_argument("--max-len", type=int, default=None,
@@ -132,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     adapters = read_adapters(args.adapter, model_dir)
+    nodes = [read_node(a.name, a.path) for a in adapters] if args.general else []  # for the trade-off chart
     tokenizer = load_tokenizer(model_dir)
     sets, reports = {}, {}
     sets[DOMAIN], reports[DOMAIN] = load_samples(args.data, tokenizer, format=None if args.format == "auto" else args.format,
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = load_model(model_dir, dtype=dtype, device=device, quantize=None if args.quant == "none" else args.quant)
     rows = compare(model, adapters, sets, batch_size=args.batch_size, pad_id=tokenizer.pad_token_id,
-                   device=device, progress=not args.no_progress)
+                   device=device, progress=not args.no_progress, kl_set=GENERAL if args.general else None)
 
     table = markdown_table(rows, list(sets))
     print(table)
@@ -152,9 +159,13 @@ def main(argv: list[str] | None = None) -> int:
               "dtype": str(dtype).removeprefix("torch."), "quant": args.quant, "max_len": max_len,
               "data_reports": {k: r.__dict__ for k, r in reports.items()}, "rows": rows_to_json(rows)}
     plot(rows, list(sets), out / "eval.png")
+    written = [out / "eval.md", out / "eval.json", out / "eval.png"]
+    if args.general:
+        plot_tradeoff(tradeoff_points(rows, DOMAIN, GENERAL), tradeoff_edges(nodes), out / "eval_tradeoff.png")
+        written.append(out / "eval_tradeoff.png")
     write_json(out / "eval.json", result)
     (out / "eval.md").write_text(table + "\n")
-    print(f"wrote {out / 'eval.md'}, {out / 'eval.json'}, {out / 'eval.png'}")
+    print(f"wrote {', '.join(map(str, written))}")
     return 0
 
 

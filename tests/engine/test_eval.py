@@ -233,6 +233,8 @@ def test_cli_end_to_end(smol, capsys):
     printed = capsys.readouterr().out
     result = json.loads((out / "eval.json").read_text())
     assert (out / "eval.png").stat().st_size > 1000
+    assert (out / "eval_tradeoff.png").stat().st_size > 1000
+    assert f"{out / 'eval_tradeoff.png'}" in printed.splitlines()[-1]
     assert (out / "eval.md").read_text().strip() in printed
     base, tuned = result["rows"]
     assert (base["name"], tuned["name"]) == ("base", str(adapter))
@@ -245,6 +247,8 @@ def test_cli_end_to_end(smol, capsys):
     assert_close(torch.tensor(base["domain"]["loss"]), torch.tensor(direct_loss(model, samples)),
                  torch.float32, "base domain loss")
 
+    assert base["general"]["kl_to_base"] == 0.0 and tuned["general"]["kl_to_base"] > 1e-6
+    assert "kl_to_base" not in tuned["domain"]
     for part in ("domain", "general"):
         assert tuned[part]["tokens"] == base[part]["tokens"] > 0
         assert abs(tuned[part]["loss"] - base[part]["loss"]) > 1e-4  # non-zero B changes the numbers
@@ -257,6 +261,8 @@ def test_cli_end_to_end(smol, capsys):
     assert f"{base['domain']['loss']:.4f}" in base_line and f"{base['general']['loss']:.4f}" in base_line
     tuned_line = next(line for line in table if line.startswith(f"| {adapter} |"))
     assert f"{tuned['domain']['delta_loss_vs_base']:+.4f}" in tuned_line
+    assert header.split(" | ")[-1] == "general KL to base |"
+    assert tuned_line.endswith(f"| {tuned['general']['kl_to_base']:.4g} |") and base_line.endswith("| — |")
 
 
 def test_cli_bad_input(smol, tiny, tmp_path, capsys):
