@@ -13,7 +13,7 @@ agree. The base is loaded once; the adapters are switched in and out of it
 
 On one set (``kl_set``: the general text, in `engine.eval`) each adapter row also gets its mean
 KL(base ‖ adapter) per counted token, computed in the same pass as its loss there
-(`engine.forgetting`); the base row's is 0 by definition (not computed).
+(`engine.kl_to_base`); the base row's is 0 by definition (not computed).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import nn
 from engine.adapters.switcher import Adapter, base_then_adapters, check_adapter_fits, read_adapter
 from engine.data.samples import Sample
 from engine.errors import InputError
-from engine.forgetting import loss_and_kl_to_base
+from engine.kl_to_base import loss_and_kl_to_base
 from engine.losses.causal_lm import LossResult, mean_loss
 from models.llama import LlamaForCausalLM
 from models.loading import read_config

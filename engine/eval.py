@@ -9,7 +9,7 @@ For the base and for each adapter: the mean loss per trainable token and the per
 domain set (SFT data in any format `engine.train` reads; only completion / assistant tokens count)
 and on general text (``{"text": ...}`` lines, every token counts: a rise there against the base is
 forgetting), where each adapter's mean KL(base ‖ adapter) per token is measured too
-(`engine.forgetting`). The base is loaded once; the adapters are read and checked against its
+(`engine.kl_to_base`). The base is loaded once; the adapters are read and checked against its
 shapes before any weight is loaded, then applied one after the other (see `engine.comparison`).
 Writes ``OUT/eval.md`` (the markdown table, also printed), ``OUT/eval.json`` and ``OUT/eval.png``
 (losses as bars); with ``--general`` also ``OUT/eval_tradeoff.png``: domain gain against

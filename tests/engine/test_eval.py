@@ -24,7 +24,7 @@ from engine.adapters import (
     save_adapter,
 )
 from engine.comparison import compare, markdown_table, rows_to_json
-from engine.forgetting import loss_and_kl_to_base
+from engine.kl_to_base import loss_and_kl_to_base
 from engine.data.samples import Sample
 from engine.errors import EXIT_INPUT_ERROR, run_cli
 from engine.eval import main as eval_main

@@ -1,4 +1,4 @@
-"""engine.forgetting: KL(base ‖ adapter) per counted token equals a direct computation on
+"""engine.kl_to_base: KL(base ‖ adapter) per counted token equals a direct computation on
 materialised fp32 logits, is exactly 0 for a fresh adapter, and the loss of the same pass is
 `mean_loss`'s number bit for bit."""
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.adapters import LoRAConfig, disable_adapters, inject_lora, lora_modules
-from engine.forgetting import loss_and_kl_to_base
+from engine.kl_to_base import loss_and_kl_to_base
 from engine.losses.causal_lm import mean_loss
 from tests.engine.test_eval import PAD, tiny_config, tiny_samples
 from tests.tolerances import assert_close
