@@ -1,6 +1,7 @@
 """engine.comparison / engine.eval: losses equal a direct cross-entropy on full logits, switching
-adapters equals loading each alone, the base row equals the adapter-disabled model, the CLI end to
-end on the SmolLM2 fixture, and bad input."""
+adapters equals loading each alone, the base row equals the adapter-disabled model, the KL-to-base
+column leaves every loss as it was, the CLI end to end on the SmolLM2 fixture (with the trade-off
+chart), and bad input."""
 
 from __future__ import annotations
 
