@@ -16,7 +16,8 @@ The base's loss is computed at the first measurement and cached; it is saved in 
 (``extras["retention"]``) and read back on ``--resume``, so a resumed run reports the same deltas
 bit for bit. The KL needs the base's hidden states at every measurement (one forward with the
 adapters off per batch, under no_grad); it goes through `kernels.linear_kl`, so the (N, V)
-logits never exist on a GPU, and it is exactly 0 while the adapter computes nothing (B = 0).
+logits never exist on a GPU, and it is exactly 0 while the adapter computes nothing (B = 0). The
+per-batch sums are `engine.kl_to_base`'s, the same as ``engine.eval``'s KL-to-base column.
 
 Batches are padding-free (each a row of ``batch_size`` samples), shared by the ranks under
 torchrun (`engine.run.distributed.evaluation_share`) and summed over them.
@@ -31,14 +32,12 @@ import torch
 
 from engine.adapters import disable_adapters
 from engine.data.batching import BatchLoader
-from engine.data.render import IGNORE
 from engine.data.samples import DataReport, Sample, load_samples
 from engine.errors import InputError
-from engine.losses.causal_lm import count_loss_tokens, hidden_states, shifted_labels
+from engine.kl_to_base import batch_loss_and_kl
+from engine.losses.causal_lm import count_loss_tokens, loss_sum
 from engine.run.checkpoint import load_extra
 from engine.run.distributed import Parallel, evaluation_share
-from kernels.linear_cross_entropy import linear_cross_entropy
-from kernels.linear_kl import linear_kl
 
 EXTRA = "retention"  # the checkpoint's retention.safetensors
 
@@ -101,19 +100,14 @@ class Retention:
 
     @staticmethod
     def _batch_sums(model: torch.nn.Module, batch: Any, need_base: bool) -> torch.Tensor:
-        """(Σ −log π, Σ KL(π₀ ‖ π), Σ −log π₀ or 0) over one batch's trainable tokens, float64."""
+        """(Σ −log π, Σ KL(π₀ ‖ π), Σ −log π₀ or 0) over one batch's trainable tokens, float64
+        (`engine.kl_to_base.batch_loss_and_kl`; the base's loss costs one more base forward, once)."""
+        policy = batch_loss_and_kl(model, batch)  # (2,): Σ −log π, Σ KL
+        if not need_base:
+            return torch.cat([policy, policy.new_zeros(1)])
         with disable_adapters(model):
-            base = hidden_states(model, batch)
-        policy = hidden_states(model, batch)  # last: under FSDP2 the head weight is whole after a forward
-        width = policy.shape[-1]
-        base, policy = base[:, :-1].reshape(-1, width), policy[:, :-1].reshape(-1, width)  # (B*(T-1), H)
-        labels = shifted_labels(batch).reshape(-1)
-        head = model.lm_head.weight
-        loss = linear_cross_entropy(policy, head, labels, reduction="sum", labels_checked=True)
-        kl = linear_kl(policy, base, head, labels != IGNORE, reduction="sum")
-        base_loss = linear_cross_entropy(base, head, labels, reduction="sum", labels_checked=True) \
-            if need_base else torch.zeros_like(loss)
-        return torch.stack([loss, kl, base_loss]).double()
+            base = loss_sum(model, batch).double()
+        return torch.cat([policy, base[None]])
 
     def summary(self, result: dict[str, Any]) -> str:
         """The retention part of the line printed at each evaluation."""
