@@ -31,7 +31,7 @@ import torch
 
 from engine.data.batching import Batch, BatchLoader, collate_padded, collate_padding_free, epoch_order, with_host_facts
 from engine.data.render import IGNORE
-from engine.data.samples import DataReport, Sample, load_samples
+from engine.data.samples import DataReport, Sample, check_vocabulary, load_samples
 from engine.errors import InputError
 
 _REPLAY_SEED_OFFSET = 0x5EED  # the replay order differs from the training order of the same seed
@@ -76,8 +76,6 @@ class ReplayMix:
         """The ``--replay-data`` samples (any SFT format, the length policy of --data), or None."""
         if not cfg.replay_data:
             return None
-        from engine.run.retention import check_vocabulary
-
         samples, report = load_samples(cfg.replay_data, tokenizer, max_len=max_len, length_policy=cfg.length_policy,
                                   train_on_prompt=cfg.train_on_prompt, skip_invalid=cfg.skip_invalid_records)
         check_vocabulary(samples, vocab_size, "--replay-data", cfg.replay_data)

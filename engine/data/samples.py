@@ -104,6 +104,14 @@ def check_length_options(length_policy: str, max_len: int | None, name: str = "m
         raise InputError(f"{name}={max_len}; expected at least 2 tokens")
 
 
+def check_vocabulary(samples: list[Sample], vocab_size: int, flag: str, path: str) -> None:
+    """Every token id of ``samples`` fits the model's embedding (InputError naming the sample)."""
+    for sample in samples:
+        if max(sample.input_ids) >= vocab_size:
+            raise InputError(f"{sample.source}: token id {max(sample.input_ids)} is outside the model's vocabulary "
+                             f"of {vocab_size} ({flag} {path})")
+
+
 def invalid_record(path: Path, where: str, problem: str, what: str) -> InputError:
     """The error for a record that its file's format cannot read (strict mode)."""
     return InputError(f"{path}:{where}: {problem} ({what}); fix the record, or pass --skip-invalid-records "

@@ -32,7 +32,7 @@ import torch
 
 from engine.adapters import disable_adapters
 from engine.data.batching import BatchLoader
-from engine.data.samples import DataReport, Sample, load_samples
+from engine.data.samples import DataReport, Sample, check_vocabulary, load_samples
 from engine.errors import InputError
 from engine.kl_to_base import batch_loss_and_kl
 from engine.losses.causal_lm import count_loss_tokens, loss_sum
@@ -40,14 +40,6 @@ from engine.run.checkpoint import load_extra
 from engine.run.distributed import Parallel, evaluation_share
 
 EXTRA = "retention"  # the checkpoint's retention.safetensors
-
-
-def check_vocabulary(samples: list[Sample], vocab_size: int, flag: str, path: str) -> None:
-    """Every token id of ``samples`` fits the model's embedding (InputError naming the sample)."""
-    for sample in samples:
-        if max(sample.input_ids) >= vocab_size:
-            raise InputError(f"{sample.source}: token id {max(sample.input_ids)} is outside the model's vocabulary "
-                             f"of {vocab_size} ({flag} {path})")
 
 
 class Retention:

@@ -197,3 +197,15 @@ def test_resume_accepts_a_new_schedule_with_a_note(unfinished_copy, tiny_model_d
     assert any(n.startswith("lr: checkpoint 0.0002, now 0.001") for n in notes)
     assert any(n.startswith("max_steps: checkpoint 2, now 3") for n in notes)
     assert max(r["step"] for r in lines if r["kind"] == "train") == 3
+
+
+@pytest.mark.parametrize("flag", ["--retain-data", "--replay-data"])
+def test_a_broken_retention_or_replay_file_is_an_error_before_anything_is_created(flag, tiny_model_dir, sft_data,
+                                                                                  tmp_path, capfd):
+    data = write_jsonl(tmp_path / "general.jsonl", [{"text": "fine"}, {"text": 5}])
+    out = tmp_path / "out"
+    result = cli("train", *train_args(tiny_model_dir, sft_data, out), flag, data, capfd=capfd)
+    assert result.code == 2 and f"{data}:2: field 'text' must be a string, got int" in result.message, result.message
+    assert not out.exists()
+    missing = cli("train", *train_args(tiny_model_dir, sft_data, out), flag, tmp_path / "nowhere.jsonl", capfd=capfd)
+    assert missing.code == 2 and "nowhere.jsonl" in missing.message and not out.exists()
