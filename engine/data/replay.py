@@ -45,17 +45,16 @@ class Mixed:
     batch: Batch
     replay_labels: torch.Tensor
     replay_samples: int
+    replay_tokens: int  # the replay samples' trainable next-token labels, counted on the host
 
     @classmethod
     def plain(cls, batch: Batch) -> Mixed:
         """A batch with no replay sample."""
-        return cls(batch, torch.zeros(batch.labels[:, 1:].shape, dtype=torch.bool), 0)
+        return cls(batch, torch.zeros(batch.labels[:, 1:].shape, dtype=torch.bool), 0, 0)
 
-    def replay_tokens(self) -> int:
-        """The replay samples' trainable next-token labels (on the host batch)."""
-        if not self.replay_samples:
-            return 0
-        return int((self.replay_labels & (self.batch.next_token_labels() != IGNORE)).sum())
+    def on(self, device: torch.device) -> Mixed:
+        """The batch on ``device`` (the replay labels stay on the host until the loss moves them)."""
+        return Mixed(self.batch.to(device), self.replay_labels, self.replay_samples, self.replay_tokens)
 
 
 class ReplayMix:
@@ -123,7 +122,8 @@ class ReplayMix:
             replay[len(train):] = True
             sample_ids = [[i] for i in train + replay_ids]
         mixed = with_host_facts(Batch(**tensors, sample_ids=sample_ids, epoch=batch.epoch, index=batch.index))
-        return Mixed(mixed, replay, len(replay_ids))
+        tokens = int((replay & (mixed.next_token_labels() != IGNORE)).sum())
+        return Mixed(mixed, replay, len(replay_ids), tokens)
 
     def source_of(self, loader: BatchLoader, sample_id: int) -> str:
         """"file:line" of a training sample id or of a replay sample id as `batch` numbers them."""

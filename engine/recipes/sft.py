@@ -12,7 +12,7 @@ One optimizer step (`train_step`), top to bottom:
    weights (the step is skipped and logged), else clip, schedule, AdamW;
 4. `engine.run.session.Run.end_step`: log, evaluate and checkpoint on schedule.
 
-Against forgetting (`mitigated_step`, only when asked): ``--replay-data`` appends general samples
+Against forgetting (`mixed_window` and `mitigated_step`, only when asked): ``--replay-data`` appends general samples
 to the window's micro-batches (`engine.data.replay`: the fraction ``--replay-ratio`` of all
 samples, in a resumable order), and ``--kl-to-base β`` adds β · KL(base ‖ policy) per trained token
 (`engine.losses.anchored`). The train line's ``loss`` stays the training data's mean loss;
@@ -70,35 +70,37 @@ def train_step(run: Run, window: list[Batch]) -> StepResult:
                       samples=[run.data.train[i].source for b in window for row in b.sample_ids for i in row])
 
 
-def mitigated_step(run: Run, loader: BatchLoader, window: list[Batch], replay: ReplayMix | None) -> StepResult:
-    """One optimizer step of SFT with replay samples mixed in and / or the KL anchor (module
-    docstring): the gradient of (train + replay + β · kl) / N over the whole window."""
+def mixed_window(run: Run, loader: BatchLoader, window: list[Batch], replay: ReplayMix | None) -> list[Mixed]:
+    """This rank's micro-batches of the step with their replay samples appended (host work, before
+    the step): assigned over every rank's micro-batches of the step, then this rank's share."""
+    if replay is None:
+        return [Mixed.plain(b) for b in window]
+    groups = [[i for row in loader.groups(epoch)[index] for i in row] for epoch, index in run.step_positions]
+    mine = run.parallel.window(replay.assign(groups))
+    return [replay.batch(loader, b, ids) for b, ids in zip(window, mine)]
+
+
+def mitigated_step(run: Run, mixed: list[Mixed], samples: list[str]) -> StepResult:
+    """One optimizer step of SFT with replay samples mixed in (`mixed_window`) and / or the KL
+    anchor (module docstring): the gradient of (train + replay + β · kl) / N over the whole window."""
     beta, parallel = run.cfg.kl_to_base, run.parallel
-    mixed = [Mixed.plain(b) for b in window]
-    if replay is not None:  # assigned over every rank's micro-batches, then this rank's share
-        groups = [[i for row in loader.groups(epoch)[index] for i in row] for epoch, index in run.step_positions]
-        mine = parallel.window(replay.assign(groups))
-        mixed = [replay.batch(loader, b, ids) for b, ids in zip(window, mine)]
-    n_tokens, n_replay, n_replay_samples = parallel.sum_ints(
-        [sum(count_loss_tokens(m.batch) for m in mixed), sum(m.replay_tokens() for m in mixed),
-         sum(m.replay_samples for m in mixed)])  # before any backward
+    n_tokens, n_replay, n_replay_samples, real_tokens = parallel.sum_ints(
+        [sum(count_loss_tokens(m.batch) for m in mixed), sum(m.replay_tokens for m in mixed),
+         sum(m.replay_samples for m in mixed), sum(m.batch.real_tokens for m in mixed)])  # before any backward
     sums = torch.zeros(3, dtype=torch.float32, device=run.device)  # train, replay, kl
-    for m, batch in zip(mixed, parallel.micro_batches([m.batch for m in mixed], run.cfg.seed)):
-        part = anchored_sums(run.model, Mixed(batch.to(run.device), m.replay_labels, m.replay_samples), beta)
+    for m, _ in zip(mixed, parallel.micro_batches([m.batch for m in mixed], run.cfg.seed)):  # seed, DDP sync
+        part = anchored_sums(run.model, m.on(run.device), beta)
         parallel.backward(part.objective(beta) / max(n_tokens, 1))
         sums += torch.stack([part.train, part.replay, part.kl]).detach()
     train, replayed, kl = parallel.sum_(sums)
     objective = (train + replayed + beta * kl) / max(n_tokens, 1)
     update = run.optimizer.step(objective, run.step)
     metrics = {"objective": objective}
-    if replay is not None:
+    if run.cfg.replay_data:
         metrics.update({"replay/loss": replayed / max(n_replay, 1), "replay/tokens": n_replay,
                         "replay/samples": n_replay_samples})
     if beta:
         metrics["kl_to_base"] = kl / max(n_tokens, 1)
-    real_tokens, = parallel.sum_ints([sum(m.batch.real_tokens for m in mixed)])
-    samples = [replay.source_of(loader, i) if replay else run.data.train[i].source
-               for m in mixed for row in m.batch.sample_ids for i in row]
     return StepResult(train / max(n_tokens - n_replay, 1), update, tokens=n_tokens, real_tokens=real_tokens,
                       samples=samples, metrics=metrics)
 
@@ -137,7 +139,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Run:
             if replay is None and not cfg.kl_to_base:
                 result = train_step(run, window)
             else:
-                result = mitigated_step(run, loader, window, replay)
+                mixed = mixed_window(run, loader, window, replay)
+                samples = [replay.source_of(loader, i) if replay else run.data.train[i].source
+                           for m in mixed for row in m.batch.sample_ids for i in row]
+                result = mitigated_step(run, mixed, samples)
                 if replay is not None:
                     run.extras[REPLAY] = replay.state()  # the replay position after this step
             run.end_step(result)

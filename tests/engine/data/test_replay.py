@@ -73,9 +73,9 @@ def test_a_mixed_batch_appends_the_replay_samples_and_marks_their_labels(batchin
     counted = labels != IGNORE
     assert {int(t) for t in labels[mixed.replay_labels & counted]} == replay_ids
     assert not ({int(t) for t in labels[~mixed.replay_labels & counted]} & replay_ids)
-    assert mixed.replay_tokens() == 2 * 3 and mixed.replay_samples == 2
+    assert mixed.replay_tokens == 2 * 3 and mixed.replay_samples == 2
     sources = [replay.source_of(loader, i) for row in mixed.batch.sample_ids for i in row]
     assert sources == ["train:1", "train:2", "train:3", "replay:3", "replay:1"]
     plain = replay.batch(loader, batch, [])
-    assert plain.batch is batch and not plain.replay_labels.any() and plain.replay_tokens() == 0
+    assert plain.batch is batch and not plain.replay_labels.any() and plain.replay_tokens == 0
     assert isinstance(Mixed.plain(batch), Mixed)

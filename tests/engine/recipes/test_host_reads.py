@@ -1,5 +1,5 @@
 """A training step reads nothing on the host: three steps of the SmolLM2 fixture (SFT with LoRA
-and QLoRA, DPO and the reward model with LoRA) under a `TorchDispatchMode` that counts every op that makes the host wait for a tensor's
+and QLoRA, SFT with replay and the KL anchor, DPO and the reward model with LoRA) under a `TorchDispatchMode` that counts every op that makes the host wait for a tensor's
 value — zero in the steps that do not log, one (the copy of the pending figures) in the step that
 does.
 
@@ -58,12 +58,20 @@ def first_lines(src: str, n: int, folder: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("method,quant", [("sft", "none"), ("sft", "nf4"), ("dpo", "none"), ("reward", "none")])
+@pytest.mark.parametrize("method,quant", [("sft", "none"), ("sft", "nf4"), ("dpo", "none"), ("reward", "none"),
+                                          ("sft-mitigated", "none")])
 def test_steps_read_the_host_only_when_they_log(smollm2_dir, tmp_path, monkeypatch, method, quant):
+    """``sft-mitigated``: SFT with replay samples mixed in and the KL anchor (`sft.mitigated_step`)."""
+    mitigations = {}
+    if method == "sft-mitigated":
+        method = "sft"
+        mitigations = dict(replay_data=str(first_lines("general_replay.jsonl", 4, tmp_path)), replay_ratio=0.5,
+                           kl_to_base=0.1)
     recipe = {"sft": sft, "dpo": dpo, "reward": reward}[method]
     data = first_lines("license_qa.jsonl" if method == "sft" else "license_prefs.jsonl", 6, tmp_path)
     per_step: dict[int, Counter] = {}
-    train_step, end_step = recipe.train_step, Run.end_step
+    step_name = "mitigated_step" if mitigations else "train_step"
+    train_step, end_step = getattr(recipe, step_name), Run.end_step
 
     def counted(step: int, fn, *args):
         with HostReads() as mode:
@@ -71,11 +79,11 @@ def test_steps_read_the_host_only_when_they_log(smollm2_dir, tmp_path, monkeypat
         per_step.setdefault(step, Counter()).update(mode.reads)
         return result
 
-    monkeypatch.setattr(recipe, "train_step", lambda run, *args: counted(run.step + 1, train_step, run, *args))
+    monkeypatch.setattr(recipe, step_name, lambda run, *args: counted(run.step + 1, train_step, run, *args))
     monkeypatch.setattr(Run, "end_step", lambda run, result: counted(run.step + 1, end_step, run, result))
     cfg = TrainConfig(model=str(smollm2_dir), data=str(data), output=str(tmp_path / "run"), method=method,
                       quant=quant, max_steps=3, log_every=3, batch_size=2, max_len=128, lora_r=4, save_every=0,
-                      seed=3)
+                      seed=3, **mitigations)
     recipe.train(cfg, progress=False)
     assert sorted(per_step) == [1, 2, 3]
     assert per_step[1] == Counter() and per_step[2] == Counter(), f"host reads in steps that do not log: {per_step}"
