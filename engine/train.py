@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"final {run.eval_summary}", file=sys.stderr)
     for warning in run.warnings:  # given during the run, repeated where the user looks last
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"adapter written to {run.output / 'adapter'}", file=sys.stderr)
+    note = run.forgetting.adapter_note(run.step) if run.forgetting is not None else ""
+    print(f"adapter written to {run.output / 'adapter'}{note}", file=sys.stderr)
     return 0
 
 

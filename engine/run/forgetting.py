@@ -62,6 +62,13 @@ class ForgettingWatch:
         chosen = [("adapter", None if kept.step == step else kept.tensors, kept.step)]
         return chosen + ([(budget_module.LAST, None, step)] if self.budget.policy == "keep-best" else [])
 
+    def adapter_note(self, step: int) -> str:
+        """How ``adapter/`` relates to the final weights, for the last line of the run ("" when it is them)."""
+        kept = self.budget.candidate if self.budget is not None else None
+        if kept is None or kept.step == step:
+            return ""
+        return f" (the adapter of step {kept.step}, inside --max-forgetting; the evaluation above is of step {step})"
+
     def message(self) -> str | None:
         return self.budget.message() if self.budget is not None else None
 

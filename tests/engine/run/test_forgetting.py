@@ -122,6 +122,7 @@ def test_budget_stop_ends_the_run_with_the_last_adapter_inside_it(tiny_model_dir
     assert summary["forgetting"]["exceeded"]["step"] == 6 and summary["forgetting"]["adapter_step"] == 4
     assert not (out / "adapter-last").exists()
     assert "step 6" in run.forgetting.message() and "adapter of step 4" in run.forgetting.message()
+    assert "adapter of step 4" in run.forgetting.adapter_note(run.step)
 
 
 def test_budget_keep_best_trains_on_and_resume_keeps_the_choice_and_the_cached_base(tiny_model_dir, files, tmp_path):
