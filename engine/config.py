@@ -151,7 +151,8 @@ class TrainConfig:
                              "loss (the base: the same weights with every adapter off, no second copy); 0 turns "
                              "it off.", range=AT_LEAST_0)
     max_forgetting: float | None = _opt(None, "With --retain-data: the most the retention loss may rise over the "
-                                        "base's, in nats per token; see --on-budget (default: no budget).",
+                                        "base's, in nats per token; see --on-budget. A starting adapter already past it at step 0 "
+                                        "stops the run (default: no budget).",
                                         range=AT_LEAST_0)
     on_budget: str = _opt("stop", "With --max-forgetting: stop (end the run at the first evaluation over the "
                           "budget; adapter/ is the last evaluated adapter inside it) or keep-best (train to the "

@@ -210,7 +210,8 @@ class Run:
     def windows(self, loader) -> Iterator[list[Batch]]:
         """This rank's ``grad_accum`` micro-batches of each step (of the ``grad_accum · world`` the
         step takes from the global order), step after step, from the saved data position on,
-        across epochs, until ``total_steps``; evaluates at step 0 first (with an eval set). The
+        across epochs, until ``total_steps`` (or the forgetting budget's stop); evaluates at step 0
+        first (with an eval or a retention set). The
         progress bar and the SIGTERM handler live as long as this generator."""
         if self.step == 0 and self.evaluates:
             self.evaluate()

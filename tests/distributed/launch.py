@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -41,16 +42,32 @@ def run_torchrun(args: list[str], nproc: int = 2, timeout: float = 600) -> subpr
 
 
 def start_torchrun(args: list[str], nproc: int = 2) -> subprocess.Popen:
-    """A torchrun job left running (stderr kept for the failure message)."""
+    """A torchrun job left running, in a process group of its own (`stop` ends torchrun and its
+    workers together; stderr kept for the failure message)."""
     return subprocess.Popen([*TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), "-m", "engine.train", *args],
-                            cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def stop(job: subprocess.Popen) -> None:
+    """SIGKILL to the job's whole process group: killing torchrun alone would leave its workers running."""
+    try:
+        os.killpg(job.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group has already ended
+        pass
+    job.wait()
 
 
 def wait_for(job: subprocess.Popen, ready: Callable[[], bool], timeout: float = 300) -> None:
-    """Poll until ``ready()``; fails if the job ends first or the time runs out."""
+    """Poll until ``ready()``. If the job ends first or the time runs out, stop it (its stderr can
+    then be read to the end without waiting on a live process) and fail with its stderr."""
     deadline = time.monotonic() + timeout
     while not ready():
-        assert job.poll() is None and time.monotonic() < deadline, job.stderr.read()[-3000:]
+        ended = job.poll() is not None
+        if ended or time.monotonic() >= deadline:
+            stop(job)
+            what = f"the job ended (exit {job.returncode})" if ended else f"not ready after {timeout:g} s"
+            raise AssertionError(f"{what}\n{job.stderr.read()[-3000:]}")
         time.sleep(0.2)
 
 
