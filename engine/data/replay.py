@@ -18,6 +18,8 @@ DDP / FSDP2 collectives, is unchanged, and the split over ranks does not change 
 A mixed micro-batch is laid out as its training samples are (`Mixed.batch`: padding-free, one row;
 padded, one row each), and `Mixed.replay_labels` marks the next-token labels that belong to replay
 samples, so their loss is reported apart (``replay/loss``) while the gradient counts every token.
+Replay samples come on top of a batch's training samples: with ``--max-tokens-per-batch`` a mixed
+batch can exceed the budget by its replay samples' tokens (about ρ / (1 − ρ) of a batch's samples).
 """
 
 from __future__ import annotations
