@@ -112,7 +112,9 @@ def _check_label_range(labels: torch.Tensor, v: int, ignore_index: int) -> None:
                          f"and is not ignore_index={ignore_index}")
 
 
-def _reduce(per_token: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce_per_token(per_token: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The references' reduction of a per-token loss (N,): ``none`` as is, ``sum``, or ``mean`` over the
+    ``valid`` rows (shared by the fused head ops: `kernels.linear_kl` too)."""
     if reduction == "none":
         return per_token
     if reduction == "sum":
@@ -127,7 +129,7 @@ def _reference(hidden, weight, labels, ignore_index, reduction, z_loss, label_sm
     valid = labels != ignore_index
     if z_loss:
         per_token = per_token + z_loss * torch.where(valid, torch.logsumexp(logits, -1).square(), 0.0)
-    return _reduce(per_token, valid, reduction)
+    return reduce_per_token(per_token, valid, reduction)
 
 
 def linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

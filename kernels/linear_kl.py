@@ -61,6 +61,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import interpreting, use_triton
+from kernels.linear_cross_entropy import reduce_per_token
 from kernels.launch_cases import KernelCase, ModelShapes, fixed_launch
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -104,14 +105,6 @@ def _check_inputs(policy_hidden, base_hidden, weight, mask, reduction) -> None:
                              "compute it under torch.no_grad() or pass base_hidden.detach()")
 
 
-def _reduce(per_token: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return per_token
-    if reduction == "sum":
-        return per_token.sum()
-    return per_token.sum() / mask.sum().clamp(min=1)  # 0/0 := 0 (every row masked)
-
-
 def _reference(policy_hidden, base_hidden, weight, mask, reduction):
     if mask is None:
         mask = torch.ones(policy_hidden.shape[0], dtype=torch.bool, device=policy_hidden.device)
@@ -120,7 +113,7 @@ def _reference(policy_hidden, base_hidden, weight, mask, reduction):
     log_p = F.log_softmax(F.linear(torch.where(keep, policy_hidden.float(), 0.0), w), dim=-1)  # (N, V) fp32
     log_p0 = F.log_softmax(F.linear(torch.where(keep, base_hidden.float(), 0.0), w), dim=-1)  # (N, V), a constant
     per_token = (log_p0.exp() * (log_p0 - log_p)).sum(-1)  # Σ_v p0 (log p0 − log p), (N,)
-    return _reduce(torch.where(mask, per_token, 0.0), mask, reduction)
+    return reduce_per_token(torch.where(mask, per_token, 0.0), mask, reduction)
 
 
 def linear_kl_ref(policy_hidden: torch.Tensor, base_hidden: torch.Tensor, weight: torch.Tensor,
