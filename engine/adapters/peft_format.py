@@ -140,14 +140,20 @@ def save_adapter(model: nn.Module, lora_cfg: LoRAConfig, out_dir: str | os.PathL
     The folder is built under a temporary sibling name and renamed into place, so a reader never
     sees half an adapter; an existing folder at ``out_dir`` is replaced as a whole.
     """
-    out = Path(out_dir)
     config = peft_config_dict(model, lora_cfg, base_model_name_or_path)
+    return write_adapter_folder(out_dir, config, adapter_state_dict(model) if tensors is None else tensors, metadata)
+
+
+def write_adapter_folder(out_dir: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                         metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``adapter_config.json`` and the PEFT-keyed ``tensors`` (``metadata`` in the header
+    under METADATA_KEY) as one folder, atomically (see `save_adapter`)."""
+    out = Path(out_dir)
     header = {"format": "pt"}
     if metadata is not None:
         header[METADATA_KEY] = json.dumps(metadata, sort_keys=True)
     with atomic_dir(out, fsync=True) as tmp:
-        save_safetensors(adapter_state_dict(model) if tensors is None else tensors, tmp / WEIGHTS_NAME,
-                         metadata=header)
+        save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata=header)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 
