@@ -11,6 +11,12 @@ weights; the README and the console say so. The folder is built under a temporar
 ``--out`` is checked before any weight is read: never the base model's folder or the adapter's,
 nor a folder holding them; an existing folder is replaced (``--overwrite``) only when it is a merged
 folder this command wrote (its ``merge.json``) or is empty.
+
+Another mode, without ``--model``:
+
+* ``--combine linear|ties|dare_ties --adapter A --adapter B ... --weights 0.6,0.4 [--density D]
+  [--seed S] --out DIR`` folds several adapters into one PEFT adapter folder, as PEFT's
+  ``add_weighted_adapter`` does (`engine.adapters.combine`).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from engine.adapters import (
     read_adapter_weights,
     read_head_weight,
 )
+from engine.adapters.combine import COMBINATIONS, MAJORITY_SIGN, combine_main
 from engine.cli import ArgumentParser
 from engine.errors import InputError, run_cli
 from engine.atomic import atomic_dir
@@ -144,9 +151,11 @@ def merge_to_folder(base: str, adapter: str, out: str | os.PathLike, dtype: torc
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m engine.merge", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="Base model: preset name or HF-format folder. Required.")
-    p.add_argument("--adapter", required=True, help="PEFT-format LoRA adapter folder. Required.")
-    p.add_argument("--out", required=True, help="Output folder for the merged HF-format model. Required.")
+    p.add_argument("--model", help="Base model: preset name or HF-format folder. Required to merge.")
+    p.add_argument("--adapter", action="append", default=[], help="PEFT-format LoRA adapter folder. Required; "
+                   "with --combine, once per adapter.")
+    p.add_argument("--out", help="Output folder for the merged HF-format model (with --combine: the adapter). "
+                   "Required.")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="Dtype of the merged weights "
                    "(default: bf16).")
     p.add_argument("--quant", choices=("none", "nf4"), default="none",
@@ -154,11 +163,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="Largest safetensors shard, in GiB (default: 2).")
     p.add_argument("--overwrite", action="store_true", help="Replace --out when it holds a merged model this "
                    "command wrote.")
+    combine = p.add_argument_group("combining adapters (engine.adapters.combine)")
+    combine.add_argument("--combine", choices=COMBINATIONS, help="Fold the --adapter folders into one adapter at "
+                         "--out, as PEFT's add_weighted_adapter with this combination_type.")
+    combine.add_argument("--weights", help="With --combine: one weight per --adapter, comma-separated (e.g. 0.6,0.4).")
+    combine.add_argument("--density", type=float, help="ties/dare_ties: fraction of entries kept, in (0, 1]. "
+                         "Required for them.")
+    combine.add_argument("--majority-sign", choices=MAJORITY_SIGN, default="total", help="ties/dare_ties: how the "
+                         "sign is elected (PEFT's majority_sign_method; default: total).")
+    combine.add_argument("--seed", type=int, default=0, help="dare_ties: seed of the random drop (default: 0).")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.combine is not None:
+        return combine_main(args)
+    if args.model is None or args.out is None or len(args.adapter) != 1:
+        raise InputError("merging needs --model, one --adapter and --out (or use --combine)")
+    args.adapter = args.adapter[0]
     if not (math.isfinite(args.max_shard_gb) and args.max_shard_gb > 0):
         raise InputError(f"--max-shard-gb must be a positive number, got {args.max_shard_gb}")
     report = merge_to_folder(args.model, args.adapter, args.out, DTYPES[args.dtype], args.quant,
