@@ -12,11 +12,13 @@ weights; the README and the console say so. The folder is built under a temporar
 nor a folder holding them; an existing folder is replaced (``--overwrite``) only when it is a merged
 folder this command wrote (its ``merge.json``) or is empty.
 
-Another mode, without ``--model``:
+Two more modes, without ``--model``:
 
 * ``--combine linear|ties|dare_ties --adapter A --adapter B ... --weights 0.6,0.4 [--density D]
   [--seed S] --out DIR`` folds several adapters into one PEFT adapter folder, as PEFT's
   ``add_weighted_adapter`` does (`engine.adapters.combine`).
+* ``--check-vllm --adapter DIR`` says whether vLLM can serve the adapter as LoRA and what to change
+  if not (`engine.adapters.vllm_rules`); exit status 0 when it can, 1 when it cannot.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from engine.adapters import (
     read_head_weight,
 )
 from engine.adapters.combine import COMBINATIONS, MAJORITY_SIGN, combine_main
+from engine.adapters.vllm_rules import check_vllm_main
 from engine.cli import ArgumentParser
 from engine.errors import InputError, run_cli
 from engine.atomic import atomic_dir
@@ -155,7 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--adapter", action="append", default=[], help="PEFT-format LoRA adapter folder. Required; "
                    "with --combine, once per adapter.")
     p.add_argument("--out", help="Output folder for the merged HF-format model (with --combine: the adapter). "
-                   "Required.")
+                   "Required unless --check-vllm.")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="Dtype of the merged weights "
                    "(default: bf16).")
     p.add_argument("--quant", choices=("none", "nf4"), default="none",
@@ -163,7 +166,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="Largest safetensors shard, in GiB (default: 2).")
     p.add_argument("--overwrite", action="store_true", help="Replace --out when it holds a merged model this "
                    "command wrote.")
-    combine = p.add_argument_group("combining adapters (engine.adapters.combine)")
+    combine = p.add_argument_group("combining adapters (engine.adapters.combine) and vLLM checks")
     combine.add_argument("--combine", choices=COMBINATIONS, help="Fold the --adapter folders into one adapter at "
                          "--out, as PEFT's add_weighted_adapter with this combination_type.")
     combine.add_argument("--weights", help="With --combine: one weight per --adapter, comma-separated (e.g. 0.6,0.4).")
@@ -172,15 +175,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     combine.add_argument("--majority-sign", choices=MAJORITY_SIGN, default="total", help="ties/dare_ties: how the "
                          "sign is elected (PEFT's majority_sign_method; default: total).")
     combine.add_argument("--seed", type=int, default=0, help="dare_ties: seed of the random drop (default: 0).")
+    combine.add_argument("--check-vllm", action="store_true", help="Say whether vLLM can serve --adapter as LoRA "
+                         "and what to change if not; exit 0 when it can, 1 when it cannot.")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.check_vllm:
+        return check_vllm_main(args.adapter)
     if args.combine is not None:
         return combine_main(args)
     if args.model is None or args.out is None or len(args.adapter) != 1:
-        raise InputError("merging needs --model, one --adapter and --out (or use --combine)")
+        raise InputError("merging needs --model, one --adapter and --out (or use --combine / --check-vllm)")
     args.adapter = args.adapter[0]
     if not (math.isfinite(args.max_shard_gb) and args.max_shard_gb > 0):
         raise InputError(f"--max-shard-gb must be a positive number, got {args.max_shard_gb}")

@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     note = run.forgetting.adapter_note(run.step) if run.forgetting is not None else ""
     print(f"adapter written to {run.output / 'adapter'}{note}", file=sys.stderr)
+    from engine.adapters.vllm_rules import check_vllm  # whether vLLM serves it as LoRA, and how
+    print(f"serving: {check_vllm(run.output / 'adapter').summary()}", file=sys.stderr)
     return 0
 
 
