@@ -16,8 +16,8 @@ The rules, as read in vLLM's source (main of late 2026; the older releases noted
   module's lora_B and drop the patterns, or merge).
 * no DoRA (``use_dora``: "vLLM does not yet support DoRA"), no ``modules_to_save`` ("vLLM only
   supports modules_to_save being None": a reward model's score head), no trained biases
-  (``bias`` / ``lora_bias``; only served where the server has LoRA bias enabled, which recent
-  versions dropped), no ``fan_in_fan_out`` (vLLM reads A (r, in), B (out, r)).
+  (``bias`` / ``lora_bias``: "Adapter bias cannot be used without bias_enabled", a server option
+  not every release has), no ``fan_in_fan_out`` (vLLM reads A (r, in), B (out, r)).
 * modules: vLLM's Llama packs q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``
   (``packed_modules_mapping``) and loads LoRA for q, k, v, o, gate, up, down; ``lm_head`` and
   ``embed_tokens`` are its ``embedding_modules`` (lm_head through the logits processor's LoRA,
@@ -99,8 +99,8 @@ def vllm_verdict(config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> 
         v.problems.append(f"modules_to_save={config['modules_to_save']!r} (e.g. a reward model's score head): vLLM "
                           "only serves adapters without it; score a reward model with engine.reward_model")
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        v.problems.append("the adapter trains biases (bias/lora_bias): current vLLM loads no LoRA bias; retrain with "
-                          "bias 'none' or merge it")
+        v.problems.append("the adapter trains biases (bias/lora_bias): vLLM refuses them unless the server enables "
+                          "LoRA bias (--enable-lora-bias, where the release has it); retrain with bias 'none' or merge it")
     if config.get("fan_in_fan_out"):
         v.problems.append("fan_in_fan_out is true (Conv1D layout): vLLM reads A (r, in) and B (out, r); re-save the "
                           "factors transposed with fan_in_fan_out false")
