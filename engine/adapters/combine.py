@@ -33,13 +33,14 @@ scale sqrt(r) instead of 1 (a PEFT quirk that scales the whole combination); we 
 A module targeted by only some adapters is combined from those only (PEFT's rule). With one
 adapter PEFT switches to "linear"; so do we.
 
-dare_ties randomness: the masks are ``torch.bernoulli(full_like(T, density), generator=g)`` drawn
-in PEFT's order: modules in the model's order (layer by layer: q, k, v, o, gate, up, down; then
-lm_head), A before B, adapters in the order given. ``g`` is a CPU generator seeded with ``seed``.
-They equal PEFT's masks whenever PEFT's global generator is in the state of ``g`` at its first
-draw; note that ``torch.manual_seed(seed)`` right before ``add_weighted_adapter`` is not that
-state, since PEFT first draws the random init of the new adapter's layers (the test starts ``g``
-from the state PEFT's generator has after that injection, and gets PEFT's factors).
+dare_ties randomness: ``--seed S`` gives PEFT's result for ``torch.manual_seed(S)`` right before
+``add_weighted_adapter`` on a CPU model. The masks are ``torch.bernoulli(full_like(T, density),
+generator=g)``, drawn in PEFT's order: modules in the model's order (layer by layer: q, k, v, o,
+gate, up, down; then lm_head), A before B, adapters in the order given. ``g`` is a CPU generator
+seeded with S and first advanced as PEFT's injection of the new adapter advances torch's global
+generator (`advance_like_peft_injection`: per new layer, the default inits of
+``nn.Linear(in, r)`` and ``nn.Linear(r, out)`` and PEFT's Kaiming init of A, three uniform fills;
+PEFT 0.21.2's behaviour, checked by the tests). A CUDA model draws from the CUDA generator instead.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,6 @@ class Combination:
     density: float | None = None
     majority_sign: str = "total"
     seed: int = 0
-    generator: torch.Generator | None = field(default=None, repr=False)  # dare_ties; default: seeded with seed
 
     def __post_init__(self) -> None:
         if self.kind not in COMBINATIONS:
@@ -141,6 +141,15 @@ def random_prune(t: torch.Tensor, density: float, generator: torch.Generator) ->
     return t * torch.bernoulli(torch.full_like(t, density), generator=generator) / density
 
 
+def advance_like_peft_injection(generator: torch.Generator, shapes: list[tuple[int, int]], rank: int) -> None:
+    """Draw what PEFT 0.21 draws from torch's generator when it injects the new adapter's layers (of
+    base weights (out, in), in model order): ``nn.Linear(in, r)`` and ``nn.Linear(r, out)`` fill
+    their weights (Kaiming uniform) on construction, then PEFT fills A again (B is zeroed)."""
+    for out_features, in_features in shapes:
+        for shape in ((rank, in_features), (out_features, rank), (rank, in_features)):
+            torch.empty(shape).uniform_(generator=generator)
+
+
 def disjoint_merge(tensors: list[torch.Tensor], weights: torch.Tensor, majority_sign: str) -> torch.Tensor:
     """TIES: elect a sign per entry from the (pruned, unweighted) tensors, then average the weighted
     entries that agree with it (see the module docstring)."""
@@ -151,15 +160,16 @@ def disjoint_merge(tensors: list[torch.Tensor], weights: torch.Tensor, majority_
     return (stacked * w * agree).sum(dim=0) / torch.clamp(agree.sum(dim=0), min=1.0)
 
 
-def merge_tensors(tensors: list[torch.Tensor], weights: torch.Tensor, how: Combination) -> torch.Tensor:
-    """One factor (all A_i or all B_i of a module) combined per ``how.kind``."""
+def merge_tensors(tensors: list[torch.Tensor], weights: torch.Tensor, how: Combination,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """One factor (all A_i or all B_i of a module) combined per ``how.kind`` (dare: masks from ``generator``)."""
     if how.kind == "linear":
         stacked, w = _stack(tensors, weights)
         return (stacked * w).sum(dim=0)
     if how.kind == "ties":
         pruned = [magnitude_prune(t, how.density) for t in tensors]
     else:
-        pruned = [random_prune(t, how.density, how.generator) for t in tensors]
+        pruned = [random_prune(t, how.density, generator) for t in tensors]
     return disjoint_merge(pruned, weights, how.majority_sign)
 
 
@@ -181,16 +191,20 @@ def module_order(name: str) -> tuple:
 
 def combine_weights(sources: list[Source], how: Combination) -> dict[str, dict[str, torch.Tensor]]:
     """``{module: {"lora_A": A', "lora_B": B'}}`` (fp32) for the union of the sources' modules."""
-    if how.kind == "dare_ties" and how.generator is None:
-        how.generator = torch.Generator().manual_seed(how.seed)
+    modules = sorted({m for s in sources for m in s.weights}, key=module_order)
+    generator = None
+    if how.kind == "dare_ties":
+        generator = torch.Generator().manual_seed(how.seed)
+        pairs = {m: pair for s in sources for m, pair in s.weights.items()}  # shapes agree (check_same_base)
+        shapes = [(int(pairs[m]["lora_B"].shape[0]), int(pairs[m]["lora_A"].shape[1])) for m in modules]
+        advance_like_peft_injection(generator, shapes, int(pairs[modules[0]]["lora_A"].shape[0]))
     out = {}
-    for module in sorted({m for s in sources for m in s.weights}, key=module_order):
+    for module in modules:
         present = [(s, w) for s, w in zip(sources, how.weights) if module in s.weights]
         a_w, b_w = factor_weights([w * s.scale(module) for s, w in present])
-        out[module] = {
-            "lora_A": merge_tensors([s.weights[module]["lora_A"].float() for s, _ in present], a_w, how),
-            "lora_B": merge_tensors([s.weights[module]["lora_B"].float() for s, _ in present], b_w, how),
-        }
+        out[module] = {which: merge_tensors([s.weights[module][which].float() for s, _ in present], w, how,
+                                            generator)
+                       for which, w in (("lora_A", a_w), ("lora_B", b_w))}
     return out
 
 

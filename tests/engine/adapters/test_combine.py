@@ -81,27 +81,24 @@ def test_matches_peft_add_weighted_adapter(folders, tmp_path, kind, density, sig
     names, weights = ["one", "two"], [0.6, -0.4]
     model = peft_model(folders, names)
     extra = {"density": density, "majority_sign_method": sign} if kind != "linear" else {}
-    generator = None
-    if kind == "dare_ties":
-        # PEFT draws the new adapter's init first: start our generator where its generator is after that.
-        torch.manual_seed(3)
-        model.add_weighted_adapter(names, weights, "probe", combination_type="linear")
-        generator = torch.Generator()
-        generator.set_state(torch.get_rng_state())
-        torch.manual_seed(3)
+    torch.manual_seed(3)  # dare_ties: --seed 3 is PEFT's result after torch.manual_seed(3)
     model.add_weighted_adapter(names, weights, "mix", combination_type=kind, **extra)
-    how = Combination(kind, weights, density=density, majority_sign=sign, generator=generator)
-    combine_to_folder([str(folders / n) for n in names], how, tmp_path / "out")
+    combine_to_folder([str(folders / n) for n in names], Combination(kind, weights, density, sign, seed=3),
+                      tmp_path / "out")
     compare(model, tmp_path / "out", "mix")
 
 
-def test_three_adapters_rslora_first(folders, tmp_path):
-    """Factors as PEFT's; our config says use_rslora false (s' = 1), where PEFT keeps the first
-    adapter's true and so scales its own combination by sqrt(r)."""
+@pytest.mark.parametrize("kind", ["ties", "dare_ties"])
+def test_three_adapters_rslora_first(folders, tmp_path, kind):
+    """Factors as PEFT's (modules present in one, two or three adapters); our config says
+    use_rslora false (s' = 1), where PEFT keeps the first adapter's true and so scales its own
+    combination by sqrt(r)."""
     names, weights = ["three", "one", "two"], [1.0, 0.5, 0.25]
     model = peft_model(folders, names)
-    model.add_weighted_adapter(names, weights, "mix", combination_type="ties", density=0.6)
-    combine_to_folder([str(folders / n) for n in names], Combination("ties", weights, density=0.6), tmp_path / "o")
+    torch.manual_seed(11)
+    model.add_weighted_adapter(names, weights, "mix", combination_type=kind, density=0.6)
+    combine_to_folder([str(folders / n) for n in names], Combination(kind, weights, density=0.6, seed=11),
+                      tmp_path / "o")
     theirs, ours = peft_factors(model, "mix"), read_adapter_weights(tmp_path / "o")
     for name, (a, b) in theirs.items():
         assert_close(ours[name]["lora_A"], a, torch.float32, f"{name}.lora_A")
@@ -190,7 +187,8 @@ def test_cli_refuses_and_writes_nothing(folders, odd_adapters, tmp_path, capsys,
         config = json.loads((folders / "two" / "adapter_config.json").read_text())
         config["base_model_name_or_path"] = "someone/else"
         (renamed / "adapter_config.json").write_text(json.dumps(config))
-        (renamed / "adapter_model.safetensors").write_bytes((folders / "two" / "adapter_model.safetensors").read_bytes())
+        weights = "adapter_model.safetensors"
+        (renamed / weights).write_bytes((folders / "two" / weights).read_bytes())
         args = ["--combine", "linear", "--adapter", a, "--adapter", str(renamed), "--weights", "1,1"]
     code, err = cli(args + ["--out", str(tmp_path / "out")], capsys)
     assert code == 2 and flag in err, err
