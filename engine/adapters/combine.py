@@ -11,13 +11,13 @@ and scale are split between the factors, the sign on A only:
     a_i = sign(w_i s_i) sqrt(|w_i s_i|),   b_i = sqrt(|w_i s_i|)        (python floats, then fp32)
 
 and then A' = merge({A_i}, {a_i}), B' = merge({B_i}, {b_i}), with, for tensors T_i (stacked on a
-new first axis):
+new first axis) and their factor weights c_i (the a_i or the b_i):
 
-* linear:     merge = sum_i w_i T_i.
+* linear:     merge = sum_i c_i T_i.
 * ties:       T_i <- T_i keeping its k = int(density * numel) largest |entries| (others 0;
               density >= 1 keeps all); elected sign per entry sigma = +1 where sum_i T_i >= 0
               (majority sign "total"; "frequency": sum_i sign(T_i) >= 0), else -1; the mask
-              m_i = [sign(T_i) == sigma] (pruned zeros never count); merge = sum_i w_i T_i m_i /
+              m_i = [sign(T_i) == sigma] (pruned zeros never count); merge = sum_i c_i T_i m_i /
               max(sum_i m_i, 1). The sign is elected on the unweighted T_i, as PEFT does.
 * dare_ties:  T_i <- T_i * Bernoulli(density) / density (random drop with rescale), then the ties
               election and disjoint merge above.
