@@ -2,14 +2,17 @@
 
     python -m tools.verify_gguf --model M [--adapter A] [--json bench/results/gguf-verify.json]
 
-Exports the model (``engine.export``) as F16 and Q8_0, and with ``--adapter`` also the merged
+Exports the model (``engine.export``) as F32, F16 and Q8_0, and with ``--adapter`` also the merged
 model (F16) and the adapter as a LoRA GGUF, loads each file in ``llama_cpp.Llama`` (CPU,
 ``logits_all``), and compares it with our own model (fp32, the adapter applied unmerged) on a few
 prompts fed as the same token ids:
 
-* max |logit difference| over every position of every prompt (F16 target: <= 1e-2 relative to
-  our model with its weights rounded to F16 as llama.cpp sees them; the figure against fp32 is
-  printed too);
+* max |logit difference| over every position of every prompt: against our fp32 model; against
+  our model on the weights read back from the GGUF file (`tools.gguf_to_hf`: the values llama.cpp
+  holds), which leaves only llama.cpp's arithmetic (its CPU matmuls round activations to F16 for
+  F16 weights, to Q8_0 for Q8_0 weights); and ("file w") ours on the file's weights against ours
+  in fp32, the effect of the file's rounding alone. llama.cpp runs with an F32 KV cache (its
+  default is F16), so that an F32 file matches to ~1e-4: the file itself is exact;
 * greedy continuations of ``--tokens`` tokens: prompts whose continuation is identical, and the
   mean length of the common prefix;
 * whether llama.cpp's tokenizer, read from the GGUF, gives our tokenizer's ids for each prompt.
@@ -42,7 +45,9 @@ class Row:
     file: str
     reference: str
     max_abs_logit_diff: float
-    max_abs_logit_diff_vs_rounded: float | None  # against our model with F16-rounded weights
+    max_abs_logit_diff_vs_file: float  # against our model on the weights read back from the GGUF
+    file_weights_effect: float  # max |logit diff| of our model on the file's weights vs our fp32 model
+    max_abs_logit: float  # the scale of the logits
     greedy_identical: int
     prompts: int
     mean_common_prefix: float
@@ -96,47 +101,52 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def compare(llama_cpp, gguf_file: Path, label: str, reference: str, model, rounded, tok, prompts, n_tokens: int,
+def compare(llama_cpp, gguf_file: Path, label: str, reference: str, model, from_file, tok, prompts, n_tokens: int,
             lora: Path | None = None) -> Row:
+    """``model``: ours (fp32); ``from_file``: ours on the GGUF's weights (+ the same adapter)."""
+    # An F32 KV cache (llama.cpp's default is F16), so that the figures show the file, not the cache.
     llm = llama_cpp.Llama(model_path=str(gguf_file), lora_path=str(lora) if lora else None, logits_all=True,
-                          n_ctx=512, n_threads=2, verbose=False)
-    diff = diff_rounded = 0.0
+                          n_ctx=512, n_threads=2, verbose=False, type_k=llama_cpp.GGML_TYPE_F32,
+                          type_v=llama_cpp.GGML_TYPE_F32)
+    diff = diff_file = effect = scale = 0.0
     same = prefix = tok_same = 0
     for text in prompts:
         ids = tok.encode(text)
         tok_same += llm.tokenize(text.encode(), add_bos=False, special=True) == ids
-        cpp = _cpp_logits(llm, ids)
-        diff = max(diff, float(np.abs(cpp - _our_logits(model, ids)).max()))
-        if rounded is not None:
-            diff_rounded = max(diff_rounded, float(np.abs(cpp - _our_logits(rounded, ids)).max()))
+        cpp, ours = _cpp_logits(llm, ids), _our_logits(model, ids)
+        diff = max(diff, float(np.abs(cpp - ours).max()))
+        on_file = _our_logits(from_file, ids)
+        diff_file = max(diff_file, float(np.abs(cpp - on_file).max()))
+        effect = max(effect, float(np.abs(on_file - ours).max()))
+        scale = max(scale, float(np.abs(ours).max()))
         ours, theirs = _our_greedy(model, ids, n_tokens), _cpp_greedy(llm, ids, n_tokens)
         same += ours == theirs
         prefix += _common_prefix(ours, theirs)
     llm.close()
-    return Row(label, reference, diff, diff_rounded if rounded is not None else None, same, len(prompts),
-               prefix / len(prompts), n_tokens, tok_same)
+    return Row(label, reference, diff, diff_file, effect, scale, same, len(prompts), prefix / len(prompts), n_tokens, tok_same)
 
 
-def _rounded_to_f16(model):
-    """A copy of ``model`` whose weight matrices are rounded to F16 (norms stay fp32, as in the GGUF)."""
-    import copy
+def read_back(gguf_file: Path, work: Path, adapter: str | None = None):
+    """Our model on the weights of ``gguf_file`` (dequantized by `tools.gguf_to_hf`), + ``adapter``."""
+    import models
+    from engine.adapters import load_adapter
+    from tools.gguf_to_hf import convert_gguf
 
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, p in twin.named_parameters():
-            if p.ndim == 2:
-                p.copy_(p.half().float())
-    return twin
+    folder = convert_gguf(gguf_file, work / f"{gguf_file.stem}-hf")
+    model = models.load_model(folder, dtype=torch.float32)
+    if adapter:
+        load_adapter(model, adapter)
+    return model.eval()
 
 
 def print_table(rows: list[Row]) -> None:
-    head = f"{'file':<24} {'reference':<22} {'max|dlogit|':>11} {'vs F16 w':>9} {'greedy same':>11} " \
-           f"{'mean prefix':>11} {'tokenizer':>9}"
+    head = f"{'file':<16} {'ours':<13} {'max|logit|':>10} {'max|dlogit|':>11} {'vs file w':>9} {'file w':>8} " \
+           f"{'greedy same':>11} {'mean prefix':>11} {'tokenizer':>9}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        vs = f"{r.max_abs_logit_diff_vs_rounded:.2e}" if r.max_abs_logit_diff_vs_rounded is not None else "-"
-        print(f"{r.file:<24} {r.reference:<22} {r.max_abs_logit_diff:>11.2e} {vs:>9} "
+        print(f"{r.file:<16} {r.reference:<13} {r.max_abs_logit:>10.2f} {r.max_abs_logit_diff:>11.2e} "
+              f"{r.max_abs_logit_diff_vs_file:>9.2e} {r.file_weights_effect:>8.2e} "
               f"{f'{r.greedy_identical}/{r.prompts}':>11} {f'{r.mean_common_prefix:.1f}/{r.tokens}':>11} "
               f"{f'{r.tokenizer_identical}/{r.prompts}':>9}")
 
@@ -160,24 +170,24 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        files = {t: work / f"model-{t}.gguf" for t in ("f16", "q8_0")}
+        files = {t: work / f"model-{t}.gguf" for t in ("f32", "f16", "q8_0")}
+        rows = []
         for t, f in files.items():
             export_model(args.model, [], f, t, overwrite=True)
-        rounded = _rounded_to_f16(base)
-        rows = [compare(llama_cpp, files["f16"], "F16", "base fp32", base, rounded, tok, PROMPTS, args.tokens),
-                compare(llama_cpp, files["q8_0"], "Q8_0", "base fp32", base, None, tok, PROMPTS, args.tokens)]
+            rows.append(compare(llama_cpp, f, t.upper(), "base", base, read_back(f, work), tok, PROMPTS,
+                                args.tokens))
         if args.adapter:
-            adapted = models.load_model(args.model, dtype=torch.float32).eval()
+            adapted = models.load_model(args.model, dtype=torch.float32)
             load_adapter(adapted, args.adapter)
             adapted.eval()
             merged = work / "merged-f16.gguf"
             export_model(args.model, [args.adapter], merged, "f16", overwrite=True)
             lora = work / "adapter-f32.gguf"
             export_lora(args.model, args.adapter, lora, "f32", overwrite=True)
-            rows.append(compare(llama_cpp, merged, "merged F16", "base+adapter fp32", adapted, None, tok, PROMPTS,
-                                args.tokens))
-            rows.append(compare(llama_cpp, files["f16"], "F16 + LoRA GGUF", "base+adapter fp32", adapted, None, tok,
-                                PROMPTS, args.tokens, lora=lora))
+            rows.append(compare(llama_cpp, merged, "merged F16", "base+adapter", adapted, read_back(merged, work),
+                                tok, PROMPTS, args.tokens))
+            rows.append(compare(llama_cpp, files["f16"], "F16 + LoRA GGUF", "base+adapter", adapted,
+                                read_back(files["f16"], work, args.adapter), tok, PROMPTS, args.tokens, lora=lora))
     print_table(rows)
     if args.json:
         from bench.common import environment
