@@ -20,10 +20,17 @@ from engine.adapters.lora import lora_scale
 from engine.errors import InputError, run_cli
 from engine.export import export_lora, export_model, main
 from models.config import LlamaConfig
-from models.gguf_map import PRE_TOKENIZERS, gguf_tensor_name, hf_tensor_name, pre_tokenizer_name, unpermute_qk
+from models.gguf_map import (
+    PRE_TOKENIZERS,
+    gguf_tensor_name,
+    hf_tensor_name,
+    pre_tokenizer_name,
+    unpermute_qk,
+)
 from models.gguf_writer import read_vocab
 from models.loading import expected_tensors, save_model
 from tests.tolerances import assert_close
+from tests.tools.test_gguf_to_hf import _q8_reference
 from tools.gguf_to_hf import convert_gguf
 
 QT = gguf.GGMLQuantizationType
@@ -156,10 +163,22 @@ def test_half_types_hold_the_rounded_weights(model_dir, tmp_path, type_name, qty
         assert_close(_logits(tmp_path / "hf"), source, atol=1e-2, rtol=0, name="F16 logits")
 
 
+def _dequantized(w: torch.Tensor, qtype: QT) -> torch.Tensor:
+    """What a ``qtype`` GGUF tensor holds for ``w``: Q8_0 by hand (tests/tools' reference), else gguf-py's."""
+    if qtype == QT.Q8_0:
+        return torch.from_numpy(_q8_reference(w.numpy()))
+    if qtype == QT.F16:
+        return w.half().float()
+    return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), qtype), qtype)).reshape(w.shape)
+
+
 def test_q8_0_and_q4_0(model_dir, tmp_path, capsys):
-    tied = models.load_model(model_dir).config.tie_word_embeddings
+    """Each tensor holds its quantized values (blocks run along rows, so the q/k row permutation
+    commutes with quantization); logits stay near the source's (max |logit| ~4 here)."""
+    source_model = models.load_model(model_dir)
+    tied = source_model.config.tie_word_embeddings
     source = _logits(model_dir)
-    for type_name, qtype, atol in [("q8_0", QT.Q8_0, 0.1), ("q4_0", QT.Q4_0, 1.5)]:
+    for type_name, qtype, atol in [("q8_0", QT.Q8_0, 0.15), ("q4_0", QT.Q4_0, 2.0)]:
         out = tmp_path / f"{type_name}.gguf"
         export_model(str(model_dir), [], out, type_name)
         types = _tensor_types(out)
@@ -171,8 +190,14 @@ def test_q8_0_and_q4_0(model_dir, tmp_path, capsys):
         if not tied:
             assert types["token_embd.weight"] == qtype
         assert "blk.0.ffn_down.weight: F16: rows of 80 are not a multiple of 32" in capsys.readouterr().out
-        got = _logits(convert_gguf(out, tmp_path / f"{type_name}-hf"))
-        assert_close(got, source, atol=atol, rtol=0, name=f"{type_name} logits")
+        back = models.load_model(convert_gguf(out, tmp_path / f"{type_name}-hf"))
+        got_state = back.state_dict()
+        for name, shape in expected_tensors(source_model.config).items():
+            w = source_model.state_dict()[name]
+            if len(shape) == 2:
+                assert torch.equal(got_state[name], _dequantized(w, types[gguf_tensor_name(name)])), name
+        with torch.no_grad():
+            assert_close(back(PROMPT)[0], source, atol=atol, rtol=0, name=f"{type_name} logits")
 
 
 def test_metadata(model_dir, tmp_path, smollm2_dir):

@@ -1,6 +1,6 @@
 """Check our GGUF export against llama.cpp itself (through llama-cpp-python).
 
-    python -m tools.verify_gguf --model M [--adapter A] [--json bench/results/gguf-verify.json]
+    python -m bench.verify_gguf --model M [--adapter A] [--json bench/results/gguf-verify.json]
 
 Exports the model (``engine.export``) as F32, F16 and Q8_0, and with ``--adapter`` also the merged
 model (F16) and the adapter as a LoRA GGUF, loads each file in ``llama_cpp.Llama`` (CPU,
@@ -17,8 +17,9 @@ prompts fed as the same token ids:
   mean length of the common prefix;
 * whether llama.cpp's tokenizer, read from the GGUF, gives our tokenizer's ids for each prompt.
 
-llama_cpp is imported here only, never by the engine: ``pip install llama-cpp-python`` (a CPU
-build compiles llama.cpp: a compiler and cmake, several minutes) if it is missing.
+llama_cpp is a reference library, imported here only (never by engine/ or tools/):
+``pip install llama-cpp-python`` (a CPU build compiles llama.cpp: a compiler and cmake, several
+minutes) if it is missing.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def print_table(rows: list[Row]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.verify_gguf", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.verify_gguf", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="HF-format model folder or preset")
     p.add_argument("--adapter", help="a PEFT LoRA adapter: also check the merged GGUF and the LoRA GGUF")
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
