@@ -147,6 +147,21 @@ def test_f32_with_two_adapters_reads_back_exactly(model_dir, tmp_path):
     assert not list(tmp_path.glob(".m.gguf.tmp-*"))
 
 
+def test_nf4_base_merges_as_engine_merge_does(model_dir, tmp_path):
+    """--quant nf4 (a QLoRA adapter): the GGUF holds what ``engine.merge --quant nf4`` writes."""
+    from engine.merge import merge_to_folder
+
+    adapter = _adapter(model_dir, tmp_path / "a", 8)
+    export_model(str(model_dir), [str(adapter)], tmp_path / "m.gguf", "f32", quant="nf4")
+    merge_to_folder(str(model_dir), str(adapter), tmp_path / "merged", torch.float32, quant="nf4")
+    got = models.load_model(convert_gguf(tmp_path / "m.gguf", tmp_path / "hf")).state_dict()
+    want = models.load_model(tmp_path / "merged").state_dict()
+    plain = models.load_model(model_dir).state_dict()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"], plain["model.layers.0.mlp.up_proj.weight"])
+
+
 @pytest.mark.parametrize("type_name,qtype,dtype", [("f16", QT.F16, torch.float16), ("bf16", QT.BF16, torch.bfloat16)])
 def test_half_types_hold_the_rounded_weights(model_dir, tmp_path, type_name, qtype, dtype):
     out = tmp_path / "m.gguf"
@@ -313,6 +328,8 @@ def test_bad_inputs_exit_2_and_write_nothing(model_dir, tmp_path, capsys):
         (["--model", str(model_dir), "--adapter", str(a1), "--lora-only", "--type", "q8_0", "--out", str(out)],
          "--lora-only"),
         (["--model", str(model_dir), "--out", str(tmp_path)], "is a folder"),
+        (["--model", str(model_dir), "--adapter", str(a1), "--lora-only", "--quant", "nf4", "--out", str(out)],
+         "--quant nf4 with --lora-only"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as exit_info:
