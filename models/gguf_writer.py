@@ -205,8 +205,9 @@ def read_vocab(model_dir: Path, vocab_size: int) -> GGUFVocab:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     loaded = load_tokenizer(model_dir)
     add_bos, add_eos = _template_adds(tok.get("post_processor"))
+    pad = loaded.special_tokens.get("pad_token")  # only a declared one (pad_token_id falls back to eos)
     ids = {"bos": loaded.bos_token_id, "eos": loaded.eos_token_id, "unk": loaded.unk_token_id,
-           "pad": loaded.pad_token_id}
+           "pad": loaded.token_to_id(pad) if pad is not None else None}
     return GGUFVocab(pre, tokens, types, merges, ids, add_bos, add_eos, loaded.chat_template)
 
 

@@ -49,9 +49,6 @@ def lora_gguf(weights: dict[str, dict[str, torch.Tensor]], cfg: LoRAConfig, mode
     alpha = float(cfg.alpha)
     out = LoraGGUF(alpha, {})
     for name, pair in sorted(weights.items()):
-        if name == "lm_head" and model_cfg.tie_word_embeddings:
-            raise InputError("the adapter adapts lm_head of a model with tied embeddings: llama.cpp has no "
-                             "output.weight to put it on (export the merged model instead)")
         base = gguf_tensor_name(f"{name}.weight")
         a, b = pair["lora_A"].float().clone(), pair["lora_B"].float().clone()
         r = a.shape[0]

@@ -124,6 +124,46 @@ def test_vocab_matches_llama_cpp_conversion_of_smollm2(smollm2_dir):
     assert vocab.chat_template == meta["tokenizer.chat_template"]
 
 
+def test_llama3_style_tokenizer_and_padded_vocab(tmp_path, smollm2_dir):
+    """A Llama-3 pre-tokenizer and a post-processor that adds BOS: named and flagged so, and the
+    tokenizer rebuilt from those fields (tools.gguf_to_hf) encodes as the source; embedding rows
+    past the tokenizer's last id become [PADi] tokens."""
+    from models.gguf_map import LLAMA3_REGEX
+    from models.gguf_writer import GGUFVocab, add_vocab
+    from tools.gguf_to_hf import build_tokenizer, read_fields
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    tok = json.loads((Path(smollm2_dir) / "tokenizer.json").read_text())
+    tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    tok["model"]["ignore_merges"] = True
+    tok["post_processor"] = {"type": "TemplateProcessing", "single": [
+        {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}}}
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    shutil.copy(Path(smollm2_dir) / "tokenizer_config.json", folder / "tokenizer_config.json")
+    vocab = read_vocab(folder, 49160)
+    assert isinstance(vocab, GGUFVocab) and (vocab.pre, vocab.add_bos, vocab.add_eos) == ("llama-bpe", True, False)
+    assert vocab.tokens[49152:] == [f"[PAD{i}]" for i in range(49152, 49160)] and vocab.types[49159] == 4
+
+    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    add_vocab(writer, vocab)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    rebuilt = build_tokenizer(read_fields(gguf.GGUFReader(str(tmp_path / "t.gguf"))))
+    (tmp_path / "back").mkdir()
+    (tmp_path / "back" / "tokenizer.json").write_text(rebuilt.tokenizer_json)
+    (tmp_path / "back" / "tokenizer_config.json").write_text(json.dumps(rebuilt.tokenizer_config))
+    source, back = models.load_tokenizer(folder), models.load_tokenizer(tmp_path / "back")
+    for text in ["Hello world 12345!", "don't  stop\n\nnow", "  tabs\tand émojis 🙂"]:
+        assert back.encode(text, add_special_tokens=True) == source.encode(text, add_special_tokens=True), text
+        assert source.encode(text, add_special_tokens=True)[0] == 1
+
+
 # ---------------------------------------------------------------- merged model
 
 
