@@ -1,4 +1,5 @@
-"""Folders that appear whole or not at all: build under a temporary sibling name, then rename.
+"""Folders (and files: `atomic_file`) that appear whole or not at all: build under a temporary
+sibling name, then rename.
 
 A reader never sees half a folder: `atomic_dir` yields an empty temporary sibling of the target
 (``.NAME.tmp-PID``), and only when the block finishes without error does it take the target's
@@ -53,3 +54,20 @@ def atomic_dir(out: str | os.PathLike, *, fsync: bool = False) -> Iterator[Path]
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path of the file ``out`` (``.NAME.tmp-PID``); when the block
+    finishes without error it is flushed to disk and renamed onto ``out``, else removed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)

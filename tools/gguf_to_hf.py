@@ -8,7 +8,7 @@ Writes ``config.json``, ``generation_config.json``, ``model.safetensors`` (or sh
 Weights. Every tensor is dequantized with ``gguf.quants.dequantize`` (F32, F16, BF16, Q4_0 ... Q8_0,
 the K-quants, the IQ types: whatever the installed ``gguf`` package handles) and renamed to the HF
 name. GGUF lists dimensions fastest-first (``ne``), so a ``[in, out]`` GGUF shape is an HF
-``(out, in)`` matrix. llama.cpp's HF→GGUF converter permutes the rows of ``q_proj`` and ``k_proj``
+``(out, in)`` matrix (names: `models.gguf_map`). llama.cpp's HF→GGUF converter permutes the rows of ``q_proj`` and ``k_proj``
 so that its interleaved RoPE (pairs ``(2i, 2i+1)``) computes what HF's half-rotation RoPE (pairs
 ``(i, i + hd/2)``) computes; `unpermute_qk` undoes that permutation exactly.
 
@@ -35,52 +35,14 @@ from tqdm import tqdm
 
 from engine.errors import InputError, run_cli
 from engine.atomic import atomic_dir
+from models.gguf_map import PRE_TOKENIZERS, hf_tensor_name, permute_qk, unpermute_qk  # noqa: F401 (re-exported)
 from models.safetensors_io import save_safetensors
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MAX_SHARD_BYTES = 4 * 1024**3
 
-# GGUF tensor name -> HF tensor name (the ".weight"/".bias" suffix is carried over).
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
 # Tensors that carry no weights of the HF model (RoPE frequencies are recomputed from the config).
 _SKIPPED = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
-
-
-def hf_tensor_name(gguf_name: str) -> str:
-    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
-    parts = gguf_name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    if len(parts) == 2 and parts[0] in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
-    raise InputError(f"tensor {gguf_name!r}: not a tensor of a llama-architecture GGUF")
-
-
-def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """llama.cpp's row permutation of q/k (HF -> GGUF): per head, rows ``[first half | second half]``
-    are interleaved ``(h0, h_half, h1, h_half+1, ...)``. ``w``: (n_heads * hd, ...)."""
-    hd = w.shape[0] // n_heads
-    return w.reshape(n_heads, 2, hd // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Inverse of `permute_qk` (GGUF -> HF): rows ``(2i, 2i+1)`` of each head go back to
-    ``(i, i + hd/2)``. ``w``: (n_heads * hd, ...) — a weight (rows, in) or a bias (rows,)."""
-    if w.shape[0] % (2 * n_heads):
-        raise InputError(f"q/k tensor with {w.shape[0]} rows cannot be split into {n_heads} heads of even size")
-    hd = w.shape[0] // n_heads
-    return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def read_fields(reader) -> dict:
@@ -222,28 +184,6 @@ def write_weights(reader, cfg: dict, out: Path, dtype: torch.dtype) -> None:
 # ---------------------------------------------------------------------------------------------
 
 _CONTROL, _USER_DEFINED = 3, 4  # gguf.TokenType values
-_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def _byte_level(use_regex: bool) -> dict:
-    """ByteLevel pre-tokenizer; with ``use_regex`` it splits with the GPT-2 regex (_GPT2_REGEX)."""
-    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": use_regex}
-
-
-# llama.cpp pre-tokenizer name (tokenizer.ggml.pre) -> (HF pre-tokenizers, BPE ignore_merges).
-# llama.cpp splits "smollm"/"starcoder"/"refact" with "\p{N}" then the GPT-2 regex, i.e. single
-# digits then GPT-2 words; "llama-bpe" (Llama 3) with the Llama-3 regex and whole-word lookup first.
-_PRE_TOKENIZERS = {
-    "gpt-2": ([_byte_level(True)], False),
-    "gpt2": ([_byte_level(True)], False),
-    "smollm": ([{"type": "Digits", "individual_digits": True}, _byte_level(True)], False),
-    "starcoder": ([{"type": "Digits", "individual_digits": True}, _byte_level(True)], False),
-    "refact": ([{"type": "Digits", "individual_digits": True}, _byte_level(True)], False),
-    "llama-bpe": ([{"type": "Split", "pattern": {"Regex": _LLAMA3_REGEX}, "behavior": "Isolated",
-                    "invert": False}, _byte_level(False)], True),
-}
 
 
 @dataclass
@@ -287,9 +227,9 @@ def _template_processor(tokens: list[str], bos: int | None, eos: int | None) -> 
 def _gpt2_model(meta: dict, tokens: list[str]) -> dict:
     """Byte-level BPE pieces of tokenizer.json for ``tokenizer.ggml.model == 'gpt2'``."""
     pre = meta.get("tokenizer.ggml.pre")
-    if pre not in _PRE_TOKENIZERS:
-        raise InputError(f"GGUF pre-tokenizer {pre!r} is not supported; known: {', '.join(sorted(_PRE_TOKENIZERS))}")
-    pre_tokenizers, ignore_merges = _PRE_TOKENIZERS[pre]
+    if pre not in PRE_TOKENIZERS:
+        raise InputError(f"GGUF pre-tokenizer {pre!r} is not supported; known: {', '.join(sorted(PRE_TOKENIZERS))}")
+    pre_tokenizers, ignore_merges = PRE_TOKENIZERS[pre]
     merges = [m.split(" ", 1) for m in _get(meta, "tokenizer.ggml.merges", required=True)]
     model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
              "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
