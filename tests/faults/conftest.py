@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = {"train": "engine.train", "eval": "engine.eval", "merge": "engine.merge", "generate": "engine.generate"}
+MODULES = {"train": "engine.train", "eval": "engine.eval", "merge": "engine.merge", "generate": "engine.generate",
+           "export": "engine.export"}
 
 
 @dataclass

@@ -68,18 +68,21 @@ def test_merge_replaces_its_own_folder_only_with_overwrite(tiny_model_dir, adapt
 
 # ---------------------------------------------------------------------------- broken adapters anywhere
 
-@pytest.mark.parametrize("command", ["train", "eval", "merge", "generate"])
+@pytest.mark.parametrize("command", ["train", "eval", "merge", "generate", "export", "export-lora"])
 def test_a_non_finite_adapter_is_refused_naming_the_tensor(command, adapter, tiny_model_dir, sft_data, tmp_path, capfd):
     broken = broken_adapter(adapter)
     args = {"train": [*train_args(tiny_model_dir, sft_data, tmp_path / "out"), "--init-adapter", broken],
             "eval": ["--model", tiny_model_dir, "--adapter", broken, "--data", sft_data, "--out", tmp_path / "eval"],
             "merge": ["--model", tiny_model_dir, "--adapter", broken, "--out", tmp_path / "merged"],
-            "generate": ["--model", tiny_model_dir, "--adapter", broken, "--prompt", "hi", "--max-new-tokens", "2"]}
+            "generate": ["--model", tiny_model_dir, "--adapter", broken, "--prompt", "hi", "--max-new-tokens", "2"],
+            "export": ["gguf", "--model", tiny_model_dir, "--adapter", broken, "--out", tmp_path / "m.gguf"],
+            "export-lora": ["gguf", "--model", tiny_model_dir, "--adapter", broken, "--lora-only",
+                            "--out", tmp_path / "m.gguf"]}
     if command == "train":  # --init-adapter brings its own rank
         args["train"][args["train"].index("--lora-r"):args["train"].index("--lora-r") + 2] = []
-    result = cli(command, *args[command], capfd=capfd)
+    result = cli(command.split("-")[0], *args[command], capfd=capfd)
     assert result.code == 2 and "lora_B.weight has 1 non-finite values" in result.message
-    for made in ("out", "eval", "merged"):
+    for made in ("out", "eval", "merged", "m.gguf"):
         assert not (tmp_path / made).exists()
 
 
