@@ -70,12 +70,13 @@ def gather_rows(adapter_ids: torch.Tensor, num_adapters: int) -> GatherRows:
 
 
 def lora_gather_ref(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                    scales: torch.Tensor, adapter_ids: torch.Tensor, *, rows: GatherRows | None = None) -> torch.Tensor:
+                    scales: torch.Tensor, adapter_ids: torch.Tensor, *,
+                    rows: GatherRows | None = None) -> torch.Tensor:
     """``y[n] += s_k · (x[n]·A_kᵀ)·B_kᵀ`` for k = ids[n] ≥ 0, in place on y (N, out); returns y.
 
-    The definition of the op, in fp32 (float64 inputs: in float64): one (n_k, r) and one (n_k, out) product per adapter over
-    its rows, added to y in fp32 and rounded once to y's dtype. ``rows`` is accepted (and unused)
-    so that the signature is the public op's.
+    The definition of the op, in fp32 (float64 inputs: in float64): one (n_k, r) and one (n_k, out)
+    product per adapter over its rows, added to y in fp32 and rounded once to y's dtype. ``rows``
+    is accepted (and unused) so that the signature is the public op's.
     """
     check_gather_inputs("lora_gather_ref", y, x, lora_A, lora_B, scales, adapter_ids)
     ids, acc = adapter_ids.reshape(-1), torch.promote_types(x.dtype, torch.float32)  # fp32 (float64 stays)
