@@ -21,9 +21,10 @@ its folder name; ``none`` is the base) declares adapters; each prompt picks one 
 every prompt uses it. Several prompts are generated in ONE batch (left-padded, one KV cache,
 `engine.sampling.sample_completions`), each row with its own adapter (`engine.adapters.multi`:
 the gathered low-rank product `kernels.lora_gather`), and printed as one JSON line per prompt,
-``{"index", "adapter", "prompt", "text"}``, in prompt order. Greedy, each row's tokens are those
-of generating its prompt alone with its adapter; sampling draws the rows from one generator (so
-other draws than alone). A single prompt streams its text as before.
+``{"index", "adapter", "prompt", "text"}``, in prompt order. Greedy in fp32, each row's tokens
+are those of generating its prompt alone with its adapter (in bf16/fp16 the batch's other
+rounding can flip a near-tie); sampling draws the rows from one generator (so other draws than
+alone). A single prompt streams its text as before.
 """
 
 from __future__ import annotations
@@ -202,8 +203,8 @@ def plan_jobs(args, named: dict[str, Path | None]) -> list[Job]:
             raise InputError(f"prompt {index}: {len(named)} adapters are given ({', '.join(named)}); say which one "
                              "each prompt uses (--prompt-adapter NAME, or \"adapter\" in --prompts)")
         if adapter != NONE and adapter not in named:
-            raise InputError(f"prompt {index}: unknown adapter {adapter!r}; the adapters are "
-                             f"{', '.join([*named, NONE]) if named else NONE}")
+            choices = [*(n for n in named if n != NONE), NONE]
+            raise InputError(f"prompt {index}: unknown adapter {adapter!r}; the adapters are {', '.join(choices)}")
         jobs.append(Job(prompt, adapter))
     return jobs
 

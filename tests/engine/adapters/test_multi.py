@@ -144,3 +144,20 @@ def test_adapter_specs(tmp_path):
         adapter_specs(["x=a", "x=b"])
     with pytest.raises(InputError, match="'none' is given twice"):
         adapter_specs(["none", "none"])
+
+
+def test_nf4_base(tiny):
+    """QLoRA: the adapters gathered over an NF4 base equal each one loaded alone on that base."""
+    model_dir, paths = tiny
+    ids = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(2))
+    model = load_model(model_dir, quantize="nf4")
+    multi = inject_adapters(model, [read_adapter(paths[n], name=n) for n in ("b", "c")])
+    rows = ["c", "none", "b"]
+    with torch.no_grad(), multi.selected(rows):
+        got = model(ids)
+    for row, name in enumerate(rows):
+        alone = load_model(model_dir, quantize="nf4")
+        if name != "none":
+            load_adapter(alone, paths[name])
+        with torch.no_grad():
+            assert_close(got[row], alone(ids[row:row + 1])[0], torch.float32, f"nf4 row {row} ({name})")
