@@ -55,15 +55,6 @@ class GatherRows(NamedTuple):
     offsets: torch.Tensor  # (K + 1,) int64: adapter k's rows are order[offsets[k]:offsets[k + 1]]
 
 
-def gather_rows(adapter_ids: torch.Tensor, num_adapters: int) -> GatherRows:
-    """Sort the rows of ``adapter_ids`` (N,) by adapter: the segments of `lora_gather`'s kernels.
-    Ids must lie in [-1, num_adapters) (checked by `check_gather_inputs`, which reads them)."""
-    ids = adapter_ids.reshape(-1).to(torch.int64)
-    order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids + 1, minlength=num_adapters + 1)[:num_adapters + 1]  # [none, 0, …, K-1]
-    return GatherRows(ids, order, torch.cumsum(counts, 0))
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. Reference
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +208,15 @@ def _blocks(n_rows: int, rank: int, dtype: torch.dtype) -> dict[str, int]:
     return {"BLOCK_M": _block_m(n_rows), "BLOCK_K": wide, "BLOCK_N": wide, "BLOCK_R": 16}
 
 
+def gather_rows(adapter_ids: torch.Tensor, num_adapters: int) -> GatherRows:
+    """Sort the rows of ``adapter_ids`` (N,) by adapter: the segments of `lora_gather`'s kernels.
+    Ids must lie in [-1, num_adapters) (checked by `check_gather_inputs`, which reads them)."""
+    ids = adapter_ids.reshape(-1).to(torch.int64)
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids + 1, minlength=num_adapters + 1)[:num_adapters + 1]  # [none, 0, …, K-1]
+    return GatherRows(ids, order, torch.cumsum(counts, 0))
+
+
 def _gather_triton_(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                     scales: torch.Tensor, rows: GatherRows) -> None:
     """The two launches: h = x·A_kᵀ per segment into an (N, r) fp32 buffer, then y += s_k·h·B_kᵀ."""
@@ -277,13 +277,24 @@ def lora_gather(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: 
 
     ``rows``: `gather_rows(adapter_ids, K)` when the caller computed it once for the batch (every
     layer shares it); else it is computed here. Triton kernels when `kernels.backend.use_triton`
-    says so and the dtype is fp32/bf16/fp16, else `lora_gather_ref`. Forward only: refuses
-    operands that require grad while autograd is on.
+    says so and the dtype is fp32/bf16/fp16, else `lora_gather_ref`. Checks every operand (ids
+    against K only on a CPU: no host read of a device tensor); `lora_gather_checked` is the same op
+    for a caller that checked them once (`engine.adapters.multi.MultiLoRALinear`). Forward only:
+    refuses operands that require grad while autograd is on.
     """
     check_gather_inputs("lora_gather", y, x, lora_A, lora_B, scales, adapter_ids)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_A, lora_B, y)):
         raise ValueError("lora_gather: forward only (inference); call it under torch.no_grad() or "
                          "torch.inference_mode()")
+    return lora_gather_checked(y, x, lora_A, lora_B, scales, adapter_ids, rows=rows)
+
+
+def lora_gather_checked(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                        scales: torch.Tensor, adapter_ids: torch.Tensor, *,
+                        rows: GatherRows | None = None) -> torch.Tensor:
+    """`lora_gather` without the per-call operand checks (a module whose stacked weights are fixed
+    at construction and whose ids were checked when the batch was selected): no host time per
+    layer and decode step."""
     if x.dtype not in _KERNEL_DTYPES or x.shape[0] == 0 or not use_triton(y, x, lora_A, lora_B, scales, adapter_ids):
         return lora_gather_ref(y, x, lora_A, lora_B, scales, adapter_ids)
     rows = gather_rows(adapter_ids, lora_A.shape[0]) if rows is None else rows

@@ -10,7 +10,7 @@ x (B, T, in) and the adapter of each sequence ``ids`` (B,) (-1: the base)::
 
     y[b, t] = base(x[b, t]) + s_k · x[b, t]·A_kᵀ·B_kᵀ     k = ids[b]  (no term when k = -1)
 
-computed by `kernels.lora_gather.lora_gather` (the rows sorted by adapter once per forward shape
+computed by `kernels.lora_gather.lora_gather_checked` (the rows sorted by adapter once per forward shape
 and shared by every layer). The ids of the batch are set for a block of forwards
 (``with multi.selected(["a", "none", "b"]): …``, every prefill and decode step of one batch);
 outside such a block the modules refuse to run. Inference only: the buffers have no gradients.
@@ -40,7 +40,7 @@ from engine.adapters.lora import LoRALinear
 from engine.adapters.switcher import Adapter, check_adapter_fits
 from engine.adapters.targets import replace_module
 from engine.errors import InputError
-from kernels.lora_gather import GatherRows, gather_rows, lora_gather
+from kernels.lora_gather import GatherRows, gather_rows, lora_gather_checked
 from models.quantized import NF4Linear
 
 NONE = "none"  # the base: no adapter for this row (id -1)
@@ -143,7 +143,9 @@ class MultiLoRALinear(nn.Module):
                                "`with multi.selected(rows):` (engine.adapters.multi)")
         rows = self.selection.rows_for(x)
         y = self.base(x).reshape(-1, self.out_features)  # (B·T, out), the base product's own output
-        lora_gather(y, x.reshape(-1, self.in_features), self.lora_A, self.lora_B, self.scales, rows.ids, rows=rows)
+        # operands checked at construction (shapes, dtype) and ids at selection: no per-call checks
+        lora_gather_checked(y, x.reshape(-1, self.in_features), self.lora_A, self.lora_B, self.scales, rows.ids,
+                            rows=rows)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
