@@ -257,12 +257,17 @@ def main(argv: list[str] | None = None) -> int:
 def generate_batch(args, jobs: list[Job], prompt_ids: list[list[int]], named: dict[str, Path | None], model_dir,
                    tokenizer, device, quantize) -> int:
     """Every prompt in one left-padded batch, each row with its adapter; one JSON line per prompt."""
-    from engine.adapters import read_adapter
+    from engine.adapters import check_adapter_fits, read_adapter
     from engine.adapters.multi import inject_adapters
     from models import load_model
+    from models.loading import read_config
 
     used = list(dict.fromkeys(job.adapter for job in jobs if job.adapter != NONE))  # in order of first use
-    adapters = [read_adapter(named[name], name=name) for name in used]  # checked before the weights load
+    adapters = [read_adapter(named[name], name=name) for name in used]
+    with torch.device("meta"):  # every adapter checked against the base's shapes before any weight loads
+        skeleton = LlamaForCausalLM(read_config(model_dir))
+    for adapter in adapters:
+        check_adapter_fits(skeleton, adapter)
     model = load_model(model_dir, quantize=quantize, dtype=DTYPES[args.dtype], device=device).eval()
     selection = contextlib.nullcontext()
     if adapters:

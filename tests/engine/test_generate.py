@@ -244,3 +244,12 @@ def test_cli_bad_adapter_flags_exit_2(flags, message, tmp_path, capsys):
     code, _, err = run_generate(["--model", tmp_path / "never-read", *flags], capsys)
     assert code == 2 and message in err, err
     assert "Traceback" not in err
+
+
+def test_cli_batch_refuses_an_adapter_of_another_shape(tiny, tiny_model_dir, tmp_path, capsys):
+    """An adapter made for another base stops the batch with status 2 and its shape, before any output."""
+    wrong = save_random_adapter(tiny, tmp_path / "wrong", 1, **ADAPTER_CONFIGS["a"])  # intermediate 48, not 64
+    code, out, err = run_generate(["--model", tiny_model_dir, "--adapter", f"w={wrong}", "--prompt", "a",
+                                   "--prompt", "b", "--max-new-tokens", "2"], capsys)
+    assert code == 2 and "has shape" in err and "expected" in err, err
+    assert out == ""
