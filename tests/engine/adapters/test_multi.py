@@ -3,6 +3,8 @@ alone with only its adapter loaded; the --adapter NAME=DIR flags; what cannot be
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -124,6 +126,16 @@ def test_refuses_what_cannot_be_gathered(tiny, tmp_path):
     reward.config.modules_to_save = ("score",)
     with pytest.raises(InputError, match="score head"):
         inject_adapters(load_model(model_dir), [reward])
+    mixed = load_model(model_dir)
+    mixed.model.layers[1].self_attn.v_proj.to(torch.bfloat16)
+    with pytest.raises(InputError, match=r"layers\.1\.self_attn\.v_proj: weight dtype torch\.bfloat16 differs"):
+        inject_adapters(mixed, [read_adapter(paths["b"], name="b")])
+    dora = tmp_path / "dora"
+    shutil.copytree(paths["a"], dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(InputError, match="use_dora=True is not supported"):
+        read_adapter(dora)  # refused before anything is stacked (as lora_bias, bias, fan_in_fan_out...)
     other = save_model(random_model(tiny_config().replace(hidden_size=64), seed=0), tmp_path / "other")
     wrong = save_random_adapter(other, tmp_path / "wrong", LoRAConfig(r=2, alpha=4, target_modules=("q_proj",)), 0)
     with pytest.raises(InputError, match=r"expected \(2, 48\)"):
