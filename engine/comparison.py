@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.adapters.multi import adapter_specs
 from engine.adapters.switcher import Adapter, base_then_adapters, check_adapter_fits, read_adapter
 from engine.data.samples import Sample
 from engine.errors import InputError
@@ -104,11 +105,23 @@ def rows_to_json(rows: list[Row]) -> list[dict]:
             for row in rows]
 
 
-def read_adapters(paths: list[str], model_dir: Path) -> list[Adapter]:
-    """Read every adapter and check it against the base's shapes on a meta-device model (no weights)."""
+def read_adapters(values: list[str], model_dir: Path) -> list[Adapter]:
+    """Read every ``--adapter`` (``DIR``: named by its path, as always; ``NAME=DIR``: named NAME;
+    ``none``: the base, whose row is always first, so it adds none) and check each against the
+    base's shapes on a meta-device model (no weights)."""
+    specs = adapter_specs(values)
+    folders = [s for s in specs if not s.is_base]
+    paths = [str(s.path) for s in folders]
     if len(set(paths)) != len(paths):
         raise InputError(f"--adapter: the same folder is given twice ({', '.join(paths)})")
-    adapters = [read_adapter(p) for p in paths]
+    if any(s.name == BASE for s in folders):
+        raise InputError(f"--adapter {BASE}=DIR: {BASE!r} is the base row's name; choose another (--adapter none "
+                         "is the base)")
+    adapters = [read_adapter(s.path, name=s.name) for s in folders]
+    names = [a.name for a in adapters]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise InputError(f"--adapter: two rows would be named {dup!r}; name them with NAME=DIR")
     for adapter in adapters:
         if adapter.config.modules_to_save:
             raise InputError(f"--adapter {adapter.path}: a reward model (a score head beside LoRA); measure it with "

@@ -1,6 +1,6 @@
 """Compare a base model with its adapters: domain gain and forgetting, as a table, JSON and a chart.
 
-    python -m engine.eval --model BASE --adapter A [--adapter B ...] --data domain.jsonl \\
+    python -m engine.eval --model BASE --adapter A [--adapter NAME=B ...] --data domain.jsonl \\
         [--general general.jsonl] [--out DIR]
     python -m engine.eval --reward-model RUN/adapter --data prefs.jsonl [--model BASE] [--out DIR]
     python -m engine.eval --model BASE --adapter A [...] --data prompts.jsonl --reward number [--out DIR]
@@ -15,6 +15,10 @@ Writes ``OUT/eval.md`` (the markdown table, also printed), ``OUT/eval.json`` and
 (losses as bars); with ``--general`` also ``OUT/eval_tradeoff.png``: domain gain against
 forgetting, one point per adapter, a chain of runs (``--init-adapter``) drawn as a path
 (`engine.tradeoff`).
+
+Rows are named ``base`` and, per ``--adapter``, by its folder path (``--adapter DIR``) or by NAME
+(``--adapter NAME=DIR``); ``--adapter none`` stands for the base row, which is always the first
+(every Δ column is against it), so it adds no row: ``--adapter none`` alone measures the base.
 
 With ``--reward-model`` it measures a reward model (``--method reward``) instead: its held-out
 pairwise accuracy and mean margin on the preference pairs of ``--data`` (`engine.reward_eval`);
@@ -46,8 +50,9 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m engine.eval", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="Base model: a local Hugging Face folder or a preset name. Required, "
                    "except with --reward-model (default: the base it records).")
-    p.add_argument("--adapter", action="append", default=[], metavar="DIR",
-                   help="A PEFT-format adapter folder for this base; repeat for several.")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                   help="A PEFT-format adapter folder for this base; repeat for several. NAME=DIR names its row "
+                   "NAME (default: the folder path); 'none' is the base row, which is always there.")
     p.add_argument("--data", required=True, help="Domain evaluation set (JSONL/JSON, SFT formats); with "
                    "--reward-model, preference pairs. Required.")
     p.add_argument("--reward-model", default=None, metavar="DIR",

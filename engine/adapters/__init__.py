@@ -7,6 +7,7 @@ scalar head (`engine.adapters.score_head`).
 
 from engine.adapters.lora import ALL_LINEAR, LoRAConfig, LoRALinear, lora_scale
 from engine.adapters.merge import MergeReport, merge
+from engine.adapters.multi import MultiAdapters, MultiLoRALinear, inject_adapters
 from engine.adapters.peft_format import (
     adapter_targets,
     assign_adapter_weights,
@@ -37,10 +38,10 @@ from engine.adapters.targets import (
 )
 
 __all__ = [
-    "ALL_LINEAR", "Adapter", "AdapterSwitcher", "LoRAConfig", "LoRALinear", "MergeReport", "adapter_params",
-    "adapter_targets", "assign_adapter_weights", "check_adapter_fits", "disable_adapters", "find_targets",
-    "inject_lora", "load_adapted_model", "load_adapter", "load_adapter_weights", "lora_modules", "lora_scale",
-    "merge", "read_adapter", "read_adapter_config", "read_adapter_metadata", "read_adapter_weights",
-    "read_head_weight", "remove_lora", "save_adapter", "set_trainable", "ScoreHead", "attach_score_head",
-    "new_score_head", "score_head",
+    "ALL_LINEAR", "Adapter", "AdapterSwitcher", "LoRAConfig", "LoRALinear", "MergeReport", "MultiAdapters",
+    "MultiLoRALinear", "adapter_params", "adapter_targets", "assign_adapter_weights", "check_adapter_fits",
+    "disable_adapters", "find_targets", "inject_adapters", "inject_lora", "load_adapted_model", "load_adapter",
+    "load_adapter_weights", "lora_modules", "lora_scale", "merge", "read_adapter", "read_adapter_config",
+    "read_adapter_metadata", "read_adapter_weights", "read_head_weight", "remove_lora", "save_adapter",
+    "set_trainable", "ScoreHead", "attach_score_head", "new_score_head", "score_head",
 ]

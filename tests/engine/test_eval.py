@@ -282,3 +282,37 @@ def test_cli_bad_input(smol, tiny, tmp_path, capsys):
     assert run(["--model", str(model_dir), "--adapter", str(adapter), "--data", str(bad)]) == EXIT_INPUT_ERROR
     assert f"{bad}:2" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written on bad input
+
+
+def test_cli_named_adapters_and_none(tiny_model_dir, tmp_path, capsys):
+    """--adapter NAME=DIR names the row NAME (the numbers are those of --adapter DIR, whose row keeps
+    the folder path as its name); --adapter none is the base row, always first, so it adds none;
+    a NAME of 'base' or given twice exits 2."""
+    lines = (ROOT / "examples" / "license_qa_eval.jsonl").read_text().splitlines()
+    (tmp_path / "domain.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    a = add_random_adapter(load_model(tiny_model_dir), tiny_model_dir, tmp_path / "a",
+                           LoRAConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj")), seed=1)
+    b = add_random_adapter(load_model(tiny_model_dir), tiny_model_dir, tmp_path / "b",
+                           LoRAConfig(r=4, alpha=4, target_modules="all-linear"), seed=2)
+    common = ["--model", str(tiny_model_dir), "--data", str(tmp_path / "domain.jsonl"), "--max-len", "64",
+              "--no-progress"]
+
+    def rows(*adapters: str) -> list[dict]:
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+        assert run(common + [x for spec in adapters for x in ("--adapter", spec)] + ["--out", str(out)]) == 0
+        return json.loads((out / "eval.json").read_text())["rows"]
+
+    named = rows(f"math={a}", "none", str(b))
+    assert [r["name"] for r in named] == ["base", "math", str(b)]
+    plain = rows(str(a))
+    assert [r["name"] for r in plain] == ["base", str(a)]
+    assert plain[1]["domain"] == named[1]["domain"] and plain[0]["domain"] == named[0]["domain"]
+    assert named[1]["domain"]["loss"] != named[2]["domain"]["loss"]
+    assert [r["name"] for r in rows("none")] == ["base"]
+    capsys.readouterr()
+    assert run(common + ["--adapter", f"base={a}", "--out", str(tmp_path / "bad")]) == EXIT_INPUT_ERROR
+    assert "'base' is the base row's name" in capsys.readouterr().err
+    assert run(common + ["--adapter", f"x={a}", "--adapter", f"x={b}", "--out", str(tmp_path / "bad")]) == \
+        EXIT_INPUT_ERROR
+    assert "'x' is given twice" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

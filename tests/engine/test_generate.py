@@ -135,3 +135,121 @@ def test_generate_with_an_adapter_equals_the_merged_folder(smollm2_dir, tmp_path
     with_adapter = tokens("--model", str(smollm2_dir), "--adapter", str(adapter))
     assert with_adapter == tokens("--model", str(merged))
     assert with_adapter != tokens("--model", str(smollm2_dir))  # the adapter changes the answer
+
+
+# ----------------------------------------------------------------------------- several adapters, one batch
+
+ADAPTER_CONFIGS = {  # different ranks and targets, a rank/alpha pattern, rsLoRA
+    "a": dict(r=4, alpha=8, target_modules="all-linear"),
+    "b": dict(r=8, alpha=5, target_modules=("q_proj", "v_proj", "down_proj"), use_rslora=True),
+    "c": dict(r=2, alpha=4, target_modules=("o_proj", "up_proj"), rank_pattern={"up_proj": 6}),
+}
+
+
+def save_random_adapter(model, out, seed, **config):
+    """A copy of ``model`` with a LoRA of non-zero A and B (B ~ 0.3 N(0, 1)), saved in PEFT format."""
+    import copy
+
+    from engine.adapters import LoRAConfig, inject_lora, lora_modules, save_adapter
+
+    model = copy.deepcopy(model)
+    cfg = LoRAConfig(**config)
+    torch.manual_seed(seed)
+    inject_lora(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
+    return save_adapter(model, cfg, out, None)
+
+
+def test_mixed_adapter_batch_equals_each_prompt_alone(tiny, tmp_path):
+    """Five prompts of different lengths (left-padded, crossing the sliding window), rows on adapters
+    a, b, c of different ranks and targets and on the base, in ONE greedy batch: every row's tokens
+    are those `generate` gives for its prompt alone with only its adapter loaded."""
+    import copy
+
+    from engine.adapters import load_adapter, read_adapter
+    from engine.adapters.multi import inject_adapters
+    from engine.sampling import sample_completions
+
+    paths = {name: save_random_adapter(tiny, tmp_path / name, seed, **cfg)
+             for seed, (name, cfg) in enumerate(ADAPTER_CONFIGS.items(), start=1)}
+    prompts = [[3, 17, 5, 42, 8], [1, 2], [9, 9, 9, 9, 9, 9, 9, 9], [4, 30, 2], [7], [11, 12, 13, 14]]
+    rows = ["a", "none", "b", "c", "a", "b"]
+    model = copy.deepcopy(tiny)
+    multi = inject_adapters(model, [read_adapter(paths[n], name=n) for n in ("a", "b", "c")])
+    with multi.selected(rows):
+        batch = sample_completions(model, prompts, max_new_tokens=10, temperature=0.0, top_p=1.0, eos_token_ids=(),
+                                   generator=None, pad_id=0)
+    changed = 0
+    for prompt, name, got in zip(prompts, rows, batch):
+        alone = copy.deepcopy(tiny)
+        if name != "none":
+            load_adapter(alone, paths[name])
+        assert got == list(generate(alone, prompt, 10)), (name, prompt)
+        changed += name != "none" and got != list(generate(tiny, prompt, 10))
+    assert changed >= 2, "the adapters should change some greedy continuations"
+
+
+def run_generate(argv, capsys):
+    from engine.errors import run_cli as run_engine_cli
+    from engine.generate import main
+
+    with pytest.raises(SystemExit) as done:
+        run_engine_cli(main, [str(a) for a in argv])
+    captured = capsys.readouterr()
+    return done.value.code, captured.out, captured.err
+
+
+def test_cli_several_adapters_one_batch(tiny_model_dir, tmp_path, capsys):
+    """--adapter x=DIR and a plain DIR (named by its folder), --prompt/--prompt-adapter pairs and a
+    --prompts file with none: one JSON line per prompt, each the text of that prompt generated
+    alone (the single-prompt path, streamed) with its adapter."""
+    import json
+
+    from models import load_model
+
+    base = load_model(tiny_model_dir)
+    x = save_random_adapter(base, tmp_path / "x_dir", 1, **ADAPTER_CONFIGS["a"])
+    y = save_random_adapter(base, tmp_path / "y", 2, **ADAPTER_CONFIGS["b"])
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text('{"prompt": "Once upon a time", "adapter": "y"}\n\n{"prompt": "Hi", "adapter": "none"}\n')
+    common = ["--model", tiny_model_dir, "--max-new-tokens", "6"]
+    code, out, err = run_generate(common + ["--adapter", f"x={x}", "--adapter", y, "--prompt", "The capital of",
+                                            "--prompt-adapter", "x", "--prompt", "hello", "--prompt-adapter", "y",
+                                            "--prompts", prompts_file], capsys)
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [(r["index"], r["adapter"], r["prompt"]) for r in lines] == [
+        (0, "x", "The capital of"), (1, "y", "hello"), (2, "y", "Once upon a time"), (3, "none", "Hi")]
+    folders = {"x": x, "y": y}
+    for r in lines:
+        adapter = [] if r["adapter"] == "none" else ["--adapter", folders[r["adapter"]]]
+        code, alone, err = run_generate(common + adapter + ["--prompt", r["prompt"]], capsys)
+        assert code == 0, err
+        assert alone == r["text"] + "\n", r
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--adapter", "a b=dir", "--prompt", "hi"], "is not an adapter name"),
+    (["--adapter", "x=d1", "--adapter", "x=d2", "--prompt", "hi", "--prompt-adapter", "x"], "'x' is given twice"),
+    (["--adapter", "x=d1", "--adapter", "y=d2", "--prompt", "hi"], "say which one each prompt uses"),
+    (["--adapter", "x=d1", "--prompt", "hi", "--prompt-adapter", "zz"], "unknown adapter 'zz'"),
+    (["--adapter", "x=d1", "--prompt", "a", "--prompt", "b", "--prompt-adapter", "x"], "given 1 times for 2"),
+    (["--adapter", "none=d1", "--prompt", "hi"], "is the base"),
+    (["--max-new-tokens", "2"], "no prompt"),
+])
+def test_cli_bad_adapter_flags_exit_2(flags, message, tmp_path, capsys):
+    code, _, err = run_generate(["--model", tmp_path / "never-read", *flags], capsys)
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err
+
+
+def test_cli_batch_refuses_an_adapter_of_another_shape(tiny, tiny_model_dir, tmp_path, capsys):
+    """An adapter made for another base stops the batch with status 2 and its shape, before any output."""
+    wrong = save_random_adapter(tiny, tmp_path / "wrong", 1, **ADAPTER_CONFIGS["a"])  # intermediate 48, not 64
+    code, out, err = run_generate(["--model", tiny_model_dir, "--adapter", f"w={wrong}", "--prompt", "a",
+                                   "--prompt", "b", "--max-new-tokens", "2"], capsys)
+    assert code == 2 and "has shape" in err and "expected" in err, err
+    assert out == ""
