@@ -1,0 +1,117 @@
+"""What a plain ``engine.merge`` of one adapter will do, decided before any weight is read.
+
+* Whether the adapter is QLoRA (trained on an NF4-rounded base): ``--quant nf4`` says so, or the
+  run that trained it recorded ``quant: nf4`` (the run folder's ``config.json``: the adapter at
+  ``OUTPUT/adapter`` or ``OUTPUT/checkpoints/step-N/adapter``), or the base folder is a
+  bitsandbytes 4-bit checkpoint (then the base's 16-bit weights do not exist).
+* ``--onto`` for a QLoRA adapter, W' = W_onto + s·B·A with
+
+      quantized:  W_onto = dequant(NF4(W))   the weights the adapter was trained against (default)
+      original:   W_onto = W                 the 16-bit base, which adds W − dequant(NF4(W))
+
+  The model as trained is dequant(NF4(W)) + s·B·A, so ``quantized`` leaves only the rounding of W'
+  to the stored dtype, while ``original`` adds the whole NF4 quantization error of every adapted
+  layer. The default is ``quantized``: it drifts less from the model as trained in the measurement
+  (bench/merge_drift.py, README), though the issue first proposed ``original``. ``--onto`` and
+  ``--requantize`` for a plain LoRA adapter are refused (exit 2): there is one base to merge onto.
+* Where the drift is measured: ``--drift-data``, else (QLoRA) the training data file the adapter's
+  metadata records (`engine.run.folder.lineage`) or its run's config.json names, if it still
+  exists; else the drift is left unmeasured, and says how to measure it. A plain LoRA merge is
+  measured only when ``--drift-data`` is given.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.adapters import read_adapter_metadata
+from engine.errors import InputError
+from engine.run.folder import is_run_folder
+from models.bnb_checkpoint import is_bnb_nf4_checkpoint
+
+ONTO = ("original", "quantized")
+DEFAULT_ONTO = "quantized"
+REQUANTIZE = ("none", "nf4")
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """What the run that trained an adapter recorded (any field may be unknown: None)."""
+
+    quant: str | None
+    data: Path | None                 # the training data file, if it still exists
+    format: str = "auto"
+    train_on_prompt: bool = False
+    run_config: Path | None = None    # where quant / format came from
+
+
+def _run_config(adapter: Path) -> dict[str, Any] | None:
+    """The TrainConfig (config.json) of the run folder holding ``adapter``, if any."""
+    for folder in (adapter.parent, adapter.parent.parent.parent):  # OUTPUT/adapter, OUTPUT/checkpoints/step-N/adapter
+        if is_run_folder(folder):
+            try:
+                cfg = json.loads((folder / "config.json").read_text())
+            except (OSError, ValueError):
+                return None
+            return {**cfg, "_path": str(folder / "config.json")} if isinstance(cfg, dict) else None
+    return None
+
+
+def training_record(adapter: str | Path) -> TrainingRecord:
+    adapter = Path(adapter)
+    cfg = _run_config(adapter) or {}
+    candidates = []
+    metadata = read_adapter_metadata(adapter) or {}
+    data = metadata.get("data")
+    if isinstance(data, list) and data and isinstance(data[0], dict) and isinstance(data[0].get("path"), str):
+        candidates.append(Path(data[0]["path"]))  # the lineage record: absolute, hashed when the run started
+    if isinstance(cfg.get("data"), str):
+        candidates.append(Path(cfg["data"]))
+    found = next((p for p in candidates if p.is_file()), None)
+    return TrainingRecord(quant=cfg.get("quant"), data=found, format=cfg.get("format", "auto"),
+                          train_on_prompt=bool(cfg.get("train_on_prompt", False)),
+                          run_config=Path(cfg["_path"]) if "_path" in cfg else None)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    qlora: bool
+    why_qlora: str                  # which evidence made it QLoRA ("" when it is not)
+    onto: str | None                # None for a plain LoRA adapter
+    requantize: str
+    bnb_base: bool
+    record: TrainingRecord
+
+
+def plan_merge(base_dir: Path, adapter: str | Path, quant: str, onto: str | None, requantize: str) -> MergePlan:
+    """The `MergePlan` of the flags (module docstring); InputError for a combination that cannot be."""
+    if onto is not None and onto not in ONTO:
+        raise InputError(f"--onto must be one of {', '.join(ONTO)}, got {onto!r}")
+    if requantize not in REQUANTIZE:
+        raise InputError(f"--requantize must be one of {', '.join(REQUANTIZE)}, got {requantize!r}")
+    record = training_record(adapter)
+    bnb_base = is_bnb_nf4_checkpoint(base_dir)
+    if quant == "nf4":
+        why = "--quant nf4"
+    elif bnb_base:
+        why = f"the base {base_dir} is a bitsandbytes 4-bit checkpoint"
+    elif record.quant == "nf4":
+        why = f"its run trained it with quant nf4 ({record.run_config})"
+    else:
+        why = ""
+    if not why:
+        for flag, value in (("--onto", onto), ("--requantize", None if requantize == "none" else requantize)):
+            if value is not None:
+                raise InputError(f"{flag} {value}: only for a QLoRA adapter (trained on an NF4 base), and "
+                                 f"{adapter} is not one: no --quant nf4, its run did not record quant nf4 and the "
+                                 "base is not 4-bit; a LoRA adapter has one base to merge onto (pass --quant nf4 "
+                                 "if it was trained with QLoRA)")
+        return MergePlan(False, "", None, "none", False, record)
+    if bnb_base and onto == "original":
+        raise InputError(f"--onto original: the base {base_dir} is a bitsandbytes 4-bit checkpoint, so its "
+                         "original 16-bit weights are not there; only --onto quantized is possible (or give "
+                         "the 16-bit base folder as --model)")
+    return MergePlan(True, why, onto or DEFAULT_ONTO, requantize, bnb_base, record)
