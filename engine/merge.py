@@ -63,9 +63,8 @@ from engine.adapters.vllm_rules import check_vllm_main
 from engine.cli import ArgumentParser
 from engine.errors import InputError, run_cli
 from engine.atomic import atomic_dir
-from engine.data.samples import load_samples
 from engine.merge_drift import Drift, drift_to, reference_hiddens
-from engine.merge_plan import DEFAULT_ONTO, ONTO, REQUANTIZE, MergePlan, plan_merge
+from engine.merge_plan import DEFAULT_ONTO, ONTO, REQUANTIZE, DriftOptions, MergePlan, plan_drift, plan_merge
 from engine.run.folder import is_inside
 from engine.run.setup import DTYPES, resolve_device
 from models.bnb_writer import save_bnb_nf4_model
@@ -97,54 +96,6 @@ def write_side_files(model: nn.Module, base_dir: Path, out: Path) -> None:
     if not (out / "generation_config.json").exists():
         gen = {"bos_token_id": hf.get("bos_token_id"), "eos_token_id": hf.get("eos_token_id")}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-
-
-@dataclass(frozen=True)
-class DriftOptions:
-    """Where and how the merged folder's drift from the model as trained is measured (CLI flags)."""
-
-    data: str | None = None    # --drift-data; None: the adapter's training data (QLoRA), else unmeasured
-    samples: int = 32          # the first N samples of the file, in file order; 0: not measured
-    max_len: int = 512         # tokens per sample (longer ones truncated)
-    batch_size: int = 4
-    device: str = "auto"
-
-
-@dataclass
-class DriftPlan:
-    """The samples to measure on (None: unmeasured) and the line that says why or on what."""
-
-    samples: list | None
-    note: str
-    data: str | None = None
-
-
-HOW_TO_MEASURE = "measure it with --drift-data FILE (any format engine.train reads)"
-
-
-def plan_drift(plan: MergePlan, options: DriftOptions | None, base_dir: Path) -> DriftPlan:
-    """Read and tokenize the drift samples now, before any weight (InputError for a bad file)."""
-    if options is None or options.samples == 0:
-        return DriftPlan(None, "unmeasured: not requested" + (f" ({HOW_TO_MEASURE})" if options else ""))
-    if options.samples < 0 or options.max_len < 2 or options.batch_size < 1:
-        raise InputError(f"--drift-samples {options.samples}, --drift-max-len {options.max_len}, --drift-batch-size "
-                         f"{options.batch_size}: expected ≥ 0, ≥ 2 and ≥ 1")
-    if options.data is not None:
-        path = Path(options.data)
-        if not path.is_file():
-            raise InputError(f"--drift-data {path}: no such file")
-    elif plan.qlora and plan.record.data is not None:
-        path = plan.record.data
-    else:
-        why = ("the adapter records no training data file that still exists" if plan.qlora
-               else "a plain LoRA merge is measured only with --drift-data")
-        return DriftPlan(None, f"unmeasured: {why}; {HOW_TO_MEASURE}")
-    samples, _ = load_samples(path, load_tokenizer(base_dir), max_len=options.max_len,
-                              format=None if plan.record.format == "auto" else plan.record.format,
-                              train_on_prompt=plan.record.train_on_prompt)
-    samples = samples[:options.samples]
-    note = f"first {len(samples)} samples of {path}, up to {options.max_len} tokens each"
-    return DriftPlan(samples, note, str(path))
 
 
 def readme_text(base: str, adapter: str, dtype: torch.dtype, report: MergeReport, plan: MergePlan,
@@ -268,17 +219,21 @@ def merge_to_folder(base: str, adapter: str, out: str | os.PathLike, dtype: torc
 
 def merged_model(base: str, base_dir: Path, adapter: str, dtype: torch.dtype, plan: MergePlan) -> tuple[nn.Module, MergeReport]:
     """The base (rounded to NF4 as in training for ``--onto quantized``) with the adapter folded in,
-    in ``dtype``. For ``--requantize nf4`` the NF4 layers the adapter did not target stay NF4
-    (written as they are); otherwise they are dequantized."""
+    in ``dtype``. For ``--requantize nf4`` every block linear ends as an `NF4Linear` (the untargeted
+    ones as training quantized them); otherwise the untargeted NF4 layers are dequantized."""
     # Load at the checkpoint's own precision and round each merged weight once, to ``dtype``.
     model = models.load_model(base, dtype=stored_dtype(base_dir, dtype), device="cpu")
     if plan.onto == "quantized":
         quantize_linears(model)  # a bnb 4-bit base is NF4 already: nothing left to quantize
     load_adapter(model, adapter)
     report = merge(model, dtype)
-    if plan.requantize != "nf4":  # (the bnb writer rounds the dense tensors to dtype itself)
-        report.dequantized += dequantize_linears(model, dtype)  # NF4 layers the adapter did not target
-        model.to(dtype)
+    if plan.requantize == "nf4":
+        # Merged linears: NF4(W' in dtype). Untargeted ones: NF4 of the base at its own precision,
+        # what training used (already NF4 for --onto quantized). The writer rounds the rest to dtype.
+        quantize_linears(model)
+        return model, report
+    report.dequantized += dequantize_linears(model, dtype)  # NF4 layers the adapter did not target
+    model.to(dtype)
     return model, report
 
 

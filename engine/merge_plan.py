@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from engine.adapters import read_adapter_metadata
+from engine.data.samples import Sample, load_samples
 from engine.errors import InputError
 from engine.run.folder import is_run_folder
 from models.bnb_checkpoint import is_bnb_nf4_checkpoint
+from models.tokenizer import load_tokenizer
 
 ONTO = ("original", "quantized")
 DEFAULT_ONTO = "quantized"
@@ -115,3 +117,54 @@ def plan_merge(base_dir: Path, adapter: str | Path, quant: str, onto: str | None
                          "original 16-bit weights are not there; only --onto quantized is possible (or give "
                          "the 16-bit base folder as --model)")
     return MergePlan(True, why, onto or DEFAULT_ONTO, requantize, bnb_base, record)
+
+
+@dataclass(frozen=True)
+class DriftOptions:
+    """Where and how the merged folder's drift from the model as trained is measured (CLI flags)."""
+
+    data: str | None = None    # --drift-data; None: the adapter's training data (QLoRA), else unmeasured
+    samples: int = 32          # the first N samples of the file, in file order; 0: not measured
+    max_len: int = 512         # tokens per sample (longer ones truncated)
+    batch_size: int = 4
+    device: str = "auto"
+
+
+@dataclass
+class DriftPlan:
+    """The samples to measure on (None: unmeasured) and the line that says why or on what."""
+
+    samples: list[Sample] | None
+    note: str
+    data: str | None = None
+
+
+HOW_TO_MEASURE = "measure it with --drift-data FILE (any format engine.train reads)"
+
+
+def plan_drift(plan: MergePlan, options: DriftOptions | None, base_dir: Path) -> DriftPlan:
+    """Read and tokenize the drift samples now, before any weight (InputError for a bad file)."""
+    if options is None:
+        return DriftPlan(None, "unmeasured: not requested")
+    if options.samples == 0:
+        return DriftPlan(None, "unmeasured: --drift-samples 0")
+    for flag, value, least in (("--drift-samples", options.samples, 0), ("--drift-max-len", options.max_len, 2),
+                               ("--drift-batch-size", options.batch_size, 1)):
+        if value < least:
+            raise InputError(f"{flag} {value}: expected at least {least}")
+    if options.data is not None:
+        path = Path(options.data)
+        if not path.is_file():
+            raise InputError(f"--drift-data {path}: no such file")
+    elif plan.qlora and plan.record.data is not None:
+        path = plan.record.data
+    else:
+        why = ("the adapter records no training data file that still exists" if plan.qlora
+               else "a plain LoRA merge is measured only with --drift-data")
+        return DriftPlan(None, f"unmeasured: {why}; {HOW_TO_MEASURE}")
+    samples, _ = load_samples(path, load_tokenizer(base_dir), max_len=options.max_len,
+                              format=None if plan.record.format == "auto" else plan.record.format,
+                              train_on_prompt=plan.record.train_on_prompt)
+    samples = samples[:options.samples]
+    note = f"first {len(samples)} samples of {path}, up to {options.max_len} tokens each"
+    return DriftPlan(samples, note, str(path))
