@@ -10,7 +10,8 @@ default dtype), plus ``--onto quantized`` in fp32 (the floor: no storage roundin
 drift of the folder as written from the model as trained (NF4 base + adapter unmerged, fp32),
 measured by ``engine.merge`` itself on the first ``--drift-samples`` training samples
 (`engine.merge_drift`): mean KL(as-trained ‖ merged) per counted token and top-1 agreement, as
-merge.json records them. Results go to ``bench/results/merge-drift-<device>-<date>.json``
+merge.json records them. For scale, the same figures for the NF4 base with the adapter switched
+off (a merge that lost the whole update would drift this much). Results go to ``bench/results/merge-drift-<device>-<date>.json``
 (``--results``) with which ``--onto`` drifted less, and a markdown table is printed. Times are
 wall seconds of this machine, for orientation only.
 """
@@ -25,11 +26,15 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS_DIR, environment
+from engine.adapters import disable_adapters, load_adapter
 from engine.config import TrainConfig
+from engine.data.samples import load_samples
 from engine.merge import merge_to_folder
+from engine.merge_drift import drift_to, reference_hiddens
 from engine.merge_plan import DEFAULT_ONTO, DriftOptions
 from engine.recipes import sft
-from engine.run.setup import DTYPES
+from engine.run.setup import DTYPES, resolve_device
+from models import load_model, load_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # (onto, requantize, dtype): the four ways, then the fp32 floor.
@@ -62,12 +67,27 @@ def merge_row(model: str, adapter: Path, out: Path, onto: str, requantize: str, 
             "summary": result.report.summary()}
 
 
-def markdown(rows: list[dict]) -> str:
+def without_adapter(model: str, adapter: Path, args: argparse.Namespace) -> dict:
+    """The drift of the NF4 base alone (adapters off) from the model as trained, on the same samples."""
+    device = resolve_device(args.device)
+    tokenizer = load_tokenizer(model)
+    samples, _ = load_samples(EXAMPLES / "license_qa.jsonl", tokenizer, max_len=DriftOptions.max_len)
+    trained = load_model(model, quantize="nf4", dtype=torch.float32, device=device)
+    load_adapter(trained, adapter)
+    reference = reference_hiddens(trained, samples[:args.drift_samples], batch_size=DriftOptions.batch_size,
+                                  pad_id=tokenizer.pad_token_id, device=device)
+    with disable_adapters(trained):
+        drift = drift_to(reference, trained, device)
+    return drift.to_json()
+
+
+def markdown(rows: list[dict], alone: dict) -> str:
     lines = ["| --onto | --requantize | dtype | mean KL (nats/token) | top-1 agreement | weights (MB) |",
              "|---|---|---|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['onto']} | {r['requantize']} | {r['dtype']} | {r['kl']:.3g} | "
                      f"{100 * r['top1']:.2f}% | {r['weights_bytes'] / 1e6:.0f} |")
+    lines.append(f"| (NF4 base, adapter off) | — | fp32 | {alone['kl']:.3g} | {100 * alone['top1']:.2f}% | — |")
     return "\n".join(lines)
 
 
@@ -93,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     train_s = round(time.perf_counter() - start, 1)
     rows = [merge_row(args.model, adapter, Path(args.out) / f"merged-{onto}-{rq}-{dtype}", onto, rq, dtype, args)
             for onto, rq, dtype in MODES]
+    alone = without_adapter(args.model, adapter, args)
     dense = {r["onto"]: r for r in rows if r["requantize"] == "none" and r["dtype"] == "bf16"}
     lower = min(dense, key=lambda onto: dense[onto]["kl"])
-    table = markdown(rows)
+    table = markdown(rows, alone)
     print(table)
     print(f"lower drift (bf16, not requantized): --onto {lower}; engine.merge's default: --onto {DEFAULT_ONTO}")
     env = environment("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                          "lora_r": 16, "lora_alpha": 32, "max_len": 256, "quant": "nf4", "seed": args.seed,
                          "data": "examples/license_qa.jsonl", "drift_samples": args.drift_samples,
                          "train_wall_s": train_s},
-               "results": rows, "lower_drift_onto": lower, "default_onto": DEFAULT_ONTO,
+               "results": rows, "nf4_base_without_adapter": alone, "lower_drift_onto": lower, "default_onto": DEFAULT_ONTO,
                "default_is_lower": lower == DEFAULT_ONTO, "table": table}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
