@@ -12,7 +12,8 @@ measured by ``engine.merge`` itself on the first ``--drift-samples`` training sa
 (`engine.merge_drift`): mean KL(as-trained ‖ merged) per counted token and top-1 agreement, as
 merge.json records them. For scale, the same figures for the NF4 base with the adapter switched
 off (a merge that lost the whole update would drift this much). Results go to ``bench/results/merge-drift-<device>-<date>.json``
-(``--results``) with which ``--onto`` drifted less, and a markdown table is printed. Times are
+(``--results``) with which ``--onto`` drifted less, with and without ``--requantize`` (the
+defaults of `engine.merge_plan`), and a markdown table is printed. Times are
 wall seconds of this machine, for orientation only.
 """
 
@@ -114,11 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = [merge_row(args.model, adapter, Path(args.out) / f"merged-{onto}-{rq}-{dtype}", onto, rq, dtype, args)
             for onto, rq, dtype in MODES]
     alone = without_adapter(args.model, adapter, args)
-    dense = {r["onto"]: r for r in rows if r["requantize"] == "none" and r["dtype"] == "bf16"}
-    lower = min(dense, key=lambda onto: dense[onto]["kl"])
+    lower = {}  # by --requantize: the --onto of lower drift, among the bf16 merges
+    for rq in ("none", "nf4"):
+        lower[rq] = min((r for r in rows if r["requantize"] == rq and r["dtype"] == "bf16"), key=lambda r: r["kl"])["onto"]
     table = markdown(rows, alone)
     print(table)
-    print(f"lower drift (bf16, not requantized): --onto {lower}; engine.merge's default: --onto {DEFAULT_ONTO}")
+    for rq in ("none", "nf4"):
+        print(f"--requantize {rq}: lower drift --onto {lower[rq]}; engine.merge's default: --onto {DEFAULT_ONTO[rq]}")
     env = environment("cuda" if torch.cuda.is_available() else "cpu")
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -128,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                          "lora_r": 16, "lora_alpha": 32, "max_len": 256, "quant": "nf4", "seed": args.seed,
                          "data": "examples/license_qa.jsonl", "drift_samples": args.drift_samples,
                          "train_wall_s": train_s},
-               "results": rows, "nf4_base_without_adapter": alone, "lower_drift_onto": lower, "default_onto": DEFAULT_ONTO,
-               "default_is_lower": lower == DEFAULT_ONTO, "table": table}
+               "results": rows, "nf4_base_without_adapter": alone, "lower_drift_onto": lower,
+               "default_onto": DEFAULT_ONTO, "default_is_lower": lower == DEFAULT_ONTO, "table": table}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
     return 0

@@ -7,15 +7,19 @@ single ``model.safetensors``), ``config.json``, ``generation_config.json``, the 
 files and a README saying what was merged. The folder is built under a temporary name and renamed.
 
 A QLoRA adapter (``--quant nf4``, or its run recorded quant nf4, or a bitsandbytes 4-bit base:
-`engine.merge_plan`) is merged ``--onto quantized`` (default: W' = dequant(NF4(W)) + s B A, the base
-rounded to NF4 exactly as in training, what the adapter was trained against) or ``--onto original``
-(W' = W + s B A on the 16-bit base; refused for a 4-bit base). The default is the one that drifts
-less from the model as trained in our measurement (README, bench/merge_drift.py): ``quantized``
-keeps only the rounding of W' to ``--dtype``, ``original`` adds the NF4 error W − dequant(NF4(W)) of
-every adapted layer. ``--requantize nf4`` writes the merged model as a 4-bit bitsandbytes folder
-(`models.bnb_writer`: Q' = NF4(W') for every block linear; the untargeted ones keep the NF4 weights
-of training). For a QLoRA merge the drift of the folder as written (loaded back by our loader) from
-the model as trained (NF4 base + the adapter unmerged, in fp32) is measured on the first
+`engine.merge_plan`) is merged ``--onto quantized`` (W' = dequant(NF4(W)) + s B A, the base rounded
+to NF4 exactly as in training, what the adapter was trained against) or ``--onto original``
+(W' = W + s B A on the 16-bit base; refused for a 4-bit base). ``--requantize nf4`` writes the
+merged model as a 4-bit bitsandbytes folder (`models.bnb_writer`: Q' = NF4(W') for every merged
+linear; the untargeted ones keep the NF4 weights of training). The default ``--onto`` is the one
+that drifts less from the model as trained in our measurement (README, bench/merge_drift.py):
+``quantized`` for a dense merge (it keeps only the rounding of W' to ``--dtype``; ``original``
+adds the NF4 error W − dequant(NF4(W)) of every adapted layer), ``original`` with
+``--requantize nf4`` (NF4 of dequant(NF4(W)) + s B A rounds most of the update away; the reasons
+are in `engine.merge_plan`).
+
+For a QLoRA merge the drift of the folder as written (loaded back by our loader) from the model
+as trained (NF4 base + the adapter unmerged, in fp32) is measured on the first
 ``--drift-samples`` samples of ``--drift-data`` (default: the adapter's training data, when its
 record names a file that exists): mean KL(as-trained ‖ merged) per counted token and top-1
 agreement (`engine.merge_drift`), printed and recorded in merge.json and the README. A plain LoRA
@@ -251,10 +255,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "base; default: none).")
     qlora = p.add_argument_group("QLoRA adapters (engine.merge_plan) and the drift of the merge (engine.merge_drift)")
     qlora.add_argument("--onto", choices=ONTO, default=None,
-                       help=f"A QLoRA adapter's base weights: quantized = dequant(NF4(W)), what it was trained "
-                       f"against; original = the 16-bit W, which adds the NF4 error (default: {DEFAULT_ONTO}, the "
-                       "lower drift from the model as trained in our measurement; refused for a plain LoRA adapter, "
-                       "and original for a 4-bit base).")
+                       help="A QLoRA adapter's base weights: quantized = dequant(NF4(W)), what it was trained "
+                       "against; original = the 16-bit W, which adds the NF4 error (default: the lower drift from "
+                       f"the model as trained in our measurement: {DEFAULT_ONTO['none']}, and with --requantize nf4 "
+                       f"{DEFAULT_ONTO['nf4']}; quantized for a 4-bit base, where original is refused; refused for "
+                       "a plain LoRA adapter).")
     qlora.add_argument("--requantize", choices=REQUANTIZE, default="none",
                        help="nf4: write the merged QLoRA model as a 4-bit bitsandbytes folder (default: none).")
     qlora.add_argument("--drift-data", help="Data (any engine.train format) to measure the drift from the model as "

@@ -22,7 +22,8 @@ def test_a_short_run_reports_each_folders_own_figures(tiny_model_dir, tmp_path, 
             (record["drift"]["kl"], record["drift"]["top1"], record["drift"]["tokens"])
         assert row["samples"] == 4 and row["tokens"] > 0
     assert payload["nf4_base_without_adapter"]["tokens"] == rows[0]["tokens"]  # the same samples
-    dense = {r["onto"]: r["kl"] for r in rows if r["requantize"] == "none" and r["dtype"] == "bf16"}
-    assert payload["lower_drift_onto"] == min(dense, key=dense.get)
+    for rq in ("none", "nf4"):
+        kl = {r["onto"]: r["kl"] for r in rows if r["requantize"] == rq and r["dtype"] == "bf16"}
+        assert payload["lower_drift_onto"][rq] == min(kl, key=kl.get)
     assert payload["default_is_lower"] == (payload["lower_drift_onto"] == payload["default_onto"])
     assert "| quantized | none | bf16 |" in capsys.readouterr().out

@@ -92,6 +92,12 @@ def test_default_is_quantized_and_matches_the_model_as_trained(run, tiny_model_d
                      torch.float32, "merged --onto quantized vs as trained", atol=LOGITS_FP32_ATOL)
 
 
+def test_default_with_requantize_is_original(run, tiny_model_dir, tmp_path):
+    record = merge(tiny_model_dir, run / "adapter", tmp_path / "m", "--requantize", "nf4", "--drift-samples", "0")
+    assert record["onto"] == "original" and record["requantize"] == "nf4" and record["drift"] is None
+    assert record["drift_unmeasured"] == "unmeasured: --drift-samples 0"
+
+
 def test_original_is_w_plus_sba_and_drifts_more(run, tiny_model_dir, tmp_path):
     quantized = merge(tiny_model_dir, run / "adapter", tmp_path / "q", "--onto", "quantized")
     original = merge(tiny_model_dir, run / "adapter", tmp_path / "o", "--onto", "original")
@@ -145,6 +151,8 @@ def test_bnb_base_merges_onto_quantized_only(run, tiny_model_dir, tmp_path):
     ours, dense = load_model(tmp_path / "m").state_dict(), load_model(tmp_path / "dense").state_dict()
     assert all(torch.equal(ours[k], dense[k]) for k in dense)
     assert record["drift"]["top1"] == 1.0
+    requantized = merge(bnb, run / "adapter", tmp_path / "m4", "--requantize", "nf4", "--drift-samples", "0")
+    assert requantized["onto"] == "quantized"  # the only one a 4-bit base allows
 
 
 def test_unmeasured_without_data_and_plain_lora_refuses_onto(tiny_model_dir, tmp_path, capsys):
