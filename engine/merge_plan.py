@@ -41,7 +41,7 @@ from typing import Any
 from engine.adapters import read_adapter_metadata
 from engine.data.samples import Sample, load_samples
 from engine.errors import InputError
-from engine.run.folder import is_run_folder
+from engine.run.folder import file_sha256, is_run_folder
 from models.bnb_checkpoint import is_bnb_nf4_checkpoint
 from models.tokenizer import load_tokenizer
 
@@ -56,6 +56,7 @@ class TrainingRecord:
 
     quant: str | None
     data: Path | None                 # the training data file, if it still exists
+    data_changed: bool = False        # its sha256 is not the one the adapter's lineage recorded
     format: str = "auto"
     train_on_prompt: bool = False
     run_config: Path | None = None    # where quant / format came from
@@ -74,18 +75,20 @@ def _run_config(adapter: Path) -> dict[str, Any] | None:
 
 
 def training_record(adapter: str | Path) -> TrainingRecord:
-    adapter = Path(adapter)
+    """The run record of ``adapter``: its run folder's config.json and its lineage metadata."""
+    adapter = Path(adapter).resolve()
     cfg = _run_config(adapter) or {}
-    candidates = []
+    candidates: list[tuple[Path, str | None]] = []  # (file, sha256 recorded when the run started)
     metadata = read_adapter_metadata(adapter) or {}
     data = metadata.get("data")
     if isinstance(data, list) and data and isinstance(data[0], dict) and isinstance(data[0].get("path"), str):
-        candidates.append(Path(data[0]["path"]))  # the lineage record: absolute, hashed when the run started
+        candidates.append((Path(data[0]["path"]), data[0].get("sha256")))  # the lineage record: absolute
     if isinstance(cfg.get("data"), str):
-        candidates.append(Path(cfg["data"]))
-    found = next((p for p in candidates if p.is_file()), None)
-    return TrainingRecord(quant=cfg.get("quant"), data=found, format=cfg.get("format", "auto"),
-                          train_on_prompt=bool(cfg.get("train_on_prompt", False)),
+        candidates.append((Path(cfg["data"]), None))
+    found = next(((p, sha) for p, sha in candidates if p.is_file()), None)
+    changed = found is not None and found[1] is not None and file_sha256(found[0]) != found[1]
+    return TrainingRecord(quant=cfg.get("quant"), data=found[0] if found else None, data_changed=changed,
+                          format=cfg.get("format", "auto"), train_on_prompt=bool(cfg.get("train_on_prompt", False)),
                           run_config=Path(cfg["_path"]) if "_path" in cfg else None)
 
 
@@ -179,4 +182,6 @@ def plan_drift(plan: MergePlan, options: DriftOptions | None, base_dir: Path) ->
                               train_on_prompt=plan.record.train_on_prompt)
     samples = samples[:options.samples]
     note = f"first {len(samples)} samples of {path}, up to {options.max_len} tokens each"
+    if options.data is None and plan.record.data_changed:
+        note += " (the file changed since the run: its sha256 is not the one the adapter records)"
     return DriftPlan(samples, note, str(path))

@@ -84,12 +84,24 @@ def test_default_is_quantized_and_matches_the_model_as_trained(run, tiny_model_d
     assert drift["samples"] == 8 and drift["tokens"] > 100
     assert abs(drift["kl"]) <= KL_FLOOR and drift["top1"] == 1.0, drift
     assert record["drift_data"] == str(run.parent / "train.jsonl") and record["drift_unmeasured"] is None
+    assert "changed" not in record["drift_on"]
     assert "top-1 agreement 100.00%" in out and "first 8 samples" in out
     readme = (tmp_path / "m" / "README.md").read_text()
     assert "--onto quantized" in readme and "mean KL" in readme
     with torch.no_grad():
         assert_close(load_model(tmp_path / "m")(ids()), as_trained(tiny_model_dir, run / "adapter")(ids()),
                      torch.float32, "merged --onto quantized vs as trained", atol=LOGITS_FP32_ATOL)
+
+
+def test_a_changed_training_file_is_said(run, tiny_model_dir, tmp_path):
+    data = run.parent / "train.jsonl"
+    text = data.read_text()
+    try:
+        data.write_text(text + text.splitlines(True)[0])
+        record = merge(tiny_model_dir, run / "adapter", tmp_path / "m", "--drift-samples", "2")
+    finally:
+        data.write_text(text)
+    assert "the file changed since the run" in record["drift_on"] and record["drift"]["samples"] == 2
 
 
 def test_default_with_requantize_is_original(run, tiny_model_dir, tmp_path):
