@@ -11,7 +11,8 @@ drift of the folder as written from the model as trained (NF4 base + adapter unm
 measured by ``engine.merge`` itself on the first ``--drift-samples`` training samples
 (`engine.merge_drift`): mean KL(as-trained ‖ merged) per counted token and top-1 agreement, as
 merge.json records them. For scale, the same figures for the NF4 base with the adapter switched
-off (a merge that lost the whole update would drift this much). Results go to ``bench/results/merge-drift-<device>-<date>.json``
+off (a merge that lost the whole update would drift this much). Results go to
+``bench/results/merge-drift-<device>-<date>.json``
 (``--results``) with which ``--onto`` drifted less, with and without ``--requantize`` (the
 defaults of `engine.merge_plan`), and a markdown table is printed. Times are
 wall seconds of this machine, for orientation only.
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     alone = without_adapter(args.model, adapter, args)
     lower = {}  # by --requantize: the --onto of lower drift, among the bf16 merges
     for rq in ("none", "nf4"):
-        lower[rq] = min((r for r in rows if r["requantize"] == rq and r["dtype"] == "bf16"), key=lambda r: r["kl"])["onto"]
+        candidates = [r for r in rows if r["requantize"] == rq and r["dtype"] == "bf16"]
+        lower[rq] = min(candidates, key=lambda r: r["kl"])["onto"]
     table = markdown(rows, alone)
     print(table)
     for rq in ("none", "nf4"):

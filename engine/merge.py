@@ -221,7 +221,8 @@ def merge_to_folder(base: str, adapter: str, out: str | os.PathLike, dtype: torc
     return MergeResult(report, plan, measured, drift_plan.note)
 
 
-def merged_model(base: str, base_dir: Path, adapter: str, dtype: torch.dtype, plan: MergePlan) -> tuple[nn.Module, MergeReport]:
+def merged_model(base: str, base_dir: Path, adapter: str, dtype: torch.dtype,
+                 plan: MergePlan) -> tuple[nn.Module, MergeReport]:
     """The base (rounded to NF4 as in training for ``--onto quantized``) with the adapter folded in,
     in ``dtype``. For ``--requantize nf4`` every block linear ends as an `NF4Linear` (the untargeted
     ones as training quantized them); otherwise the untargeted NF4 layers are dequantized."""

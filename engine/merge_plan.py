@@ -27,7 +27,7 @@
   LoRA adapter are refused (exit 2): there is one base to merge onto.
 * Where the drift is measured: ``--drift-data``, else (QLoRA) the training data file the adapter's
   metadata records (`engine.run.folder.lineage`) or its run's config.json names, if it still
-  exists; else the drift is left unmeasured, and says how to measure it. A plain LoRA merge is
+  exists (measured even if its sha256 is not the recorded one, and then said so); else the drift is left unmeasured, and says how to measure it. A plain LoRA merge is
   measured only when ``--drift-data`` is given.
 """
 

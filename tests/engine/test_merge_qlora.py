@@ -139,7 +139,8 @@ def test_requantize_is_nf4_of_the_merged_weights(run, tiny_model_dir, tmp_path, 
     for name in names(("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")):
         module = q4.get_submodule(name)
         assert isinstance(module, NF4Linear), name
-        want = dequantize_nf4(quantize_nf4(merged.get_submodule(name).weight.detach().to(torch.bfloat16)), torch.float32)
+        dense_weight = merged.get_submodule(name).weight.detach().to(torch.bfloat16)
+        want = dequantize_nf4(quantize_nf4(dense_weight), torch.float32)
         assert torch.equal(dequantize_nf4(module.weight_nf4, torch.float32), want), name
     for name in names(UNTARGETED):  # NF4 of the original weight in both modes: what training used
         got, trained = q4.get_submodule(name).weight_nf4, trained_nf4.get_submodule(name).weight_nf4
@@ -182,6 +183,7 @@ def test_unmeasured_without_data_and_plain_lora_refuses_onto(tiny_model_dir, tmp
         with pytest.raises(InputError, match=match):
             main(["--model", str(tiny_model_dir), "--adapter", str(adapter), "--out", str(tmp_path / "bad"), *extra])
         assert not (tmp_path / "bad").exists()
-    plain = merge(tiny_model_dir, adapter, tmp_path / "plain", "--drift-data", str(ROOT / "examples" / "license_qa.jsonl"))
+    data = str(ROOT / "examples" / "license_qa.jsonl")
+    plain = merge(tiny_model_dir, adapter, tmp_path / "plain", "--drift-data", data)
     assert not plain["qlora"] and plain["onto"] is None and plain["drift"]["top1"] == 1.0
     assert abs(plain["drift"]["kl"]) <= KL_FLOOR
