@@ -305,27 +305,34 @@ def save_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, *, max_shard
     out.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     names = list(expected_tensors(model.config))
+    dtype = str(state[names[0]].dtype).removeprefix("torch.")
+    config = {**model.config.to_hf_config(), "torch_dtype": dtype, **(extra_config or {})}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_weights({n: state[n] for n in names}, out, max_shard_bytes=max_shard_bytes)
+    return out
+
+
+def write_weights(tensors: dict[str, torch.Tensor], out: Path, *, max_shard_bytes: int) -> None:
+    """``tensors`` in their order into ``out/model.safetensors``, or, over ``max_shard_bytes``, into
+    shards ``model-0000i-of-0000n.safetensors`` (a new shard starts before the tensor that would
+    overflow it) with ``model.safetensors.index.json`` (the weight map and the total size)."""
     shards: list[list[str]] = [[]]
     size = 0
-    for name in names:
-        nbytes = state[name].numel() * state[name].element_size()
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(name)
         size += nbytes
-    dtype = str(state[names[0]].dtype).removeprefix("torch.")
-    config = {**model.config.to_hf_config(), "torch_dtype": dtype, **(extra_config or {})}
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if len(shards) == 1:
-        save_safetensors({n: state[n].contiguous() for n in names}, out / SINGLE_FILE, metadata={"format": "pt"})
-        return out
+        save_safetensors({n: t.contiguous() for n, t in tensors.items()}, out / SINGLE_FILE, metadata={"format": "pt"})
+        return
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_safetensors({n: state[n].contiguous() for n in shard}, out / fname, metadata={"format": "pt"})
+        save_safetensors({n: tensors[n].contiguous() for n in shard}, out / fname, metadata={"format": "pt"})
         weight_map.update({n: fname for n in shard})
-    total = sum(state[n].numel() * state[n].element_size() for n in names)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return out
