@@ -42,6 +42,12 @@ def linear_names(n_layers=HF_CONFIG["num_hidden_layers"]):
 
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory):
+    return save_random_llama(tmp_path_factory.mktemp("dense"))
+
+
+def save_random_llama(folder):
+    """The tiny random transformers Llama of HF_CONFIG (seed 0), with non-zero attention biases,
+    saved as safetensors into folder; returns folder."""
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_CONFIG))
     with torch.no_grad():  # HF initialises biases to zero: make them count
@@ -49,7 +55,6 @@ def dense_dir(tmp_path_factory):
             bias = model.get_submodule(name).bias
             if bias is not None:
                 bias.normal_(0, 0.1)
-    folder = tmp_path_factory.mktemp("dense")
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 

@@ -19,7 +19,7 @@ from models import load_model
 from models.bnb_writer import save_bnb_nf4_model
 from models.loading import weight_files
 from models.quantized import NF4Linear, quantize_linears
-from tests.models.test_bnb_checkpoint import HF_CONFIG, ids_batch, linear_names, quantize_with_transformers
+from tests.models.test_bnb_checkpoint import ids_batch, linear_names, quantize_with_transformers, save_random_llama
 from tests.tolerances import LOGITS_FP32_ATOL, assert_close
 
 
@@ -27,16 +27,7 @@ from tests.tolerances import LOGITS_FP32_ATOL, assert_close
 def dense_dir(tmp_path_factory):
     """The tiny random Llama of test_bnb_checkpoint (rows of 64 and 320: bnb's CPU path needs
     multiples of the blocksize), with non-zero attention biases."""
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_CONFIG))
-    with torch.no_grad():
-        for name in linear_names():
-            bias = model.get_submodule(name).bias
-            if bias is not None:
-                bias.normal_(0, 0.1)
-    folder = tmp_path_factory.mktemp("dense")
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return save_random_llama(tmp_path_factory.mktemp("dense"))
 
 
 @pytest.fixture(scope="module")
