@@ -22,7 +22,8 @@ programs and summed by the launcher). `dot` / `dot_split` / `dot_precision` are 
 Dropout mask: ``keep[i, j] = U(seed, i·K + j) ≥ p`` with U Triton's ``tl.rand`` (Philox-4x32-10),
 regenerated from the seed by each kernel that needs it, so no (M, K) mask is ever stored. The seed
 is a device tensor that the kernels load (`Dropout`: no host read). `dropout_keep_mask` is the
-same mask in plain torch, bit for bit: the reference of the mask.
+same mask in plain torch, bit for bit; `lowrank_down_ref`, `lowrank_up_ref` and
+`lowrank_wgrad_ref` are the three products in fp32 torch, with that mask (tests/kernels/test_lowrank.py).
 
 Groups (`kernels.lora_group`): the R columns of H are R / GROUP_R groups of GROUP_R (the G
 adapters' columns side by side, R = G·r, GROUP_R = r) and column group g draws its dropout mask
@@ -46,8 +47,16 @@ from kernels.launch_cases import KernelCase, ModelShapes
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernels take; float64 runs references
 
+
+class Dropout(NamedTuple):
+    """The dropout of a launch: keep = rand(seed[g], i·n_cols + j) ≥ p (None: no dropout)."""
+
+    seed: torch.Tensor  # (G,) int64 on the device, one per adapter group: the kernels load it, the host never
+    p: float            # reads it (G = 1 for one adapter)
+
+
 # ---------------------------------------------------------------------------------------------
-# 1. Reference: the dropout mask, in plain torch
+# 1. Reference: the dropout mask and the three products, in plain torch
 # ---------------------------------------------------------------------------------------------
 
 # Philox-4x32-10 constants, as in triton.language.random
@@ -86,6 +95,38 @@ def dropout_keep_mask(seed: int, n_rows: int, n_cols: int, p: float, device="cpu
     ``keep[i, j] = tl.rand(seed, i·n_cols + j) ≥ p`` (p compared in fp32)."""
     offsets = torch.arange(n_rows * n_cols, dtype=torch.int64, device=device).view(n_rows, n_cols)
     return _philox_uniform(seed, offsets) >= torch.tensor(p, dtype=torch.float32, device=device)
+
+
+def _dropped(t: torch.Tensor, drop: Dropout | None, group: int) -> torch.Tensor:
+    """``t`` (M, n) fp32 with group ``group``'s keep-mask over its (M, n) elements (no 1/(1−p))."""
+    if drop is None:
+        return t.float()
+    keep = dropout_keep_mask(int(drop.seed[group]), *t.shape, drop.p, t.device)
+    return torch.where(keep, t.float(), 0.0)
+
+
+def lowrank_down_ref(x, u, scale, drop=None, group_r=None, out=None) -> torch.Tensor:
+    """`lowrank_down` in fp32 torch: ``scale · drop_g(x) · u_g`` per column group g, (M, R)."""
+    r = u.shape[1]
+    gr = group_r or r
+    h = scale * torch.cat([_dropped(x, drop, g) @ u[:, g * gr:(g + 1) * gr].float() for g in range(r // gr)], 1)
+    return h if out is None else out.copy_(h)
+
+
+def lowrank_up_ref(c, h, u, scale, drop=None, group_r=None) -> None:
+    """`lowrank_up_` in fp32 torch: ``c += scale · Σ_g [keep_g ⊙] (h_g · u_g)`` in place, rounded once."""
+    r = h.shape[1]
+    gr = group_r or r
+    acc = sum(_dropped(h[:, g * gr:(g + 1) * gr].float() @ u[g * gr:(g + 1) * gr].float(), drop, g)
+              for g in range(r // gr))
+    c.copy_((c.float() + scale * acc).to(c.dtype))
+
+
+def lowrank_wgrad_ref(lo, x, scale, drop=None, group_r=None) -> torch.Tensor:
+    """`lowrank_wgrad` in fp32 torch: rows of group g are ``scale · lo_gᵀ · drop_g(x)``, (R, N)."""
+    r = lo.shape[1]
+    gr = group_r or r
+    return scale * torch.cat([lo[:, g * gr:(g + 1) * gr].float().t() @ _dropped(x, drop, g) for g in range(r // gr)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,13 +339,6 @@ def _tuned(table: dict, drop, operand: torch.Tensor):
 # so tails, several tiles and several M splits are all exercised.
 _INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
 _WGRAD_ROWS_PER_SPLIT = 512  # GPU: rows each program reduces (a multiple of every BLOCK_M)
-
-
-class Dropout(NamedTuple):
-    """The dropout of a launch: keep = rand(seed[g], i·n_cols + j) ≥ p (None: no dropout)."""
-
-    seed: torch.Tensor  # (G,) int64 on the device, one per adapter group: the kernels load it, the host never
-    p: float            # reads it (G = 1 for one adapter)
 
 
 def _launch(raw, tuned, grid, keys, *args, **kwargs) -> None:
