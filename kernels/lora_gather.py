@@ -25,7 +25,7 @@ in no segment). Two launches, no host read of the counts:
    rows' own positions.
 2. ``_gather_expand_kernel``: grid (row tiles, K, column tiles); the same rows, ``y += s_k ·
    h·B_kᵀ`` on a (BLOCK_M, BLOCK_N) tile, h split in two 16-bit halves for the 16-bit MMA
-   (`kernels.lora._dot_split`: ~16 bits of h kept).
+   (`kernels.lowrank.dot_split`: ~16 bits of h kept).
 
 Every row belongs to at most one segment, so each element of h and y is written by one program;
 rows of -1 are never read or written. The grid has K·⌈N / BLOCK_M⌉ row programs of which only
@@ -44,7 +44,7 @@ import triton.language as tl
 
 from kernels.backend import interpreting, use_triton
 from kernels.launch_cases import KernelCase, ModelShapes, fixed_launch
-from kernels.lora import _KERNEL_DTYPES, _dot, _dot_precision, _dot_split
+from kernels.lowrank import KERNEL_DTYPES, dot, dot_precision, dot_split
 
 
 class GatherRows(NamedTuple):
@@ -149,7 +149,7 @@ def _gather_shrink_kernel(
             k_ok = k0 + ks < D_IN
             x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-            acc = _dot(x, a, acc, DOT_PRECISION)
+            acc = dot(x, a, acc, DOT_PRECISION)
             x_ptrs += BLOCK_K * stride_xk
             a_ptrs += BLOCK_K * stride_ai
         h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + rs[None, :] * stride_hr
@@ -176,7 +176,7 @@ def _gather_expand_kernel(
                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)
             b = tl.load(b_ptr + k.to(tl.int64) * stride_bk + (r0 + rs)[:, None] * stride_br + cols[None, :] * stride_bn,
                         mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # B_kᵀ tile (BLOCK_R, BLOCK_N)
-            acc = _dot_split(h, b, acc, DOT_PRECISION)
+            acc = dot_split(h, b, acc, DOT_PRECISION)
         y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :] * stride_yn
         y_mask = row_ok[:, None] & col_ok[None, :]
         y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
@@ -223,7 +223,7 @@ def _gather_triton_(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora
     (n, n_in), (k, r, _), n_out = x.shape, lora_A.shape, y.shape[1]
     b = _blocks(n, r, x.dtype)
     h = torch.empty((n, r), dtype=torch.float32, device=x.device)  # rows of -1 stay unwritten, never read
-    row_tiles, prec = triton.cdiv(n, b["BLOCK_M"]), _dot_precision(x.dtype)
+    row_tiles, prec = triton.cdiv(n, b["BLOCK_M"]), dot_precision(x.dtype)
     _gather_shrink_kernel[(row_tiles, k, triton.cdiv(r, b["BLOCK_R"]))](
         x, lora_A, h, rows.order, rows.offsets, n_in, r, *x.stride(), *lora_A.stride(), *h.stride(),
         DOT_PRECISION=prec, BLOCK_M=b["BLOCK_M"], BLOCK_K=b["BLOCK_K"], BLOCK_R=b["BLOCK_R"], num_warps=_NUM_WARPS)
@@ -241,7 +241,7 @@ def compile_cases(shapes: ModelShapes) -> list[KernelCase]:
     n_in, n_out, r, k, f32, i64 = shapes.hidden, shapes.intermediate, 16, 4, torch.float32, torch.int64
     cases = []
     for dt in shapes.dtypes:
-        precisions = ("ieee", "tf32") if dt == torch.float32 else ("tf32",)  # see kernels.lora._dot_precision
+        precisions = ("ieee", "tf32") if dt == torch.float32 else ("tf32",)  # see kernels.lowrank.dot_precision
         wide = 64 if dt == f32 else 128
         for prec in precisions:
             for block_m in (16, 32, 64):
@@ -295,7 +295,7 @@ def lora_gather_checked(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, 
     """`lora_gather` without the per-call operand checks (a module whose stacked weights are fixed
     at construction and whose ids were checked when the batch was selected): no host time per
     layer and decode step."""
-    if x.dtype not in _KERNEL_DTYPES or x.shape[0] == 0 or not use_triton(y, x, lora_A, lora_B, scales, adapter_ids):
+    if x.dtype not in KERNEL_DTYPES or x.shape[0] == 0 or not use_triton(y, x, lora_A, lora_B, scales, adapter_ids):
         return lora_gather_ref(y, x, lora_A, lora_B, scales, adapter_ids)
     rows = gather_rows(adapter_ids, lora_A.shape[0]) if rows is None else rows
     _gather_triton_(y, x, lora_A, lora_B, scales, rows)

@@ -25,7 +25,7 @@ What is done once for the group instead of once per member:
 * NF4 weights are dequantized into the rows of one (Σ out, in) buffer, and one cuBLAS GEMM
   computes ``x·W_catᵀ`` (and ``dY·W_cat`` for dX). Dense weights are not copied: each member's
   cuBLAS GEMM writes its column slice of y, and dX accumulates ``dY_i·W_i`` in place (addmm_).
-* The down-projection ``h = [h_1 | … | h_G]`` (N, G·r) is one launch of the `kernels.lora`
+* The down-projection ``h = [h_1 | … | h_G]`` (N, G·r) is one launch of the `kernels.lowrank`
   down kernel over the concatenated ``[A_1; …; A_G]`` (column group g masked with seed g); the
   dropout term of dX is one launch of the up kernel that reads and writes dX once, not G times;
   ``dA`` for every group is one launch of the wgrad kernel.
@@ -51,16 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import use_triton
-from kernels.lora import (
-    _KERNEL_DTYPES,
-    _dense_weight,
-    _Dropout,
-    _lowrank_down,
-    _lowrank_up_,
-    _wgrad,
-    lora_linear_checked,
-    lora_linear_ref,
-)
+from kernels.lora import dense_weight, lora_linear_checked, lora_linear_ref
+from kernels.lowrank import KERNEL_DTYPES, Dropout, lowrank_down, lowrank_up_, lowrank_wgrad
 from kernels.nf4 import NF4Tensor, dequantize_nf4, keeping_dequantized
 from kernels.nf4_linear import nf4_linear
 
@@ -91,7 +83,7 @@ def lora_linear_group_ref(x: torch.Tensor, members: Sequence[GroupMember], *, se
     outs, g = [], 0
     for m in members:
         if not m.adapted:
-            outs.append(F.linear(x, _dense_weight(m.weight, x.dtype), m.bias))
+            outs.append(F.linear(x, dense_weight(m.weight, x.dtype), m.bias))
             continue
         seed = None if seeds is None else int(seeds[g])
         outs.append(lora_linear_ref(x, m.weight, m.lora_A, m.lora_B, m.scale, m.dropout_p, m.dropout_p > 0,
@@ -101,7 +93,7 @@ def lora_linear_group_ref(x: torch.Tensor, members: Sequence[GroupMember], *, se
 
 
 # ---------------------------------------------------------------------------------------------
-# 2–3. Kernels and launchers: those of `kernels.lora` (down / up / wgrad with column groups)
+# 2–3. Kernels and launchers: those of `kernels.lowrank` (down / up / wgrad with column groups)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -111,10 +103,10 @@ class _Group(NamedTuple):
     members: tuple[GroupMember, ...]
     slices: tuple[tuple[int, int], ...]  # each member's columns [start, end) of y
     rank: int  # r of every adapted member (0: none adapted)
-    drop: _Dropout | None
+    drop: Dropout | None
 
 
-def _group(members: Sequence[GroupMember], drop: _Dropout | None) -> _Group:
+def _group(members: Sequence[GroupMember], drop: Dropout | None) -> _Group:
     slices, start = [], 0
     for m in members:
         slices.append((start, start + m.weight.shape[0]))
@@ -174,9 +166,9 @@ class GroupedLoRALinearFunction(torch.autograd.Function):
             a_cat = torch.cat([A.to(x.dtype) for A in lora[0::2]])  # (G·r, in)
             keep_scale = 1.0 / (1.0 - drop.p) if drop else 1.0
             # one group per adapter only when masks differ; without dropout one (N, G·r) product
-            h = _lowrank_down(x, a_cat.t(), keep_scale, drop, group_r=r if drop else None)
+            h = lowrank_down(x, a_cat.t(), keep_scale, drop, group_r=r if drop else None)
             for g, m, (a, b) in _adapted(group):
-                _lowrank_up_(y[:, a:b], h[:, g * r:(g + 1) * r], lora[2 * g + 1].to(x.dtype).t(), m.scale, None)
+                lowrank_up_(y[:, a:b], h[:, g * r:(g + 1) * r], lora[2 * g + 1].to(x.dtype).t(), m.scale, None)
         keep_dense = nf4 and keeping_dequantized()  # see kernels/lora.py: the recompute's copy feeds the backward
         # x only for dA (no adapter: dX needs the weights alone)
         ctx.save_for_backward(x if lora else None, h, *lora, w_cat if keep_dense else None)
@@ -197,7 +189,7 @@ class GroupedLoRALinearFunction(torch.autograd.Function):
         if lora and (ctx.needs_input_grad[0] or any(ctx.needs_input_grad[2::2])):
             dh = torch.empty((n, len(adapted) * r), dtype=torch.float32, device=device)
             for g, m, (a, b) in adapted:  # dH_g = s_g·dY_g·B_g
-                _lowrank_down(dy[:, a:b], lora[2 * g + 1].to(dtype), m.scale, None, out=dh[:, g * r:(g + 1) * r])
+                lowrank_down(dy[:, a:b], lora[2 * g + 1].to(dtype), m.scale, None, out=dh[:, g * r:(g + 1) * r])
         dx = None
         if ctx.needs_input_grad[0]:
             if not isinstance(members[0].weight, torch.Tensor):
@@ -208,14 +200,14 @@ class GroupedLoRALinearFunction(torch.autograd.Function):
                     dx = torch.mm(dy[:, a:b], m.weight) if dx is None else dx.addmm_(dy[:, a:b], m.weight)
             if lora:  # += Σ_g keep_g/(1−p) ⊙ dH_g·A_g, dX read and written once
                 a_cat = torch.cat([A.to(dtype) for A in lora[0::2]])
-                _lowrank_up_(dx, dh, a_cat, keep_scale, drop, group_r=r if drop else None)
+                lowrank_up_(dx, dh, a_cat, keep_scale, drop, group_r=r if drop else None)
         if lora and any(ctx.needs_input_grad[2::2]):
-            d_a = _wgrad(dh, x, keep_scale, drop, group_r=r if drop else None)  # (G·r, in): dH_gᵀ·drop_g(x)
+            d_a = lowrank_wgrad(dh, x, keep_scale, drop, group_r=r if drop else None)  # (G·r, in): dH_gᵀ·drop_g(x)
             for g in range(len(adapted)):
                 grads[2 * g] = d_a[g * r:(g + 1) * r].to(lora[2 * g].dtype)
         for g, m, (a, b) in adapted:
             if ctx.needs_input_grad[2 + 2 * g + 1]:  # dB_g = s_g·dY_gᵀ·h_g
-                grads[2 * g + 1] = _wgrad(h[:, g * r:(g + 1) * r], dy[:, a:b], m.scale, None).t().contiguous() \
+                grads[2 * g + 1] = lowrank_wgrad(h[:, g * r:(g + 1) * r], dy[:, a:b], m.scale, None).t().contiguous() \
                     .to(lora[2 * g + 1].dtype)
         return (dx, None, *grads)
 
@@ -240,7 +232,7 @@ def lora_linear_group(x: torch.Tensor, members: Sequence[GroupMember], *, seeds=
     if not _groupable(x, members, adapted):
         return torch.cat(_each(x, members, seeds), dim=-1)
     p = adapted[0].dropout_p if adapted else 0.0
-    drop = _Dropout(_seeds(seeds, len(adapted), x.device), float(p)) if p > 0 else None
+    drop = Dropout(_seeds(seeds, len(adapted), x.device), float(p)) if p > 0 else None
     lora = [t for m in adapted for t in (m.lora_A, m.lora_B)]
     n_in = x.shape[-1]
     y = GroupedLoRALinearFunction.apply(x.reshape(-1, n_in), _group(members, drop), *lora)
@@ -249,7 +241,7 @@ def lora_linear_group(x: torch.Tensor, members: Sequence[GroupMember], *, seeds=
 
 def _groupable(x: torch.Tensor, members: Sequence[GroupMember], adapted: Sequence[GroupMember]) -> bool:
     """Whether the grouped kernels apply: Triton chosen, a kernel dtype, one weight kind, one (r, p)."""
-    if x.dtype not in _KERNEL_DTYPES or x.numel() == 0:
+    if x.dtype not in KERNEL_DTYPES or x.numel() == 0:
         return False
     dense = [m.weight for m in members if isinstance(m.weight, torch.Tensor)]
     if dense and (len(dense) != len(members) or any(w.dtype != x.dtype for w in dense)):

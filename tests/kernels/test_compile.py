@@ -24,8 +24,8 @@ failure; a launcher that prunes must list in its case only the configs its prune
 
 Keeping in sync. The check fails when a ``*_kernel`` of a kernel file is in no case, when a case
 does not name exactly the kernel's arguments, or when an autotuned case does not list exactly its
-autotuner's configs. ``kernels/lora.py``'s cases are its ``compile_cases`` function, the last one
-of its launcher section.
+autotuner's configs. The LoRA ops' low-rank kernels live in ``kernels/lowrank.py``, whose
+``compile_cases`` lists the launches of both `kernels.lora` and `kernels.lora_group`.
 
 Why a subprocess. tests/conftest.py sets ``TRITON_INTERPRET=1`` before Triton is imported, which
 turns every ``@triton.jit`` into an interpreter object that cannot be compiled (and flips
@@ -62,7 +62,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-# the kernel files that define Triton kernels (nf4_linear.py has none: it calls nf4's dequantizer)
+# the kernel files that define Triton kernels (nf4_linear.py has none: it calls nf4's dequantizer;
+# lora.py and lora_group.py neither: they launch those of lowrank.py)
 KERNEL_MODULES = sorted(p.stem for p in (ROOT / "kernels").glob("*.py") if re.search(r"^@triton.jit", p.read_text(), re.M))
 SHARED_LIMIT = {80: 166_912, 90: 232_448}  # bytes of shared memory per block, opt-in maximum
 # the LoRA tiles: reduced in CI (module docstring)
