@@ -36,6 +36,9 @@ Two more modes, without ``--model``:
   ``add_weighted_adapter`` does (`engine.adapters.combine`).
 * ``--check-vllm --adapter DIR`` says whether vLLM can serve the adapter as LoRA and what to change
   if not (`engine.adapters.vllm_rules`); exit status 0 when it can, 1 when it cannot.
+
+A flag of another mode (``--dtype`` with ``--combine``, ``--weights`` without it, ``--out`` with
+``--check-vllm``) is refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -242,7 +245,7 @@ def merged_model(base: str, base_dir: Path, adapter: str, dtype: torch.dtype,
     return model, report
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m engine.merge", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="Base model: preset name or HF-format folder. Required to merge.")
     p.add_argument("--adapter", action="append", default=[], help="PEFT-format LoRA adapter folder. Required; "
@@ -285,7 +288,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     combine.add_argument("--seed", type=int, default=0, help="dare_ties: seed of the random drop (default: 0).")
     combine.add_argument("--check-vllm", action="store_true", help="Say whether vLLM can serve --adapter as LoRA "
                          "and what to change if not; exit 0 when it can, 1 when it cannot.")
-    return p.parse_args(argv)
+    return p
+
+
+# The flags of each mode besides --adapter / --out / --overwrite (argparse dests).
+MERGE_FLAGS = ("model", "dtype", "quant", "onto", "requantize", "drift_data", "drift_samples", "drift_max_len",
+               "drift_batch_size", "drift_device", "max_shard_gb")
+COMBINE_FLAGS = ("weights", "density", "majority_sign", "seed")
+
+
+def refuse_flags(args: argparse.Namespace, parser: ArgumentParser, dests: tuple[str, ...], mode: str) -> None:
+    """InputError naming every flag of ``dests`` given a value other than its default: a flag that
+    ``mode`` would silently ignore."""
+    given = [f"--{d.replace('_', '-')}" for d in dests if getattr(args, d) != parser.get_default(d)]
+    if given:
+        raise InputError(f"{', '.join(given)}: not used {mode}; drop {'it' if len(given) == 1 else 'them'}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, with those another mode owns refused: a plain merge takes no --combine flags, --combine
+    no merge flags, --check-vllm neither (nor --out)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.check_vllm:
+        if args.combine is not None:
+            raise InputError("--check-vllm and --combine: give one of them")
+        refuse_flags(args, parser, MERGE_FLAGS + COMBINE_FLAGS + ("out", "overwrite"), "with --check-vllm")
+    elif args.combine is not None:
+        refuse_flags(args, parser, MERGE_FLAGS, "with --combine (adapters are combined without their base)")
+    else:
+        refuse_flags(args, parser, COMBINE_FLAGS, "without --combine")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -349,8 +349,6 @@ def combine_main(args: Any) -> int:
     """``python -m engine.merge --combine ...`` (the flags of `engine.merge.parse_args`)."""
     if args.out is None:
         raise InputError("--combine needs --out: the folder of the combined adapter")
-    if args.model is not None:
-        raise InputError("--model is not used with --combine (adapters are combined without their base)")
     if args.seed != 0 and args.combine != "dare_ties":
         raise InputError("--seed applies to dare_ties only (linear and ties are deterministic)")
     how = Combination(args.combine, parse_weights(args.weights), args.density, args.majority_sign, args.seed)

@@ -195,6 +195,22 @@ def test_cli_refuses_and_writes_nothing(folders, odd_adapters, tmp_path, capsys,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("mode,extra,flags", [
+    ("combine", ["--dtype", "fp16", "--drift-samples", "4"], "--dtype, --drift-samples"),
+    ("merge", ["--weights", "1"], "--weights"),
+    ("vllm", ["--onto", "original"], "--onto, --out"),
+])
+def test_cli_refuses_flags_of_another_mode(folders, tmp_path, capsys, mode, extra, flags):
+    """A flag the chosen mode would ignore stops it (exit 2) before anything is read or written."""
+    a, out = str(folders / "one"), str(tmp_path / "out")
+    args = {"combine": ["--combine", "linear", "--adapter", a, "--adapter", str(folders / "two"), "--weights", "1,1"],
+            "merge": ["--model", str(tmp_path / "no-model"), "--adapter", a],
+            "vllm": ["--check-vllm", "--adapter", a]}[mode]
+    code, err = cli(args + extra + ["--out", out], capsys)
+    assert code == 2 and f"{flags}: not used" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_api_refuses_bad_weights(folders, tmp_path):
     with pytest.raises(InputError, match="--weights"):
         combine_to_folder([str(folders / "one")], Combination("linear", [float("nan")]), tmp_path / "o")
