@@ -31,7 +31,7 @@ folder this command wrote (its ``merge.json``) or is empty.
 
 Two more modes, without ``--model``:
 
-* ``--combine linear|ties|dare_ties --adapter A --adapter B ... --weights 0.6,0.4 [--density D]
+* ``--combine linear|cat|magnitude_prune|ties|dare_linear|dare_ties --adapter A --adapter B ... --weights 0.6,0.4 [--density D]
   [--seed S] --out DIR`` folds several adapters into one PEFT adapter folder, as PEFT's
   ``add_weighted_adapter`` does (`engine.adapters.combine`).
 * ``--check-vllm --adapter DIR`` says whether vLLM can serve the adapter as LoRA and what to change
@@ -279,13 +279,15 @@ def build_parser() -> ArgumentParser:
                    "command wrote.")
     combine = p.add_argument_group("combining adapters (engine.adapters.combine) and vLLM checks")
     combine.add_argument("--combine", choices=COMBINATIONS, help="Fold the --adapter folders into one adapter at "
-                         "--out, as PEFT's add_weighted_adapter with this combination_type.")
+                         "--out, as PEFT's add_weighted_adapter with this combination_type (cat: exact, rank the "
+                         "sum of ranks; the others: one rank, entry by entry).")
     combine.add_argument("--weights", help="With --combine: one weight per --adapter, comma-separated (e.g. 0.6,0.4).")
-    combine.add_argument("--density", type=float, help="ties/dare_ties: fraction of entries kept, in (0, 1]. "
-                         "Required for them.")
+    combine.add_argument("--density", type=float, help="magnitude_prune/ties/dare_linear/dare_ties: fraction of "
+                         "entries kept, in (0, 1]. Required for them.")
     combine.add_argument("--majority-sign", choices=MAJORITY_SIGN, default="total", help="ties/dare_ties: how the "
                          "sign is elected (PEFT's majority_sign_method; default: total).")
-    combine.add_argument("--seed", type=int, default=0, help="dare_ties: seed of the random drop (default: 0).")
+    combine.add_argument("--seed", type=int, default=0, help="dare_linear/dare_ties: seed of the random drop "
+                         "(default: 0).")
     combine.add_argument("--check-vllm", action="store_true", help="Say whether vLLM can serve --adapter as LoRA "
                          "and what to change if not; exit 0 when it can, 1 when it cannot.")
     return p

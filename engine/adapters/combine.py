@@ -1,12 +1,21 @@
 """Fold several LoRA adapters of one base into ONE adapter, as PEFT 0.21's ``add_weighted_adapter``
-does for ``combination_type`` "linear", "ties" and "dare_ties" (the same math, written here; peft
-is never imported).
+does for ``combination_type`` "linear", "cat", "magnitude_prune", "ties", "dare_linear" and
+"dare_ties" (the same math, written here; peft is never imported).
 
 Each input adapter i has, per module, A_i (r, in), B_i (out, r) and its scale s_i (alpha/r, or
-alpha/sqrt(r) for rsLoRA, after rank/alpha patterns), and a user weight w_i. These three types do
-NOT go through an SVD of the delta weights (PEFT's ``*_svd`` types do): they combine the factors
-themselves, so every input must have the same rank r, and the result has rank r too. The weight
-and scale are split between the factors, the sign on A only:
+alpha/sqrt(r) for rsLoRA, after rank/alpha patterns), and a user weight w_i. None of these types
+goes through an SVD of the delta weights (PEFT's ``*_svd`` types do, and are not offered here).
+
+``cat`` is exact: the factors are stacked, so that s'·B'A' = Σ_i w_i s_i B_i A_i with s' = 1::
+
+    A' = [w_1 s_1 A_1; w_2 s_2 A_2; ...]   (R, in)     B' = [B_1 | B_2 | ...]   (out, R)
+
+with R = Σ_i r_i (r_i the largest rank of adapter i, rank_pattern included); a module that some
+adapters do not adapt (or adapt at a smaller rank) gets its parts in the first rows and columns
+and zeros after them, as PEFT fills its zero-initialised rank-R tensors. Ranks may differ.
+
+The others combine the factors entry by entry, so every input must have the same rank r, and the
+result has rank r too. The weight and scale are split between the factors, the sign on A only:
 
     a_i = sign(w_i s_i) sqrt(|w_i s_i|),   b_i = sqrt(|w_i s_i|)        (python floats, then fp32)
 
@@ -14,6 +23,9 @@ and then A' = merge({A_i}, {a_i}), B' = merge({B_i}, {b_i}), with, for tensors T
 new first axis) and their factor weights c_i (the a_i or the b_i):
 
 * linear:     merge = sum_i c_i T_i.
+* magnitude_prune: T_i <- T_i keeping its k = int(density * numel) largest |entries| (others 0;
+              density >= 1 keeps all), then linear.
+* dare_linear: T_i <- T_i * Bernoulli(density) / density (random drop with rescale), then linear.
 * ties:       T_i <- T_i keeping its k = int(density * numel) largest |entries| (others 0;
               density >= 1 keeps all); elected sign per entry sigma = +1 where sum_i T_i >= 0
               (majority sign "total"; "frequency": sum_i sign(T_i) >= 0), else -1; the mask
@@ -22,7 +34,7 @@ new first axis) and their factor weights c_i (the a_i or the b_i):
 * dare_ties:  T_i <- T_i * Bernoulli(density) / density (random drop with rescale), then the ties
               election and disjoint merge above.
 
-The result is written with s' = 1: r' = r, lora_alpha' = r, ``rank_pattern``/``alpha_pattern`` {},
+The result is written with s' = 1: r' = r (cat: R), lora_alpha' = r', ``rank_pattern``/``alpha_pattern`` {},
 ``target_modules`` the union of the inputs' (a list), or for regex strings "(t_1)|(t_2)|...",
 other fields (dropout, exclude_modules) from the first adapter, as PEFT does, so that
 ``PeftModel`` loads our folder as the same model as its own combined adapter. One deliberate
@@ -33,9 +45,9 @@ scale sqrt(r) instead of 1 (a PEFT quirk that scales the whole combination); we 
 A module targeted by only some adapters is combined from those only (PEFT's rule). With one
 adapter PEFT switches to "linear"; so do we.
 
-dare_ties randomness: ``--seed S`` gives PEFT's result for ``torch.manual_seed(S)`` right before
-``add_weighted_adapter`` on a CPU model. The masks are ``torch.bernoulli(full_like(T, density),
-generator=g)``, drawn in PEFT's order: modules in the model's order (layer by layer: q, k, v, o,
+dare randomness (dare_linear, dare_ties): ``--seed S`` gives PEFT's result for
+``torch.manual_seed(S)`` right before ``add_weighted_adapter`` on a CPU model. The masks are
+``torch.bernoulli(full_like(T, density), generator=g)``, drawn in PEFT's order: modules in the model's order (layer by layer: q, k, v, o,
 gate, up, down; then lm_head), A before B, adapters in the order given. ``g`` is a CPU generator
 seeded with S and first advanced as PEFT's injection of the new adapter advances torch's global
 generator (`advance_like_peft_injection`: per new layer, the default inits of
@@ -66,7 +78,8 @@ from engine.adapters.peft_format import (
 from engine.errors import InputError
 from engine.run.folder import is_inside
 
-COMBINATIONS = ("linear", "ties", "dare_ties")
+COMBINATIONS = ("linear", "cat", "magnitude_prune", "ties", "dare_linear", "dare_ties")
+NO_DENSITY = ("linear", "cat")  # the types that keep every entry
 MAJORITY_SIGN = ("total", "frequency")
 
 
@@ -91,6 +104,10 @@ class Source:
     def scale(self, module: str) -> float:
         return lora_scale(self.cfg.rank_for(module), self.cfg.alpha_for(module), self.cfg.use_rslora)
 
+    def largest_rank(self) -> int:
+        """r, or the largest rank of its rank_pattern: what PEFT allots to the adapter in ``cat``."""
+        return max([self.cfg.r, *self.cfg.rank_pattern.values()])
+
 
 @dataclass
 class Combination:
@@ -109,13 +126,15 @@ class Combination:
             raise InputError(f"--majority-sign must be 'total' or 'frequency', got {self.majority_sign!r}")
         if not all(math.isfinite(w) for w in self.weights):
             raise InputError(f"--weights must be finite numbers, got {self.weights}")
-        if self.kind == "linear" and self.density is not None:
-            raise InputError("--density applies to ties and dare_ties only (linear keeps every entry)")
-        if self.kind != "linear":
+        if self.kind in NO_DENSITY and self.density is not None:
+            raise InputError(f"--density does not apply to {self.kind} (it keeps every entry)")
+        if self.kind not in NO_DENSITY:
             if self.density is None:
                 raise InputError(f"--combine {self.kind} needs --density (the fraction of entries kept, in (0, 1])")
             if not (math.isfinite(self.density) and 0.0 < self.density <= 1.0):
                 raise InputError(f"--density must be in (0, 1], got {self.density}")
+        if self.majority_sign != "total" and self.kind not in ("ties", "dare_ties"):
+            raise InputError(f"--majority-sign applies to ties and dare_ties only (no sign is elected in {self.kind})")
 
 
 # ----------------------------------------------------------------------------- the math
@@ -163,14 +182,14 @@ def disjoint_merge(tensors: list[torch.Tensor], weights: torch.Tensor, majority_
 def merge_tensors(tensors: list[torch.Tensor], weights: torch.Tensor, how: Combination,
                   generator: torch.Generator | None) -> torch.Tensor:
     """One factor (all A_i or all B_i of a module) combined per ``how.kind`` (dare: masks from ``generator``)."""
-    if how.kind == "linear":
-        stacked, w = _stack(tensors, weights)
-        return (stacked * w).sum(dim=0)
-    if how.kind == "ties":
-        pruned = [magnitude_prune(t, how.density) for t in tensors]
-    else:
-        pruned = [random_prune(t, how.density, generator) for t in tensors]
-    return disjoint_merge(pruned, weights, how.majority_sign)
+    if how.kind in ("magnitude_prune", "ties"):
+        tensors = [magnitude_prune(t, how.density) for t in tensors]
+    elif how.kind in ("dare_linear", "dare_ties"):
+        tensors = [random_prune(t, how.density, generator) for t in tensors]
+    if how.kind in ("ties", "dare_ties"):
+        return disjoint_merge(tensors, weights, how.majority_sign)
+    stacked, w = _stack(tensors, weights)
+    return (stacked * w).sum(dim=0)
 
 
 def factor_weights(products: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,8 +211,10 @@ def module_order(name: str) -> tuple:
 def combine_weights(sources: list[Source], how: Combination) -> dict[str, dict[str, torch.Tensor]]:
     """``{module: {"lora_A": A', "lora_B": B'}}`` (fp32) for the union of the sources' modules."""
     modules = sorted({m for s in sources for m in s.weights}, key=module_order)
+    if how.kind == "cat":
+        return concatenate_weights(sources, how.weights)
     generator = None
-    if how.kind == "dare_ties":
+    if how.kind.startswith("dare"):
         generator = torch.Generator().manual_seed(how.seed)
         pairs = {m: pair for s in sources for m, pair in s.weights.items()}  # shapes agree (check_same_base)
         shapes = [(int(pairs[m]["lora_B"].shape[0]), int(pairs[m]["lora_A"].shape[1])) for m in modules]
@@ -208,6 +229,22 @@ def combine_weights(sources: list[Source], how: Combination) -> dict[str, dict[s
     return out
 
 
+def concatenate_weights(sources: list[Source], weights: list[float]) -> dict[str, dict[str, torch.Tensor]]:
+    """``cat``: per module A' = [w_i s_i A_i; ...] and B' = [B_i | ...] over the adapters that adapt
+    it, zero-padded to the total rank R (module docstring); fp32."""
+    rank = sum(s.largest_rank() for s in sources)
+    out = {}
+    for module in sorted({m for s in sources for m in s.weights}, key=module_order):
+        present = [(s, w) for s, w in zip(sources, weights) if module in s.weights]
+        parts_A = torch.cat([w * s.scale(module) * s.weights[module]["lora_A"].float() for s, w in present])
+        parts_B = torch.cat([s.weights[module]["lora_B"].float() for s, _ in present], dim=1)
+        A = parts_A.new_zeros(rank, parts_A.shape[1])  # (R, in)
+        B = parts_B.new_zeros(parts_B.shape[0], rank)  # (out, R)
+        A[: parts_A.shape[0]], B[:, : parts_B.shape[1]] = parts_A, parts_B
+        out[module] = {"lora_A": A, "lora_B": B}
+    return out
+
+
 # ----------------------------------------------------------------------------- checks and config
 
 def common_rank(sources: list[Source]) -> int:
@@ -218,8 +255,8 @@ def common_rank(sources: list[Source]) -> int:
             ranks.setdefault(int(pair["lora_A"].shape[0]), (s.path, module))
     if len(ranks) > 1:
         listed = "; ".join(f"r={r} in {path} ({module})" for r, (path, module) in sorted(ranks.items()))
-        raise InputError(f"--adapter: linear, ties and dare_ties need one LoRA rank for all adapters and modules, "
-                         f"found {listed}")
+        raise InputError(f"--adapter: every --combine type but cat needs one LoRA rank for all adapters and "
+                         f"modules, found {listed} (cat stacks adapters of any ranks)")
     return next(iter(ranks))
 
 
@@ -322,15 +359,15 @@ def combine_to_folder(adapters: list[str], how: Combination, out: str | os.PathL
     sources = [Source.read(a) for a in adapters]
     check_same_base(sources)
     check_excludes(sources)
-    rank = common_rank(sources)
-    config = combined_config(sources, rank)
     if len(sources) == 1:
         how = Combination("linear", how.weights)  # PEFT's rule for a single adapter
+    rank = sum(s.largest_rank() for s in sources) if how.kind == "cat" else common_rank(sources)
+    config = combined_config(sources, rank)
     tensors = {f"base_model.model.{m}.{which}.weight": t.contiguous()
                for m, pair in combine_weights(sources, how).items() for which, t in pair.items()}
     record = {"combine": {"type": how.kind, "adapters": [str(Path(a).resolve()) for a in adapters],
                           "weights": how.weights, "density": how.density, "majority_sign": how.majority_sign,
-                          "seed": how.seed if how.kind == "dare_ties" else None}}
+                          "seed": how.seed if how.kind.startswith("dare") else None}}
     write_adapter_folder(out, config, tensors, record)
     return config
 
@@ -349,8 +386,8 @@ def combine_main(args: Any) -> int:
     """``python -m engine.merge --combine ...`` (the flags of `engine.merge.parse_args`)."""
     if args.out is None:
         raise InputError("--combine needs --out: the folder of the combined adapter")
-    if args.seed != 0 and args.combine != "dare_ties":
-        raise InputError("--seed applies to dare_ties only (linear and ties are deterministic)")
+    if args.seed != 0 and not args.combine.startswith("dare"):
+        raise InputError(f"--seed applies to dare_linear and dare_ties only ({args.combine} is deterministic)")
     how = Combination(args.combine, parse_weights(args.weights), args.density, args.majority_sign, args.seed)
     config = combine_to_folder(args.adapter, how, args.out, args.overwrite)
     print(f"combined {len(args.adapter)} adapters ({how.kind}, r={config['r']}, "

@@ -1,5 +1,6 @@
 """`engine.adapters.combine` and ``python -m engine.merge --combine``: the combined adapter's factors and
-config are PEFT 0.21's ``add_weighted_adapter`` ones (linear, ties, dare_ties), and bad input exits 2."""
+config are PEFT 0.21's ``add_weighted_adapter`` ones (linear, cat, magnitude_prune, ties, dare_linear,
+dare_ties), and bad input exits 2."""
 
 import json
 
@@ -75,12 +76,15 @@ def compare(model, ours_dir, adapter):
                  atol=LOGITS_FP32_ATOL)
 
 
-@pytest.mark.parametrize("kind,density,sign", [("linear", None, "total"), ("ties", 0.5, "total"),
-                                               ("ties", 0.7, "frequency"), ("dare_ties", 0.5, "total")])
+@pytest.mark.parametrize("kind,density,sign", [
+    ("linear", None, "total"), ("cat", None, "total"), ("magnitude_prune", 0.5, "total"), ("ties", 0.5, "total"),
+    ("ties", 0.7, "frequency"), ("dare_linear", 0.5, "total"), ("dare_ties", 0.5, "total")])
 def test_matches_peft_add_weighted_adapter(folders, tmp_path, kind, density, sign):
     names, weights = ["one", "two"], [0.6, -0.4]
     model = peft_model(folders, names)
-    extra = {"density": density, "majority_sign_method": sign} if kind != "linear" else {}
+    extra = {"density": density} if density is not None else {}
+    if kind in ("ties", "dare_ties"):
+        extra["majority_sign_method"] = sign
     torch.manual_seed(3)  # dare_ties: --seed 3 is PEFT's result after torch.manual_seed(3)
     model.add_weighted_adapter(names, weights, "mix", combination_type=kind, **extra)
     combine_to_folder([str(folders / n) for n in names], Combination(kind, weights, density, sign, seed=3),
@@ -106,6 +110,35 @@ def test_three_adapters_rslora_first(folders, tmp_path, kind):
     config = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (4, 4, False)
     assert model.peft_config["mix"].use_rslora  # PEFT's quirk, documented in combine.py
+
+
+def test_cat_of_different_ranks_is_the_sum_of_deltas(folders, tmp_path):
+    """cat stacks adapters of any ranks (r 4 and 8, a rank_pattern): R = 4 + 8, PEFT's factors and
+    config, and s'·B'A' = Σ w_i s_i B_i A_i exactly for every module, zeros where one is absent."""
+    base = folders / "base"
+    cfg = LoRAConfig(r=2, alpha=8, target_modules=("q_proj", "gate_proj"), rank_pattern={"gate_proj": 8})
+    model = load_model(base)
+    inject_lora(model, cfg)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g))
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g))
+    save_adapter(model, cfg, tmp_path / "r8", str(base))
+    names, weights = ["one", "r8"], [0.5, 2.0]
+    peft = peft_model(folders, ["one"])
+    peft.load_adapter(tmp_path / "r8", adapter_name="r8")
+    peft.add_weighted_adapter(names, weights, "mix", combination_type="cat")
+    dirs = [str(folders / "one"), str(tmp_path / "r8")]
+    config = combine_to_folder(dirs, Combination("cat", weights), tmp_path / "out")
+    assert (config["r"], config["lora_alpha"]) == (4 + 8, 4 + 8)
+    compare(peft, tmp_path / "out", "mix")
+    ours, srcs = read_adapter_weights(tmp_path / "out"), [read_adapter_weights(d) for d in dirs]
+    scales = [lambda m: 8 / 4, lambda m: 8 / (8 if "gate_proj" in m else 2)]
+    for module, pair in ours.items():
+        want = sum(w * s(module) * src[module]["lora_B"] @ src[module]["lora_A"]
+                   for w, s, src in zip(weights, scales, srcs) if module in src)
+        assert_close(pair["lora_B"] @ pair["lora_A"], want, torch.float32, module)
 
 
 def test_single_adapter_linear_is_the_adapter(folders, tmp_path):
@@ -167,7 +200,8 @@ def odd_adapters(folders):
 @pytest.mark.parametrize("case,flag", [
     ("other", "different bases"), ("r8", "one LoRA rank"), ("regex", "regex"),
     ("weights", "--weights"), ("density-missing", "--density"), ("density-bad", "--density"),
-    ("density-linear", "--density"), ("base-name", "different bases")])
+    ("density-linear", "--density"), ("base-name", "different bases"), ("sign-cat", "--majority-sign"),
+    ("seed-magnitude", "--seed")])
 def test_cli_refuses_and_writes_nothing(folders, odd_adapters, tmp_path, capsys, case, flag):
     a = str(folders / "one")
     args = {"other": ["--combine", "linear", "--adapter", a, "--adapter", odd_adapters["other"],
@@ -180,7 +214,11 @@ def test_cli_refuses_and_writes_nothing(folders, odd_adapters, tmp_path, capsys,
             "density-bad": ["--combine", "dare_ties", "--adapter", a, "--adapter", str(folders / "two"),
                             "--weights", "1,1", "--density", "0"],
             "density-linear": ["--combine", "linear", "--adapter", a, "--adapter", str(folders / "two"),
-                               "--weights", "1,1", "--density", "0.5"]}.get(case)
+                               "--weights", "1,1", "--density", "0.5"],
+            "sign-cat": ["--combine", "cat", "--adapter", a, "--adapter", str(folders / "two"), "--weights", "1,1",
+                         "--majority-sign", "frequency"],
+            "seed-magnitude": ["--combine", "magnitude_prune", "--adapter", a, "--adapter", str(folders / "two"),
+                               "--weights", "1,1", "--density", "0.5", "--seed", "3"]}.get(case)
     if case == "base-name":
         renamed = tmp_path / "renamed"
         renamed.mkdir()
