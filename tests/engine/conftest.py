@@ -2,6 +2,10 @@
 
 from pathlib import Path
 
+import torch
+
+from engine.adapters import LoRAConfig, inject_lora, lora_modules
+
 
 def write_hf_llama(path: Path, tie_word_embeddings: bool) -> Path:
     """A tiny random Llama (vocab 97, hidden 64, GQA 4/2, 2 blocks) saved by transformers itself."""
@@ -14,3 +18,14 @@ def write_hf_llama(path: Path, tie_word_embeddings: bool) -> Path:
                                    tie_word_embeddings=tie_word_embeddings)
     transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def inject_random_lora(model, cfg: LoRAConfig, seed: int, b_std: float) -> None:
+    """Inject LoRA into ``model`` with A from its default init under ``torch.manual_seed(seed)`` and
+    B ~ b_std · N(0, 1) (seeded), so that the adapter changes the model's output."""
+    torch.manual_seed(seed)
+    inject_lora(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * b_std)

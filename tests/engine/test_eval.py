@@ -32,6 +32,7 @@ from engine.eval import main as eval_main
 from engine.losses.causal_lm import mean_loss
 from models.config import LlamaConfig
 from models.loading import load_model, save_model
+from tests.engine.conftest import inject_random_lora
 from tests.tolerances import assert_close
 from tools.random_checkpoint import random_model
 
@@ -71,12 +72,7 @@ def direct_loss(model, samples: list[Sample]) -> float:
 
 def add_random_adapter(model, model_dir: Path, out: Path, cfg: LoRAConfig, seed: int) -> Path:
     """Inject an adapter with non-zero A and B (B ~ 0.1 N(0, 1)) and save it in PEFT format."""
-    torch.manual_seed(seed)
-    inject_lora(model, cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+    inject_random_lora(model, cfg, seed, 0.1)
     return save_adapter(model, cfg, out, str(model_dir))
 
 

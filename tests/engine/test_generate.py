@@ -150,16 +150,12 @@ def save_random_adapter(model, out, seed, **config):
     """A copy of ``model`` with a LoRA of non-zero A and B (B ~ 0.3 N(0, 1)), saved in PEFT format."""
     import copy
 
-    from engine.adapters import LoRAConfig, inject_lora, lora_modules, save_adapter
+    from engine.adapters import LoRAConfig, save_adapter
+    from tests.engine.conftest import inject_random_lora
 
     model = copy.deepcopy(model)
     cfg = LoRAConfig(**config)
-    torch.manual_seed(seed)
-    inject_lora(model, cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
+    inject_random_lora(model, cfg, seed, 0.3)
     return save_adapter(model, cfg, out, None)
 
 

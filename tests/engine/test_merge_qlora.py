@@ -24,7 +24,7 @@ from kernels.nf4 import dequantize_nf4, quantize_nf4
 from models.bnb_writer import save_bnb_nf4_model
 from models.loading import load_model
 from models.quantized import NF4Linear, quantize_linears
-from tests.tolerances import LOGITS_FP32_ATOL, assert_close, tol
+from tests.tolerances import LOGITS_FP32_ATOL, assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")

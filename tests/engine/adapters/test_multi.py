@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.adapters import LoRAConfig, inject_lora, load_adapter, lora_modules, read_adapter, save_adapter
+from engine.adapters import LoRAConfig, load_adapter, read_adapter, save_adapter
 from engine.adapters.multi import MultiLoRALinear, adapter_spec, adapter_specs, inject_adapters
 from engine.errors import InputError
 from kernels.backend import force_triton
 from models.config import LlamaConfig
 from models.loading import load_model, save_model
+from tests.engine.conftest import inject_random_lora
 from tests.tolerances import LOGITS_FP32_ATOL, assert_close
 from tools.random_checkpoint import random_model
 
@@ -37,12 +38,7 @@ def tiny_config() -> LlamaConfig:
 def save_random_adapter(model_dir: Path, out: Path, cfg: LoRAConfig, seed: int) -> Path:
     """An adapter with non-zero A and B (B ~ 0.2 N(0, 1)), saved in PEFT format."""
     model = load_model(model_dir)
-    torch.manual_seed(seed)
-    inject_lora(model, cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.2)
+    inject_random_lora(model, cfg, seed, 0.2)
     return save_adapter(model, cfg, out, str(model_dir))
 
 
