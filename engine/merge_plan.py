@@ -179,8 +179,7 @@ def plan_drift(plan: MergePlan, options: DriftOptions | None, base_dir: Path) ->
         return DriftPlan(None, f"unmeasured: {why}; {HOW_TO_MEASURE}")
     samples, _ = load_samples(path, load_tokenizer(base_dir), max_len=options.max_len,
                               format=None if plan.record.format == "auto" else plan.record.format,
-                              train_on_prompt=plan.record.train_on_prompt)
-    samples = samples[:options.samples]
+                              train_on_prompt=plan.record.train_on_prompt, limit=options.samples)
     note = f"first {len(samples)} samples of {path}, up to {options.max_len} tokens each"
     if options.data is None and plan.record.data_changed:
         note += " (the file changed since the run: its sha256 is not the one the adapter records)"

@@ -131,8 +131,11 @@ class SFTData:
 
 def load_samples(path: str | Path, tokenizer: Any, *, format: str | None = None,
                  max_len: int | None = None, length_policy: str = "truncate",
-                 train_on_prompt: bool = False, skip_invalid: bool = False) -> tuple[list[Sample], DataReport]:
-    """Parse, detect, normalise, tokenize and length-check every record of one file."""
+                 train_on_prompt: bool = False, skip_invalid: bool = False,
+                 limit: int | None = None) -> tuple[list[Sample], DataReport]:
+    """Parse, detect, normalise, tokenize and length-check every record of one file; with ``limit``,
+    only the first ``limit`` usable samples are tokenized and returned (every record is still parsed
+    and checked)."""
     check_length_options(length_policy, max_len)
     path = Path(path)
     records = read_records(path)
@@ -153,6 +156,8 @@ def load_samples(path: str | Path, tokenizer: Any, *, format: str | None = None,
             normalised.append((rec, f"{path}:{raw.where}"))
     samples = []
     for rec, source in normalised:
+        if limit is not None and len(samples) == limit:
+            break
         ids, labels = render_record(rec, tokenizer, special, train_on_prompt=train_on_prompt, source=source,
                                     max_tokens=max_len)
         if max_len is not None and len(ids) > max_len:

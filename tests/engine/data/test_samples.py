@@ -364,3 +364,16 @@ def test_encode_tail_keeps_the_last_tokens_of_a_long_text():
     assert cut and ids == tok.encode(text, add_special_tokens=False)[-40:]
     short, cut = encode_tail(tok, "a short prompt", 40)
     assert not cut and short == tok.encode("a short prompt", add_special_tokens=False)
+
+
+def test_limit_tokenizes_only_the_first_usable_samples(tmp_path):
+    """``limit`` returns the first usable samples of the full load (an empty completion skipped
+    before them does not count), and a bad record after them is still refused."""
+    rows = [{"prompt": "a", "completion": ""}] + [{"prompt": f"q{i}", "completion": f"answer {i}"} for i in range(5)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    full, _ = load_samples(path, TinyTokenizer())
+    first, _ = load_samples(path, TinyTokenizer(), limit=2)
+    assert [(s.input_ids, s.labels, s.source) for s in first] == [(s.input_ids, s.labels, s.source) for s in full[:2]]
+    write_jsonl(path, rows + [{"nothing": 1}])
+    with pytest.raises(InputError, match=":7"):
+        load_samples(path, TinyTokenizer(), limit=2)
