@@ -87,28 +87,18 @@ def _pattern_key(patterns: dict, module_name: str) -> str | None:
     return None
 
 
-class LoRALinear(nn.Module):
-    """A frozen base linear (dense ``nn.Linear`` or ``NF4Linear``) plus a trainable low-rank update.
+class FrozenBaseLinear(nn.Module):
+    """A module that owns a frozen base linear (dense ``nn.Linear`` or ``NF4Linear``) and adds an
+    adapter's update to its output: `LoRALinear` (one trainable adapter) and
+    `engine.adapters.multi.MultiLoRALinear` (several stacked, per row)."""
 
-    Parameters: ``lora_A`` (r, in) and ``lora_B`` (out, r), kept in fp32 (the optimizer's master
-    copy); the kernel computes with them in the input's dtype. Initialisation is PEFT's: A ~ Kaiming
-    uniform with a = sqrt(5) (bound 1/sqrt(in)), B = 0, so at init the layer equals its base.
-    """
-
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    def __init__(self, base: nn.Module):
         super().__init__()
         if not isinstance(base, (nn.Linear, NF4Linear)):
-            raise TypeError(f"LoRALinear wraps nn.Linear or NF4Linear, got {type(base).__name__}")
+            raise TypeError(f"{type(self).__name__} wraps nn.Linear or NF4Linear, got {type(base).__name__}")
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
-        device = _module_device(base)
-        self.r, self.alpha, self.dropout, self.use_rslora = r, float(alpha), float(dropout), use_rslora
-        self.scale = lora_scale(r, float(alpha), use_rslora)
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=torch.float32, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=torch.float32, device=device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.adapter_enabled = True
 
     @property
     def in_features(self) -> int:
@@ -117,6 +107,25 @@ class LoRALinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.base.out_features
+
+
+class LoRALinear(FrozenBaseLinear):
+    """A frozen base linear (dense ``nn.Linear`` or ``NF4Linear``) plus a trainable low-rank update.
+
+    Parameters: ``lora_A`` (r, in) and ``lora_B`` (out, r), kept in fp32 (the optimizer's master
+    copy); the kernel computes with them in the input's dtype. Initialisation is PEFT's: A ~ Kaiming
+    uniform with a = sqrt(5) (bound 1/sqrt(in)), B = 0, so at init the layer equals its base.
+    """
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__(base)
+        device = _module_device(base)
+        self.r, self.alpha, self.dropout, self.use_rslora = r, float(alpha), float(dropout), use_rslora
+        self.scale = lora_scale(r, float(alpha), use_rslora)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=torch.float32, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=torch.float32, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.adapter_enabled = True
 
     def base_weight(self):
         """The frozen weight the kernel takes: a dense (out, in) tensor or an NF4Tensor."""

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.adapters.lora import LoRALinear
+from engine.adapters.lora import FrozenBaseLinear, LoRALinear
 from engine.adapters.switcher import Adapter, check_adapter_fits
 from engine.adapters.targets import replace_module
 from engine.errors import InputError
@@ -114,28 +114,15 @@ class AdapterSelection:
         return self._rows[lead]
 
 
-class MultiLoRALinear(nn.Module):
+class MultiLoRALinear(FrozenBaseLinear):
     """A frozen base linear and K stacked adapters; each row adds its selected adapter's update."""
 
     def __init__(self, base: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scales: torch.Tensor):
-        super().__init__()
-        if not isinstance(base, (nn.Linear, NF4Linear)):
-            raise TypeError(f"MultiLoRALinear wraps nn.Linear or NF4Linear, got {type(base).__name__}")
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
+        super().__init__(base)
         self.register_buffer("lora_A", lora_A)  # (K, r, in)
         self.register_buffer("lora_B", lora_B)  # (K, out, r)
         self.register_buffer("scales", scales)  # (K,) fp32
         self.selection: AdapterSelection | None = None
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.selection is None:
