@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from engine.cli import ArgumentParser
+from engine.data.reading import read_records
 from engine.errors import InputError, run_cli
 from engine.run.setup import DTYPES, resolve_device
 from engine.adapters.multi import NONE, AdapterSpec, adapter_specs
@@ -163,25 +164,17 @@ def declared_adapters(specs: list[AdapterSpec]) -> dict[str, Path | None]:
 
 
 def read_prompt_file(path: str) -> list[tuple[str, str | None]]:
-    """(prompt, adapter or None) per line of a --prompts JSONL file; InputError naming FILE:LINE."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"--prompts {path}: file not found") from None
+    """(prompt, adapter or None) per record of a --prompts JSONL (or JSON array) file, read by
+    `engine.data.reading.read_records`; InputError naming FILE:LINE."""
     out = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise InputError(f'{path}:{number}: expected {{"prompt": TEXT, "adapter": NAME}} (adapter optional)')
-        adapter = record.get("adapter")
+    for record in read_records(path):
+        value = record.value
+        if not isinstance(value.get("prompt"), str):
+            raise InputError(f'{path}:{record.where}: expected {{"prompt": TEXT, "adapter": NAME}} (adapter optional)')
+        adapter = value.get("adapter")
         if adapter is not None and not isinstance(adapter, str):
-            raise InputError(f"{path}:{number}: \"adapter\" must be a name or \"none\", got {adapter!r}")
-        out.append((record["prompt"], adapter))
+            raise InputError(f"{path}:{record.where}: \"adapter\" must be a name or \"none\", got {adapter!r}")
+        out.append((value["prompt"], adapter))
     return out
 
 

@@ -242,6 +242,17 @@ def test_cli_bad_adapter_flags_exit_2(flags, message, tmp_path, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("text,message", [
+    ('{"prompt": "a"}\n{"prompt": \n', "p.jsonl:2"),
+    ('{"prompt": "a"}\n\n{"text": "b"}\n', 'p.jsonl:3: expected {"prompt"'),
+    ('{"prompt": "a", "adapter": 3}\n', 'p.jsonl:1: "adapter" must be a name'),
+])
+def test_cli_bad_prompts_file_exit_2(text, message, tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_text(text)
+    code, _, err = run_generate(["--model", tmp_path / "never-read", "--prompts", tmp_path / "p.jsonl"], capsys)
+    assert code == 2 and message in err, err
+
+
 def test_cli_batch_refuses_an_adapter_of_another_shape(tiny, tiny_model_dir, tmp_path, capsys):
     """An adapter made for another base stops the batch with status 2 and its shape, before any output."""
     wrong = save_random_adapter(tiny, tmp_path / "wrong", 1, **ADAPTER_CONFIGS["a"])  # intermediate 48, not 64
