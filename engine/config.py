@@ -31,6 +31,9 @@ DPO_LOSSES = ("sigmoid", "robust", "ipo", "hinge")
 FORMATS = ("auto", "text", "completion", "alpaca", "messages", "sharegpt")
 SCHEDULES = ("cosine", "linear", "constant")
 QUANTS = ("none", "nf4")
+PEFTS = ("lora", "dora", "ia3", "prefix", "bottleneck")  # engine.adapters.methods
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")  # engine.adapters.lora_init
+ADAPTER_PLACEMENTS = ("houlsby", "pfeiffer")  # engine.adapters.bottleneck
 LENGTH_POLICIES = ("truncate", "drop", "error")
 BATCHINGS = ("padding-free", "padded", "pack")  # engine.data.batching
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -191,6 +194,24 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "Clip the global gradient norm to this value (0 disables).", range=AT_LEAST_0)
     max_bad_steps: int = _opt(5, "Stop after this many consecutive steps with a non-finite loss or gradient.",
                               range=AT_LEAST_1)
+    # the parameter-efficient method
+    peft: str = _opt("lora", "The method: lora; dora (weight-decomposed LoRA, a trained magnitude per output); ia3 "
+                     "(learned scales on k, v and the MLP's down-projection input); prefix (learned key/value "
+                     "prefixes per layer, --num-virtual-tokens); bottleneck (small adapters after attention and/or "
+                     "the MLP, --adapter-dim). Each works with --quant nf4. Saved in HF PEFT's format, except "
+                     "bottleneck (PEFT has none: our own JSON config beside the safetensors).", PEFTS)
+    lora_init: str = _opt("default", "LoRA/DoRA initialisation: default (A Kaiming-uniform, B zero: PEFT's), gaussian "
+                          "(A ~ N(0, 1/r)), pissa or olora (A and B from the base weight, which they change: the "
+                          "adapter is saved as a plain LoRA against the original base), loftq (A and B that cancel "
+                          "the NF4 rounding, for --quant nf4).", LORA_INITS)
+    loraplus_ratio: float | None = _opt(None, "LoRA+: B's learning rate is this many times A's (e.g. 16); default: "
+                                        "one rate for all.", range=POSITIVE)
+    num_virtual_tokens: int = _opt(20, "--peft prefix: virtual key/value tokens per layer.", range=AT_LEAST_1)
+    prefix_projection: bool = _opt(False, "--peft prefix: train the prefixes through a two-layer MLP "
+                                   "(reparameterisation, folded into plain prefixes when saved).")
+    adapter_dim: int = _opt(64, "--peft bottleneck: the adapters' inner (bottleneck) size.", range=AT_LEAST_1)
+    adapter_placement: str = _opt("houlsby", "--peft bottleneck: houlsby (after attention and after the MLP) or "
+                                  "pfeiffer (after the MLP only).", ADAPTER_PLACEMENTS)
     # LoRA
     lora_r: int = _opt(16, "LoRA rank (at most the smallest dimension of a targeted linear).", range=AT_LEAST_1)
     lora_alpha: float = _opt(32.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with --rslora).",
@@ -201,7 +222,7 @@ class TrainConfig:
     rslora: bool = _opt(False, "Rank-stabilised LoRA scaling alpha/sqrt(r).")
     target_modules: str = _opt("all-linear", "Comma-separated module names (q_proj,...,down_proj) or 'all-linear'.")
     init_adapter: str | None = _opt(None, "Start from this PEFT-format adapter folder (ours or made elsewhere); "
-                                    "its own r, alpha and targets are used.")
+                                    "its own method, r, alpha and targets are used.")
     quant: str = _opt("none", "Quantize the frozen base: 'nf4' for QLoRA.", QUANTS)
     # machine
     device: str = _opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
@@ -264,6 +285,15 @@ class TrainConfig:
         if self.max_tokens_per_batch is not None and self.batching != "padding-free":
             raise InputError(f"--max-tokens-per-batch applies to --batching padding-free, not {self.batching} "
                              "(packed rows hold --max-len tokens each; padded batches --batch-size samples)")
+        if self.peft not in ("lora", "dora") and (self.lora_init != "default" or self.loraplus_ratio is not None):
+            raise InputError(f"--{'lora-init' if self.lora_init != 'default' else 'loraplus-ratio'} applies to --peft "
+                             f"lora or dora, not {self.peft}")
+        if self.lora_init == "loftq" and self.quant != "nf4":
+            raise InputError("--lora-init loftq initialises LoRA to cancel the NF4 rounding of the base: it needs "
+                             "--quant nf4")
+        if self.init_adapter and self.lora_init != "default":
+            raise InputError(f"--lora-init {self.lora_init} initialises a fresh adapter; --init-adapter starts from "
+                             "trained weights")
         if self.offload_activations and self.grad_checkpointing is False:
             raise InputError("--offload-activations keeps the inputs of gradient checkpointing in CPU memory: it "
                              "needs checkpointing, which --no-grad-checkpointing turns off")

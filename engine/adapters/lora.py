@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from engine.adapters.base import AdapterModule
 from engine.errors import InputError
 from kernels.lora import lora_linear_checked
+from kernels.nf4 import dequantize_nf4
 from kernels.lora_group import GroupMember
 from models.quantized import NF4Linear
 
@@ -32,7 +34,8 @@ OUTPUT_HEAD = "lm_head"
 
 @dataclass
 class LoRAConfig:
-    """What to adapt and how. Field meanings match PEFT's ``LoraConfig`` (``alpha`` = ``lora_alpha``).
+    """What to adapt and how, for LoRA and DoRA. Field meanings match PEFT's ``LoraConfig``
+    (``alpha`` = ``lora_alpha``, ``init`` = ``init_lora_weights``).
 
     ``modules_to_save`` is what a read adapter folder trains whole beside LoRA: () for a causal-LM
     adapter, ``("score",)`` for a reward model's head (`engine.adapters.score_head`), the only
@@ -48,6 +51,13 @@ class LoRAConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     exclude_modules: tuple[str, ...] | str | None = None
     modules_to_save: tuple[str, ...] = ()
+    use_dora: bool = False  # DoRA (`engine.adapters.dora`): a trained magnitude per output feature
+    init: str = "default"  # how a fresh adapter starts (`engine.adapters.lora_init`); saved adapters are plain LoRA
+
+    @property
+    def method(self) -> str:
+        """The ``--peft`` name (`engine.adapters.methods`)."""
+        return "dora" if self.use_dora else "lora"
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (list, set)):
@@ -109,7 +119,7 @@ class FrozenBaseLinear(nn.Module):
         return self.base.out_features
 
 
-class LoRALinear(FrozenBaseLinear):
+class LoRALinear(FrozenBaseLinear, AdapterModule):
     """A frozen base linear (dense ``nn.Linear`` or ``NF4Linear``) plus a trainable low-rank update.
 
     Parameters: ``lora_A`` (r, in) and ``lora_B`` (out, r), kept in fp32 (the optimizer's master
@@ -152,8 +162,41 @@ class LoRALinear(FrozenBaseLinear):
         """s * B A, the (out, in) update in fp32."""
         return self.scale * (self.lora_B.float() @ self.lora_A.float())
 
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    def unwrapped(self) -> nn.Module:
+        return self.base
+
+    @torch.no_grad()
+    def merged(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain linear with W' = W + s B A, formed in fp32 and rounded once to ``dtype`` (default:
+        the base's dtype; for an NF4 base, the dtype it was quantized from, onto its dequantized weight)."""
+        weight, _ = dense_base_weight(self.base)
+        return merged_linear(self.base, weight + self.delta_weight().to(weight.device), dtype)
+
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}, dropout={self.dropout:g}"
+
+
+def dense_base_weight(base: nn.Module) -> tuple[torch.Tensor, torch.dtype]:
+    """A base linear's weight in fp32 (an NF4 one dequantized) and the dtype it is stored in (for
+    NF4, the dtype it was quantized from)."""
+    if isinstance(base, NF4Linear):
+        return dequantize_nf4(base.weight_nf4, dtype=torch.float32), base.weight_nf4.dtype
+    return base.weight.float(), base.weight.dtype
+
+
+@torch.no_grad()
+def merged_linear(base: nn.Module, weight: torch.Tensor, dtype: torch.dtype | None = None) -> nn.Linear:
+    """A plain ``nn.Linear`` in place of ``base``: the merged fp32 ``weight`` rounded once to ``dtype``
+    (default: the dtype ``base`` stores, `dense_base_weight`), and the base's bias."""
+    stored = base.weight_nf4.dtype if isinstance(base, NF4Linear) else base.weight.dtype
+    linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.to(dtype or stored), requires_grad=False)
+    if base.bias is not None:
+        linear.bias = nn.Parameter(base.bias.detach().to(dtype or base.bias.dtype), requires_grad=False)
+    return linear
 
 
 def _module_device(module: nn.Module) -> torch.device:

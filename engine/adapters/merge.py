@@ -1,8 +1,10 @@
-"""Fold LoRA into the base: W' = W + s·B·A in every adapted linear, and plain linears put back.
+"""Fold adapters into the base: each mergeable adapter module (`engine.adapters.base`) is replaced by
+the plain module it computes (LoRA: W' = W + s·B·A; DoRA and IA³ their own folds).
 
 The sum is formed in fp32 and rounded once to the output dtype. An NF4 base (QLoRA) is dequantized
 first, so the merged weight is the dequantized NF4 weight plus the update: what the adapter was
 trained against, not the original full-precision weight (`MergeReport` says which layers).
+Prefix tuning and bottleneck adapters cannot be merged (`NotMergeable`, before anything changes).
 """
 
 from __future__ import annotations
@@ -12,18 +14,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.adapters.targets import lora_modules, replace_module
-from kernels.nf4 import dequantize_nf4
+from engine.adapters.base import NotMergeable, adapter_modules
+from engine.adapters.targets import replace_module
 from models.quantized import NF4Linear
 
 
 @dataclass
 class MergeReport:
-    merged: list[str]  # modules whose LoRA update was folded into the weight
+    merged: list[str]  # modules whose adapter was folded into the weight
     dequantized: list[str]  # NF4 bases turned dense (merged ones onto their dequantized weight)
 
     def summary(self) -> str:
-        text = f"merged LoRA into {len(self.merged)} linear layers"
+        text = f"merged the adapter into {len(self.merged)} linear layers"
         if self.dequantized:
             text += (f"; the base was NF4: {len(self.dequantized)} layers were dequantized and the adapter "
                      f"merged onto the dequantized weights (they carry NF4 rounding, not the original weights)")
@@ -32,27 +34,23 @@ class MergeReport:
 
 @torch.no_grad()
 def merge(model: nn.Module, dtype: torch.dtype | None = None) -> MergeReport:
-    """Fold W' = W + s B A into each base and put a plain ``nn.Linear`` back in place of the LoRALinear.
+    """Put in place of each adapter module the plain module with its adapter folded in.
 
     The sum is formed in fp32 and rounded once to ``dtype`` (default: the base's dtype; for an
-    NF4 base, the dtype it was quantized from); an NF4 base is dequantized first.
+    NF4 base, the dtype it was quantized from); an NF4 base is dequantized first. Raises
+    `NotMergeable` (nothing changed) when an adapter cannot be folded into weights.
     """
+    modules = adapter_modules(model)
+    if not modules:
+        raise ValueError("merge: the model has no adapters")
+    for name, m in modules.items():
+        if not m.mergeable:
+            raise NotMergeable(f"{name}: a {type(m).__name__} adds computation that is not a change of weights; it "
+                               "cannot be merged (serve the base with the adapter folder instead)")
     report = MergeReport(merged=[], dequantized=[])
-    for name, m in lora_modules(model).items():
-        base = m.base
-        if isinstance(base, NF4Linear):
-            q = base.weight_nf4
-            weight, out_dtype = dequantize_nf4(q, dtype=torch.float32), q.dtype
+    for name, m in modules.items():
+        if isinstance(getattr(m, "base", None), NF4Linear):
             report.dequantized.append(name)
-        else:
-            weight, out_dtype = base.weight.float(), base.weight.dtype
-        merged = (weight + m.delta_weight().to(weight.device)).to(dtype or out_dtype)
-        linear = nn.Linear(m.in_features, m.out_features, bias=base.bias is not None, device="meta")
-        linear.weight = nn.Parameter(merged, requires_grad=False)
-        if base.bias is not None:
-            linear.bias = nn.Parameter(base.bias.detach().to(dtype or base.bias.dtype), requires_grad=False)
-        replace_module(model, name, linear)
+        replace_module(model, name, m.merged(dtype))
         report.merged.append(name)
-    if not report.merged:
-        raise ValueError("merge: the model has no LoRA adapters")
     return report

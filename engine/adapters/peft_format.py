@@ -40,7 +40,6 @@ from engine.adapters.targets import find_targets, inject_lora, lora_modules
 from engine.errors import InputError
 from engine.atomic import atomic_dir
 from engine.dtensors import copy_full_into, full_tensor
-from models import load_model
 from models.safetensors_io import save_safetensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -80,7 +79,7 @@ def peft_config_dict(model: nn.Module, cfg: LoRAConfig, base_model_name_or_path:
     """The ``adapter_config.json`` contents for the adapters in ``model`` (PEFT 0.21's LoraConfig fields)."""
     names = list(lora_modules(model))
     if not names:
-        raise ValueError("save_adapter: the model has no LoRA adapters")
+        raise ValueError("save_lora: the model has no LoRA adapters")
     if cfg.target_modules == ALL_LINEAR:
         target_modules: list[str] | str = _target_modules_for_save(model, names)
     elif isinstance(cfg.target_modules, str):
@@ -114,7 +113,7 @@ def peft_config_dict(model: nn.Module, cfg: LoRAConfig, base_model_name_or_path:
     }
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT-keyed copies of the LoRA weights: ``base_model.model.<module>.lora_{A,B}.weight``, and
     of a reward model's head, ``base_model.model.score.weight`` (fp32; whole: under FSDP2 a
     collective, `engine.dtensors.full_tensor`)."""
@@ -131,23 +130,23 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_adapter(model: nn.Module, lora_cfg: LoRAConfig, out_dir: str | os.PathLike,
+def save_lora(model: nn.Module, lora_cfg: LoRAConfig, out_dir: str | os.PathLike,
                  base_model_name_or_path: str | None, metadata: dict[str, Any] | None = None,
                  tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the model's adapters as a PEFT folder at ``out_dir``, atomically; return the path.
-    ``tensors``: `adapter_state_dict` of the model, when the caller gathered it already.
+    ``tensors``: `lora_state_dict` of the model, when the caller gathered it already.
 
     The folder is built under a temporary sibling name and renamed into place, so a reader never
     sees half an adapter; an existing folder at ``out_dir`` is replaced as a whole.
     """
     config = peft_config_dict(model, lora_cfg, base_model_name_or_path)
-    return write_adapter_folder(out_dir, config, adapter_state_dict(model) if tensors is None else tensors, metadata)
+    return write_adapter_folder(out_dir, config, lora_state_dict(model) if tensors is None else tensors, metadata)
 
 
 def write_adapter_folder(out_dir: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor],
                          metadata: dict[str, Any] | None = None) -> Path:
     """Write ``adapter_config.json`` and the PEFT-keyed ``tensors`` (``metadata`` in the header
-    under METADATA_KEY) as one folder, atomically (see `save_adapter`)."""
+    under METADATA_KEY) as one folder, atomically (see `save_lora`)."""
     out = Path(out_dir)
     header = {"format": "pt"}
     if metadata is not None:
@@ -211,7 +210,7 @@ def _modules_to_save(path: Path, raw: dict[str, Any]) -> tuple[str, ...]:
 
 
 def read_adapter_metadata(adapter_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``metadata`` dict given to `save_adapter`, or None when the adapter has none."""
+    """The ``metadata`` dict given to `save_lora` (any method's folder), or None when the adapter has none."""
     path = Path(adapter_dir) / WEIGHTS_NAME
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -333,7 +332,7 @@ def adapter_targets(model: nn.Module, adapter_dir: str | os.PathLike, cfg: LoRAC
     return targets
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAConfig:
+def load_lora(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAConfig:
     """Inject LoRA into ``model`` per the folder's config and load its weights (as fp32); a reward
     model's head is attached as ``model.score`` (`engine.adapters.score_head`). Returns the config.
 
@@ -351,7 +350,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAConfig
     return cfg
 
 
-def load_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
+def load_lora_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
     """Copy a saved adapter's weights into a model that already has the same LoRA layers (resume),
     and the head into a reward model's ``score``."""
     path = Path(adapter_dir) / WEIGHTS_NAME
@@ -387,14 +386,3 @@ def assign_adapter_weights(model: nn.Module, weights: dict[str, dict[str, torch.
     for name, pair in weights.items():
         copy_full_into(modules[name].lora_A, pair["lora_A"])  # plain, or this rank's FSDP2 shard
         copy_full_into(modules[name].lora_B, pair["lora_B"])
-
-
-def load_adapted_model(name_or_path: str | os.PathLike, adapter: str | os.PathLike | None = None, *,
-                       quantize: str | None = None, dtype: torch.dtype = torch.float32,
-                       device: torch.device | str = "cpu") -> nn.Module:
-    """`models.load_model` with the PEFT-format ``adapter`` folder on top (checked before it is
-    applied; none: the plain base), in eval mode."""
-    model = load_model(name_or_path, quantize=quantize, dtype=dtype, device=device)
-    if adapter is not None:
-        load_adapter(model, adapter)
-    return model.eval()

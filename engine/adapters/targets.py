@@ -9,8 +9,9 @@
 * any other string: a regular expression that must match the full module name (``re.fullmatch``);
 * ``exclude_modules`` removes matches by the same rules.
 
-`remove_lora` is the way back (each LoRALinear replaced by the base it owns); `disable_adapters`
-turns every adapter off for a block (DPO's reference policy is the base with adapters off).
+`remove_lora` is the way back (each LoRALinear replaced by the base it owns). `adapter_params`,
+`set_trainable`, `disable_adapters` (DPO's reference policy is the base with adapters off) and
+`remove_adapters` act on every method's adapter modules (`engine.adapters.base`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from engine.adapters.base import adapter_modules
 from engine.adapters.lora import ALL_LINEAR, OUTPUT_HEAD, LoRAConfig, LoRALinear
 from engine.adapters.score_head import SCORE, score_head
 from engine.errors import InputError
@@ -104,13 +106,14 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The adapter's parameters by name: LoRA's (``<module>.lora_A`` / ``<module>.lora_B``), in
-    model order, then a reward model's head (``score.weight``, `engine.adapters.score_head`)
-    when the model has one: what trains, what is saved, what must stay finite."""
+    """The adapter's parameters by name, whatever the method (`engine.adapters.base.AdapterModule`:
+    LoRA's ``<module>.lora_A`` / ``<module>.lora_B``, DoRA's magnitude, IA³'s scales...), in model
+    order, then a reward model's head (``score.weight``, `engine.adapters.score_head`) when the
+    model has one: what trains, what is saved, what must stay finite."""
     params: dict[str, nn.Parameter] = {}
-    for name, m in lora_modules(model).items():
-        params[f"{name}.lora_A"] = m.lora_A
-        params[f"{name}.lora_B"] = m.lora_B
+    for name, m in adapter_modules(model).items():
+        for local, param in m.adapter_parameters().items():
+            params[f"{name}.{local}"] = param
     head = score_head(model)
     if head is not None:
         params[f"{SCORE}.weight"] = head.weight
@@ -118,22 +121,23 @@ def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def set_trainable(model: nn.Module) -> int:
-    """Freeze everything but the adapter (LoRA, and a reward model's head); return the number of
+    """Freeze everything but the adapter (and a reward model's head); return the number of
     trainable elements."""
-    lora = {id(p) for p in adapter_params(model).values()}
-    if not lora_modules(model):
-        raise ValueError("set_trainable: the model has no LoRA adapters (call inject_lora first)")
+    if not adapter_modules(model):
+        raise ValueError("set_trainable: the model has no adapters (inject one first)")
+    trainable = {id(p) for p in adapter_params(model).values()}
     for p in model.parameters():
-        p.requires_grad_(id(p) in lora)
+        p.requires_grad_(id(p) in trainable)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
-    """Within the block every LoRALinear computes its base only (DPO's reference model)."""
-    modules = list(lora_modules(model).values())
+    """Within the block every adapter module computes what its base alone computes (DPO's
+    reference model)."""
+    modules = list(adapter_modules(model).values())
     if not modules:
-        raise ValueError("disable_adapters: the model has no LoRA adapters")
+        raise ValueError("disable_adapters: the model has no adapters")
     previous = [m.adapter_enabled for m in modules]
     for m in modules:
         m.adapter_enabled = False
@@ -142,6 +146,17 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     finally:
         for m, was in zip(modules, previous):
             m.adapter_enabled = was
+
+
+def remove_adapters(model: nn.Module) -> None:
+    """Take every adapter module out: each replaced module put back, each attached one deleted."""
+    for name, module in adapter_modules(model).items():
+        original = module.unwrapped()
+        if original is None:
+            parent_name, _, child = name.rpartition(".")
+            delattr(model.get_submodule(parent_name) if parent_name else model, child)
+        else:
+            replace_module(model, name, original)
 
 
 def remove_lora(model: nn.Module) -> None:

@@ -1,10 +1,10 @@
 """DPO's reference policy π_ref on the training model itself, never a second copy of the weights.
 
 * a fresh adapter: π_ref is the base model, i.e. the same model inside
-  `engine.adapters.disable_adapters` (every LoRALinear computes its frozen base only);
+  `engine.adapters.disable_adapters` (every adapter module computes its frozen base only);
 * ``--init-adapter DIR`` (continued training, e.g. DPO after SFT): π_ref is the starting policy,
-  base + the initial adapter, frozen. Its A, B are kept as frozen copies (adapter-sized, no base
-  weights) and copied into the live LoRA parameters under ``torch.no_grad`` for the reference
+  base + the initial adapter, frozen. Its adapter tensors (LoRA's A, B) are kept as frozen copies (adapter-sized,
+  no base weights) and copied into the live adapter parameters under ``torch.no_grad`` for the reference
   forward, the trained values being copied back bitwise right after. This happens before the
   policy forward of each micro-batch, so no autograd graph ever sees the swap.
 
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 from tqdm import tqdm
 
-from engine.adapters import disable_adapters, lora_modules
+from engine.adapters import adapter_params, disable_adapters
 from engine.data.batching import Batch
 from engine.data.preferences import PairBatchLoader, PreferencePair
 from engine.losses.causal_lm import completion_logps, hidden_states
@@ -32,9 +32,8 @@ class ReferencePolicy:
     def __init__(self, model: torch.nn.Module, frozen_initial: bool):
         self.model = model
         self.initial = None
-        if frozen_initial:  # copies of A and B only: r·(in + out) numbers per adapted linear
-            self.initial = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone())
-                            for n, m in lora_modules(model).items()}
+        if frozen_initial:  # copies of the adapter's tensors only (LoRA: r·(in + out) per adapted linear)
+            self.initial = _copies(adapter_params(model))
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -42,19 +41,13 @@ class ReferencePolicy:
             with disable_adapters(self.model):
                 yield
             return
-        modules = lora_modules(self.model)
-        with torch.no_grad():
-            trained = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in modules.items()}
-            for name, (a, b) in self.initial.items():
-                modules[name].lora_A.copy_(a)
-                modules[name].lora_B.copy_(b)
+        params = adapter_params(self.model)
+        trained = _copies(params)
+        _assign(params, self.initial)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, (a, b) in trained.items():
-                    modules[name].lora_A.copy_(a)
-                    modules[name].lora_B.copy_(b)
+            _assign(params, trained)
 
     @torch.no_grad()
     def logps(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,3 +87,13 @@ def precompute_reference(reference: ReferencePolicy, pairs: list[PreferencePair]
         owners = [pair for row in batch.sample_ids for pair in row]
         table[owners[:half]] = torch.stack([logps[:half], logps[half:]], 1).cpu()
     return table
+
+
+def _copies(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in params.items()}
+
+
+@torch.no_grad()
+def _assign(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]) -> None:
+    for name, value in values.items():
+        params[name].copy_(value)

@@ -1,30 +1,29 @@
-"""The model a run trains: the frozen base (dense or NF4) with a LoRA adapter that is the only
-trainable part, a fresh one from the flags or the one given with ``--init-adapter``; for a reward
-model the adapter includes the scalar head ``score`` (`engine.adapters.score_head`)."""
+"""The model a run trains: the frozen base (dense or NF4) with an adapter (``--peft``: LoRA, DoRA,
+IA³, prefix, bottleneck; `engine.adapters.methods`) that is the only trainable part, a fresh one
+from the flags or the one given with ``--init-adapter``; for a reward model the adapter includes
+the scalar head ``score`` (`engine.adapters.score_head`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from engine.adapters import (
-    LoRAConfig,
+    adapter_modules,
     adapter_params,
-    adapter_targets,
-    find_targets,
-    inject_lora,
+    config_from_flags,
+    folder_method,
+    inject_adapter,
     load_adapter,
-    lora_modules,
-    read_adapter_config,
+    method_named,
     read_adapter_metadata,
-    read_adapter_weights,
-    read_head_weight,
     set_trainable,
 )
-from engine.adapters.peft_format import check_head_fits
+from engine.adapters.peft_format import check_head_fits, read_head_weight
 from engine.adapters.score_head import attach_score_head, initializer_range, new_score_head, score_head
 from engine.config import TrainConfig
 from engine.dtensors import full_tensor
@@ -35,27 +34,20 @@ from models.skeleton import meta_model
 
 @dataclass
 class TrainableModel:
-    """The model, its adapter's configuration, the starting adapter's lineage (None for a fresh
-    adapter) and the number of trainable parameters."""
+    """The model, its adapter's configuration (the method's: `engine.adapters.methods`), the
+    starting adapter's lineage (None for a fresh adapter) and the number of trainable parameters."""
 
     model: nn.Module
-    lora_cfg: LoRAConfig
+    lora_cfg: Any
     parent_lineage: dict | None
     trainable_parameters: int
 
 
-def lora_config_from_flags(cfg: TrainConfig) -> LoRAConfig:
-    targets = "all-linear" if cfg.target_modules == "all-linear" else tuple(
-        t.strip() for t in cfg.target_modules.split(",") if t.strip())
-    return LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
-                      use_rslora=cfg.rslora)
-
-
 def check_model_fits(cfg: TrainConfig, model_config: LlamaConfig, max_token_id: int,
                      with_score_head: bool = False) -> None:
-    """Before any weight is loaded: the data's token ids fit the vocabulary, the adapter's targets
-    exist, and the rank is at most the smallest dimension of a targeted linear (a larger one would
-    only allocate parameters that add no capacity). Checked on a meta-device model: no memory.
+    """Before any weight is loaded: the data's token ids fit the vocabulary, and the adapter (the
+    starting one, or the method's from the flags: for LoRA its targets exist and the rank is at most
+    the smallest dimension of a targeted linear) fits the model. Checked on a meta-device model.
     A starting adapter with a reward head is for a reward run only (``with_score_head``), and its
     head must fit the hidden size."""
     if max_token_id >= model_config.vocab_size:
@@ -63,22 +55,16 @@ def check_model_fits(cfg: TrainConfig, model_config: LlamaConfig, max_token_id: 
                          f"{model_config.vocab_size} (the tokenizer has more tokens than the model's embedding)")
     skeleton = meta_model(model_config)
     if cfg.init_adapter:
-        adapter_cfg = read_adapter_config(cfg.init_adapter)
-        adapter_targets(skeleton, cfg.init_adapter, adapter_cfg, read_adapter_weights(cfg.init_adapter))
-        head = read_head_weight(cfg.init_adapter, adapter_cfg)
+        method = folder_method(cfg.init_adapter)
+        adapter_cfg = method.read_config(cfg.init_adapter)
+        method.load(skeleton, cfg.init_adapter)  # every key and shape checked against the model
+        head = read_head_weight(cfg.init_adapter, adapter_cfg) if method.name == "lora" else None
         if head is not None and not with_score_head:
             raise InputError(f"--init-adapter {cfg.init_adapter}: a reward model (a 'score' head beside LoRA); "
                              f"--method {cfg.method} starts from a causal-LM adapter (from --method sft or dpo)")
         check_head_fits(cfg.init_adapter, head, model_config.hidden_size)
         return
-    lora_cfg = lora_config_from_flags(cfg)
-    for name in find_targets(skeleton, lora_cfg):
-        linear = skeleton.get_submodule(name)
-        smallest = min(linear.in_features, linear.out_features)
-        if lora_cfg.rank_for(name) > smallest:
-            raise InputError(f"--lora-r {lora_cfg.rank_for(name)}: more than the smallest dimension ({smallest}) of "
-                             f"the targeted linear {name} ({linear.out_features}x{linear.in_features}); use at "
-                             f"most {smallest}")
+    method_named(cfg.peft).check_fits(skeleton, config_from_flags(cfg))
 
 
 def non_finite_parameter(model: nn.Module) -> str | None:
@@ -111,13 +97,14 @@ def build_model(cfg: TrainConfig, model_dir: Path, device: torch.device, dtype: 
     model = load_model(model_dir, dtype=dtype, device=device, quantize=None if cfg.quant == "none" else cfg.quant)
     if cfg.init_adapter:
         lora_cfg = load_adapter(model, cfg.init_adapter)
-        lora_cfg.dropout = cfg.lora_dropout
-        for module in lora_modules(model).values():
-            module.dropout = cfg.lora_dropout
+        if hasattr(lora_cfg, "dropout"):  # a training choice, from the flags (methods with dropout)
+            lora_cfg.dropout = cfg.lora_dropout
+            for module in adapter_modules(model).values():
+                module.dropout = cfg.lora_dropout
         parent = read_adapter_metadata(cfg.init_adapter)
     else:
-        lora_cfg, parent = lora_config_from_flags(cfg), None
-        inject_lora(model, lora_cfg)
+        lora_cfg, parent = config_from_flags(cfg), None
+        inject_adapter(model, lora_cfg)
     if with_score_head and score_head(model) is None:
         attach_score_head(model, new_score_head(model.config.hidden_size, cfg.seed, initializer_range(model_dir),
                                                 device=device))

@@ -40,8 +40,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from engine.adapters import load_adapter_weights, save_adapter
-from engine.adapters.peft_format import adapter_state_dict
+from engine.adapters import adapter_state_dict, load_adapter_weights, save_adapter
 from engine.config import TrainConfig
 from engine.data.batching import Batch
 from engine.errors import EXIT_DIVERGED, EXIT_PREEMPTED, RunStopped
@@ -317,7 +316,7 @@ class Run:
         parts = [self.summarize(result)] if self.evaluate_fn is not None else []
         if self.forgetting is not None:
             parts.append(self.forgetting.measure(self.model, self.device, self.parallel, self.step, result,
-                                                 self.extras, lambda: adapter_state_dict(self.model)))
+                                                 self.extras, self._gather_adapter))
         self.metrics.write("eval", self.step, **result)
         self.eval_summary = "; ".join(parts)
         if self.progress:
@@ -332,12 +331,15 @@ class Run:
                          parent_adapter=cfg.init_adapter, parent_lineage=self.trainable.parent_lineage)
         return {**record, **self.lineage_extra}
 
+    def _gather_adapter(self) -> dict[str, torch.Tensor]:
+        return adapter_state_dict(self.model, self.trainable.lora_cfg)
+
     def _adapter_writer(self, tensors: dict[str, torch.Tensor] | None = None,
                         steps: int | None = None) -> Callable[[Path], None]:
         """The adapter gathered now (a collective under FSDP2: every rank, in the same order), or
         ``tensors`` kept from step ``steps``, and a function that writes it to a folder on rank 0
         (and does nothing on the others)."""
-        tensors = adapter_state_dict(self.model) if tensors is None else tensors
+        tensors = self._gather_adapter() if tensors is None else tensors
 
         def write(folder: Path) -> None:
             if self.parallel.is_main:

@@ -58,7 +58,7 @@ def test_merged_folder_loads_in_transformers_and_ours(base_dir, tmp_path, capsys
         run_cli(main, ["--model", str(base_dir), "--adapter", str(tmp_path / "adapter"), "--out", str(out),
                        "--dtype", "fp32"])
     assert exit_info.value.code == 0
-    assert "merged LoRA into 8 linear layers" in capsys.readouterr().out
+    assert "merged the adapter into 8 linear layers" in capsys.readouterr().out
     hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         assert_close(hf(ids()).logits, expected, torch.float32, "transformers on merged", atol=LOGITS_FP32_ATOL)

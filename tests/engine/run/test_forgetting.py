@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from engine.adapters import disable_adapters, load_adapter
-from engine.adapters.peft_format import adapter_state_dict, read_adapter_metadata
+from engine.adapters.peft_format import lora_state_dict, read_adapter_metadata
 from engine.config import TrainConfig
 from engine.data.samples import load_samples
 from engine.errors import InputError
@@ -134,7 +134,7 @@ def test_budget_keep_best_trains_on_and_resume_keeps_the_choice_and_the_cached_b
     assert_same_adapter(out / "adapter", out / "checkpoints" / "step-000004" / "adapter")
     assert read_adapter_metadata(out / "adapter")["steps"] == 4
     assert read_adapter_metadata(out / "adapter-last")["steps"] == 8
-    final = {k: v.cpu() for k, v in adapter_state_dict(run.model).items()}
+    final = {k: v.cpu() for k, v in lora_state_dict(run.model).items()}
     last = adapter_tensors(out / "adapter-last")
     assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
 

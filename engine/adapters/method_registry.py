@@ -1,0 +1,4 @@
+"""Imports every method's module, each of which registers itself in `engine.adapters.methods.METHODS`
+(in this order: the order ``--help`` and errors list them)."""
+
+import engine.adapters.lora_method  # noqa: F401  lora
