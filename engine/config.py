@@ -288,6 +288,9 @@ class TrainConfig:
         if self.peft not in ("lora", "dora") and (self.lora_init != "default" or self.loraplus_ratio is not None):
             raise InputError(f"--{'lora-init' if self.lora_init != 'default' else 'loraplus-ratio'} applies to --peft "
                              f"lora or dora, not {self.peft}")
+        if self.method == "reward" and self.peft not in ("lora", "dora"):
+            raise InputError(f"--method reward trains LoRA or DoRA beside its score head (PEFT's sequence-"
+                             f"classification format), not --peft {self.peft}")
         if self.lora_init == "loftq" and self.quant != "nf4":
             raise InputError("--lora-init loftq initialises LoRA to cancel the NF4 rounding of the base: it needs "
                              "--quant nf4")

@@ -26,15 +26,9 @@ import torch
 from tqdm import tqdm
 
 import models
-from engine.adapters import (
-    adapter_targets,
-    load_adapter,
-    merge,
-    read_adapter_config,
-    read_adapter_weights,
-    read_head_weight,
-)
+from engine.adapters import load_adapter, merge, read_adapter_config, read_adapter_weights, read_head_weight
 from engine.adapters.gguf_lora import add_lora_metadata, lora_gguf
+from engine.adapters.methods import check_fits
 from engine.atomic import atomic_file
 from engine.cli import ArgumentParser
 from engine.errors import InputError, run_cli
@@ -67,14 +61,13 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def check_adapters(model_dir: Path, adapters: list[str]) -> None:
-    """Each adapter is a LoRA adapter that fits the model (read on a meta model: no weights)."""
+    """Each adapter is a mergeable adapter (LoRA, DoRA, IA³) that fits the model (read on a meta
+    model: no weights)."""
     for adapter in adapters:
-        cfg, weights = read_adapter_config(adapter), read_adapter_weights(adapter)
-        if read_head_weight(adapter, cfg) is not None:
+        method = check_fits(read_config(model_dir), adapter, merging=True)
+        if method.name == "lora" and read_head_weight(adapter, read_adapter_config(adapter)) is not None:
             raise InputError(f"--adapter {adapter}: a reward model (a score head beside LoRA): a GGUF causal LM "
                              "would lose its head")
-        with torch.device("meta"):
-            adapter_targets(models.LlamaForCausalLM(read_config(model_dir)), adapter, cfg, weights)
 
 
 def _progress(plans):

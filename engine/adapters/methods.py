@@ -119,6 +119,20 @@ def folder_method(adapter_dir: str | os.PathLike) -> AdapterMethod:
                      f"(--peft {'|'.join(_methods())})")
 
 
+def check_fits(model_config: Any, adapter_dir: str | os.PathLike, merging: bool = False) -> AdapterMethod:
+    """The folder's method, after its adapter was loaded onto a meta-device model of
+    ``model_config`` (every check the method makes; no weight is read); with ``merging`` an
+    InputError when the method cannot be folded into weights."""
+    from models.skeleton import meta_model
+    method = folder_method(adapter_dir)
+    if merging and not method.mergeable:
+        raise InputError(f"--adapter {adapter_dir}: a {method.name} adapter adds computation that is not a change "
+                         "of weights, so it cannot be merged into the base; serve the base with the adapter folder "
+                         "(models.load_model(..., adapter=DIR), engine.generate --adapter DIR)")
+    method.load(meta_model(model_config), adapter_dir)
+    return method
+
+
 # ----------------------------------------------------------------------------- the dispatch
 
 def config_from_flags(flags: Any) -> Any:
@@ -156,9 +170,6 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> No
 def load_adapted_model(name_or_path: str | os.PathLike, adapter: str | os.PathLike | None = None, *,
                        quantize: str | None = None, dtype: torch.dtype = torch.float32,
                        device: torch.device | str = "cpu") -> nn.Module:
-    """`models.load_model` with the ``adapter`` folder (any method) on top, checked before it is
-    applied (none: the plain base), in eval mode."""
-    model = load_model(name_or_path, quantize=quantize, dtype=dtype, device=device)
-    if adapter is not None:
-        load_adapter(model, adapter)
-    return model.eval()
+    """`models.load_model` with the ``adapter`` folder (any method) on top, checked before a weight
+    is read (none: the plain base), in eval mode."""
+    return load_model(name_or_path, quantize=quantize, dtype=dtype, device=device, adapter=adapter)

@@ -204,6 +204,7 @@ def inject_adapters(model: nn.Module, adapters: Sequence[Adapter]) -> MultiAdapt
     if any(isinstance(m, (LoRALinear, MultiLoRALinear)) for m in model.modules()):
         raise InputError("the model already has adapters; inject several adapters into the plain base only")
     for adapter in adapters:
+        adapter.require_lora("gathering several adapters per row")
         if adapter.config.modules_to_save:
             raise InputError(f"adapter {adapter.name!r} ({adapter.path}): a reward model's score head "
                              f"(modules_to_save={list(adapter.config.modules_to_save)}) cannot be gathered per row")

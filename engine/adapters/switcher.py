@@ -6,6 +6,10 @@ adapter's layout (adapted modules, ranks and scales). `AdapterSwitcher.activate`
 time: when the next adapter has the same layout as the active one, its weights are copied into the
 existing LoRA modules; otherwise the plain base linears are put back and the new layout is
 injected. ``activate(None)`` puts the plain base back.
+
+LoRA adapters are held in memory (weights read once). An adapter of another method (DoRA, IA³,
+prefix, bottleneck: `engine.adapters.methods`) is checked the same way, on a meta-device copy of the
+model, and loaded from its folder each time it is activated (its ``weights`` are None).
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from engine.adapters.lora import LoRAConfig, lora_scale
+from engine.adapters.lora import lora_scale
+from engine.adapters.methods import folder_method, method_of
 from engine.adapters.peft_format import (
     adapter_targets,
     assign_adapter_weights,
@@ -25,23 +31,39 @@ from engine.adapters.peft_format import (
     read_adapter_weights,
     read_head_weight,
 )
-from engine.adapters.targets import inject_lora, remove_lora
+from engine.adapters.targets import inject_lora, remove_adapters
+from engine.errors import InputError
+from models.skeleton import meta_model
 
 
 @dataclass
 class Adapter:
-    """One adapter held in memory: its config, fp32 weights per module, and its module layout."""
+    """One adapter: its config (its method's), for LoRA its fp32 weights per module (None for the
+    other methods: read from the folder when activated), and its module layout."""
 
     name: str
     path: Path
-    config: LoRAConfig
-    weights: dict[str, dict[str, torch.Tensor]]
+    config: Any
+    weights: dict[str, dict[str, torch.Tensor]] | None
     layout: dict[str, tuple[int, float]] = field(default_factory=dict)  # module -> (r, scale)
+
+    @property
+    def is_lora(self) -> bool:
+        return self.weights is not None
+
+    def require_lora(self, purpose: str) -> None:
+        """InputError unless this is a plain LoRA adapter (``purpose``: what needs one)."""
+        if not self.is_lora:
+            raise InputError(f"adapter {self.name!r} ({self.path}): a {self.config.method} adapter; {purpose} "
+                             "takes LoRA adapters only")
 
 
 def read_adapter(path: str | Path, name: str | None = None) -> Adapter:
-    """Config and weights of a PEFT-format folder (InputError when missing or malformed)."""
+    """Config and weights of an adapter folder (InputError when missing or malformed)."""
     path = Path(path)
+    method = folder_method(path)
+    if method.name != "lora":
+        return Adapter(name or str(path), path, method.read_config(path), None)
     config = read_adapter_config(path)
     read_head_weight(path, config)  # a reward head must agree with the config (the caller decides on it)
     weights = {module: {k: t.to(torch.float32) for k, t in pair.items()}
@@ -51,7 +73,12 @@ def read_adapter(path: str | Path, name: str | None = None) -> Adapter:
 
 def check_adapter_fits(model: nn.Module, adapter: Adapter) -> None:
     """Check the adapter's targets and every A/B shape against a model *without* LoRA (a meta-device
-    model will do, nothing is computed), and record its layout. Raises InputError naming the file."""
+    model will do, nothing is computed), and record its layout. Raises InputError naming the file.
+    Another method's adapter is loaded onto a meta-device copy of the model (every check it makes)."""
+    if not adapter.is_lora:
+        method_of(adapter.config).load(meta_model(model.config), adapter.path)
+        adapter.layout = {adapter.config.method: (0, 0.0)}
+        return
     targets = adapter_targets(model, adapter.path, adapter.config, adapter.weights)
     cfg = adapter.config
     adapter.layout = {name: (cfg.rank_for(name), lora_scale(cfg.rank_for(name), cfg.alpha_for(name), cfg.use_rslora))
@@ -70,24 +97,28 @@ class AdapterSwitcher:
         """Make ``adapter`` the active one (None: the plain base). Its layout must have been
         recorded by `check_adapter_fits`."""
         if adapter is None:
-            remove_lora(self.model)
+            remove_adapters(self.model)
             self.active = None
             return
         if not adapter.layout:
             raise ValueError(f"adapter {adapter.name!r}: call check_adapter_fits before activating it")
-        if self.active is None or self.active.layout != adapter.layout:
-            remove_lora(self.model)
-            inject_lora(self.model, adapter.config)
-        # With the same layout the existing LoRA modules only need the new weights.
-        assign_adapter_weights(self.model, adapter.weights)
-        self.model.eval()  # no LoRA dropout
+        if not adapter.is_lora:
+            remove_adapters(self.model)
+            method_of(adapter.config).load(self.model, adapter.path)
+        else:
+            if self.active is None or not self.active.is_lora or self.active.layout != adapter.layout:
+                remove_adapters(self.model)
+                inject_lora(self.model, adapter.config)
+            # With the same layout the existing LoRA modules only need the new weights.
+            assign_adapter_weights(self.model, adapter.weights)
+        self.model.eval()  # no dropout
         self.active = adapter
 
 
 def base_then_adapters(model: nn.Module, adapters: list[Adapter], base_name: str = "base") -> Iterator[str]:
     """The plain base, then each adapter in turn, active in ``model`` (every one checked against it
     first); yields the name of what is active, and puts the plain base back at the end."""
-    remove_lora(model)
+    remove_adapters(model)
     for adapter in adapters:
         check_adapter_fits(model, adapter)
     switcher = AdapterSwitcher(model)

@@ -7,7 +7,8 @@ model's weights at every start would take minutes), the data files with their SH
 pipeline (format, lengths, packing, prompt masking), the batch geometry (padding-free batches and
 a token budget included: they change the dropout draws and the batches), MLP chunks when LoRA
 has dropout (its masks are drawn per chunk), the seed, quantization and dtype, the adapter's
-shape (or the starting adapter's SHA-256), the optimizer's settings, and the retention, replay,
+shape and its ``--peft`` method's settings (or the starting adapter's SHA-256), the optimizer's
+settings (LoRA+'s ratio included), and the retention, replay,
 KL-anchor and budget options when given.
 
 `compare_identity` sorts the differences between a saved identity and the current one:
@@ -79,6 +80,7 @@ def run_identity(cfg: TrainConfig, model_dir: Path, max_len: int, dtype: torch.d
         fields["kl_to_base"] = cfg.kl_to_base
     if cfg.max_forgetting is not None:
         fields.update(max_forgetting=cfg.max_forgetting, on_budget=cfg.on_budget)
+    fields.update(method_fields(cfg))
     if cfg.init_adapter:
         for name in ADAPTER_FIELDS:
             fields.pop(name, None)
@@ -90,6 +92,26 @@ def run_identity(cfg: TrainConfig, model_dir: Path, max_len: int, dtype: torch.d
     fields["data"] = data_file_record(cfg.data)
     fields["eval_data"] = data_file_record(cfg.eval_data) if cfg.eval_data else None
     fields.update({name: getattr(cfg, name) for name in SCHEDULE_FIELDS})
+    return fields
+
+
+def method_fields(cfg: TrainConfig) -> dict[str, Any]:
+    """The ``--peft`` method's settings, only where they differ from a plain LoRA run (so that a
+    checkpoint from before they existed still matches a LoRA run); a starting adapter brings its own
+    method and shape (its hash), so then only LoRA+'s ratio counts."""
+    fields: dict[str, Any] = {}
+    if cfg.loraplus_ratio is not None:
+        fields["loraplus_ratio"] = cfg.loraplus_ratio
+    if cfg.init_adapter:
+        return fields
+    if cfg.peft != "lora":
+        fields["peft"] = cfg.peft
+    if cfg.lora_init != "default":
+        fields["lora_init"] = cfg.lora_init
+    if cfg.peft == "prefix":
+        fields.update(num_virtual_tokens=cfg.num_virtual_tokens, prefix_projection=cfg.prefix_projection)
+    if cfg.peft == "bottleneck":
+        fields.update(adapter_dim=cfg.adapter_dim, adapter_placement=cfg.adapter_placement)
     return fields
 
 
