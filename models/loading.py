@@ -272,16 +272,14 @@ QUANTIZE_CHOICES = (None, "nf4")
 
 
 def load_model(name_or_path: str | os.PathLike, *, quantize: str | None = None,
-               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               adapter: str | os.PathLike | None = None) -> LlamaForCausalLM:
+               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> LlamaForCausalLM:
     """A model folder, preset name or hub id -> `LlamaForCausalLM` in ``dtype`` on ``device``, eval mode.
 
     ``quantize="nf4"`` (QLoRA) stores every decoder-block linear in NF4, quantizing each weight as
     it is read, so the dense model never exists whole on the device (``dtype`` is then the
     compute dtype and the dtype the weights are quantized from). A pre-quantized bitsandbytes NF4
     folder loads its quantized linears as NF4 whatever ``quantize`` says (the checkpoint decides).
-    ``adapter``: an adapter folder of any method (`engine.adapters.methods`: LoRA, DoRA, IA³,
-    prefix, bottleneck) put on top, checked against the model's shapes before a weight is read.
+    Adapters go on top with `engine.adapters.load_adapter` (or `engine.adapters.load_adapted_model`).
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise InputError(f"dtype {dtype}: expected torch.float32, torch.bfloat16 or torch.float16")
@@ -289,14 +287,8 @@ def load_model(name_or_path: str | os.PathLike, *, quantize: str | None = None,
         raise InputError(f"quantize={quantize!r}: expected None or 'nf4'")
     model_dir = resolve_model_dir(name_or_path)
     cfg = read_config(model_dir)
-    if adapter is not None:
-        # the engine's adapter formats sit above models/: imported here, only when asked for
-        from engine.adapters.methods import folder_method
-        folder_method(adapter).load(meta_model(cfg), adapter)  # every check, on a meta-device model
     model = meta_model(cfg)
     load_weights(model, model_dir, dtype, device, transform=_quantize_nf4 if quantize == "nf4" else None)
-    if adapter is not None:
-        folder_method(adapter).load(model, adapter)
     return model.eval()
 
 

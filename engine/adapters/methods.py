@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from engine.errors import InputError
-from models import load_model
+from models import load_model, resolve_model_dir
+from models.loading import read_config as read_model_config
 
 
 class AdapterMethod(ABC):
@@ -170,6 +171,11 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> No
 def load_adapted_model(name_or_path: str | os.PathLike, adapter: str | os.PathLike | None = None, *,
                        quantize: str | None = None, dtype: torch.dtype = torch.float32,
                        device: torch.device | str = "cpu") -> nn.Module:
-    """`models.load_model` with the ``adapter`` folder (any method) on top, checked before a weight
-    is read (none: the plain base), in eval mode."""
-    return load_model(name_or_path, quantize=quantize, dtype=dtype, device=device, adapter=adapter)
+    """`models.load_model` with the ``adapter`` folder of any method on top (none: the plain base), in
+    eval mode; the adapter is checked against the model's shapes before a weight is read."""
+    if adapter is not None:
+        check_fits(read_model_config(resolve_model_dir(name_or_path)), adapter)
+    model = load_model(name_or_path, quantize=quantize, dtype=dtype, device=device)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    return model.eval()
