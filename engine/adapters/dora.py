@@ -20,9 +20,12 @@ instead rescales a second base product ``drop(x) Wᵀ`` (``(g − 1) ⊙ drop(x)
 expectation, but a second full GEMM forward and backward; without dropout, or in eval mode,
 the two are the same function.
 
-The norm is cached: it is recomputed only when A, B (their ``_version`` counters, bumped by every
-in-place optimizer update or copy) or the base weight changed, so the micro-batches of one step
-and the gradient-checkpointing recompute reuse the one computed in the step's first forward.
+The norm is cached: it is recomputed only when A, B or the base weight may have changed, so the
+micro-batches of one step and the gradient-checkpointing recompute reuse the one computed in the
+step's first forward. The cache key holds each tensor's ``_version`` counter (bumped by in-place
+ops: a loaded checkpoint's ``copy_``, a plain AdamW) and storage, and the number of optimizer
+steps taken in the process (`_OptimizerSteps`), because torch's fused AdamW (ours,
+`engine.run.optimizer`) updates parameters without bumping ``_version``.
 The magnitude starts at ‖W + s·B·A‖ (= ‖W‖ for PEFT's B = 0), so a fresh layer equals its base.
 """
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from engine.adapters.lora import LoRAConfig, LoRALinear, dense_base_weight, merged_linear
 from engine.adapters.targets import find_targets, replace_module
@@ -37,6 +41,21 @@ from kernels.dora import dora_weight_norm
 from kernels.lora import lora_linear_checked
 from kernels.lora_group import GroupMember
 from models.quantized import NF4Linear
+
+
+class _OptimizerSteps:
+    """How many ``torch.optim.Optimizer.step`` calls this process made (any optimizer), counted by
+    torch's global step hook: a parameter may have changed only across one of them, whatever the
+    optimizer's implementation (fused kernels leave ``_version`` alone)."""
+
+    count = 0
+
+    @classmethod
+    def _hook(cls, optimizer, args, kwargs) -> None:
+        cls.count += 1
+
+
+register_optimizer_step_post_hook(_OptimizerSteps._hook)
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -55,13 +74,13 @@ class DoRALinear(LoRALinear):
         self.lora_magnitude_vector = nn.Parameter(self.weight_norm().clone())
 
     def _base_key(self) -> tuple:
-        if isinstance(self.base, NF4Linear):
-            return id(self.base.weight_nf4), _tensor_key(self.base.weight_nf4.packed)
+        if isinstance(self.base, NF4Linear):  # its buffers (`weight_nf4` is a new object at each access)
+            return tuple(_tensor_key(b) for b in self.base.buffers(recurse=False))
         return _tensor_key(self.base.weight)
 
     def weight_norm(self) -> torch.Tensor:
         """n = ‖W + s·B·A‖ per output row (out,) fp32, detached; recomputed only when A, B or W changed."""
-        key = (_tensor_key(self.lora_A), _tensor_key(self.lora_B), self._base_key())
+        key = (_OptimizerSteps.count, _tensor_key(self.lora_A), _tensor_key(self.lora_B), self._base_key())
         if key != self._norm_key:
             self._norm = dora_weight_norm(self.base_weight(), self.lora_A.detach(), self.lora_B.detach(), self.scale)
             self._norm_key = key
