@@ -9,8 +9,9 @@ from kernels.dora import dora_weight_norm, dora_weight_norm_ref
 from kernels.nf4 import dequantize_nf4, quantize_nf4
 from tests.tolerances import assert_close
 
-# (out, in, r): odd sizes, ranks of every rank tile (16, 32, 64, 128), in-dims not a tile multiple
-SHAPES = [(5, 123, 3), (77, 40, 17), (33, 130, 64), (20, 50, 100)]
+# (out, in, r): odd sizes, ranks of every rank tile (16, 32, 64, 128), in-dims not a tile multiple,
+# more rows than one block of the reference (256)
+SHAPES = [(5, 123, 3), (77, 40, 17), (33, 130, 64), (20, 50, 100), (300, 20, 4)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
