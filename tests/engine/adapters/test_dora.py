@@ -371,3 +371,25 @@ def test_sft_with_peft_dora_lowers_loss_and_resumes_exactly(tiny_model_dir, tmp_
     assert losses(part) == full
     b = load_file(str(part / "adapter" / WEIGHTS_NAME))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dpo_with_peft_dora_trains_against_the_adapter_off_reference(tiny_model_dir, tmp_path):
+    """DPO through the dispatch: a fresh DoRA layer equals its base (B = 0, m = ‖W‖), so the first
+    step's loss is log 2 (policy = reference, the adapter off); the run moves the loss and saves
+    DoRA's magnitudes."""
+    from safetensors.torch import load_file
+
+    from engine.recipes import dpo
+    from engine.recipes.dpo import DPOOptions
+    from engine.run.metrics import read_metrics
+    from tests.engine.recipes.pref_files import write_pref_subset
+    from tests.engine.recipes.test_dpo import dpo_config
+
+    data = write_pref_subset(tmp_path, 8, 2)
+    run = dpo.train(dpo_config(tiny_model_dir, data, tmp_path / "run", peft="dora", max_steps=3, lora_dropout=0.0),
+                    progress=False, options=DPOOptions())
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(losses) == 3 and abs(losses[0] - math.log(2)) < 1e-5, losses
+    assert losses[-1] != losses[0] and len(dora_modules(run.model)) == 14
+    saved = load_file(str(tmp_path / "run" / "adapter" / WEIGHTS_NAME))
+    assert sum(k.endswith("lora_magnitude_vector") for k in saved) == 14
