@@ -35,7 +35,7 @@ import time
 from bench.common import CPU_NOTE, RESULTS_DIR, bench_device, environment, write_results
 from bench.targets import check, format_headlines
 
-BENCHES = ("nf4", "lora", "lora_group", "lora_gather", "rms_norm", "rope", "swiglu", "linear_cross_entropy")
+BENCHES = ("nf4", "lora", "dora", "lora_group", "lora_gather", "rms_norm", "rope", "swiglu", "linear_cross_entropy")
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESERVE_S = 30  # kept back for each benchmark still to run, so that a slow one cannot starve them
 QUICK_RESERVE_S = 20  # the same with --quick (headline shapes: about 20 s a benchmark on an H100)

@@ -5,6 +5,7 @@ one number, the worst case over the shapes and modes it covers, and compares it 
 
 * ``nf4``: ours' share of the measured copy bandwidth ≥ 0.85; bitsandbytes' time / ours ≥ 1.3.
 * ``lora`` (rank 16, ``full`` mode): ours / base matmul ≤ 1.10; PEFT-style / ours ≥ 1.5.
+* ``dora`` (``full`` layer mode and the model ``step``): dora / lora time ≤ 1.3.
 * ``lora_group`` (rank 16, ``full``): q/k/v and gate/up as one grouped op / one op each ≤ 1.0.
 * ``rms_norm``, ``rope``, ``swiglu``: ours' share of copy bandwidth ≥ 0.85 (every mode); Liger's
   time / ours ≥ 1 (no slower than Liger).
@@ -90,6 +91,9 @@ def check(bench: str, rows: Sequence[dict]) -> list[Headline]:
         r16 = [r for r in rows if r.get("rank") == 16]
         return [_worst(bench, f"{ours} / base time, r=16", "<=", 1.10, ratios(r16, ours, "base", modes=["full"])),
                 _worst(bench, f"peft / {ours} time, r=16", ">=", 1.5, ratios(r16, "peft", ours, modes=["full"]))]
+    if bench == "dora":
+        return [_worst(bench, "dora / lora time (layer full, model step)", "<=", 1.3,
+                       ratios(rows, "dora", "lora", modes=["full", "step"]))]
     if bench == "lora_group":
         r16 = [r for r in rows if r.get("rank") == 16]
         return [_worst(bench, "grouped / separate time, r=16", "<=", 1.0,

@@ -47,6 +47,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 METADATA_KEY = "lora_engine"
 _PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.default)?\.weight$")
+# DoRA's magnitude (out,): PEFT 0.21 writes `<module>.lora_magnitude_vector`; its module form also has the suffixes
+_MAGNITUDE_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_magnitude_vector)(?:\.default)?(?:\.weight)?$")
 HEAD_KEY = f"{_PREFIX}{SCORE}.weight"  # a reward model's head, as PEFT saves a modules_to_save module
 _HEAD_SPELLINGS = (f"{SCORE}.weight", f"{SCORE}.modules_to_save.default.weight")  # after the prefix
 SEQ_CLS_MODULES = ({SCORE}, {"classifier", SCORE})  # modules_to_save of a reward model: ours, PEFT's
@@ -159,8 +161,9 @@ def write_adapter_folder(out_dir: str | os.PathLike, config: dict[str, Any], ten
 
 # ----------------------------------------------------------------------------- load
 
-def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
-    """Parse ``adapter_config.json`` into a LoRAConfig; refuse PEFT features we do not implement."""
+def read_adapter_config(adapter_dir: str | os.PathLike, dora: bool = False) -> LoRAConfig:
+    """Parse ``adapter_config.json`` into a LoRAConfig; refuse PEFT features we do not implement.
+    ``dora``: accept ``use_dora`` (`engine.adapters.dora_format`); LoRA-only readers refuse it."""
     path = Path(adapter_dir) / CONFIG_NAME
     if not Path(adapter_dir).is_dir():
         raise InputError(f"{adapter_dir}: adapter folder not found")
@@ -175,7 +178,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
     if raw.get("peft_type", "LORA") != "LORA":
         raise InputError(f"{path}: peft_type is {raw.get('peft_type')!r}; only LORA adapters are supported")
     for key, neutral in _UNSUPPORTED.items():
-        if raw.get(key) not in neutral:
+        if raw.get(key) not in neutral and not (dora and key == "use_dora"):
             raise InputError(f"{path}: {key}={raw[key]!r} is not supported (LoRA on linear layers only)")
     modules_to_save = _modules_to_save(path, raw)
     for key in ("r", "lora_alpha", "target_modules"):
@@ -187,6 +190,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
             target_modules=raw["target_modules"], use_rslora=bool(raw.get("use_rslora", False)),
             rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},
             exclude_modules=raw.get("exclude_modules"), modules_to_save=modules_to_save,
+            use_dora=dora and bool(raw.get("use_dora")),
         )
     except InputError as err:
         raise InputError(f"{path}: {err}") from None
@@ -228,8 +232,9 @@ def read_adapter_metadata(adapter_dir: str | os.PathLike) -> dict[str, Any] | No
     return record
 
 
-def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
-    """``{module name: {"lora_A": tensor, "lora_B": tensor}}`` from the safetensors file, any PEFT key spelling."""
+def read_adapter_weights(adapter_dir: str | os.PathLike, dora: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module name: {"lora_A": tensor, "lora_B": tensor}}`` from the safetensors file, any PEFT key spelling;
+    ``dora``: also DoRA's ``"lora_magnitude_vector"`` (out,), required for every module."""
     path = Path(adapter_dir) / WEIGHTS_NAME
     if not path.is_file():
         hint = " (adapter_model.bin is a pickle; re-save it with safetensors)" if (
@@ -241,7 +246,8 @@ def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, dict[str, 
             for key in f.keys():
                 if key.removeprefix(_PREFIX) in _HEAD_SPELLINGS:
                     continue  # a reward model's head: `read_head_weight`
-                match = _KEY_RE.match(key.removeprefix(_PREFIX))
+                match = _KEY_RE.match(key.removeprefix(_PREFIX)) or (
+                    _MAGNITUDE_RE.match(key.removeprefix(_PREFIX)) if dora else None)
                 if match is None:
                     raise InputError(f"{path}: tensor {key!r} is not a LoRA A/B weight (embedding, DoRA or "
                                      f"modules_to_save tensors are not supported)")
@@ -251,7 +257,7 @@ def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, dict[str, 
     except Exception as err:  # safetensors raises its own error types for corrupt headers/files
         raise InputError(f"{path}: cannot read safetensors file ({err})") from None
     for module, pair in weights.items():
-        for which in ("lora_A", "lora_B"):
+        for which in ("lora_A", "lora_B") + (("lora_magnitude_vector",) if dora else ()):
             if which not in pair:
                 raise InputError(f"{path}: {module}.{which}.weight is missing")
             tensor = pair[which]
