@@ -132,8 +132,8 @@ def test_refuses_what_cannot_be_gathered(tiny, tmp_path):
     shutil.copytree(paths["a"], dora)
     config = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(InputError, match="use_dora=True is not supported"):
-        read_adapter(dora)  # refused before anything is stacked (as lora_bias, bias, fan_in_fan_out...)
+    with pytest.raises(InputError, match="a dora adapter; gathering several adapters per row takes LoRA adapters only"):
+        inject_adapters(load_model(model_dir), [read_adapter(dora)])  # refused before anything is stacked
     other = save_model(random_model(tiny_config().replace(hidden_size=64), seed=0), tmp_path / "other")
     wrong = save_random_adapter(other, tmp_path / "wrong", LoRAConfig(r=2, alpha=4, target_modules=("q_proj",)), 0)
     with pytest.raises(InputError, match=r"expected \(2, 48\)"):
