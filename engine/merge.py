@@ -58,11 +58,10 @@ from torch import nn
 import models
 from engine.adapters import (
     MergeReport,
-    adapter_targets,
+    folder_method,
     load_adapter,
     merge,
     read_adapter_config,
-    read_adapter_weights,
     read_head_weight,
 )
 from engine.adapters.combine import COMBINATIONS, MAJORITY_SIGN, combine_main
@@ -182,12 +181,12 @@ def merge_to_folder(base: str, adapter: str, out: str | os.PathLike, dtype: torc
         raise InputError(f"--quant must be 'none' or 'nf4', got {quant!r}")
     base_dir = models.resolve_model_dir(base)
     check_out(out, base_dir, Path(adapter), overwrite)
-    adapter_cfg, adapter_weights = read_adapter_config(adapter), read_adapter_weights(adapter)
-    if read_head_weight(adapter, adapter_cfg) is not None:
+    method = folder_method(adapter)  # any --peft method's folder (engine.adapters.methods)
+    if method.name == "lora" and read_head_weight(adapter, read_adapter_config(adapter)) is not None:
         raise InputError(f"--adapter {adapter}: a reward model (a score head beside LoRA): merging it would give a "
                          "causal LM without its head; score with it through engine.reward_model instead")
-    with torch.device("meta"):  # the adapter fits the base: checked before any weight is read
-        adapter_targets(models.LlamaForCausalLM(read_config(base_dir)), adapter, adapter_cfg, adapter_weights)
+    with torch.device("meta"):  # the adapter fits the base: every key and shape checked before any weight is read
+        method.load(models.LlamaForCausalLM(read_config(base_dir)), adapter)
     plan = plan_merge(base_dir, adapter, quant, onto, requantize)
     drift_plan = plan_drift(plan, drift, base_dir)
     device = resolve_device(drift.device) if drift is not None else torch.device("cpu")

@@ -382,3 +382,45 @@ def test_dpo_with_ia3_uses_the_base_as_reference_and_resumes_exactly(tiny_model_
     a, b = (load_file(str(p / "adapter" / WEIGHTS_NAME)) for p in (full, part))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(k.endswith(".ia3_l") for k in a)
+
+
+def test_merge_cli_folds_an_ia3_folder_into_the_logits_of_base_plus_adapter(hf_dir, tmp_path):
+    """`engine.merge` (merge_to_folder) takes an IA³ folder through the dispatch: the merged folder's
+    logits are the adapted model's."""
+    from engine.adapters import load_adapted_model
+    from engine.merge import merge_to_folder
+
+    model = load_model(hf_dir)
+    inject_adapter(model, IA3Config())
+    randomize_l(model)
+    save_adapter(model, IA3Config(), tmp_path / "a", str(hf_dir))
+    result = merge_to_folder(str(hf_dir), str(tmp_path / "a"), tmp_path / "merged", dtype=torch.float32)
+    assert len(result.report.merged) == 6
+    with torch.no_grad():
+        adapted = load_adapted_model(hf_dir, tmp_path / "a")(ids())
+        merged = load_model(tmp_path / "merged").eval()(ids())
+    assert_close(merged, adapted, torch.float32, "merged folder vs base + IA³", atol=LOGITS_FP32_ATOL)
+
+
+def test_ia3_on_an_nf4_base_then_dpo_from_its_folder(tiny_model_dir, qa_data, tmp_path):
+    """--peft ia3 --quant nf4: IA³ wraps NF4 linears and trains; DPO with --init-adapter on that
+    folder (checked on a meta model, then loaded) starts with the SFT policy as its reference."""
+    from engine.recipes import dpo
+    from engine.recipes.dpo import DPOOptions
+    from tests.engine.recipes.pref_files import write_pref_subset
+    from tests.engine.recipes.test_dpo import dpo_config, lines
+    from tests.engine.recipes.test_sft import run_config, train, train_losses
+
+    run = train(run_config(tiny_model_dir, qa_data, tmp_path / "sft", peft="ia3", quant="nf4", lr=1.0, max_steps=2,
+                           eval_data=None))
+    modules = ia3_modules(run.model)
+    assert len(modules) == 6 and all(isinstance(m.base, NF4Linear) for m in modules.values())
+    assert all(torch.isfinite(torch.tensor(train_losses(tmp_path / "sft"))))
+    (tmp_path / "prefs").mkdir()
+    data = write_pref_subset(tmp_path / "prefs", 8, 4)
+    chained = dpo.train(dpo_config(tiny_model_dir, data, tmp_path / "dpo", max_steps=1,
+                                   init_adapter=str(tmp_path / "sft" / "adapter")), progress=False,
+                        options=DPOOptions())
+    assert len(ia3_modules(chained.model)) == 6
+    first = lines(tmp_path / "dpo", "eval")[0]
+    assert first["step"] == 0 and first["eval/rewards/margins"] == 0
