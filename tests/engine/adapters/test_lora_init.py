@@ -2,6 +2,7 @@
 bitsandbytes on CUDA, its loop with our NF4 quantizer), the model at init, and the saved form of
 PiSSA/OLoRA: a plain rank-2r LoRA on the ORIGINAL base, loaded by PEFT and by us, and resumed."""
 
+import functools
 import json
 
 import peft
@@ -229,3 +230,71 @@ def test_resume_refuses_a_folder_from_another_init(hf_dir, tmp_path):
         plain, plain_cfg = fresh(hf_dir, "default")
         save_adapter(plain, plain_cfg, tmp_path / "p", str(hf_dir))
         load_adapter_weights(fresh(hf_dir, "olora")[0], tmp_path / "p")
+
+
+# ----------------------------------------------------------------------------- SFT runs
+
+from tests.engine.recipes.test_sft import qa_data, run_config, train, train_losses  # noqa: E402,F401
+
+
+def trained_logits(model, tokens):
+    with torch.no_grad():
+        return model.eval()(tokens)
+
+
+@pytest.mark.parametrize("init, ratio", [("pissa", None), ("olora", 4.0)])
+def test_sft_adapter_loads_on_the_original_base_and_resume_is_exact(tiny_model_dir, qa_data, tmp_path, init, ratio):
+    """A few SFT steps with --lora-init (and LoRA+ for OLoRA): HF PEFT and we, loading the saved
+    (converted) adapter onto the ORIGINAL base, give the trained model's logits; a run resumed
+    from its step-2 checkpoint gives the same losses and adapter bitwise."""
+    import shutil
+
+    from engine.adapters import load_adapted_model
+    from engine.run.metrics import read_metrics
+
+    config = functools.partial(run_config, lora_init=init, loraplus_ratio=ratio, max_steps=4, save_every=2)
+    full = train(config(tiny_model_dir, qa_data, tmp_path / "full", keep_checkpoints=5))
+    losses = train_losses(tmp_path / "full")
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    if ratio is not None:
+        assert sorted(g["lr_scale"] for g in full.optimizer.adamw.param_groups) == [1.0, ratio]
+    tokens = torch.randint(3, 49152, (2, 11), generator=torch.Generator().manual_seed(3))
+    ours_trained = trained_logits(full.model, tokens)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base = hf(tokens).logits
+        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "full" / "adapter").eval()(tokens).logits
+    assert (ours_trained - base).abs().max() > 1e-3
+    assert_close(theirs, ours_trained, name="PEFT on the original base", atol=LOGITS_FP32_ATOL)
+    loaded = load_adapted_model(tiny_model_dir, tmp_path / "full" / "adapter")
+    assert_close(trained_logits(loaded, tokens), ours_trained, name="ours on the original base", atol=LOGITS_FP32_ATOL)
+
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-000002", part / "checkpoints" / "step-000002")
+    shutil.copy(tmp_path / "full" / "config.json", part / "config.json")
+    kept = [r for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if r["step"] <= 2]
+    (part / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    train(config(tiny_model_dir, qa_data, part, resume=True))
+    assert train_losses(part) == losses  # bitwise
+    a = load_file(str(tmp_path / "full" / "adapter" / WEIGHTS_NAME))
+    b = load_file(str(part / "adapter" / WEIGHTS_NAME))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_loftq_on_nf4_trains_and_its_adapter_goes_on_the_nf4_base(tiny_model_dir, qa_data, tmp_path):
+    """--quant nf4 --lora-init loftq: every block linear ends NF4 (the adapted ones from LoftQ, the
+    base NF4(W) as --quant nf4 loads it), and the saved plain adapter on that NF4 base gives the
+    trained model's logits."""
+    from engine.adapters import load_adapted_model
+
+    run = train(run_config(tiny_model_dir, qa_data, tmp_path / "q", quant="nf4", lora_init="loftq", max_steps=3,
+                           target_modules="q_proj,v_proj,down_proj"))
+    assert all(isinstance(m.base, NF4Linear) for m in lora_modules(run.model).values())
+    assert all(isinstance(run.model.get_submodule(f"model.layers.0.{n}"), NF4Linear)
+               for n in ("self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"))
+    assert json.loads((tmp_path / "q" / "adapter" / CONFIG_NAME).read_text())["r"] == 4  # not converted
+    tokens = torch.randint(3, 49152, (2, 11), generator=torch.Generator().manual_seed(3))
+    loaded = load_adapted_model(tiny_model_dir, tmp_path / "q" / "adapter", quantize="nf4")
+    assert_close(trained_logits(loaded, tokens), trained_logits(run.model, tokens), name="loftq on NF4(W)",
+                 atol=LOGITS_FP32_ATOL)
