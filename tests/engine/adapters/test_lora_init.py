@@ -13,11 +13,12 @@ from peft.utils.loftq_utils import _low_rank_decomposition
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engine.adapters import LoRAConfig, inject_adapter, load_adapter, load_adapter_weights, lora_modules, save_adapter
+from engine.adapters import LoRAConfig, disable_adapters, inject_adapter, load_adapter, load_adapter_weights, lora_modules, save_adapter
 from engine.adapters.lora import dense_base_weight
 from engine.adapters.lora_init import initialise_module, loftq_factors
 from engine.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from engine.errors import InputError
+from kernels.backend import force_triton
 from kernels.nf4 import dequantize_nf4, quantize_nf4
 from models.loading import load_model
 from models.quantized import NF4Linear, quantize_linears
@@ -137,10 +138,20 @@ def fresh(hf_dir, init, quant=False, **cfg):
 
 
 @pytest.mark.parametrize("init", ["gaussian", "pissa", "olora"])
-def test_dense_model_at_init_equals_the_base(hf_dir, init):
+def test_dense_model_at_init_equals_the_base_and_so_does_it_with_adapters_off(hf_dir, init):
+    """At init the model is the base; trained, with its adapters off (DPO's reference, KL to the
+    base), it is still the ORIGINAL base, not PiSSA's residual: per module and through the grouped
+    q/k/v, gate/up kernels (the Triton interpreter here)."""
     model, _ = fresh(hf_dir, init)
     with torch.no_grad():
-        assert_close(model(ids()), load_model(hf_dir)(ids()), name=f"logits at {init} init", atol=1e-5)
+        expected = load_model(hf_dir)(ids())
+        assert_close(model(ids()), expected, name=f"logits at {init} init", atol=1e-5)
+        train_a_little(model)
+        assert (model(ids()) - expected).abs().max() > 1e-3
+        with disable_adapters(model):
+            assert_close(model(ids()), expected, name=f"{init}, adapters off", atol=1e-5)
+            with force_triton():
+                assert_close(model(ids()), expected, name=f"{init}, adapters off, grouped kernels", atol=1e-5)
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
