@@ -309,3 +309,16 @@ def test_sft_loftq_on_nf4_trains_and_its_adapter_goes_on_the_nf4_base(tiny_model
     loaded = load_adapted_model(tiny_model_dir, tmp_path / "q" / "adapter", quantize="nf4")
     assert_close(trained_logits(loaded, tokens), trained_logits(run.model, tokens), name="loftq on NF4(W)",
                  atol=LOGITS_FP32_ATOL)
+
+
+from tests.engine.recipes.test_dpo import dpo_config, lines, pref_data, run_dpo  # noqa: E402,F401
+
+
+def test_dpo_with_pissa_has_the_original_base_as_its_reference(tiny_model_dir, pref_data, tmp_path):
+    """DPO's reference is the policy with its adapters off: for PiSSA that is the original model
+    (not the residual), so at step 0 every implicit reward is exactly 0; the run trains and saves."""
+    run_dpo(dpo_config(tiny_model_dir, pref_data, tmp_path / "run", max_steps=2, lora_init="pissa"))
+    first = lines(tmp_path / "run", "eval")[0]
+    assert first["step"] == 0
+    assert first["eval/rewards/chosen"] == first["eval/rewards/rejected"] == first["eval/rewards/margins"] == 0
+    assert json.loads((tmp_path / "run" / "adapter" / CONFIG_NAME).read_text())["r"] == 8
