@@ -13,7 +13,8 @@ from peft.utils.loftq_utils import _low_rank_decomposition
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engine.adapters import LoRAConfig, disable_adapters, inject_adapter, load_adapter, load_adapter_weights, lora_modules, save_adapter
+from engine.adapters import (LoRAConfig, disable_adapters, inject_adapter, load_adapter, load_adapter_weights,
+                             lora_modules, save_adapter)
 from engine.adapters.lora import dense_base_weight
 from engine.adapters.lora_init import initialise_module, loftq_factors
 from engine.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
@@ -23,6 +24,8 @@ from kernels.nf4 import dequantize_nf4, quantize_nf4
 from models.loading import load_model
 from models.quantized import NF4Linear, quantize_linears
 from tests.engine.conftest import write_hf_llama
+from tests.engine.recipes.test_dpo import dpo_config, lines, pref_data, run_dpo  # noqa: F401 (fixture)
+from tests.engine.recipes.test_sft import qa_data, run_config, train, train_losses  # noqa: F401 (fixture)
 from tests.tolerances import LOGITS_FP32_ATOL, assert_close
 
 SHAPES = [(16, 24), (29, 13)]  # (out, in): wide and tall, odd sizes
@@ -245,8 +248,6 @@ def test_resume_refuses_a_folder_from_another_init(hf_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- SFT runs
 
-from tests.engine.recipes.test_sft import qa_data, run_config, train, train_losses  # noqa: E402,F401
-
 
 def trained_logits(model, tokens):
     with torch.no_grad():
@@ -310,8 +311,6 @@ def test_sft_loftq_on_nf4_trains_and_its_adapter_goes_on_the_nf4_base(tiny_model
     assert_close(trained_logits(loaded, tokens), trained_logits(run.model, tokens), name="loftq on NF4(W)",
                  atol=LOGITS_FP32_ATOL)
 
-
-from tests.engine.recipes.test_dpo import dpo_config, lines, pref_data, run_dpo  # noqa: E402,F401
 
 
 def test_dpo_with_pissa_has_the_original_base_as_its_reference(tiny_model_dir, pref_data, tmp_path):

@@ -40,7 +40,8 @@ def test_groups_put_every_lora_b_apart_and_everything_else_at_the_base_rate():
     (one,) = param_groups(model, None)
     assert one["lr_scale"] == 1.0 and [id(p) for p in one["params"]] == [id(p) for p in named.values()]
     base, b = param_groups(model, 16.0)
-    assert b["lr_scale"] == 16.0 and {id(p) for p in b["params"]} == {id(named[n]) for n in named if n.endswith("lora_B")}
+    assert b["lr_scale"] == 16.0
+    assert {id(p) for p in b["params"]} == {id(named[n]) for n in named if n.endswith("lora_B")}
     assert {id(p) for p in base["params"]} == {id(named[n]) for n in named if not n.endswith("lora_B")}
     assert any(p is model.score.weight for p in base["params"])  # the reward head keeps the base rate
 
