@@ -145,13 +145,20 @@ class LoRALinear(FrozenBaseLinear, AdapterModule):
         """This layer as a member of a grouped projection (`models.projection`: q/k/v, gate/up):
         its base, and its LoRA with the dropout in force when the adapter is on."""
         if not self.adapter_enabled:
-            return GroupMember(self.base_weight(), self.base.bias)
+            if getattr(self, "lora_A0", None) is None:
+                return GroupMember(self.base_weight(), self.base.bias)
+            return GroupMember(self.base_weight(), self.base.bias, self.lora_A0, self.lora_B0, self.scale, 0.0)
         return GroupMember(self.base_weight(), self.base.bias, self.lora_A, self.lora_B, self.scale,
                            self.dropout if self.training else 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.adapter_enabled:
-            return self.base(x)
+            if getattr(self, "lora_A0", None) is None:
+                return self.base(x)
+            # PiSSA/OLoRA (`engine.adapters.lora_init`): the base alone is the residual W - s B0 A0; with
+            # the adapter off the layer is the model it started from, W (DPO's reference, KL to the base)
+            return lora_linear_checked(x, self.base_weight(), self.lora_A0, self.lora_B0, self.scale,
+                                       bias=self.base.bias)
         # The kernel casts the fp32 master A, B to x's dtype itself and returns their grads in fp32.
         # Operands were checked here at construction (shapes fixed, base frozen): no per-call checks.
         return lora_linear_checked(x, self.base_weight(), self.lora_A, self.lora_B, self.scale,

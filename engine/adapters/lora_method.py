@@ -1,5 +1,9 @@
-"""LoRA as an `engine.adapters.methods.AdapterMethod`: the flags' configuration, injection and
-PEFT's folder (`engine.adapters.peft_format`)."""
+"""LoRA as an `engine.adapters.methods.AdapterMethod`: the flags' configuration, injection (with
+its ``--lora-init``: `engine.adapters.lora_init`) and PEFT's folder (`engine.adapters.peft_format`).
+
+A PiSSA/OLoRA adapter, whose init changed the base, is saved as the plain rank-2r LoRA on the
+original base that it amounts to (`engine.adapters.lora_init`); resuming such a run (its model
+re-initialised by the same init) takes the trained A, B back out of that folder."""
 
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ from torch import nn
 
 from engine.adapters import peft_format
 from engine.adapters.lora import ALL_LINEAR, LoRAConfig
+from engine.adapters.lora_init import converted_config, converted_pair, initial_factors, initialise_lora, split_converted
 from engine.adapters.methods import AdapterMethod, register
-from engine.adapters.targets import find_targets, inject_lora
+from engine.adapters.targets import find_targets, inject_lora, lora_modules
 from engine.errors import InputError
 
 
@@ -47,7 +52,9 @@ class LoRAMethod(AdapterMethod):
         check_rank_fits(skeleton, config)
 
     def inject(self, model: nn.Module, config: LoRAConfig) -> list[str]:
-        return inject_lora(model, config)
+        names = inject_lora(model, config)
+        initialise_lora(model, config, names)
+        return names
 
     def claims(self, raw: dict[str, Any]) -> bool:
         return raw.get("peft_type", "LORA") == "LORA" and not raw.get("use_dora")
@@ -55,10 +62,17 @@ class LoRAMethod(AdapterMethod):
     def save(self, model: nn.Module, config: LoRAConfig, out_dir: str | os.PathLike,
              base_model_name_or_path: str | None, metadata: dict[str, Any] | None = None,
              tensors: dict[str, torch.Tensor] | None = None) -> Path:
+        if _converted_modules(model):  # PiSSA/OLoRA: the rank-2r plain LoRA on the original base
+            config = converted_config(config)
+        tensors = self.state_dict(model) if tensors is None else tensors
         return peft_format.save_lora(model, config, out_dir, base_model_name_or_path, metadata, tensors)
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return peft_format.lora_state_dict(model)
+        tensors = peft_format.lora_state_dict(model)
+        for name, module in _converted_modules(model).items():
+            a, b = (f"{peft_format.PREFIX}{name}.{which}.weight" for which in ("lora_A", "lora_B"))
+            tensors[a], tensors[b] = converted_pair(module, tensors[a], tensors[b])
+        return tensors
 
     def read_config(self, adapter_dir: str | os.PathLike) -> LoRAConfig:
         return peft_format.read_adapter_config(adapter_dir)
@@ -67,7 +81,22 @@ class LoRAMethod(AdapterMethod):
         return peft_format.load_lora(model, adapter_dir)
 
     def load_weights(self, model: nn.Module, adapter_dir: str | os.PathLike) -> None:
-        peft_format.load_lora_weights(model, adapter_dir)
+        converted = _converted_modules(model)
+        if not converted:
+            peft_format.load_lora_weights(model, adapter_dir)
+            return
+        weights = peft_format.read_adapter_weights(adapter_dir)
+        where = str(Path(adapter_dir) / peft_format.WEIGHTS_NAME)
+        for name, module in converted.items():
+            if name in weights:  # a missing module is reported by load_lora_weights
+                pair = weights[name]
+                pair["lora_A"], pair["lora_B"] = split_converted(name, module, pair["lora_A"], pair["lora_B"], where)
+        peft_format.load_lora_weights(model, adapter_dir, weights=weights)
+
+
+def _converted_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The LoRA modules that keep an initial A₀, B₀ (PiSSA, OLoRA), by name."""
+    return {name: m for name, m in lora_modules(model).items() if initial_factors(m) is not None}
 
 
 LORA = register(LoRAMethod())

@@ -45,7 +45,7 @@ from models.safetensors_io import save_safetensors
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 METADATA_KEY = "lora_engine"
-_PREFIX = "base_model.model."
+PREFIX = _PREFIX = "base_model.model."  # of every key PEFT writes
 _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.default)?\.weight$")
 # DoRA's magnitude (out,): PEFT 0.21 writes `<module>.lora_magnitude_vector`; its module form also has the suffixes
 _MAGNITUDE_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_magnitude_vector)(?:\.default)?(?:\.weight)?$")
@@ -356,11 +356,13 @@ def load_lora(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAConfig:
     return cfg
 
 
-def load_lora_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
+def load_lora_weights(model: nn.Module, adapter_dir: str | os.PathLike,
+                      weights: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
     """Copy a saved adapter's weights into a model that already has the same LoRA layers (resume),
-    and the head into a reward model's ``score``."""
+    and the head into a reward model's ``score``. ``weights``: the folder's `read_adapter_weights`,
+    when the caller read (and reshaped) them already."""
     path = Path(adapter_dir) / WEIGHTS_NAME
-    weights = read_adapter_weights(adapter_dir)
+    weights = read_adapter_weights(adapter_dir) if weights is None else weights
     head_weight = read_head_weight(adapter_dir, read_adapter_config(adapter_dir))
     head = score_head(model)
     if (head is None) != (head_weight is None):

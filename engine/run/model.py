@@ -23,12 +23,14 @@ from engine.adapters import (
     read_adapter_metadata,
     set_trainable,
 )
+from engine.adapters.lora_init import reads_dense_base
 from engine.adapters.peft_format import check_head_fits, read_head_weight
 from engine.adapters.score_head import attach_score_head, initializer_range, new_score_head, score_head
 from engine.config import TrainConfig
 from engine.dtensors import full_tensor
 from engine.errors import InputError
 from models import LlamaConfig, load_model
+from models.quantized import quantize_linears
 from models.skeleton import meta_model
 
 
@@ -88,13 +90,20 @@ def build_model(cfg: TrainConfig, model_dir: Path, device: torch.device, dtype: 
     LoRA's weights.
 
     The global RNG is seeded first: it draws LoRA A's initialisation and, later, dropout.
+    ``--lora-init`` initialises a fresh LoRA/DoRA (`engine.adapters.lora_init`); for ``loftq``
+    the base is loaded dense and quantized to NF4 after injection (the dense weights are on the
+    device while loading, as PEFT's LoftQ needs them too).
     ``--init-adapter`` brings its own r, alpha and targets; dropout is a training choice and
     comes from the flags either way. Gradient checkpointing defaults to on for a GPU;
     ``--offload-activations`` turns it on, with the block inputs held in CPU memory;
     ``--mlp-chunk-tokens`` runs the MLPs over token chunks in training.
     """
     torch.manual_seed(cfg.seed)
-    model = load_model(model_dir, dtype=dtype, device=device, quantize=None if cfg.quant == "none" else cfg.quant)
+    quantize = None if cfg.quant == "none" else cfg.quant
+    # LoftQ reads the dense weights (their NF4 rounding is what it corrects) and quantizes the
+    # linears it adapts itself; the others are quantized once it is done
+    dense_first = quantize is not None and not cfg.init_adapter and reads_dense_base(config_from_flags(cfg))
+    model = load_model(model_dir, dtype=dtype, device=device, quantize=None if dense_first else quantize)
     if cfg.init_adapter:
         lora_cfg = load_adapter(model, cfg.init_adapter)
         if hasattr(lora_cfg, "dropout"):  # a training choice, from the flags (methods with dropout)
@@ -105,6 +114,8 @@ def build_model(cfg: TrainConfig, model_dir: Path, device: torch.device, dtype: 
     else:
         lora_cfg, parent = config_from_flags(cfg), None
         inject_adapter(model, lora_cfg)
+        if dense_first:
+            quantize_linears(model)
     if with_score_head and score_head(model) is None:
         attach_score_head(model, new_score_head(model.config.hidden_size, cfg.seed, initializer_range(model_dir),
                                                 device=device))

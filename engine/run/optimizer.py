@@ -7,13 +7,20 @@
 2. guard: when the loss or that norm is not finite, the weights are not touched (the step is
    skipped; the caller logs it and counts it);
 3. the learning rate of this step comes from the schedule (a pure function of the step number,
-   so a resumed run needs nothing else), then one AdamW step;
+   so a resumed run needs nothing else), times each parameter group's ``lr_scale``, then one
+   AdamW step;
 4. the gradients are dropped either way (``zero_grad(set_to_none=True)``).
 
 Nothing here reads a tensor on the host: the norm and the guard stay on the device. The guard is
 a ``found_inf`` tensor (1.0 = skip) handed to PyTorch's fused AdamW, which then leaves the
 weights, its moments and its step count untouched, as it does for ``GradScaler``. The caller
 reads `Update` on the host when it logs (`engine.run.session.Run` does so once per log interval).
+
+Parameter groups (`param_groups`): LoRA+ (Hayou et al. 2024, ``--loraplus-ratio``) trains B at
+``ratio`` times A's rate: every LoRA ``lora_B`` in a group with ``lr_scale = ratio``, everything
+else (A, DoRA's magnitude, a reward head, any other method's tensors) at the base rate. The
+checkpoint keys AdamW's state by parameter name (`engine.run.checkpoint.optimizer_tensors`), so
+groups change nothing there; the groups follow from the flags, which a resume must repeat.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.adapters import adapter_params
 from engine.dtensors import full_tensor
 from engine.run.schedule import lr_at
 
@@ -42,14 +50,34 @@ class Update:
         return not bool(self.found_inf)
 
 
-class Optimizer:
-    """Fused AdamW over the trainable parameters, with the schedule, clipping and the non-finite guard."""
+def param_groups(model: torch.nn.Module, loraplus_ratio: float | None = None) -> list[dict]:
+    """The trainable parameters of ``model`` (in model order) as AdamW groups ``{"params", "lr_scale"}``:
+    one group at scale 1, or with ``loraplus_ratio`` every LoRA B (adapter parameters named
+    ``*.lora_B``, `engine.adapters.adapter_params`) in a second group at that scale."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if loraplus_ratio is None:
+        return [{"params": trainable, "lr_scale": 1.0}]
+    lora_b = {id(p) for name, p in adapter_params(model).items() if name.rsplit(".", 1)[-1] == "lora_B"}
+    if not lora_b:
+        raise ValueError("--loraplus-ratio: the model has no LoRA B to give its own learning rate")
+    groups = [{"params": [p for p in trainable if id(p) not in lora_b], "lr_scale": 1.0},
+              {"params": [p for p in trainable if id(p) in lora_b], "lr_scale": float(loraplus_ratio)}]
+    return [g for g in groups if g["params"]]
 
-    def __init__(self, params: list[torch.nn.Parameter], *, lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float, max_grad_norm: float, schedule: str, warmup: int, total_steps: int):
-        self.params = params
+
+class Optimizer:
+    """Fused AdamW over the trainable parameters, with the schedule, clipping and the non-finite guard.
+
+    ``params``: a list of parameters (one group at the scheduled rate), or `param_groups`' groups
+    (each at the scheduled rate times its ``lr_scale``)."""
+
+    def __init__(self, params: list[torch.nn.Parameter] | list[dict], *, lr: float, betas: tuple[float, float],
+                 eps: float, weight_decay: float, max_grad_norm: float, schedule: str, warmup: int, total_steps: int):
+        groups = params if params and isinstance(params[0], dict) else [{"params": list(params), "lr_scale": 1.0}]
+        self.params = [p for g in groups for p in g["params"]]  # clipped together: one global norm
         # fused: one kernel per step on CUDA (and on CPU), and the only AdamW that takes found_inf
-        self.adamw = torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+        self.adamw = torch.optim.AdamW([{**g, "lr_scale": float(g.get("lr_scale", 1.0))} for g in groups], lr=lr,
+                                       betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
         self.peak_lr, self.schedule, self.warmup, self.total_steps = lr, schedule, warmup, total_steps
         self.max_grad_norm = max_grad_norm if max_grad_norm > 0 else math.inf
 
@@ -65,7 +93,7 @@ class Optimizer:
         found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
         lr = self.lr_at(step)
         for group in self.adamw.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         self.adamw.found_inf = found_inf  # read by the fused kernel: skip the update where 1.0
         self.adamw.step()
         self.adamw.found_inf = None

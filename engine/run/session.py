@@ -56,7 +56,7 @@ from engine.run.model import (
     check_model_fits,
     non_finite_parameter,
 )
-from engine.run.optimizer import Optimizer
+from engine.run.optimizer import Optimizer, param_groups
 from engine.run.pending import PendingSteps, StepRecord, StepResult
 from engine.run.schedule import default_warmup
 from engine.run.setup import resolve_dtype, resolve_max_len
@@ -158,7 +158,7 @@ class Run:
         cfg = self.cfg
         self.evaluate_fn, self.summarize = evaluate, summarize
         reports = [*reports, self.forgetting.retention.report if self.forgetting else None]
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = param_groups(self.model, cfg.loraplus_ratio)  # LoRA+: B at ratio x the rate
         self.optimizer = Optimizer(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                    weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
                                    schedule=cfg.lr_schedule, warmup=self.warmup, total_steps=self.total_steps)
