@@ -14,6 +14,7 @@ from torch import nn
 from engine.adapters import dora_format
 from engine.adapters.dora import inject_dora
 from engine.adapters.lora import LoRAConfig
+from engine.adapters.lora_init import initialise_lora
 from engine.adapters.lora_method import LoRAMethod
 from engine.adapters.methods import register
 
@@ -24,7 +25,11 @@ class DoRAMethod(LoRAMethod):
     # config_from_flags (use_dora from --peft dora) and check_fits (the rank) are LoRA's.
 
     def inject(self, model: nn.Module, config: LoRAConfig) -> list[str]:
-        return inject_dora(model, config)
+        names = inject_dora(model, config)
+        # gaussian only (config.validate refuses the others for DoRA): it redraws A with B = 0, so the
+        # magnitude ‖W + s·B·A‖ = ‖W‖ computed at construction stays right
+        initialise_lora(model, config, names)
+        return names
 
     def claims(self, raw: dict[str, Any]) -> bool:
         return raw.get("peft_type", "LORA") == "LORA" and raw.get("use_dora") is True

@@ -17,6 +17,7 @@ BASE = ["--model", "m", "--data", "d"]
     (["--peft", "ia3", "--lora-init", "pissa"], "--lora-init applies to --peft lora or dora, not ia3"),
     (["--peft", "prefix", "--loraplus-ratio", "16"], "--loraplus-ratio applies to --peft lora or dora, not prefix"),
     (["--lora-init", "loftq"], "loftq .* needs --quant nf4"),
+    (["--peft", "dora", "--lora-init", "pissa"], "with --peft dora use default or gaussian"),
     (["--lora-init", "olora", "--init-adapter", "a"], "--lora-init olora initialises a fresh adapter"),
     (["--method", "reward", "--peft", "bottleneck"], "--method reward trains LoRA or DoRA"),
     (["--num-virtual-tokens", "0"], "--num-virtual-tokens: expected a value >= 1, got 0"),
