@@ -59,6 +59,7 @@ import models
 from engine.adapters import (
     MergeReport,
     adapter_targets,
+    folder_method,
     load_adapter,
     merge,
     read_adapter_config,
@@ -182,6 +183,9 @@ def merge_to_folder(base: str, adapter: str, out: str | os.PathLike, dtype: torc
         raise InputError(f"--quant must be 'none' or 'nf4', got {quant!r}")
     base_dir = models.resolve_model_dir(base)
     check_out(out, base_dir, Path(adapter), overwrite)
+    if not (method := folder_method(adapter)).mergeable:
+        raise InputError(f"--adapter {adapter}: a {method.name} adapter adds computation of its own, not a change of "
+                         "the base's weights: it cannot be merged (serve the base with the adapter folder instead)")
     adapter_cfg, adapter_weights = read_adapter_config(adapter), read_adapter_weights(adapter)
     if read_head_weight(adapter, adapter_cfg) is not None:
         raise InputError(f"--adapter {adapter}: a reward model (a score head beside LoRA): merging it would give a "
