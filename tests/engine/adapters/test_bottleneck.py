@@ -478,3 +478,45 @@ def test_sft_trains_bottleneck_on_an_nf4_base(tiny_model_dir, qa_data, tmp_path)
     losses = [r["loss"] for r in read_metrics(tmp_path / "q" / "metrics.jsonl") if r["kind"] == "train"]
     assert len(losses) == 3 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
     assert read_config(tmp_path / "q" / "adapter").placement == "pfeiffer"
+
+
+def test_dpo_and_a_reward_run_train_bottleneck_adapters(tiny_model_dir, tmp_path):
+    """DPO (its reference: the base with the adapters off) and a reward run (the head ``score`` saved
+    beside the adapters, task_type SEQ_CLS) train with ``--peft bottleneck``; the reward folder
+    loads back with its head, and resumes into a model that has one."""
+    from engine.adapters.score_head import score_head
+    from engine.config import TrainConfig
+    from engine.recipes import dpo, reward
+    from engine.recipes.dpo import DPOOptions
+    from engine.run.metrics import read_metrics
+    from models import load_model
+    from tests.engine.recipes.pref_files import write_pref_subset
+
+    data = write_pref_subset(tmp_path, 8, 2)
+
+    def config(output: Path, **extra) -> TrainConfig:
+        return TrainConfig(model=str(tiny_model_dir), data=str(data[0]), output=str(output), max_steps=3, batch_size=2,
+                           lr=1e-2, warmup_steps=1, max_len=128, seed=3, eval_every=0, save_every=0,
+                           peft="bottleneck", adapter_dim=4, **extra)
+
+    dpo.train(config(tmp_path / "dpo"), progress=False, options=DPOOptions())
+    records = [r for r in read_metrics(tmp_path / "dpo" / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(records) == 3 and abs(records[0]["loss"] - math.log(2)) < 1e-6  # policy == reference at init
+    assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["loss"] != records[0]["loss"]
+    assert folder_method(tmp_path / "dpo" / "adapter").name == "bottleneck"
+
+    run = reward.train(config(tmp_path / "reward", method="reward"), progress=False)
+    folder = tmp_path / "reward" / "adapter"
+    raw = json.loads((folder / CONFIG_NAME).read_text())
+    assert raw["task_type"] == "SEQ_CLS" and raw["modules_to_save"] == ["score"]
+    model = load_model(tiny_model_dir)
+    load_adapter(model, folder)
+    assert torch.equal(score_head(model).weight, score_head(run.model).weight.detach())
+    with torch.no_grad():
+        score_head(model).weight.zero_()
+    load_adapter_weights(model, folder)
+    assert torch.equal(score_head(model).weight, score_head(run.model).weight.detach())
+    plain = load_model(tiny_model_dir)
+    inject_adapter(plain, BottleneckConfig(adapter_dim=4))
+    with pytest.raises(InputError, match="reward head"):
+        load_adapter_weights(plain, folder)
