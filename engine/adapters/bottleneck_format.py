@@ -126,6 +126,14 @@ def read_bottleneck_config(adapter_dir: str | os.PathLike) -> tuple[BottleneckCo
     path, raw = _raw_config(adapter_dir)
     if raw.get("peft_type") != PEFT_TYPE:
         raise InputError(f"{path}: peft_type is {raw.get('peft_type')!r}, expected {PEFT_TYPE!r}")
+    if raw.get("format") != FORMAT:
+        raise InputError(f"{path}: format is {raw.get('format')!r}, expected {FORMAT!r}")
+    version = raw.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise InputError(f"{path}: format_version {version!r} is not a positive integer")
+    if version > FORMAT_VERSION:
+        raise InputError(f"{path}: format_version {version} is newer than this engine reads ({FORMAT_VERSION}); "
+                         "update the engine")
     missing = [k for k in _REQUIRED if k not in raw]
     if missing:
         raise InputError(f"{path}: missing required field {missing[0]!r} (a {FORMAT} folder has "
@@ -133,14 +141,6 @@ def read_bottleneck_config(adapter_dir: str | os.PathLike) -> tuple[BottleneckCo
     unknown = sorted(set(raw) - _KNOWN)
     if unknown:
         raise InputError(f"{path}: unknown field {unknown[0]!r} for {FORMAT} version {FORMAT_VERSION}")
-    if raw["format"] != FORMAT:
-        raise InputError(f"{path}: format is {raw['format']!r}, expected {FORMAT!r}")
-    version = raw["format_version"]
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise InputError(f"{path}: format_version {version!r} is not a positive integer")
-    if version > FORMAT_VERSION:
-        raise InputError(f"{path}: format_version {version} is newer than this engine reads ({FORMAT_VERSION}); "
-                         "update the engine")
     hidden = raw["hidden_size"]
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
         raise InputError(f"{path}: hidden_size {hidden!r} is not a positive integer")
@@ -230,7 +230,7 @@ def check_fits(model: nn.Module, adapter_dir: str | os.PathLike, cfg: Bottleneck
                 raise InputError(f"{weights_path}: {_PREFIX}{module}.{name} has shape {got}, expected {shape} "
                                  f"(adapter_dim {cfg.adapter_dim}, hidden {hidden})")
     if (head is not None) != bool(raw.get("modules_to_save")):
-        raise InputError(f"{weights_path}: {'holds' if head is not None else 'has no'} a reward head ({HEAD_KEY}), "
+        raise InputError(f"{weights_path}: {'holds a' if head is not None else 'has no'} reward head ({HEAD_KEY}), "
                          f"{CONFIG_NAME} {'does not list' if head is not None else 'lists'} it in modules_to_save")
     if head is not None and tuple(head.shape) != (1, hidden):
         raise InputError(f"{weights_path}: {HEAD_KEY} has shape {tuple(head.shape)}, expected (1, {hidden})")

@@ -395,8 +395,13 @@ CORRUPTIONS = {
     "extra key": (WEIGHTS_NAME, lambda f: _edit_weights(f, lambda t: t.__setitem__("lm_head.weight", torch.ones(2))),
                   "not a bottleneck adapter weight"),
     "shape": (WEIGHTS_NAME, lambda f: _edit_weights(f, lambda t: t.__setitem__(KEY, torch.zeros(32, 4))), "has shape"),
-    "int dtype": (WEIGHTS_NAME, lambda f: _edit_weights(f, lambda t: t.__setitem__(KEY, torch.zeros(32, 5, dtype=torch.int32))),
-                  "expected floats"),
+    "int dtype": (WEIGHTS_NAME, lambda f: _edit_weights(
+        f, lambda t: t.__setitem__(KEY, torch.zeros(32, 5, dtype=torch.int32))), "expected floats"),
+    "head not listed": (WEIGHTS_NAME, lambda f: _edit_weights(
+        f, lambda t: t.__setitem__("base_model.model.score.weight", torch.zeros(1, 32))), "reward head"),
+    "head missing": (WEIGHTS_NAME, lambda f: _edit_config(f, task_type="SEQ_CLS", modules_to_save=["score"]),
+                     "reward head"),
+    "modules_to_save": (CONFIG_NAME, lambda f: _edit_config(f, modules_to_save=["lm_head"]), "modules_to_save"),
     "truncated": (WEIGHTS_NAME, lambda f: (f / WEIGHTS_NAME).write_bytes((f / WEIGHTS_NAME).read_bytes()[:100]),
                   "cannot read safetensors"),
 }
