@@ -291,9 +291,9 @@ class TrainConfig:
         if self.peft == "dora" and self.lora_init not in ("default", "gaussian"):
             raise InputError(f"--lora-init {self.lora_init} changes the base weight, which DoRA's magnitude is "
                              "measured on: with --peft dora use default or gaussian")
-        if self.method == "reward" and self.peft not in ("lora", "dora"):
-            raise InputError(f"--method reward trains LoRA or DoRA beside its score head (PEFT's sequence-"
-                             f"classification format), not --peft {self.peft}")
+        if self.method == "reward" and self.peft not in ("lora", "dora", "bottleneck"):
+            raise InputError(f"--method reward saves its score head beside a LoRA, DoRA or bottleneck adapter, not "
+                             f"--peft {self.peft}")
         if self.lora_init == "loftq" and self.quant != "nf4":
             raise InputError("--lora-init loftq initialises LoRA to cancel the NF4 rounding of the base: it needs "
                              "--quant nf4")
