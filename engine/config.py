@@ -216,7 +216,8 @@ class TrainConfig:
     lora_r: int = _opt(16, "LoRA rank (at most the smallest dimension of a targeted linear).", range=AT_LEAST_1)
     lora_alpha: float = _opt(32.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with --rslora).",
                              range=POSITIVE)
-    lora_dropout: float | None = _opt(None, "Dropout on the LoRA input (default: 0.05; 0 for --method grpo, "
+    lora_dropout: float | None = _opt(None, "Dropout on the LoRA/DoRA input, or a bottleneck adapter's (default: "
+                                      "0.05; 0 for --method grpo, "
                                       "whose importance ratio compares the policy with itself at sampling "
                                       "time).", range=FRACTION)
     rslora: bool = _opt(False, "Rank-stabilised LoRA scaling alpha/sqrt(r).")
