@@ -59,6 +59,7 @@ import models
 from engine.adapters import (
     MergeReport,
     adapter_targets,
+    folder_method,
     load_adapter,
     merge,
     read_adapter_config,
@@ -182,6 +183,11 @@ def merge_to_folder(base: str, adapter: str, out: str | os.PathLike, dtype: torc
         raise InputError(f"--quant must be 'none' or 'nf4', got {quant!r}")
     base_dir = models.resolve_model_dir(base)
     check_out(out, base_dir, Path(adapter), overwrite)
+    method = folder_method(adapter)
+    if not method.mergeable:  # its computation is not a change of weights (engine.adapters.base.NotMergeable)
+        raise InputError(f"--adapter {adapter}: a --peft {method.name} adapter is not mergeable: it adds computation "
+                         "(keys/values, layers) that no change of the base's weights can express; serve the base "
+                         "with the adapter folder instead")
     adapter_cfg, adapter_weights = read_adapter_config(adapter), read_adapter_weights(adapter)
     if read_head_weight(adapter, adapter_cfg) is not None:
         raise InputError(f"--adapter {adapter}: a reward model (a score head beside LoRA): merging it would give a "

@@ -2,3 +2,4 @@
 (in this order: the order ``--help`` and errors list them)."""
 
 import engine.adapters.lora_method  # noqa: F401  lora
+import engine.adapters.prefix_method  # noqa: F401  prefix
