@@ -229,15 +229,15 @@ def document_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     for b, (qb, kb, vb) in enumerate(zip(q.unbind(0), k.unbind(0), v.unbind(0))):
         lengths = layout.host_lengths()[b]
         pk = pv = None
-        if prefix is not None:
-            pk, pv = (t[b if t.shape[0] > 1 else 0] for t in prefix)  # (nkv, P, hd)
+        if prefix is not None:  # fp32 here, cast per document: the gradient's sum over documents is fp32
+            pk, pv = (t[b if t.shape[0] > 1 else 0].float() for t in prefix)  # (nkv, P, hd)
         docs = []
         for qd, kd, vd in zip(qb.split(lengths, dim=1), kb.split(lengths, dim=1), vb.split(lengths, dim=1)):
             P = 0
             if pk is not None:  # the sequence [prefix; document]; the prefix's P query rows are zeros, dropped
                 P = pk.shape[1]
                 qd = torch.cat((qd.new_zeros(qd.shape[0], P, qd.shape[2]), qd), dim=1)
-                kd, vd = torch.cat((pk, kd), dim=1), torch.cat((pv, vd), dim=1)
+                kd, vd = torch.cat((pk.to(kd.dtype), kd), dim=1), torch.cat((pv.to(vd.dtype), vd), dim=1)
             qd, kd, vd = qd[None], kd[None], vd[None]  # (1, heads, P + L, hd)
             if sliding_window is not None and qd.shape[2] > sliding_window:
                 y = _banded(qd, kd, vd, sliding_window, gqa, window_chunk)
@@ -288,8 +288,9 @@ def document_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     if prefix is not None:
         P = prefix[0].shape[2]
         B = q.shape[0]
-        k = torch.cat((prefix[0].expand(B, -1, -1, -1), k), dim=2)
-        v = torch.cat((prefix[1].expand(B, -1, -1, -1), v), dim=2)
+        # expanded in fp32 and then cast: the gradient's sum over rows is fp32
+        k = torch.cat((prefix[0].float().expand(B, -1, -1, -1).to(k.dtype), k), dim=2)
+        v = torch.cat((prefix[1].float().expand(B, -1, -1, -1).to(v.dtype), v), dim=2)
     attend = _compiled("flex") if compiled else flex_attention
     return attend(q, k, v, block_mask=block_mask_for(layout, sliding_window, compiled, P),
                   enable_gqa=q.shape[1] != k.shape[1])
@@ -299,7 +300,8 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout
                        sliding_window: int | None = None,
                        prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal attention within documents: q (B, nh, T, hd), k, v (B, nkv, T, hd) → (B, nh, T, hd);
-    ``prefix`` (pk, pv), each (B or 1, nkv, P, hd): keys every document sees first (module doc).
+    ``prefix`` (pk, pv), each (B or 1, nkv, P, hd), any float dtype (cast to q's per use, the
+gradient summed over documents and rows in fp32): keys every document sees first (module doc).
 
     FlexAttention on CUDA tensors, per-document SDPA elsewhere; both equal `document_attention_ref`
     (without a prefix) and the dense definition of the tests (with one).

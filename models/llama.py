@@ -218,8 +218,7 @@ class LlamaAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
         if isinstance(mask, DocumentLayout):
-            if prefix is not None:
-                prefix = (prefix[0].to(k.dtype), prefix[1].to(v.dtype))  # as PEFT: the base's dtype
+            # a prefix is cast to the compute dtype inside (as PEFT casts it to the base's), per document
             y = document_attention(q, k, v, mask, self.sliding_window, prefix)  # (B, nh, T, hd)
         elif prefix is not None:
             raise ValueError("a key/value prefix needs a DocumentLayout (or a cache holding it)")
