@@ -12,9 +12,10 @@ A folder holds
   our lineage (``metadata=``) in its header, as for LoRA (`engine.adapters.peft_format`).
 
 With ``--prefix-projection`` the MLP is folded at save: X = transform(embedding) is written as
-``prompt_embeddings`` and the config says ``prefix_projection: false``, so that PEFT loads it as
-the plain prefix it computes (inference or training alike; PEFT itself cannot load a projected
-prefix for training). The raw training tensors (``embedding.weight`` (P, token_dim),
+``prompt_embeddings`` and the config says ``prefix_projection: false``: the tensor is the plain
+prefix the model computes, which PEFT loads as such (PEFT loads prompt-learning folders for
+inference only; what PEFT itself writes for a projected prefix is the same fold, with
+``prefix_projection: true``, which its inference mode ignores). The raw training tensors (``embedding.weight`` (P, token_dim),
 ``transform.0.weight`` (E, token_dim), ``transform.0.bias``, ``transform.2.weight`` (L·2·token_dim,
 E), ``transform.2.bias``) are kept beside it in `PROJECTION_NAME`, which PEFT ignores: with it
 `load_adapter` and `load_adapter_weights` rebuild the MLP (resume continues exactly), and its
