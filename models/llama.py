@@ -8,12 +8,14 @@ parameter names mirror transformers' exactly (``model.layers.0.self_attn.q_proj.
 checkpoints and PEFT adapters map one to one.
 
 Prefix tuning: a module attached as ``model.model.prefix_encoder`` (whatever it is: the model only
-calls it) returns per layer a key/value prefix (pk, pv), each (1 or B, nkv, P, hd), or None (off).
+reads its ``num_virtual_tokens`` P and calls it) returns per layer a key/value prefix (pk, pv), each
+(1 or B, nkv, P, hd), or None (off).
 The model then runs as HF PEFT runs transformers' Llama with it: the prefix is a filled cache of P
 positions before the tokens (no RoPE applied to it), every token's RoPE position is shifted by P
 (explicit ``position_ids`` too, as PeftModel does), every query (every packed document, every
-padded row) sees all P prefix positions; `LlamaForCausalLM.new_cache` puts the prefix in the cache
-before the prompt.
+padded row) sees all P prefix positions; with a cache from `LlamaForCausalLM.new_cache` the
+prefix is put in its first P positions by the first forward (inside the forward, where FSDP2 has
+the parameters whole), before the prompt.
 
 Shapes: B batch, T new tokens, S key length (cache + new), H hidden, nh query heads, nkv key/value
 heads, hd head dim, V vocabulary, P prefix positions.
@@ -135,6 +137,7 @@ class KVCache:
         self.length = 0
         self.padded = False  # whether any padding was ever cached (then masks are explicit)
         self.prefix_length = 0  # P positions of a prefix-tuning prefix at the start (`put_prefix`)
+        self.prefix_pending = False  # the first forward puts the model's prefix in (`new_cache`)
 
     @torch.no_grad()
     def put_prefix(self, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -350,6 +353,12 @@ class LlamaModel(nn.Module):
         device = input_ids.device
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids (packed training) cannot be combined with a KV cache")
+        if cache is not None and cache.prefix_pending:  # a new cache of a model with a prefix encoder
+            cache.prefix_pending = False
+            with torch.no_grad():
+                cache_prefix = self.prefix_kv() if cache.length == 0 else None
+            if cache_prefix is not None:
+                cache.put_prefix(cache_prefix)
         layout = segment_ids if isinstance(segment_ids, DocumentLayout) else None
         if layout is not None:
             attention_mask = segment_ids = None
@@ -441,15 +450,14 @@ class LlamaForCausalLM(nn.Module):
         self.model.mlp_chunk_tokens = tokens
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """A KV cache for ``max_len`` tokens in the model's dtype and device: empty, or holding the
-        prefix of an attached ``prefix_encoder`` in P more positions before them."""
+        """An empty KV cache for ``max_len`` tokens in the model's dtype and device; with an attached
+        ``prefix_encoder``, P more positions before them, which the first forward fills with its
+        prefix (none if it is off then)."""
         w = self.model.embed_tokens.weight
-        with torch.no_grad():
-            prefix = self.model.prefix_kv()
-        P = prefix[0][0].shape[2] if prefix is not None else 0
+        encoder = getattr(self.model, "prefix_encoder", None)
+        P = encoder.num_virtual_tokens if encoder is not None else 0
         cache = KVCache(self.config, batch_size, max_len + P, w.dtype, w.device)
-        if prefix is not None:
-            cache.put_prefix(prefix)
+        cache.prefix_pending = encoder is not None
         return cache
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

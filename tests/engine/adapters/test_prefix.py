@@ -225,8 +225,9 @@ def test_kv_cache_generation_equals_the_full_forward(hf_dir, padded):
     steps = 5
     with torch.no_grad():
         cache = model.new_cache(batch_size=2, max_len=prompt.shape[1] + steps)
-        assert cache.length == cache.prefix_length == P and cache.max_len == P + prompt.shape[1] + steps
+        assert cache.length == 0 and cache.max_len == P + prompt.shape[1] + steps
         logits = model(prompt, attention_mask=mask, cache=cache)[:, -1]
+        assert cache.prefix_length == P and cache.length == P + prompt.shape[1]
         seq, full_mask = prompt, mask
         for _ in range(steps):
             want = model(seq, attention_mask=full_mask)[:, -1]
@@ -273,7 +274,9 @@ def test_adapter_off_is_the_base_and_removal_restores_it(hf_dir):
         assert (model(ids(), attention_mask=mask) - want).abs().max() > 1e-1
         with disable_adapters(model):
             assert torch.equal(model(ids(), attention_mask=mask), want)
-            assert model.new_cache(2, 4).length == 0
+            cache = model.new_cache(2, 4)
+            model(ids(2, 3), cache=cache)
+            assert cache.prefix_length == 0 and cache.length == 3
         remove_adapters(model)
         assert prefix_encoder(model) is None and not adapter_params(model)
         assert torch.equal(model(ids(), attention_mask=mask), want)
@@ -370,3 +373,75 @@ def test_merge_is_refused(hf_dir, tmp_path):
     assert done.returncode != 0
     assert "not mergeable" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "merged").exists()
+
+
+# ---------------------------------------------------------------------------- training through the dispatch
+
+def test_sft_with_prefix_on_smollm2_lowers_held_out_loss(smollm2_dir, tmp_path):
+    """``--peft prefix`` through the SFT recipe (no method branch): 8 steps on the real model and
+    real Q&A. PEFT's N(0, 1) initial prefix hurts the model at first (held-out 6.42 against the
+    base's 3.53, measured); 8 steps bring it well below that start (3.80, measured; not yet below
+    the base's, which is printed, not asserted); the folder is PEFT's."""
+    from engine.config import TrainConfig
+    from engine.losses.causal_lm import mean_loss
+    from engine.recipes import sft
+    from engine.run.metrics import read_metrics
+    from tests.engine.recipes.test_sft import ROOT
+
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join((ROOT / "examples" / "license_qa_eval.jsonl").read_text().splitlines(True)[:12]))
+    cfg = TrainConfig(model=str(smollm2_dir), data=str(ROOT / "examples" / "license_qa.jsonl"),
+                      eval_data=str(eval_file), output=str(tmp_path / "run"), max_steps=8, batch_size=4,
+                      lr=3e-2, warmup_steps=1, max_len=256, peft="prefix", num_virtual_tokens=10, seed=0)
+    run = sft.train(cfg, progress=False)
+    evals = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
+    with disable_adapters(run.model):
+        base = mean_loss(run.model, run.data.eval, batch_size=4, pad_id=run.tokenizer.pad_token_id,
+                         device=run.device, progress=False, batching="padding-free").to_json()["loss"]
+    print(f"held-out loss: start {evals[0]:.4f}, after 8 steps {evals[-1]:.4f}, base model {base:.4f}")
+    assert evals[-1] < 0.8 * evals[0], evals
+    assert read_config(tmp_path / "run" / "adapter") == PrefixConfig(10)
+    assert sorted(p.name for p in (tmp_path / "run" / "adapter").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+def test_dpo_with_prefix_reference_is_the_base_and_run_finishes(tiny_model_dir, tmp_path):
+    """DPO's reference policy (every adapter off) with a prefix is the base model exactly; a short
+    ``--peft prefix`` DPO run finishes with finite losses and writes the prefix folder."""
+    from engine.losses.causal_lm import completion_logps
+    from engine.recipes.dpo_reference import ReferencePolicy
+    from tests.engine.recipes.pref_files import write_pref_subset
+    from tests.engine.recipes.test_dpo import dpo_config, lines, pair_batch, run_dpo
+
+    (tmp_path / "prefs").mkdir()
+    data = write_pref_subset(tmp_path / "prefs", 8, 2)
+    batch = pair_batch(tiny_model_dir, data[0])
+    base_logps, _ = completion_logps(load_model(tiny_model_dir), batch)
+    model = load_model(tiny_model_dir)
+    torch.manual_seed(0)
+    inject_adapter(model, PrefixConfig(6))
+    ref_logps, _ = ReferencePolicy(model.train(), frozen_initial=False).logps(batch)
+    assert torch.equal(ref_logps, base_logps)
+    policy_logps, _ = completion_logps(model, batch)
+    assert not torch.allclose(policy_logps, base_logps, atol=1e-3)
+    run_dpo(dpo_config(tiny_model_dir, data, tmp_path / "run", peft="prefix", num_virtual_tokens=6, max_steps=3))
+    losses = [r["loss"] for r in lines(tmp_path / "run", "train")]
+    assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert read_config(tmp_path / "run" / "adapter") == PrefixConfig(6)
+
+
+def test_prefix_on_an_nf4_base_trains_and_is_off_exactly(tiny_model_dir):
+    """--quant nf4: the prefix combines with NF4Linear bases (gradients reach the prefix only)."""
+    from models.quantized import NF4Linear
+
+    model = load_model(tiny_model_dir, quantize="nf4")
+    assert any(isinstance(m, NF4Linear) for m in model.modules())
+    with torch.no_grad():
+        base = model(ids(2, 7))
+    torch.manual_seed(0)
+    inject_adapter(model, PrefixConfig(4, prefix_projection=True))
+    set_trainable(model)
+    model.hidden_states(ids(2, 7)).square().sum().backward()
+    grads = {n: p.grad for n, p in adapter_params(model).items()}
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().max() > 0 for g in grads.values())
+    with torch.no_grad(), disable_adapters(model):
+        assert torch.equal(model(ids(2, 7)), base)
