@@ -18,7 +18,14 @@ Assumption: a segment is contiguous and padding never sits *inside* a document. 
 (``same segment & key is real``) would let the last ``a`` see the first two; packed and
 right/left-padded batches never have that shape.
 
-Implementations, one public op `document_attention(q, k, v, layout, sliding_window)`,
+A key/value prefix (prefix tuning: ``prefix = (pk, pv)``, each (B or 1, nkv, P, hd), the same P
+keys for every document of a row) is seen by every query as if each document were a sequence of its
+own that follows the P prefix positions, as HF PEFT hands a prefix to transformers (a filled cache
+of P positions; no RoPE is applied to it here either): prefix key p sits at position p, document
+token i at P + i, so query i of a document attends every prefix key and its document's keys
+j <= i [and, with a window, key positions within W of P + i: prefix key p iff P + i - p < W].
+
+Implementations, one public op `document_attention(q, k, v, layout, sliding_window, prefix)`,
 q (B, nh, T, hd), k, v (B, nkv, T, hd) → (B, nh, T, hd), nh a multiple of nkv (GQA):
 
 * `document_attention_ref` — the definition: the dense (B, 1, T, T) mask and SDPA. Tests only.
@@ -29,9 +36,15 @@ q (B, nh, T, hd), k, v (B, nkv, T, hd) → (B, nh, T, hd), nh a multiple of nkv 
   sliding window, documents longer than W are cut into query chunks of C = `WINDOW_CHUNK` rows;
   chunk [a, a+C) attends keys [a-W+1, a+C) only, with a (C, C+W-1) band mask: memory
   O(C·(C+W)), never T×T. Keys are gathered by `torch.cat` of whole key chunks (whose backward
-  is a split), so backward stays linear too.
+  is a split), so backward stays linear too. With a prefix, each document runs as the sequence
+  [prefix; document] of P + L positions whose first P queries are zeros and their outputs dropped:
+  SDPA's ``is_causal`` (upper-left aligned) then gives query P + i exactly the prefix and keys
+  <= i, still with no mask (and the window path the same band over P + L), at P extra query rows
+  per document.
 * `document_attention_flex` (CUDA) — FlexAttention with a `BlockMask` made by `create_block_mask`
-  from the ``doc`` tensor (one mask_mod: `document_mask_mod`, window included), ``enable_gqa``;
+  from the ``doc`` tensor (one mask_mod: `document_mask_mod`, window included; with a prefix
+  `prefix_document_mask_mod` over the keys [prefix; row], kv index < P always visible but for
+  the window), ``enable_gqa``;
   both `flex_attention` and `create_block_mask` are compiled once per process (module-level
   cache, automatic dynamic shapes after the first recompile); the block mask is built once per
   forward and shared by all layers (cached on the layout). UNMEASURED: no GPU was available when
@@ -134,6 +147,26 @@ def document_mask_mod(doc_ids: torch.Tensor, sliding_window: int | None = None):
     return mask_mod
 
 
+def prefix_document_mask_mod(doc_ids: torch.Tensor, positions: torch.Tensor, prefix_len: int,
+                             sliding_window: int | None = None):
+    """FlexAttention mask_mod over the keys [prefix (P); row (T)]: kv_idx < P is prefix key kv_idx,
+    visible to every query (within the window: P + position of the query in its document - kv_idx
+    < W); kv_idx >= P is row key kv_idx - P under `document_mask_mod`'s rule. ``positions`` (B, T):
+    `DocumentLayout.positions`."""
+    P = prefix_len
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        in_prefix = kv_idx < P
+        j = torch.where(in_prefix, 0, kv_idx - P)  # the row key (any valid index for prefix keys)
+        row = (doc_ids[b, q_idx] == doc_ids[b, j]) & (j <= q_idx) & ~in_prefix
+        pre = in_prefix
+        if sliding_window is not None:
+            row = row & (q_idx - j < sliding_window)
+            pre = pre & (positions[b, q_idx] + P - kv_idx < sliding_window)
+        return row | pre
+    return mask_mod
+
+
 def document_mask_ref(layout: DocumentLayout, sliding_window: int | None = None) -> torch.Tensor:
     """The dense (B, T, T) boolean mask the layout stands for (True = may attend)."""
     B, T = layout.shape
@@ -186,20 +219,31 @@ def _banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, gqa:
 
 
 def document_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout,
-                            sliding_window: int | None = None, window_chunk: int = WINDOW_CHUNK) -> torch.Tensor:
+                            sliding_window: int | None = None, window_chunk: int = WINDOW_CHUNK,
+                            prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Per row, per document: SDPA on the (heads, L, hd) slices; memory linear in T (see module doc).
-    ``window_chunk``: query rows per band chunk with a sliding window (tests make it small)."""
+    ``window_chunk``: query rows per band chunk with a sliding window (tests make it small).
+    ``prefix``: (pk, pv), each (B or 1, nkv, P, hd), put before every document's keys."""
     gqa = q.shape[1] != k.shape[1]
     rows = []
     for b, (qb, kb, vb) in enumerate(zip(q.unbind(0), k.unbind(0), v.unbind(0))):
         lengths = layout.host_lengths()[b]
+        pk = pv = None
+        if prefix is not None:  # fp32 here, cast per document: the gradient's sum over documents is fp32
+            pk, pv = (t[b if t.shape[0] > 1 else 0].float() for t in prefix)  # (nkv, P, hd)
         docs = []
         for qd, kd, vd in zip(qb.split(lengths, dim=1), kb.split(lengths, dim=1), vb.split(lengths, dim=1)):
-            qd, kd, vd = qd[None], kd[None], vd[None]  # (1, heads, L, hd)
+            P = 0
+            if pk is not None:  # the sequence [prefix; document]; the prefix's P query rows are zeros, dropped
+                P = pk.shape[1]
+                qd = torch.cat((qd.new_zeros(qd.shape[0], P, qd.shape[2]), qd), dim=1)
+                kd, vd = torch.cat((pk.to(kd.dtype), kd), dim=1), torch.cat((pv.to(vd.dtype), vd), dim=1)
+            qd, kd, vd = qd[None], kd[None], vd[None]  # (1, heads, P + L, hd)
             if sliding_window is not None and qd.shape[2] > sliding_window:
-                docs.append(_banded(qd, kd, vd, sliding_window, gqa, window_chunk))
+                y = _banded(qd, kd, vd, sliding_window, gqa, window_chunk)
             else:
-                docs.append(_causal(qd, kd, vd, gqa))
+                y = _causal(qd, kd, vd, gqa)
+            docs.append(y[:, :, P:])  # (1, nh, L, hd)
         rows.append(torch.cat(docs, dim=2))  # (1, nh, T, hd)
     return torch.cat(rows, dim=0)  # (B, nh, T, hd)
 
@@ -218,35 +262,50 @@ def _compiled(name: str):
     return _COMPILED[name]
 
 
-def block_mask_for(layout: DocumentLayout, sliding_window: int | None = None, compiled: bool = True):
-    """The layout's `BlockMask` (B, 1, T, T in blocks of 128), built once per (layout, window)."""
+def block_mask_for(layout: DocumentLayout, sliding_window: int | None = None, compiled: bool = True,
+                   prefix_len: int = 0):
+    """The layout's `BlockMask` (B, 1, T, P + T in blocks of 128), built once per (layout, window, P)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    key = (sliding_window, compiled)
+    key = (sliding_window, compiled, prefix_len)
     if key not in layout._block_masks:
         B, T = layout.shape
         make = _compiled("block_mask") if compiled else create_block_mask
-        layout._block_masks[key] = make(document_mask_mod(layout.doc_ids, sliding_window), B, None, T, T,
-                                        device=layout.doc_ids.device)
+        mask_mod = (prefix_document_mask_mod(layout.doc_ids, layout.positions(), prefix_len, sliding_window)
+                    if prefix_len else document_mask_mod(layout.doc_ids, sliding_window))
+        layout._block_masks[key] = make(mask_mod, B, None, T, prefix_len + T, device=layout.doc_ids.device)
     return layout._block_masks[key]
 
 
 def document_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout,
-                            sliding_window: int | None = None, compiled: bool = True) -> torch.Tensor:
-    """FlexAttention over the block mask; ``compiled=False`` runs eager (CPU forward, tests)."""
+                            sliding_window: int | None = None, compiled: bool = True,
+                            prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """FlexAttention over the block mask; ``compiled=False`` runs eager (CPU forward, tests). A
+    ``prefix`` is put before the row's keys (B, nkv, P + T, hd), `prefix_document_mask_mod`."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    P = 0
+    if prefix is not None:
+        P = prefix[0].shape[2]
+        B = q.shape[0]
+        # expanded in fp32 and then cast: the gradient's sum over rows is fp32
+        k = torch.cat((prefix[0].float().expand(B, -1, -1, -1).to(k.dtype), k), dim=2)
+        v = torch.cat((prefix[1].float().expand(B, -1, -1, -1).to(v.dtype), v), dim=2)
     attend = _compiled("flex") if compiled else flex_attention
-    return attend(q, k, v, block_mask=block_mask_for(layout, sliding_window, compiled),
+    return attend(q, k, v, block_mask=block_mask_for(layout, sliding_window, compiled, P),
                   enable_gqa=q.shape[1] != k.shape[1])
 
 
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout,
-                       sliding_window: int | None = None) -> torch.Tensor:
-    """Causal attention within documents: q (B, nh, T, hd), k, v (B, nkv, T, hd) → (B, nh, T, hd).
+                       sliding_window: int | None = None,
+                       prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Causal attention within documents: q (B, nh, T, hd), k, v (B, nkv, T, hd) → (B, nh, T, hd);
+    ``prefix`` (pk, pv), each (B or 1, nkv, P, hd), any float dtype (cast to q's per use, the
+gradient summed over documents and rows in fp32): keys every document sees first (module doc).
 
-    FlexAttention on CUDA tensors, per-document SDPA elsewhere; both equal `document_attention_ref`.
+    FlexAttention on CUDA tensors, per-document SDPA elsewhere; both equal `document_attention_ref`
+    (without a prefix) and the dense definition of the tests (with one).
     """
     if q.is_cuda:
-        return document_attention_flex(q, k, v, layout, sliding_window)
-    return document_attention_sdpa(q, k, v, layout, sliding_window)
+        return document_attention_flex(q, k, v, layout, sliding_window, prefix=prefix)
+    return document_attention_sdpa(q, k, v, layout, sliding_window, prefix=prefix)

@@ -7,8 +7,18 @@ then the modules RMSNorm → attention → MLP → decoder block → model → c
 parameter names mirror transformers' exactly (``model.layers.0.self_attn.q_proj.weight``), so
 checkpoints and PEFT adapters map one to one.
 
+Prefix tuning: a module attached as ``model.model.prefix_encoder`` (whatever it is: the model only
+reads its ``num_virtual_tokens`` P and calls it) returns per layer a key/value prefix (pk, pv), each
+(1 or B, nkv, P, hd), or None (off).
+The model then runs as HF PEFT runs transformers' Llama with it: the prefix is a filled cache of P
+positions before the tokens (no RoPE applied to it), every token's RoPE position is shifted by P
+(explicit ``position_ids`` too, as PeftModel does), every query (every packed document, every
+padded row) sees all P prefix positions; with a cache from `LlamaForCausalLM.new_cache` the
+prefix is put in its first P positions by the first forward (inside the forward, where FSDP2 has
+the parameters whole), before the prompt.
+
 Shapes: B batch, T new tokens, S key length (cache + new), H hidden, nh query heads, nkv key/value
-heads, hd head dim, V vocabulary.
+heads, hd head dim, V vocabulary, P prefix positions.
 """
 
 from __future__ import annotations
@@ -126,6 +136,21 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
         self.padded = False  # whether any padding was ever cached (then masks are explicit)
+        self.prefix_length = 0  # P positions of a prefix-tuning prefix at the start (`put_prefix`)
+        self.prefix_pending = False  # the first forward puts the model's prefix in (`new_cache`)
+
+    @torch.no_grad()
+    def put_prefix(self, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Fill the first P positions of an empty cache with a per-layer prefix (pk, pv), each
+        (1 or B, nkv, P, hd): real keys at positions 0..P-1, the tokens' positions continue at P."""
+        if self.length:
+            raise ValueError("put_prefix: the cache already holds tokens")
+        P = prefix[0][0].shape[2]
+        for layer, (pk, pv) in enumerate(prefix):
+            self.k[layer][:, :, :P] = pk
+            self.v[layer][:, :, :P] = pv
+        self.length = self.prefix_length = P
+        self.next_position += P
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new k, v (B, nkv, T, hd) after the cached ones; return all (B, nkv, S, hd)."""
@@ -180,7 +205,10 @@ class LlamaAttention(nn.Module):
         self.sliding_window = cfg.sliding_window
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
-                mask: AttentionMask | DocumentLayout, cache: KVCache | None) -> torch.Tensor:
+                mask: AttentionMask | DocumentLayout, cache: KVCache | None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``prefix`` (pk, pv) (1 or B, nkv, P, hd): keys/values every query sees (needs a
+        `DocumentLayout`; with a cache the prefix is in the cache instead)."""
         B, T, _ = x.shape
         qkv = project_together(x, (self.q_proj, self.k_proj, self.v_proj))  # (B, T, (nh + 2·nkv)·hd)
         q, k, v = qkv.split((self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim), -1)
@@ -193,7 +221,10 @@ class LlamaAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
         if isinstance(mask, DocumentLayout):
-            y = document_attention(q, k, v, mask, self.sliding_window)  # (B, nh, T, hd)
+            # a prefix is cast to the compute dtype inside (as PEFT casts it to the base's), per document
+            y = document_attention(q, k, v, mask, self.sliding_window, prefix)  # (B, nh, T, hd)
+        elif prefix is not None:
+            raise ValueError("a key/value prefix needs a DocumentLayout (or a cache holding it)")
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed, is_causal=mask.is_causal,
                                                enable_gqa=self.n_kv != self.n_heads)  # (B, nh, T, hd)
@@ -250,8 +281,9 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
-                mask: AttentionMask | DocumentLayout, cache: KVCache | None = None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), position_ids, inv_freq, mask, cache)
+                mask: AttentionMask | DocumentLayout, cache: KVCache | None = None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), position_ids, inv_freq, mask, cache, prefix)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -270,6 +302,10 @@ class LlamaModel(nn.Module):
     forward and the backward (`models.offload`); it implies checkpointing. ``mlp_chunk_tokens``
     runs every block's MLP over token chunks in training (`LlamaMLP`), so that the recomputed
     block's MLP holds one chunk's tensors instead of the whole row's.
+
+    ``prefix_encoder`` (attached by prefix tuning; absent by default): see the module docstring.
+    Without a cache its prefix goes to every layer's `document_attention` (a one-document layout
+    per row when the batch has no other); with a cache it is already in the cache.
     """
 
     def __init__(self, cfg: LlamaConfig):
@@ -281,6 +317,15 @@ class LlamaModel(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # (hd/2,) fp32
         self.gradient_checkpointing = False
         self.offload_activations = False
+        self.prefix_encoder = None  # prefix tuning attaches a module here (see the module docstring)
+
+    def prefix_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The per-layer prefix (pk, pv) of the attached ``prefix_encoder``, or None (none, or off)."""
+        encoder = getattr(self, "prefix_encoder", None)
+        prefix = encoder() if encoder is not None else None
+        if prefix is not None and len(prefix) != len(self.layers):
+            raise ValueError(f"prefix_encoder gave {len(prefix)} layer prefixes for {len(self.layers)} layers")
+        return prefix
 
     @property
     def mlp_chunk_tokens(self) -> int | None:
@@ -308,14 +353,24 @@ class LlamaModel(nn.Module):
         device = input_ids.device
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids (packed training) cannot be combined with a KV cache")
+        if cache is not None and cache.prefix_pending:  # a new cache of a model with a prefix encoder
+            cache.prefix_pending = False
+            with torch.no_grad():
+                cache_prefix = self.prefix_kv() if cache.length == 0 else None
+            if cache_prefix is not None:
+                cache.put_prefix(cache_prefix)
         layout = segment_ids if isinstance(segment_ids, DocumentLayout) else None
         if layout is not None:
             attention_mask = segment_ids = None
         if attention_mask is not None and bool(attention_mask.all()):  # a host read; a layout avoids it
             attention_mask = None  # no padding: keep SDPA's fast causal path
+        prefix = self.prefix_kv() if cache is None else None  # with a cache: in the cache (new_cache)
+        shift = prefix[0][0].shape[2] if prefix is not None else 0  # P: the tokens follow the prefix
         if position_ids is None:
             position_ids = (layout.positions() if layout is not None
-                            else default_position_ids(attention_mask, segment_ids, cache, B, T, device))
+                            else default_position_ids(attention_mask, segment_ids, cache, B, T, device)) + shift
+        else:  # PeftModel shifts given positions by P too (a cache's next_position counts P already)
+            position_ids = position_ids + (shift if cache is None else cache.prefix_length)
         key_real, past = attention_mask, 0
         if cache is not None:
             past = cache.length
@@ -328,6 +383,8 @@ class LlamaModel(nn.Module):
             key_real = cache.key_real[:, :past + T] if cache.padded else None
         if cache is None and layout is None:
             layout = training_layout(key_real, segment_ids, self.config.sliding_window, B, T, device)
+            if layout is None and prefix is not None:  # the prefix goes through document attention
+                layout = DocumentLayout.from_lengths([[T]] * B, device)
         mask = layout if layout is not None else build_attention_mask(
             key_real, segment_ids, self.config.sliding_window, past, T, device)
 
@@ -335,14 +392,19 @@ class LlamaModel(nn.Module):
         checkpointing = ((self.gradient_checkpointing or self.offload_activations) and self.training
                          and torch.is_grad_enabled())
         stash = HostStash(h.device) if checkpointing and self.offload_activations else None
-        for layer in self.layers:
+        if stash is not None and prefix is not None:
+            # the offloaded block's backward runs its own autograd.backward, which would go through
+            # the prefix encoder's graph once per layer; not supported
+            raise ValueError("offload_activations cannot be combined with a key/value prefix (prefix tuning)")
+        for i, layer in enumerate(self.layers):
+            layer_prefix = prefix[i] if prefix is not None else None
             if stash is not None:
                 h = offloaded_checkpoint(stash, layer, h, position_ids, self.inv_freq, mask, cache)
             elif checkpointing:
-                h = checkpoint(layer, h, position_ids, self.inv_freq, mask, cache, use_reentrant=False,
+                h = checkpoint(layer, h, position_ids, self.inv_freq, mask, cache, layer_prefix, use_reentrant=False,
                                context_fn=_recompute_keeps_dequantized)
             else:
-                h = layer(h, position_ids, self.inv_freq, mask, cache)
+                h = layer(h, position_ids, self.inv_freq, mask, cache, layer_prefix)
         if cache is not None:
             cache.length += T
         return self.norm(h)
@@ -388,9 +450,15 @@ class LlamaForCausalLM(nn.Module):
         self.model.mlp_chunk_tokens = tokens
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty KV cache in the model's dtype and device."""
+        """An empty KV cache for ``max_len`` tokens in the model's dtype and device; with an attached
+        ``prefix_encoder``, P more positions before them, which the first forward fills with its
+        prefix (none if it is off then)."""
         w = self.model.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len, w.dtype, w.device)
+        encoder = getattr(self.model, "prefix_encoder", None)
+        P = encoder.num_virtual_tokens if encoder is not None else 0
+        cache = KVCache(self.config, batch_size, max_len + P, w.dtype, w.device)
+        cache.prefix_pending = encoder is not None
+        return cache
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None,

@@ -127,9 +127,9 @@ def check_fits(model_config: Any, adapter_dir: str | os.PathLike, merging: bool 
     from models.skeleton import meta_model
     method = folder_method(adapter_dir)
     if merging and not method.mergeable:
-        raise InputError(f"--adapter {adapter_dir}: a {method.name} adapter adds computation that is not a change "
-                         "of weights, so it cannot be merged into the base; serve the base with the adapter folder "
-                         "(models.load_model(..., adapter=DIR), engine.generate --adapter DIR)")
+        raise InputError(f"--adapter {adapter_dir}: a {method.name} adapter is not mergeable: it adds computation "
+                         "that is not a change of weights, so it cannot be merged into the base; serve the base with "
+                         "the adapter folder (engine.adapters.load_adapted_model, engine.generate --adapter DIR)")
     method.load(meta_model(model_config), adapter_dir)
     return method
 
