@@ -289,6 +289,9 @@ class TrainConfig:
         if self.peft not in ("lora", "dora") and (self.lora_init != "default" or self.loraplus_ratio is not None):
             raise InputError(f"--{'lora-init' if self.lora_init != 'default' else 'loraplus-ratio'} applies to --peft "
                              f"lora or dora, not {self.peft}")
+        if self.peft == "prefix" and self.offload_activations:
+            raise InputError("--offload-activations does not take --peft prefix yet (the offloaded checkpoint of a "
+                             "block carries no prefix keys/values): use gradient checkpointing alone")
         if self.peft == "dora" and self.lora_init not in ("default", "gaussian"):
             raise InputError(f"--lora-init {self.lora_init} changes the base weight, which DoRA's magnitude is "
                              "measured on: with --peft dora use default or gaussian")

@@ -4,5 +4,5 @@
 import engine.adapters.lora_method  # noqa: F401  lora
 import engine.adapters.dora_method  # noqa: F401  dora
 import engine.adapters.ia3_method  # noqa: F401  ia3
-import engine.adapters.bottleneck_method  # noqa: F401  bottleneck
 import engine.adapters.prefix_method  # noqa: F401  prefix
+import engine.adapters.bottleneck_method  # noqa: F401  bottleneck

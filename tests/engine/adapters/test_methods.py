@@ -20,6 +20,7 @@ BASE = ["--model", "m", "--data", "d"]
     (["--peft", "dora", "--lora-init", "pissa"], "with --peft dora use default or gaussian"),
     (["--lora-init", "olora", "--init-adapter", "a"], "--lora-init olora initialises a fresh adapter"),
     (["--method", "reward", "--peft", "ia3"], "--method reward saves its score head beside a LoRA, DoRA or bottleneck"),
+    (["--peft", "prefix", "--offload-activations"], "--offload-activations does not take --peft prefix"),
     (["--num-virtual-tokens", "0"], "--num-virtual-tokens: expected a value >= 1, got 0"),
 ])
 def test_bad_method_flags_name_the_flag(argv, message):
