@@ -84,8 +84,10 @@ def register(method: AdapterMethod) -> AdapterMethod:
 
 
 def _methods() -> dict[str, AdapterMethod]:
-    import engine.adapters.method_registry  # noqa: F401  (registers every method)
-    return METHODS
+    """Every registered method, in `engine.adapters.method_registry.ORDER`."""
+    from engine.adapters.method_registry import ORDER  # importing it registers every method
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return {name: METHODS[name] for name in sorted(METHODS, key=lambda n: rank.get(n, len(ORDER)))}
 
 
 def method_named(name: str) -> AdapterMethod:
