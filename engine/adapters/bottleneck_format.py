@@ -26,7 +26,6 @@ names the file.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from engine.adapters.config_file import read_config_json
 from engine.adapters.bottleneck import (
     BLOCK_SUBLAYER,
     PLACEMENT_SUBLAYERS,
@@ -107,23 +107,10 @@ def save_bottleneck(model: nn.Module, cfg: BottleneckConfig, out_dir: str | os.P
 
 # ----------------------------------------------------------------------------- read
 
-def _raw_config(adapter_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    path = Path(adapter_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise InputError(f"{path}: not found; a bottleneck adapter folder has {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return path, raw
-
-
 def read_bottleneck_config(adapter_dir: str | os.PathLike) -> tuple[BottleneckConfig, dict[str, Any]]:
     """The folder's `BottleneckConfig` and its whole JSON object; InputError naming the file for a
     wrong type, format, version or field."""
-    path, raw = _raw_config(adapter_dir)
+    path, raw = read_config_json(adapter_dir)
     if raw.get("peft_type") != PEFT_TYPE:
         raise InputError(f"{path}: peft_type is {raw.get('peft_type')!r}, expected {PEFT_TYPE!r}")
     if raw.get("format") != FORMAT:

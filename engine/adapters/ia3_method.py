@@ -16,7 +16,6 @@ before the model is touched; errors are InputErrors naming the file.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from engine.adapters.config_file import read_config_json
 from engine.adapters.ia3 import (
     LLAMA_IA3_FEEDFORWARD,
     LLAMA_IA3_TARGETS,
@@ -84,15 +84,7 @@ def ia3_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def read_ia3_config(adapter_dir: str | os.PathLike) -> IA3Config:
     """The folder's IA3Config; InputError naming the file for anything we do not implement."""
-    path = Path(adapter_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise InputError(f"{path}: not found; an IA³ adapter folder has {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a JSON object")
+    path, raw = read_config_json(adapter_dir)
     if raw.get("peft_type") != PEFT_TYPE:
         raise InputError(f"{path}: peft_type is {raw.get('peft_type')!r}, not {PEFT_TYPE!r}")
     if raw.get("fan_in_fan_out"):

@@ -14,7 +14,6 @@ and DoRA's (``use_dora``).
 
 from __future__ import annotations
 
-import json
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.adapters.config_file import read_config_json
 from engine.errors import InputError
 from models import load_model, resolve_model_dir
 from models.loading import read_config as read_model_config
@@ -103,18 +103,7 @@ def method_of(config: Any) -> AdapterMethod:
 
 def folder_method(adapter_dir: str | os.PathLike) -> AdapterMethod:
     """The method whose folder ``adapter_dir`` is, from its ``adapter_config.json``."""
-    from engine.adapters.peft_format import CONFIG_NAME
-    path = Path(adapter_dir) / CONFIG_NAME
-    if not Path(adapter_dir).is_dir():
-        raise InputError(f"{adapter_dir}: adapter folder not found")
-    if not path.is_file():
-        raise InputError(f"{path}: not found; an adapter folder has {CONFIG_NAME} and its weights")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a JSON object")
+    path, raw = read_config_json(adapter_dir)
     for method in _methods().values():
         if method.claims(raw):
             return method

@@ -34,6 +34,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from engine.adapters.config_file import CONFIG_NAME, read_config_json
 from engine.adapters.lora import ALL_LINEAR, LoRAConfig
 from engine.adapters.score_head import SCORE, ScoreHead, attach_score_head, score_head
 from engine.adapters.targets import find_targets, inject_lora, lora_modules
@@ -42,7 +43,6 @@ from engine.atomic import atomic_dir
 from engine.dtensors import copy_full_into, full_tensor
 from models.safetensors_io import save_safetensors
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 METADATA_KEY = "lora_engine"
 PREFIX = _PREFIX = "base_model.model."  # of every key PEFT writes
@@ -164,17 +164,7 @@ def write_adapter_folder(out_dir: str | os.PathLike, config: dict[str, Any], ten
 def read_adapter_config(adapter_dir: str | os.PathLike, dora: bool = False) -> LoRAConfig:
     """Parse ``adapter_config.json`` into a LoRAConfig; refuse PEFT features we do not implement.
     ``dora``: accept ``use_dora`` (`engine.adapters.dora_format`); LoRA-only readers refuse it."""
-    path = Path(adapter_dir) / CONFIG_NAME
-    if not Path(adapter_dir).is_dir():
-        raise InputError(f"{adapter_dir}: adapter folder not found")
-    if not path.is_file():
-        raise InputError(f"{path}: not found; a PEFT adapter folder has adapter_config.json and {WEIGHTS_NAME}")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a JSON object")
+    path, raw = read_config_json(adapter_dir)
     if raw.get("peft_type", "LORA") != "LORA":
         raise InputError(f"{path}: peft_type is {raw.get('peft_type')!r}; only LORA adapters are supported")
     for key, neutral in _UNSUPPORTED.items():

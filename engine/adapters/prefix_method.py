@@ -37,6 +37,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from engine.adapters.config_file import read_config_json
 from engine.adapters.methods import AdapterMethod, register
 from engine.adapters.peft_format import CONFIG_NAME, METADATA_KEY, WEIGHTS_NAME
 from engine.adapters.prefix import PrefixConfig, PrefixEncoder, PrefixShape, inject_prefix, prefix_encoder
@@ -120,14 +121,8 @@ def _encoder_of(model: nn.Module) -> PrefixEncoder:
 # ----------------------------------------------------------------------------- read and check
 
 def _read_json(adapter_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(adapter_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise InputError(f"{path}: not found; a PEFT adapter folder has {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(raw, dict) or raw.get("peft_type") != PEFT_TYPE:
+    path, raw = read_config_json(adapter_dir)
+    if raw.get("peft_type") != PEFT_TYPE:
         raise InputError(f"{path}: not a {PEFT_TYPE} adapter config")
     return raw
 
