@@ -8,7 +8,6 @@ import math
 import peft
 import pytest
 import torch
-import transformers
 from safetensors import safe_open
 from torch import nn
 
@@ -34,23 +33,12 @@ from models.config import LlamaConfig
 from models.llama import LlamaForCausalLM
 from models.loading import load_model
 from models.quantized import NF4Linear
-from tests.engine.conftest import write_hf_llama
+from tests.engine.adapters.hf_reference import hf_model, ids
 from tests.tolerances import LOGITS_FP32_ATOL, assert_close
 
 DORA = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear", use_dora=True)
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    return write_hf_llama(tmp_path_factory.mktemp("hf_llama"), tie_word_embeddings=True)
-
-
-def hf_model(path):
-    return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def ids():
-    return torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(7))
 
 
 @torch.no_grad()

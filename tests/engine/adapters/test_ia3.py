@@ -7,7 +7,6 @@ import json
 import peft
 import pytest
 import torch
-import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -33,7 +32,7 @@ from engine.errors import InputError
 from kernels.nf4 import dequantize_nf4
 from models.loading import load_model
 from models.quantized import NF4Linear
-from tests.engine.conftest import write_hf_llama
+from tests.engine.adapters.hf_reference import hf_model, ids
 from tests.tolerances import LOGITS_FP32_ATOL, assert_close, tol
 
 
@@ -111,17 +110,6 @@ def test_disabled_layer_is_its_base_and_merged_layer_computes_the_same():
 
 # ---------------------------------------------------------------------------- against HF PEFT
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    return write_hf_llama(tmp_path_factory.mktemp("hf_llama"), tie_word_embeddings=True)
-
-
-def hf_model(path):
-    return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def ids():
-    return torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(7))
 
 
 def randomize_l(model, seed=1, std=0.3):

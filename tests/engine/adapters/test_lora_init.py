@@ -23,7 +23,7 @@ from kernels.backend import force_triton
 from kernels.nf4 import dequantize_nf4, quantize_nf4
 from models.loading import load_model
 from models.quantized import NF4Linear, quantize_linears
-from tests.engine.conftest import write_hf_llama
+from tests.engine.adapters.hf_reference import hf_model, ids
 from tests.engine.recipes.test_dpo import dpo_config, lines, pref_data, run_dpo  # noqa: F401 (fixture)
 from tests.engine.recipes.test_sft import qa_data, run_config, train, train_losses  # noqa: F401 (fixture)
 from tests.tolerances import LOGITS_FP32_ATOL, assert_close
@@ -117,17 +117,6 @@ def test_loftq_matches_peft_loop(num_iter):
 
 # ----------------------------------------------------------------------------- whole models
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    return write_hf_llama(tmp_path_factory.mktemp("hf_llama"), tie_word_embeddings=True)
-
-
-def hf_model(path):
-    return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def ids():
-    return torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(7))
 
 
 def fresh(hf_dir, init, quant=False, **cfg):

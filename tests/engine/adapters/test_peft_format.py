@@ -25,22 +25,10 @@ from engine.errors import InputError
 import kernels.lora_group
 from kernels.backend import force_triton
 from models.loading import load_model
-from tests.engine.conftest import write_hf_llama
+from tests.engine.adapters.hf_reference import hf_model, ids
 from tests.tolerances import LOGITS_FP32_ATOL, assert_close
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    """A tiny random HF Llama folder (tied head) written by transformers itself."""
-    return write_hf_llama(tmp_path_factory.mktemp("hf_llama"), tie_word_embeddings=True)
-
-
-def hf_model(path):
-    return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def ids():
-    return torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(7))
 
 
 def randomize_lora(model, seed=1):

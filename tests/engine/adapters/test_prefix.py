@@ -12,7 +12,6 @@ import sys
 import peft
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 
 from engine.adapters import (
@@ -35,21 +34,12 @@ from engine.adapters.prefix_method import PROJECTION_NAME
 from engine.errors import InputError
 from models.attention import DocumentLayout
 from models.loading import load_model
-from tests.engine.conftest import write_hf_llama
+from tests.engine.adapters.hf_reference import hf_model
 from tests.tolerances import LOGITS_FP32_ATOL, assert_close
 
 P = 5
 CONFIGS = {"plain": PrefixConfig(P), "projection": PrefixConfig(P, prefix_projection=True),
            "projection-E24": PrefixConfig(P, prefix_projection=True, encoder_hidden_size=24)}
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    return write_hf_llama(tmp_path_factory.mktemp("hf_llama"), tie_word_embeddings=True)
-
-
-def hf_model(path):
-    return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def ids(B=2, T=9, seed=7):
