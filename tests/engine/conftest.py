@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from engine.adapters import LoRAConfig, inject_lora, lora_modules
@@ -29,3 +30,14 @@ def inject_random_lora(model, cfg: LoRAConfig, seed: int, b_std: float) -> None:
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * b_std)
+
+
+@pytest.fixture(scope="module")
+def qa_data(tmp_path_factory) -> tuple[Path, Path]:
+    """Small slices of the example license Q&A data (variable lengths, real chat template): 24
+    training records and 6 held out."""
+    out = tmp_path_factory.mktemp("data")
+    lines = (Path(__file__).resolve().parents[2] / "examples" / "license_qa.jsonl").read_text().splitlines()
+    (out / "train.jsonl").write_text("\n".join(lines[:24]) + "\n")
+    (out / "eval.jsonl").write_text("\n".join(lines[24:30]) + "\n")
+    return out / "train.jsonl", out / "eval.jsonl"

@@ -426,15 +426,6 @@ def test_a_corrupt_or_mismatched_folder_raises_input_error_before_touching_the_m
 
 # ---------------------------------------------------------------------------- training
 
-@pytest.fixture(scope="module")
-def qa_data(tmp_path_factory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("data")
-    lines = (ROOT / "examples" / "license_qa.jsonl").read_text().splitlines()
-    (out / "train.jsonl").write_text("\n".join(lines[:24]) + "\n")
-    (out / "eval.jsonl").write_text("\n".join(lines[24:30]) + "\n")
-    return out / "train.jsonl", out / "eval.jsonl"
-
-
 def test_sft_with_peft_bottleneck_lowers_held_out_loss_and_resumes_exactly(tiny_model_dir, qa_data, tmp_path):
     """``--peft bottleneck`` through the SFT recipe (no method branch there): the held-out loss falls,
     the folder is ours, and a run resumed from its step-3 checkpoint repeats the losses bitwise."""

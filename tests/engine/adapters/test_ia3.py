@@ -296,17 +296,6 @@ def test_disable_and_remove_give_the_base(hf_dir):
 
 # ---------------------------------------------------------------------------- runs with --peft ia3
 
-@pytest.fixture(scope="module")
-def qa_data(tmp_path_factory):
-    from tests.engine.recipes.test_sft import ROOT
-
-    out = tmp_path_factory.mktemp("qa")
-    lines = (ROOT / "examples" / "license_qa.jsonl").read_text().splitlines()
-    (out / "train.jsonl").write_text("\n".join(lines[:24]) + "\n")
-    (out / "eval.jsonl").write_text("\n".join(lines[24:30]) + "\n")
-    return out / "train.jsonl", out / "eval.jsonl"
-
-
 def test_sft_with_ia3_lowers_held_out_loss_and_its_folder_loads(tiny_model_dir, qa_data, tmp_path):
     """8 SFT steps of IA³ on the tiny random model (a learning rate for vectors that start at 1):
     the held-out loss falls; the saved folder loads through `load_adapter` into the same logits."""

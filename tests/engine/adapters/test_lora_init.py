@@ -25,7 +25,7 @@ from models.loading import load_model
 from models.quantized import NF4Linear, quantize_linears
 from tests.engine.adapters.hf_reference import hf_model, ids
 from tests.engine.recipes.test_dpo import dpo_config, lines, pref_data, run_dpo  # noqa: F401 (fixture)
-from tests.engine.recipes.test_sft import qa_data, run_config, train, train_losses  # noqa: F401 (fixture)
+from tests.engine.recipes.test_sft import run_config, train, train_losses
 from tests.tolerances import LOGITS_FP32_ATOL, assert_close
 
 SHAPES = [(16, 24), (29, 13)]  # (out, in): wide and tall, odd sizes

@@ -33,16 +33,6 @@ from tests.tolerances import assert_close
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.fixture(scope="module")
-def qa_data(tmp_path_factory) -> tuple[Path, Path]:
-    """Small slices of the example data (variable lengths, real chat template)."""
-    out = tmp_path_factory.mktemp("data")
-    lines = (ROOT / "examples" / "license_qa.jsonl").read_text().splitlines()
-    (out / "train.jsonl").write_text("\n".join(lines[:24]) + "\n")
-    (out / "eval.jsonl").write_text("\n".join(lines[24:30]) + "\n")
-    return out / "train.jsonl", out / "eval.jsonl"
-
-
 def run_config(model_dir: Path, data: tuple[Path, Path], output: Path, **overrides) -> TrainConfig:
     values = dict(model=str(model_dir), data=str(data[0]), eval_data=str(data[1]), output=str(output),
                   max_steps=6, batch_size=4, grad_accum=1, lr=1e-2, warmup_steps=1, max_len=192,
