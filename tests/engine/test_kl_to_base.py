@@ -68,6 +68,6 @@ def test_kl_equals_direct_and_loss_equals_mean_loss(batch_size):
 
 
 def test_model_without_adapter_is_refused():
-    with pytest.raises(ValueError, match="no LoRA adapters"):
+    with pytest.raises(ValueError, match="the model has no adapters"):
         loss_and_kl_to_base(random_model(tiny_config(), seed=1), tiny_samples(), batch_size=2, pad_id=PAD,
                             device="cpu", progress=False)
