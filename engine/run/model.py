@@ -24,7 +24,6 @@ from engine.adapters import (
     set_trainable,
 )
 from engine.adapters.lora_init import reads_dense_base
-from engine.adapters.peft_format import check_head_fits, read_head_weight
 from engine.adapters.score_head import attach_score_head, initializer_range, new_score_head, score_head
 from engine.config import TrainConfig
 from engine.dtensors import full_tensor
@@ -57,14 +56,11 @@ def check_model_fits(cfg: TrainConfig, model_config: LlamaConfig, max_token_id: 
                          f"{model_config.vocab_size} (the tokenizer has more tokens than the model's embedding)")
     skeleton = meta_model(model_config)
     if cfg.init_adapter:
-        method = folder_method(cfg.init_adapter)
-        adapter_cfg = method.read_config(cfg.init_adapter)
-        method.load(skeleton, cfg.init_adapter)  # every key and shape checked against the model
-        head = read_head_weight(cfg.init_adapter, adapter_cfg) if method.name == "lora" else None
-        if head is not None and not with_score_head:
+        # any method's folder: every key and shape checked against the model, a reward head's too
+        folder_method(cfg.init_adapter).load(skeleton, cfg.init_adapter)
+        if score_head(skeleton) is not None and not with_score_head:
             raise InputError(f"--init-adapter {cfg.init_adapter}: a reward model (a 'score' head beside LoRA); "
                              f"--method {cfg.method} starts from a causal-LM adapter (from --method sft or dpo)")
-        check_head_fits(cfg.init_adapter, head, model_config.hidden_size)
         return
     method_named(cfg.peft).check_fits(skeleton, config_from_flags(cfg))
 
