@@ -30,7 +30,7 @@ GRPO_LOSSES = ("grpo", "dr_grpo", "rloo")  # engine.losses.policy
 DPO_LOSSES = ("sigmoid", "robust", "ipo", "hinge")
 FORMATS = ("auto", "text", "completion", "alpaca", "messages", "sharegpt")
 SCHEDULES = ("cosine", "linear", "constant")
-QUANTS = ("none", "nf4")
+QUANTS = ("none", "nf4", "int8", "fp8")  # models.quantized.FORMATS
 PEFTS = ("lora", "dora", "ia3", "prefix", "bottleneck")  # engine.adapters.methods
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")  # engine.adapters.lora_init
 ADAPTER_PLACEMENTS = ("houlsby", "pfeiffer")  # engine.adapters.bottleneck
@@ -224,7 +224,9 @@ class TrainConfig:
     target_modules: str = _opt("all-linear", "Comma-separated module names (q_proj,...,down_proj) or 'all-linear'.")
     init_adapter: str | None = _opt(None, "Start from this PEFT-format adapter folder (ours or made elsewhere); "
                                     "its own method, r, alpha and targets are used.")
-    quant: str = _opt("none", "Quantize the frozen base: 'nf4' for QLoRA.", QUANTS)
+    quant: str = _opt("none", "Quantize the frozen base: 'nf4' for QLoRA (4-bit), 'int8' (per-row absmax, "
+                      "as load_in_8bit stores it), 'fp8' (per-row scaled e4m3; its products in FP8 on a GPU of "
+                      "compute capability >= 8.9, emulated on a CPU).", QUANTS)
     # machine
     device: str = _opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
     dtype: str = _opt("auto", "Compute dtype of the frozen base: auto (bf16 on GPU, fp32 on CPU).", DTYPES)

@@ -17,13 +17,13 @@ rows (BLOCK_M, r) in registers and walks the ``in`` dimension in ``BLOCK_K`` til
 squares per row; only the (out,) sums of squares ever reach memory. Cost: one read of W
 (out·in elements) plus 2·out·in·r flops; A is read once per row block.
 
-NF4 bases are dequantized once (``kernels.nf4.dequantize_nf4``, its Triton kernel on a GPU) to
+Quantized bases are dequantized once (`kernels.frozen.dequantize_frozen`, a Triton kernel on a GPU) to
 the dtype they were quantized from, and the dense kernel reads that temporary: the dequantizer is
 an element-wise kernel of its own, not a tile helper this kernel could call. Because DoRA caches
 the norm until A or B change (`engine.adapters.dora`), this costs one extra dequantization per
 optimizer step, not per micro-batch.
 
-Shapes: ``weight`` (out, in) fp32/bf16/fp16 (any strides) or an ``NF4Tensor``; ``lora_A``
+Shapes: ``weight`` (out, in) fp32/bf16/fp16 (any strides) or a quantized weight (`kernels.frozen`); ``lora_A``
 (r, in), ``lora_B`` (out, r) any float dtype (read as fp32); result (out,) fp32.
 """
 
@@ -35,7 +35,7 @@ import triton.language as tl
 
 from kernels.backend import use_triton
 from kernels.launch_cases import KernelCase, ModelShapes, fixed_launch
-from kernels.nf4 import NF4Tensor, dequantize_nf4
+from kernels.frozen import dequantize_frozen, is_quantized, storage
 
 # ---------------------------------------------------------------------------------------------
 # 1. Reference: the math, in plain torch
@@ -43,8 +43,8 @@ from kernels.nf4 import NF4Tensor, dequantize_nf4
 
 
 def _dense(weight) -> torch.Tensor:
-    """The base weight as a dense (out, in) tensor (NF4: dequantized to the dtype it came from)."""
-    return weight if isinstance(weight, torch.Tensor) else dequantize_nf4(weight, weight.dtype)
+    """The base weight as a dense (out, in) tensor (quantized: dequantized to the dtype it came from)."""
+    return weight if isinstance(weight, torch.Tensor) else dequantize_frozen(weight, weight.dtype)
 
 
 _REF_ROWS = 256  # rows of V the reference forms at once: a (256, in) fp32 block stays in a CPU's cache
@@ -152,14 +152,14 @@ def compile_cases(shapes: ModelShapes) -> list[KernelCase]:
 def dora_weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
     """``‖W + scale · B · A‖₂`` per output row, fp32 (out,); B·A is never formed at full size.
 
-    ``weight``: (out, in) tensor or ``NF4Tensor`` (dequantized once, module docstring). Triton when
+    ``weight``: (out, in) tensor or a quantized weight (dequantized once, module docstring). Triton when
     `kernels.backend.use_triton` says so (CUDA tensors, or the forced mode with the interpreter)
     and the rank is at most 128; else `dora_weight_norm_ref`."""
     n_out, n_in = weight.shape
     if lora_A.shape != (lora_A.shape[0], n_in) or lora_B.shape != (n_out, lora_A.shape[0]):
         raise ValueError(f"dora_weight_norm: lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} do not "
                          f"fit weight (out={n_out}, in={n_in}): expected (r, {n_in}) and ({n_out}, r)")
-    packed = weight.packed if isinstance(weight, NF4Tensor) else weight
+    packed = storage(weight) if is_quantized(weight) else weight
     if weight.device.type == "meta" or lora_A.shape[0] > _MAX_BLOCK_R or not use_triton(packed, lora_A, lora_B):
         return dora_weight_norm_ref(weight, lora_A, lora_B, scale)
     return _dora_norm_triton(_dense(weight), lora_A, lora_B, scale)

@@ -6,7 +6,8 @@ Formula, for ``x`` of shape ``(..., in)`` flattened to ``(N, in)``::
     h       = drop(x) · Aᵀ                (N, r)      the low-rank down-projection
     y       = x · Wᵀ (+ bias) + s · h · Bᵀ  (N, out)
 
-with ``W`` (out, in) frozen (dense fp32/bf16/fp16, or an ``NF4Tensor`` dequantized to x's dtype),
+with ``W`` (out, in) frozen: dense fp32/bf16/fp16, or a quantized weight of `kernels.frozen` (NF4 or
+int8 dequantized to x's dtype; FP8, whose products run in FP8, `kernels.fp8_linear`),
 ``A`` = ``lora_A`` (r, in), ``B`` = ``lora_B`` (out, r) as in PEFT, ``s`` = ``scale`` (alpha / r).
 ``B · A`` (out, in) is never formed: the update costs 2·N·r·(in + out) flops instead of a GEMM.
 Dropout applies only when ``training`` and ``p > 0``; otherwise ``drop(x) = x``.
@@ -30,11 +31,12 @@ forward adds s·h·Bᵀ to y; the backward adds keep/(1−p) ⊙ dH·A to dX, th
 this rank-r kernel, never inside a big GEMM tile); (3) ``_lowrank_wgrad_kernel``: dA and dBᵀ as
 reductions over the N tokens, split across programs and summed. The up-projection reads and
 writes C once more (N·out elements): ~10 % of the GEMM's time at N = 4096, bench_lora measures it.
-NF4 weights are dequantized (``kernels.nf4.dequantize_nf4``, its Triton kernel on a GPU) into a
-temporary that the GEMM reads: the dequantization moves ~2.6 bytes per weight against the GEMM's
+NF4 and int8 weights are dequantized (`kernels.frozen.dequantize_frozen`, their Triton kernels on a
+GPU) into a temporary that the GEMM reads: the dequantization moves ~2.6 bytes per weight against the GEMM's
 2·N flops per weight. Under gradient checkpointing the recompute keeps its dequantized weight for
 the backward that follows at once (`kernels.nf4.keep_dequantized`), so each NF4 weight is
-dequantized twice per step (forward, recompute), not three times.
+dequantized twice per step (forward, recompute), not three times. An FP8 base has no dense copy:
+``x·Wᵀ`` and ``dY·W`` are its row-scaled e4m3 products (`kernels.frozen.base_product`).
 
 Dropout mask: ``keep[i, j] = U(seed, i·in + j) ≥ p`` with U Triton's ``tl.rand`` (Philox-4x32-10).
 The forward, the dX up-projection and the dA kernel regenerate it from the seed, so no (N, in)
@@ -81,7 +83,9 @@ from kernels.lowrank import (  # compile_cases: this op's launches (and lora_gro
     lowrank_up_,
     lowrank_wgrad,
 )
-from kernels.nf4 import NF4Tensor, dequantize_nf4, keeping_dequantized
+from kernels.fp8 import FP8Tensor
+from kernels.fp8_linear import fp8_linear
+from kernels.frozen import QUANTIZED_TYPES, base_grad_input, base_product, dequantize_frozen
 
 # ---------------------------------------------------------------------------------------------
 # 1. Reference: the math, in plain torch (differentiated by autograd)
@@ -89,8 +93,8 @@ from kernels.nf4 import NF4Tensor, dequantize_nf4, keeping_dequantized
 
 
 def dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:
-    """The base weight as a dense (out, in) tensor in ``dtype`` (NF4 is dequantized)."""
-    return weight if isinstance(weight, torch.Tensor) else dequantize_nf4(weight, dtype)
+    """The base weight as a dense (out, in) tensor in ``dtype`` (a quantized one is dequantized)."""
+    return weight if isinstance(weight, torch.Tensor) else dequantize_frozen(weight, dtype)
 
 
 def lora_linear_ref(x, weight, lora_A, lora_B, scale, dropout_p=0.0, training=False, bias=None, *,
@@ -102,7 +106,6 @@ def lora_linear_ref(x, weight, lora_A, lora_B, scale, dropout_p=0.0, training=Fa
     mask from torch's generator. See the module docstring for shapes and the backward.
     """
     _check_inputs("lora_linear_ref", x, weight, lora_A, lora_B, scale, dropout_p, bias)
-    w = dense_weight(weight, x.dtype)
     dropped = x
     if training and dropout_p > 0:
         n_in = x.shape[-1]
@@ -112,7 +115,9 @@ def lora_linear_ref(x, weight, lora_A, lora_B, scale, dropout_p=0.0, training=Fa
             keep = dropout_keep_mask(seed, x.numel() // n_in, n_in, dropout_p, x.device).view(x.shape)
         dropped = x * keep / (1.0 - dropout_p)
     h = dropped @ lora_A.to(x.dtype).t()  # (..., r)
-    y = x @ w.t() + scale * (h @ lora_B.to(x.dtype).t())
+    # an FP8 base computes its product in FP8 (activations quantized too), the others densely
+    base = fp8_linear(x, weight) if isinstance(weight, FP8Tensor) else x @ dense_weight(weight, x.dtype).t()
+    y = base + scale * (h @ lora_B.to(x.dtype).t())
     return y if bias is None else y + bias
 
 
@@ -124,8 +129,9 @@ def _check_inputs(op, x, weight, lora_A, lora_B, scale, dropout_p, bias) -> None
                             f"{'' if not isinstance(t, torch.Tensor) else ' of ' + str(t.dtype)}")
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have shape (..., in), got a 0-d tensor")
-    if not isinstance(weight, (torch.Tensor, NF4Tensor)) or len(weight.shape) != 2:
-        raise ValueError(f"{op}: weight must be a 2-D (out, in) tensor or an NF4Tensor, got {type(weight).__name__}")
+    if not isinstance(weight, (torch.Tensor, *QUANTIZED_TYPES)) or len(weight.shape) != 2:
+        raise ValueError(f"{op}: weight must be a 2-D (out, in) tensor, NF4Tensor, Int8Tensor or FP8Tensor, "
+                         f"got {type(weight).__name__}")
     n_out, n_in = weight.shape
     if isinstance(weight, torch.Tensor) and weight.dtype != x.dtype:
         raise ValueError(f"{op}: weight dtype {weight.dtype} does not match x dtype {x.dtype}")
@@ -164,23 +170,21 @@ def _check_inputs(op, x, weight, lora_A, lora_B, scale, dropout_p, bias) -> None
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """2-D core: x (N, in) → y (N, out). ``weight`` dense or NF4; gradients for x, lora_A, lora_B."""
+    """2-D core: x (N, in) → y (N, out). ``weight`` dense or quantized; gradients for x, lora_A, lora_B."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, bias, scale: float, drop: Dropout | None):
-        w = dense_weight(weight, x.dtype)
         lora_a, lora_b = lora_A.to(x.dtype), lora_B.to(x.dtype)
         keep_scale = 1.0 / (1.0 - drop.p) if drop else 1.0
-        y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())  # cuBLAS (N, out)
+        y, w = base_product(x, weight, bias)  # cuBLAS x·Wᵀ (N, out) (FP8: its scaled product)
         h = lowrank_down(x, lora_a.t(), keep_scale, drop)  # (N, r) fp32 = drop(x)·Aᵀ
         lowrank_up_(y, h, lora_b.t(), scale, None)  # y += s·h·Bᵀ
         # x for dA (no (N, in) mask: the seed regenerates it), h (N, r) for dB, A and B for dX and
-        # dH; the frozen weight as the parameter itself, or packed NF4 to re-dequantize in backward
-        # (the dense copy only under checkpointing: dropped after the forward, the recompute's
-        # feeds the backward that runs right after).
-        keep_dense = isinstance(weight, torch.Tensor) or keeping_dequantized()
-        ctx.save_for_backward(x, h, lora_A, lora_B, w if keep_dense else None)
-        ctx.nf4_weight = None if keep_dense else weight
+        # dH; the frozen weight as the parameter itself, or the quantized one to re-dequantize in
+        # backward (the dense copy only under checkpointing: dropped after the forward, the
+        # recompute's feeds the backward that runs right after; FP8 never has one).
+        ctx.save_for_backward(x, h, lora_A, lora_B, w)
+        ctx.frozen_weight = None if w is not None else weight
         ctx.scale, ctx.drop = scale, drop
         return y
 
@@ -195,8 +199,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
             dh = lowrank_down(dy, lora_b, s, None)  # (N, r) = s·dY·B
         if ctx.needs_input_grad[0]:
-            w = w if w is not None else dense_weight(ctx.nf4_weight, x.dtype)
-            dx = torch.mm(dy, w)  # cuBLAS dY·W (N, in)
+            dx = base_grad_input(dy, ctx.frozen_weight, w)  # cuBLAS dY·W (N, in)
             lowrank_up_(dx, dh, lora_a, keep_scale, drop)  # += keep/(1−p) ⊙ dH·A
         if ctx.needs_input_grad[2]:
             d_a = lowrank_wgrad(dh, x, keep_scale, drop).to(lora_A.dtype)  # dHᵀ·drop(x)
@@ -213,7 +216,7 @@ class LoRALinearFunction(torch.autograd.Function):
 def lora_linear(x, weight, lora_A, lora_B, scale, dropout_p=0.0, training=False, bias=None, *, seed=None):
     """``y = x·Wᵀ (+ bias) + scale · (drop(x)·Aᵀ)·Bᵀ`` for x (..., in) → (..., out).
 
-    ``weight``: frozen (out, in) tensor in x's dtype, or an ``NF4Tensor``; ``lora_A`` (r, in),
+    ``weight``: frozen (out, in) tensor in x's dtype, or an NF4/int8/FP8 tensor; ``lora_A`` (r, in),
     ``lora_B`` (out, r), any float dtype (computed in x's dtype, gradients in their own); ``bias``
     (out,) frozen. Dropout on x's LoRA path when ``training`` and ``dropout_p > 0``, its mask drawn
     from ``seed`` (an int, or a one-element int64 tensor on x's device; default: drawn from torch's

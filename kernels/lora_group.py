@@ -22,7 +22,7 @@ the members for the shared x)::
 
 What is done once for the group instead of once per member:
 
-* NF4 weights are dequantized into the rows of one (Σ out, in) buffer, and one cuBLAS GEMM
+* Quantized weights (NF4, int8: `kernels.frozen`) are dequantized into the rows of one (Σ out, in) buffer, and one cuBLAS GEMM
   computes ``x·W_catᵀ`` (and ``dY·W_cat`` for dX). Dense weights are not copied: each member's
   cuBLAS GEMM writes its column slice of y, and dX accumulates ``dY_i·W_i`` in place (addmm_).
 * The down-projection ``h = [h_1 | … | h_G]`` (N, G·r) is one launch of the `kernels.lowrank`
@@ -33,10 +33,10 @@ What is done once for the group instead of once per member:
   ``dH_g``, ``dB_g``.
 
 Grouping needs one rank r and one dropout p over the adapted members and one kind of weight (all
-dense in x's dtype, or all NF4); otherwise (PEFT's ``rank_pattern`` giving q and v different
-ranks) `lora_linear_group` computes each member with `lora_linear` and concatenates — the same
-result. Saved for backward, as in `kernels.lora`: x, h (N, G·r) fp32, the A and B tensors, the
-weights by reference (NF4: the packed tensors, dequantized again for dX — or, under
+dense in x's dtype, or all dequantized formats); otherwise (PEFT's ``rank_pattern`` giving q and
+v different ranks, or FP8 weights, whose products quantize x per member) `lora_linear_group`
+computes each member with `lora_linear` and concatenates — the same result. Saved for backward, as in `kernels.lora`: x, h (N, G·r) fp32, the A and B tensors, the
+weights by reference (quantized: their codes, dequantized again for dX — or, under
 `kernels.nf4.keep_dequantized`, the (Σ out, in) buffer of the recompute), the seeds.
 Dropout seeds: a (G,) int64 tensor on x's device, drawn there by ``torch.randint`` when not given
 (the same values, on a CPU generator, as G successive one-element draws of the per-member path).
@@ -53,14 +53,15 @@ import torch.nn.functional as F
 from kernels.backend import use_triton
 from kernels.lora import dense_weight, lora_linear_checked, lora_linear_ref
 from kernels.lowrank import KERNEL_DTYPES, Dropout, lowrank_down, lowrank_up_, lowrank_wgrad
-from kernels.nf4 import NF4Tensor, dequantize_nf4, keeping_dequantized
-from kernels.nf4_linear import nf4_linear
+from kernels.fp8 import FP8Tensor
+from kernels.frozen import FrozenWeight, dequantize_frozen, frozen_linear, is_quantized, storage
+from kernels.nf4 import keeping_dequantized
 
 
 class GroupMember(NamedTuple):
     """One projection of the group: its frozen weight and bias, and its LoRA when it has one."""
 
-    weight: torch.Tensor | NF4Tensor  # (out, in), frozen: dense in x's dtype, or NF4
+    weight: FrozenWeight  # (out, in), frozen: dense in x's dtype, or quantized (kernels.frozen)
     bias: torch.Tensor | None = None  # (out,), frozen
     lora_A: torch.Tensor | None = None  # (r, in); None: a plain linear member
     lora_B: torch.Tensor | None = None  # (out, r)
@@ -83,7 +84,8 @@ def lora_linear_group_ref(x: torch.Tensor, members: Sequence[GroupMember], *, se
     outs, g = [], 0
     for m in members:
         if not m.adapted:
-            outs.append(F.linear(x, dense_weight(m.weight, x.dtype), m.bias))
+            outs.append(frozen_linear(x, m.weight, m.bias) if is_quantized(m.weight)
+                        else F.linear(x, dense_weight(m.weight, x.dtype), m.bias))
             continue
         seed = None if seeds is None else int(seeds[g])
         outs.append(lora_linear_ref(x, m.weight, m.lora_A, m.lora_B, m.scale, m.dropout_p, m.dropout_p > 0,
@@ -123,11 +125,11 @@ def _cat_bias(members: Sequence[GroupMember], x: torch.Tensor) -> torch.Tensor |
 
 
 def _dequantized_cat(members: Sequence[GroupMember], slices, dtype: torch.dtype) -> torch.Tensor:
-    """The NF4 weights dequantized into the rows of one (Σ out, in) buffer."""
+    """The quantized (NF4, int8) weights dequantized into the rows of one (Σ out, in) buffer."""
     n_in = members[0].weight.shape[1]
     w = torch.empty((slices[-1][1], n_in), dtype=dtype, device=members[0].weight.device)
     for m, (a, b) in zip(members, slices):
-        dequantize_nf4(m.weight, dtype, out=w[a:b])
+        dequantize_frozen(m.weight, dtype, out=w[a:b])
     return w
 
 
@@ -243,13 +245,15 @@ def _groupable(x: torch.Tensor, members: Sequence[GroupMember], adapted: Sequenc
     """Whether the grouped kernels apply: Triton chosen, a kernel dtype, one weight kind, one (r, p)."""
     if x.dtype not in KERNEL_DTYPES or x.numel() == 0:
         return False
+    if any(isinstance(m.weight, FP8Tensor) for m in members):  # FP8 products quantize x: one each
+        return False
     dense = [m.weight for m in members if isinstance(m.weight, torch.Tensor)]
     if dense and (len(dense) != len(members) or any(w.dtype != x.dtype for w in dense)):
         return False
     if len({(m.lora_A.shape[0], m.dropout_p) for m in adapted}) > 1:
         return False
     tensors = [x, *dense, *(t for m in members for t in (m.bias, m.lora_A, m.lora_B))]
-    return use_triton(*tensors) if dense else use_triton(*tensors, members[0].weight.packed)
+    return use_triton(*tensors) if dense else use_triton(*tensors, storage(members[0].weight))
 
 
 def _each(x: torch.Tensor, members: Sequence[GroupMember], seeds) -> list[torch.Tensor]:
@@ -261,8 +265,8 @@ def _each(x: torch.Tensor, members: Sequence[GroupMember], seeds) -> list[torch.
             outs.append(lora_linear_checked(x, m.weight, m.lora_A, m.lora_B, m.scale, m.dropout_p, m.dropout_p > 0,
                                             m.bias, seed=seed))
             g += 1
-        elif isinstance(m.weight, NF4Tensor):
-            outs.append(nf4_linear(x, m.weight, m.bias))
+        elif is_quantized(m.weight):
+            outs.append(frozen_linear(x, m.weight, m.bias))
         else:
             outs.append(F.linear(x, m.weight, m.bias))
     return outs

@@ -15,8 +15,8 @@ weight. Nothing about ``x`` is saved (no weight gradient needs it).
 Shapes: x (..., in) fp32/bf16/fp16; Q of shape (out, in); bias (out,) or None -> (..., out) in
 x.dtype. The matmul runs in x.dtype (the compute dtype), whatever dtype Q was quantized from.
 
-Layout: reference -> (the Triton dequant kernel lives in kernels/nf4.py) -> autograd.Function ->
-public op. The module that stores a weight this way is `models.quantized.NF4Linear`.
+Layout: reference -> (the Triton dequant kernel lives in kernels/nf4.py; the autograd.Function,
+shared with int8, in kernels/frozen.py) -> public op. The module that stores a weight this way is `models.quantized.NF4Linear`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import use_triton
-from kernels.nf4 import FLOAT_DTYPES, NF4Tensor, dequantize_nf4, keeping_dequantized, nf4_dequant_ref
+from kernels.frozen import frozen_linear
+from kernels.nf4 import FLOAT_DTYPES, NF4Tensor, nf4_dequant_ref
 
 # ----------------------------------------------------------------------------------------------
 # 1. Reference (differentiated by autograd; it keeps the dense W for backward, fine for tests)
@@ -37,31 +37,9 @@ def nf4_linear_ref(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = No
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. autograd.Function: saves only the (already resident) NF4 weight, recomputes W in backward
+# 2. autograd.Function: `kernels.frozen`'s, shared by every dequantized format (it saves only the
+#    already resident NF4 weight and dequantizes W again in backward)
 # ----------------------------------------------------------------------------------------------
-
-
-class _NF4LinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # Only a reference to Q (kept by the module anyway) is saved; no dense W, no x — except under
-        # checkpointing (keep_dequantized): dropped after the forward, the recompute's used at once.
-        w = dequantize_nf4(q, x.dtype)
-        keep = keeping_dequantized()
-        ctx.save_for_backward(w if keep else None)
-        ctx.q = None if keep else q
-        return F.linear(x, w, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            (w,) = ctx.saved_tensors
-            w = w if w is not None else dequantize_nf4(ctx.q, grad_out.dtype)
-            grad_x = grad_out @ w.to(grad_out.dtype)  # (..., out) @ (out, in)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(dim=0)
-        return grad_x, None, grad_bias
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,9 +63,5 @@ def _check_inputs(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None) -> N
 def nf4_linear(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ dequant(q)ᵀ + bias`` (see the module docstring); gradients for x (and bias) only."""
     _check_inputs(x, q, bias)
-    if bias is not None and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)
-    if use_triton(x, q.packed):
-        return _NF4LinearFunction.apply(x, q, bias)
-    return nf4_linear_ref(x, q, bias)
+    return frozen_linear(x, q, bias)
 

@@ -27,14 +27,14 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm import tqdm
 
-from kernels.nf4 import NF4Tensor, quantize_nf4
+from kernels.frozen import QuantizedWeight, is_quantized
 from models.bnb_checkpoint import BnbNF4Groups, is_bnb_nf4_checkpoint
 from models.config import LlamaConfig
 from models.errors import InputError
 from models.llama import LlamaForCausalLM, rope_inv_freq
 from models.ordered_map import ordered_map
 from models.presets import PRESETS
-from models.quantized import NF4Linear, should_quantize
+from models.quantized import FORMATS, quantize_weight, quantized_linear, should_quantize
 from models.safetensors_io import save_safetensors
 from models.skeleton import meta_model
 
@@ -45,7 +45,7 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # Tensors some checkpoints carry that we recompute or share: RoPE buffers of old exports.
 _IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
-Transform = Callable[[str, torch.Tensor], "torch.Tensor | NF4Tensor"]
+Transform = Callable[[str, torch.Tensor], "torch.Tensor | QuantizedWeight"]
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
@@ -222,7 +222,7 @@ def load_workers(device: torch.device) -> int:
 
 
 def _prepared_tensor(item: tuple[str, torch.Tensor], *, shapes: dict[str, tuple[int, ...]], file: Path,
-                     dtype: torch.dtype, device: torch.device, transform: Transform | None) -> torch.Tensor | NF4Tensor:
+                     dtype: torch.dtype, device: torch.device, transform: Transform | None) -> torch.Tensor | QuantizedWeight:
     """One worker's step: a mapped checkpoint tensor checked, cast, moved and transformed."""
     name, tensor = item
     tensor = _checked_tensor(tensor, name, shapes[name], file, dtype, device)
@@ -255,12 +255,13 @@ def all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(lo.item()) and math.isfinite(hi.item())
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor | NF4Tensor) -> None:
-    """Set a parameter; an NF4 weight replaces its whole ``nn.Linear`` by an `NF4Linear`."""
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor | QuantizedWeight) -> None:
+    """Set a parameter; a quantized weight replaces its whole ``nn.Linear`` by the
+    `models.quantized.QuantizedLinear` of its format."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
-    if isinstance(tensor, NF4Tensor):
-        quantized = NF4Linear(tensor)
+    if is_quantized(tensor):
+        quantized = quantized_linear(tensor)
         quantized.bias = module.bias  # None, the loaded bias, or a meta placeholder assigned later
         parent, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent), child, quantized)
@@ -268,7 +269,7 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor | NF4Tensor) -> No
     setattr(module, attr, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
 
 
-QUANTIZE_CHOICES = (None, "nf4")
+QUANTIZE_CHOICES = (None, *FORMATS)
 
 
 def load_model(name_or_path: str | os.PathLike, *, quantize: str | None = None,
@@ -277,24 +278,27 @@ def load_model(name_or_path: str | os.PathLike, *, quantize: str | None = None,
 
     ``quantize="nf4"`` (QLoRA) stores every decoder-block linear in NF4, quantizing each weight as
     it is read, so the dense model never exists whole on the device (``dtype`` is then the
-    compute dtype and the dtype the weights are quantized from). A pre-quantized bitsandbytes NF4
-    folder loads its quantized linears as NF4 whatever ``quantize`` says (the checkpoint decides).
+    compute dtype and the dtype the weights are quantized from); ``"int8"`` stores them as
+    per-row absmax int8 and ``"fp8"`` as per-row scaled e4m3 (`models.quantized.FORMATS`). A
+    pre-quantized bitsandbytes NF4 folder loads its quantized linears as NF4 whatever ``quantize``
+    says (the checkpoint decides).
     Adapters go on top with `engine.adapters.load_adapter` (or `engine.adapters.load_adapted_model`).
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise InputError(f"dtype {dtype}: expected torch.float32, torch.bfloat16 or torch.float16")
     if quantize not in QUANTIZE_CHOICES:
-        raise InputError(f"quantize={quantize!r}: expected None or 'nf4'")
+        raise InputError(f"quantize={quantize!r}: expected None or one of {', '.join(map(repr, FORMATS))}")
     model_dir = resolve_model_dir(name_or_path)
     cfg = read_config(model_dir)
     model = meta_model(cfg)
-    load_weights(model, model_dir, dtype, device, transform=_quantize_nf4 if quantize == "nf4" else None)
+    transform = None if quantize is None else functools.partial(_quantize_tensor, quantize)
+    load_weights(model, model_dir, dtype, device, transform=transform)
     return model.eval()
 
 
-def _quantize_nf4(name: str, tensor: torch.Tensor) -> torch.Tensor | NF4Tensor:
-    """The per-tensor hook of QLoRA loading: the linears `should_quantize` selects become NF4."""
-    return quantize_nf4(tensor) if should_quantize(name) else tensor
+def _quantize_tensor(fmt: str, name: str, tensor: torch.Tensor) -> torch.Tensor | QuantizedWeight:
+    """The per-tensor hook of quantized loading: the linears `should_quantize` selects become ``fmt``."""
+    return quantize_weight(fmt, tensor) if should_quantize(name) else tensor
 
 
 def save_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,

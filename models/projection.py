@@ -3,7 +3,7 @@
 ``project_together(x, (q_proj, k_proj, v_proj))`` equals ``torch.cat([m(x) for m in ...], -1)``, the
 modules keeping their names, parameters and PEFT keys (the grouping is internal to the step). Each
 module describes itself as a `kernels.lora_group.GroupMember` — a frozen ``nn.Linear``, an
-`NF4Linear`, or any module with a ``group_member()`` method (``engine.adapters.LoRALinear``: its
+`QuantizedLinear` (NF4, int8, FP8), or any module with a ``group_member()`` method (``engine.adapters.LoRALinear``: its
 base, its LoRA when enabled, its dropout when training) — and `kernels.lora_group.lora_linear_group`
 computes them in one grouped op (one dequantized NF4 buffer and GEMM, one down-projection...). A
 module it does not know, or an ``nn.Linear`` whose weight is being trained, is simply called.
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kernels.lora_group import GroupMember, lora_linear_group
-from models.quantized import NF4Linear
+from models.quantized import QuantizedLinear
 
 
 def group_member(module: nn.Module) -> GroupMember | None:
@@ -25,8 +25,8 @@ def group_member(module: nn.Module) -> GroupMember | None:
     if type(module) is nn.Linear:
         trained = module.weight.requires_grad or (module.bias is not None and module.bias.requires_grad)
         return None if trained and torch.is_grad_enabled() else GroupMember(module.weight, module.bias)
-    if isinstance(module, NF4Linear):
-        return GroupMember(module.weight_nf4, module.bias)
+    if isinstance(module, QuantizedLinear):
+        return GroupMember(module.frozen_weight, module.bias)
     describe = getattr(module, "group_member", None)
     return describe() if callable(describe) else None
 

@@ -6,18 +6,17 @@ from collections import Counter
 
 import torch
 
-import kernels.lora
-import kernels.lora_group
-import kernels.nf4_linear
+import kernels.frozen
 
 
 def counting_dequantizations(monkeypatch) -> Counter:
-    """Count `dequantize_nf4` calls of the LoRA, grouped-LoRA and NF4-linear ops (every op that
-    dequantizes a base weight), per NF4 weight (its packed buffer), for the rest of the test."""
+    """Count `dequantize_nf4` calls of the LoRA, grouped-LoRA and NF4-linear ops (they all dequantize
+    a base weight through `kernels.frozen.dequantize_frozen`), per NF4 weight (its packed buffer),
+    for the rest of the test."""
     calls: Counter = Counter()
-    for module in (kernels.lora, kernels.lora_group, kernels.nf4_linear):
-        def counted(q, dtype=torch.bfloat16, *, out=None, _real=module.dequantize_nf4):
-            calls[q.packed.data_ptr()] += 1
-            return _real(q, dtype, out=out)
-        monkeypatch.setattr(module, "dequantize_nf4", counted)
+
+    def counted(q, dtype=torch.bfloat16, *, out=None, _real=kernels.frozen.dequantize_nf4):
+        calls[q.packed.data_ptr()] += 1
+        return _real(q, dtype, out=out)
+    monkeypatch.setattr(kernels.frozen, "dequantize_nf4", counted)
     return calls

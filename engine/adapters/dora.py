@@ -40,7 +40,7 @@ from engine.adapters.targets import find_targets, replace_module
 from kernels.dora import dora_weight_norm
 from kernels.lora import lora_linear_checked
 from kernels.lora_group import GroupMember
-from models.quantized import NF4Linear
+from models.quantized import QuantizedLinear
 
 
 class _OptimizerSteps:
@@ -74,7 +74,7 @@ class DoRALinear(LoRALinear):
         self.lora_magnitude_vector = nn.Parameter(self.weight_norm().clone())
 
     def _base_key(self) -> tuple:
-        if isinstance(self.base, NF4Linear):  # its buffers (`weight_nf4` is a new object at each access)
+        if isinstance(self.base, QuantizedLinear):  # its buffers (`frozen_weight` is a new object at each access)
             return tuple(_tensor_key(b) for b in self.base.buffers(recurse=False))
         return _tensor_key(self.base.weight)
 

@@ -23,9 +23,9 @@ from torch import nn
 from engine.adapters.base import AdapterModule
 from engine.errors import InputError
 from kernels.lora import lora_linear_checked
-from kernels.nf4 import dequantize_nf4
+from kernels.frozen import dequantize_frozen
 from kernels.lora_group import GroupMember
-from models.quantized import NF4Linear
+from models.quantized import QuantizedLinear
 
 ALL_LINEAR = "all-linear"
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -98,14 +98,15 @@ def _pattern_key(patterns: dict, module_name: str) -> str | None:
 
 
 class FrozenBaseLinear(nn.Module):
-    """A module that owns a frozen base linear (dense ``nn.Linear`` or ``NF4Linear``) and adds an
+    """A module that owns a frozen base linear (dense ``nn.Linear`` or a `QuantizedLinear`: NF4,
+    int8, FP8) and adds an
     adapter's update to its output: `LoRALinear` (one trainable adapter) and
     `engine.adapters.multi.MultiLoRALinear` (several stacked, per row)."""
 
     def __init__(self, base: nn.Module):
         super().__init__()
-        if not isinstance(base, (nn.Linear, NF4Linear)):
-            raise TypeError(f"{type(self).__name__} wraps nn.Linear or NF4Linear, got {type(base).__name__}")
+        if not isinstance(base, (nn.Linear, QuantizedLinear)):
+            raise TypeError(f"{type(self).__name__} wraps nn.Linear or a QuantizedLinear, got {type(base).__name__}")
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -120,7 +121,7 @@ class FrozenBaseLinear(nn.Module):
 
 
 class LoRALinear(FrozenBaseLinear, AdapterModule):
-    """A frozen base linear (dense ``nn.Linear`` or ``NF4Linear``) plus a trainable low-rank update.
+    """A frozen base linear (dense ``nn.Linear`` or a `QuantizedLinear`) plus a trainable low-rank update.
 
     Parameters: ``lora_A`` (r, in) and ``lora_B`` (out, r), kept in fp32 (the optimizer's master
     copy); the kernel computes with them in the input's dtype. Initialisation is PEFT's: A ~ Kaiming
@@ -138,8 +139,8 @@ class LoRALinear(FrozenBaseLinear, AdapterModule):
         self.adapter_enabled = True
 
     def base_weight(self):
-        """The frozen weight the kernel takes: a dense (out, in) tensor or an NF4Tensor."""
-        return self.base.weight_nf4 if isinstance(self.base, NF4Linear) else self.base.weight
+        """The frozen weight the kernel takes: a dense (out, in) tensor or a quantized one."""
+        return self.base.frozen_weight if isinstance(self.base, QuantizedLinear) else self.base.weight
 
     def group_member(self) -> GroupMember:
         """This layer as a member of a grouped projection (`models.projection`: q/k/v, gate/up):
@@ -178,7 +179,7 @@ class LoRALinear(FrozenBaseLinear, AdapterModule):
     @torch.no_grad()
     def merged(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain linear with W' = W + s B A, formed in fp32 and rounded once to ``dtype`` (default:
-        the base's dtype; for an NF4 base, the dtype it was quantized from, onto its dequantized weight)."""
+        the base's dtype; for a quantized base, the dtype it was quantized from, onto its dequantized weight)."""
         weight, _ = dense_base_weight(self.base)
         return merged_linear(self.base, weight + self.delta_weight().to(weight.device), dtype)
 
@@ -187,10 +188,10 @@ class LoRALinear(FrozenBaseLinear, AdapterModule):
 
 
 def dense_base_weight(base: nn.Module) -> tuple[torch.Tensor, torch.dtype]:
-    """A base linear's weight in fp32 (an NF4 one dequantized) and the dtype it is stored in (for
-    NF4, the dtype it was quantized from)."""
-    if isinstance(base, NF4Linear):
-        return dequantize_nf4(base.weight_nf4, dtype=torch.float32), base.weight_nf4.dtype
+    """A base linear's weight in fp32 (a quantized one dequantized) and the dtype it is stored in
+    (for a quantized one, the dtype it was quantized from)."""
+    if isinstance(base, QuantizedLinear):
+        return dequantize_frozen(base.frozen_weight, torch.float32), base.frozen_weight.dtype
     return base.weight.float(), base.weight.dtype
 
 
@@ -198,7 +199,7 @@ def dense_base_weight(base: nn.Module) -> tuple[torch.Tensor, torch.dtype]:
 def merged_linear(base: nn.Module, weight: torch.Tensor, dtype: torch.dtype | None = None) -> nn.Linear:
     """A plain ``nn.Linear`` in place of ``base``: the merged fp32 ``weight`` rounded once to ``dtype``
     (default: the dtype ``base`` stores, `dense_base_weight`), and the base's bias."""
-    stored = base.weight_nf4.dtype if isinstance(base, NF4Linear) else base.weight.dtype
+    stored = base.frozen_weight.dtype if isinstance(base, QuantizedLinear) else base.weight.dtype
     linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
     linear.weight = nn.Parameter(weight.to(dtype or stored), requires_grad=False)
     if base.bias is not None:
@@ -207,6 +208,6 @@ def merged_linear(base: nn.Module, weight: torch.Tensor, dtype: torch.dtype | No
 
 
 def _module_device(module: nn.Module) -> torch.device:
-    if isinstance(module, NF4Linear):
-        return module.weight_nf4.device
+    if isinstance(module, QuantizedLinear):
+        return module.weight_device
     return module.weight.device

@@ -16,7 +16,7 @@ from torch import nn
 
 from engine.adapters.base import NotMergeable, adapter_modules
 from engine.adapters.targets import replace_module
-from models.quantized import NF4Linear
+from models.quantized import QuantizedLinear
 
 
 @dataclass
@@ -49,7 +49,7 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None) -> MergeReport:
                                "cannot be merged (serve the base with the adapter folder instead)")
     report = MergeReport(merged=[], dequantized=[])
     for name, m in modules.items():
-        if isinstance(getattr(m, "base", None), NF4Linear):
+        if isinstance(getattr(m, "base", None), QuantizedLinear):
             report.dequantized.append(name)
         replace_module(model, name, m.merged(dtype))
         report.merged.append(name)

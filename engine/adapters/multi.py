@@ -1,7 +1,7 @@
 """Several adapters over one base in one batch: each row of a batch uses its own adapter (or none).
 
 `inject_adapters(model, adapters)` replaces every linear that any of the K adapters targets by a
-`MultiLoRALinear`: it owns the frozen base (``nn.Linear`` or ``NF4Linear``, as `LoRALinear`
+`MultiLoRALinear`: it owns the frozen base (``nn.Linear`` or a `QuantizedLinear`, as `LoRALinear`
 does) and the K adapters' weights stacked as buffers, A (K, r, in) and B (K, out, r) with r the
 largest rank any adapter gives this module (smaller ranks zero-padded: exact), and the scales
 (K,) fp32 (per module: ``rank_pattern`` / ``alpha_pattern`` / rsLoRA as each adapter's config
@@ -41,7 +41,7 @@ from engine.adapters.switcher import Adapter, check_adapter_fits
 from engine.adapters.targets import replace_module
 from engine.errors import InputError
 from kernels.lora_gather import GatherRows, gather_rows, lora_gather_checked
-from models.quantized import NF4Linear
+from models.quantized import QuantizedLinear
 
 NONE = "none"  # the base: no adapter for this row (id -1)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
@@ -217,7 +217,7 @@ def inject_adapters(model: nn.Module, adapters: Sequence[Adapter]) -> MultiAdapt
         if isinstance(base, nn.Linear) and base.weight.dtype != dtype:
             raise InputError(f"{name}: weight dtype {base.weight.dtype} differs from the model's {dtype}; the "
                              "gathered adapters compute in one dtype")
-        device = base.weight_packed.device if isinstance(base, NF4Linear) else base.weight.device
+        device = base.weight_device if isinstance(base, QuantizedLinear) else base.weight.device
         r = max(a.layout[name][0] for a in adapters if name in a.layout)
         lora_A = torch.zeros(len(adapters), r, base.in_features, dtype=dtype, device=device)
         lora_B = torch.zeros(len(adapters), base.out_features, r, dtype=dtype, device=device)

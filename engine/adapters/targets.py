@@ -1,6 +1,6 @@
 """Which linears get a LoRA, and the helpers that act on every `LoRALinear` of a model.
 
-`inject_lora` swaps the targeted ``nn.Linear`` (or `NF4Linear`, for QLoRA) modules of a model for
+`inject_lora` swaps the targeted ``nn.Linear`` (or `QuantizedLinear`, for a quantized base) modules of a model for
 `LoRALinear`s that own them; nothing is patched. Module names follow HF's tree
 (``model.layers.0.self_attn.q_proj``), so the target rules are PEFT's:
 
@@ -26,11 +26,11 @@ from engine.adapters.base import adapter_modules
 from engine.adapters.lora import ALL_LINEAR, OUTPUT_HEAD, LoRAConfig, LoRALinear
 from engine.adapters.score_head import SCORE, score_head
 from engine.errors import InputError
-from models.quantized import NF4Linear
+from models.quantized import QuantizedLinear
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, NF4Linear))
+    return isinstance(module, (nn.Linear, QuantizedLinear))
 
 
 def _is_excluded(cfg: LoRAConfig, name: str) -> bool:

@@ -230,14 +230,13 @@ def evaluation_share(parallel: Parallel | None, n_batches: int) -> Iterator[tupl
 
 
 def replica_bytes(model_config: Any, dtype: torch.dtype, quant: str) -> int:
-    """The bytes of the weights one DDP rank holds whole: every tensor in ``dtype``, or with NF4
-    the decoder-block linears in NF4 (`kernels.nf4.nf4_bytes`, as `models.quantized` stores them)."""
-    from kernels.nf4 import nf4_bytes
-    from models.quantized import should_quantize
+    """The bytes of the weights one DDP rank holds whole: every tensor in ``dtype``, or with a
+    quantized base the decoder-block linears in its format (`models.quantized.quantized_bytes`)."""
+    from models.quantized import quantized_bytes, should_quantize
     from models.skeleton import meta_model
 
     element = torch.empty((), dtype=dtype).element_size()
-    return sum(nf4_bytes(p.numel()) if quant == "nf4" and should_quantize(name) else p.numel() * element
+    return sum(quantized_bytes(quant, *p.shape) if quant != "none" and should_quantize(name) else p.numel() * element
                for name, p in meta_model(model_config).named_parameters())
 
 
@@ -269,19 +268,18 @@ def _rank_device(device_flag: str, local_rank: int) -> torch.device:
 
 # ---------------------------------------------------------------------------- FSDP2
 
-QUANTIZED_BYTES = ("weight_packed", "weight_absmax", "weight_nested_absmax")  # the NF4 tensors worth sharding
-
-
 def quantized_bytes_as_parameters(model: nn.Module) -> int:
-    """Turn each NF4 linear's packed codes and absmax (and nested absmax) from buffers into frozen
-    parameters, which FSDP2 shards and all-gathers as they are (uint8 / fp32 bytes); the code
-    books and the offset (a few bytes) stay replicated buffers. Returns how many were turned."""
-    from models.quantized import NF4Linear
+    """Turn each quantized linear's large buffers (``sharded_buffers``: NF4's packed codes and
+    absmax and nested absmax, int8's codes and absmax, FP8's codes and scales) into frozen
+    parameters, which FSDP2 shards and all-gathers as they are (uint8 / int8 / fp32 bytes, never a
+    dequantized copy); NF4's code books and offset (a few bytes) stay replicated buffers. Returns
+    how many were turned."""
+    from models.quantized import QuantizedLinear
 
     turned = 0
     for module in model.modules():
-        if isinstance(module, NF4Linear):
-            for name in QUANTIZED_BYTES:
+        if isinstance(module, QuantizedLinear):
+            for name in module.sharded_buffers:
                 tensor = module._buffers.get(name)
                 if tensor is not None and tensor.dim() >= 1:
                     del module._buffers[name]

@@ -65,6 +65,18 @@ def check_model_fits(cfg: TrainConfig, model_config: LlamaConfig, max_token_id: 
     method_named(cfg.peft).check_fits(skeleton, config_from_flags(cfg))
 
 
+def check_quant_device(quant: str, device: torch.device) -> None:
+    """``--quant fp8`` computes in FP8 on a CUDA GPU of compute capability ≥ 8.9 (Ada, Hopper) and
+    emulates it on a CPU (correct, for tests); an older GPU has no FP8 tensor cores: refuse it."""
+    if quant == "fp8" and device.type == "cuda":
+        from kernels.fp8 import scaled_mm_available
+
+        if not scaled_mm_available(device):
+            major, minor = torch.cuda.get_device_capability(device)
+            raise InputError(f"--quant fp8 needs FP8 tensor cores (compute capability >= 8.9: L4, L40, H100, H200); "
+                             f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use --quant int8 or nf4")
+
+
 def non_finite_parameter(model: nn.Module) -> str | None:
     """The name of the first adapter tensor (LoRA, or a reward head) with a NaN or an infinity
     (with how many), else None."""
@@ -96,6 +108,7 @@ def build_model(cfg: TrainConfig, model_dir: Path, device: torch.device, dtype: 
     """
     torch.manual_seed(cfg.seed)
     quantize = None if cfg.quant == "none" else cfg.quant
+    check_quant_device(cfg.quant, device)
     # LoftQ reads the dense weights (their NF4 rounding is what it corrects) and quantizes the
     # linears it adapts itself; the others are quantized once it is done
     dense_first = quantize is not None and not cfg.init_adapter and reads_dense_base(config_from_flags(cfg))
@@ -111,7 +124,7 @@ def build_model(cfg: TrainConfig, model_dir: Path, device: torch.device, dtype: 
         lora_cfg, parent = config_from_flags(cfg), None
         inject_adapter(model, lora_cfg)
         if dense_first:
-            quantize_linears(model)
+            quantize_linears(model, fmt=quantize)
     if with_score_head and score_head(model) is None:
         attach_score_head(model, new_score_head(model.config.hidden_size, cfg.seed, initializer_range(model_dir),
                                                 device=device))

@@ -1,0 +1,141 @@
+"""FP8 (e4m3) weights with per-output-channel scales, and the scaled FP8 product of two row-scaled operands.
+
+Format. A weight W (out, in) keeps, per output row o:
+
+    scale[o]  = max_i |W[o, i]| / 448                      (fp32; 448 is e4m3's largest finite value)
+    code[o,i] = e4m3(W[o, i] / scale[o])                   (torch.float8_e4m3fn, round to nearest even)
+    W[o, i]  ~= code[o, i] · scale[o]                      (fp32, rounded once to the compute dtype)
+
+e4m3 has 3 mantissa bits: the relative error of an element is at most 2⁻⁴ (6 %), finer near a
+row's maximum than int8 and coarser near zero (its subnormals stop at 2⁻⁹ · scale). A row of zeros
+gets scale 1 and codes 0.
+
+Activations are quantized the same way per row, dynamically, inside each product
+(`quantize_rows`): ``a ≈ e4m3(a / s_a) · s_a`` with ``s_a = max|a_row| / 448`` (a floor of
+``MIN_SCALE`` keeps an all-zero row finite). The product of two row-scaled operands is
+
+    fp8_mm(A, s_a, B, s_b) = (A_codes · B_codesᵀ) ⊙ (s_a · s_bᵀ)      A (M, K), B (N, K) -> (M, N)
+
+summed in fp32: on a CUDA GPU of compute capability ≥ 8.9 by ``torch._scaled_mm`` (e4m3 tensor
+cores, row-wise scales, bf16 output), elsewhere by an fp32 matmul of the same codes (`fp8_mm_ref`),
+which rounds every operand exactly as the GPU does and differs only in summation order, so the
+CPU tests check the numerics of the GPU path. The linear layer built on it, forward and dX
+backward, is `kernels.fp8_linear`.
+
+Shapes: ``codes`` (out, in) float8_e4m3fn, ``scale`` (out,) fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+MIN_SCALE = 1e-12  # the scale of an all-zero activation row (any positive value gives codes 0)
+
+
+@dataclass
+class FP8Tensor:
+    """A weight in e4m3: codes (out, in) and one fp32 scale per output row; ``dtype`` is the
+    dtype the weight was quantized from (what it dequantizes to by default)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def numel(self) -> int:
+        return self.codes.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def to(self, device: torch.device | str) -> FP8Tensor:
+        """A copy with both tensors on ``device``."""
+        return replace(self, codes=self.codes.to(device), scale=self.scale.to(device))
+
+
+def fp8_bytes(out_features: int, in_features: int) -> int:
+    """Bytes an `FP8Tensor` of this shape holds: one per weight plus an fp32 scale per row."""
+    return out_features * in_features + 4 * out_features
+
+
+@torch.no_grad()
+def quantize_fp8(weight: torch.Tensor) -> FP8Tensor:
+    """Row-wise scaled e4m3 of a (out, in) fp32/bf16/fp16 weight (module docstring)."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weight: dtype {weight.dtype} not supported, expected float32, bfloat16 or float16")
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(f"weight: expected a non-empty 2-D (out, in) tensor, got shape {tuple(weight.shape)}")
+    absmax = weight.abs().amax(dim=1).float()
+    scale = torch.where(absmax > 0, absmax / E4M3_MAX, torch.ones_like(absmax))
+    codes = torch.empty(weight.shape, dtype=E4M3, device=weight.device)
+    rows = max(1, (1 << 22) // weight.shape[1])  # 4M elements of fp32 work per chunk
+    for start in range(0, weight.shape[0], rows):
+        block = weight[start:start + rows].float() / scale[start:start + rows, None]
+        codes[start:start + rows] = block.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return FP8Tensor(codes=codes, scale=scale, dtype=weight.dtype)
+
+
+def fp8_dequant_ref(q: FP8Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``code · scale`` in fp32, rounded once to ``dtype``: (out, in)."""
+    return (q.codes.float() * q.scale[:, None]).to(dtype)
+
+
+def dequantize_fp8(q: FP8Tensor, dtype: torch.dtype = torch.bfloat16, *,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense ``dtype`` (out, in) tensor (one elementwise pass; merging and DoRA's norms use it)."""
+    if not isinstance(q, FP8Tensor):
+        raise TypeError(f"q: expected an FP8Tensor, got {type(q).__name__}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: {dtype} not supported, expected float32, bfloat16 or float16")
+    dense = fp8_dequant_ref(q, dtype)
+    return dense if out is None else out.copy_(dense)
+
+
+def quantize_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row e4m3 of a (M, K) tensor: (codes (M, K) e4m3, scales (M, 1) fp32)."""
+    scale = (a.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).clamp(min=MIN_SCALE)
+    return (a.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def fp8_mm_ref(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """``(a · bᵀ) ⊙ (a_scale · b_scaleᵀ)`` in fp32 from e4m3 codes a (M, K), b (N, K), scales
+    (M, 1), (N,) or (N, 1): (M, N) in ``out_dtype``."""
+    return (a.float() @ b.float().t() * a_scale * b_scale.reshape(1, -1)).to(out_dtype)
+
+
+def scaled_mm_available(device: torch.device) -> bool:
+    """Whether ``torch._scaled_mm`` runs e4m3 row-wise products on ``device`` (CUDA, cc ≥ 8.9)."""
+    return (device.type == "cuda" and hasattr(torch, "_scaled_mm")
+            and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def fp8_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+           out_dtype: torch.dtype) -> torch.Tensor:
+    """`fp8_mm_ref`'s product, by ``torch._scaled_mm`` where it runs (module docstring) and the
+    output is bf16; M is padded to a multiple of 16 there (K and N must be: Llama's are)."""
+    m, k = a.shape
+    n = b.shape[0]
+    if not (out_dtype == torch.bfloat16 and scaled_mm_available(a.device) and k % 16 == 0 and n % 16 == 0):
+        return fp8_mm_ref(a, a_scale, b, b_scale, out_dtype)
+    pad = -m % 16
+    if pad:
+        a = torch.cat([a, a.new_zeros(pad, k)])
+        a_scale = torch.cat([a_scale, a_scale.new_ones(pad, 1)])
+    # _scaled_mm wants the second operand column-major: bᵀ of a row-major b is.
+    b_col = b.t() if b.stride(1) == 1 else b.contiguous().t()
+    out = torch._scaled_mm(a, b_col, scale_a=a_scale.contiguous(), scale_b=b_scale.reshape(1, -1).contiguous(),
+                           out_dtype=out_dtype)
+    return out[:m] if pad else out
