@@ -34,6 +34,7 @@ from pathlib import Path
 
 from engine.cli import ArgumentParser
 from engine.comparison import Row, compare, markdown_table, read_adapters, rows_to_json
+from engine.config import QUANTS
 from engine.data.samples import load_samples
 from engine.errors import InputError, run_cli
 from engine.run.folder import model_files_in, write_json
@@ -78,8 +79,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="Compute dtype (default auto: bf16 on a GPU, fp32 on a CPU).")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto).")
-    p.add_argument("--quant", default="none", choices=("none", "nf4"),
-                   help="Quantize the base to NF4, as a QLoRA adapter was trained (default: none).")
+    p.add_argument("--quant", default="none", choices=QUANTS,
+                   help="Quantize the base as the adapter was trained: nf4 (QLoRA), int8 or fp8 (default: none).")
     p.add_argument("--no-progress", action="store_true", help="No progress bars.")
     return p
 

@@ -31,6 +31,7 @@ from engine.adapters.gguf_lora import add_lora_metadata, lora_gguf
 from engine.adapters.methods import check_fits
 from engine.atomic import atomic_file
 from engine.cli import ArgumentParser
+from engine.config import QUANTS
 from engine.errors import InputError, run_cli
 from engine.merge import stored_dtype
 from models.gguf_writer import (
@@ -81,17 +82,17 @@ def _report_types(plans: list[TensorPlan]) -> None:
 
 
 def load_merged(model_dir: Path, adapters: list[str], quant: str) -> dict[str, torch.Tensor]:
-    """The state dict of ``model_dir`` with ``adapters`` merged in fp32 (onto the NF4-rounded base
-    when ``quant == "nf4"``, loaded at the checkpoint's dtype as training quantized it)."""
-    if quant == "nf4":
+    """The state dict of ``model_dir`` with ``adapters`` merged in fp32 (onto the base rounded as
+    training rounded it when ``quant`` is nf4, int8 or fp8, loaded at the checkpoint's dtype)."""
+    if quant != "none":
         net = models.load_model(model_dir, dtype=stored_dtype(model_dir, torch.bfloat16), device="cpu")
-        quantize_linears(net)
+        quantize_linears(net, fmt=quant)
     else:
         net = models.load_model(model_dir, dtype=torch.float32, device="cpu")
     for adapter in adapters:
         load_adapter(net, adapter)
         print(f"{adapter}: {merge(net, torch.float32).summary()}")
-    dequantize_linears(net, torch.float32)  # NF4 layers no adapter targeted
+    dequantize_linears(net, torch.float32)  # quantized layers no adapter targeted
     return net.state_dict()
 
 
@@ -99,8 +100,8 @@ def export_model(model: str, adapters: list[str], out: str | os.PathLike, type_n
                  overwrite: bool = False, quant: str = "none") -> list[TensorPlan]:
     """Merge ``adapters`` into ``model`` and write the GGUF ``out``; return the tensor plans."""
     refuse_llama_quantize_only(type_name)
-    if quant not in ("none", "nf4"):
-        raise InputError(f"--quant must be 'none' or 'nf4', got {quant!r}")
+    if quant not in QUANTS:
+        raise InputError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
     if type_name not in GGUF_TYPES:
         raise InputError(f"--type {type_name!r}: expected one of {', '.join(GGUF_TYPES)}")
     out = Path(out)
@@ -160,8 +161,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--out", required=True, help="The .gguf file to write. Required.")
     g.add_argument("--type", choices=(*GGUF_TYPES, *LLAMA_QUANTIZE_ONLY), default="f16",
                    help="Type of the weight matrices (default: f16); q4_k_m: see the module help.")
-    g.add_argument("--quant", choices=("none", "nf4"), default="none", help="nf4: the adapters were trained with "
-                   "QLoRA; merge onto the NF4-rounded base (default: none).")
+    g.add_argument("--quant", choices=QUANTS, default="none", help="nf4: the adapters were trained with "
+                   "QLoRA (int8, fp8: on that base); merge onto the base rounded that way (default: none).")
     g.add_argument("--lora-only", action="store_true", help="Write the (one) adapter as a llama.cpp LoRA GGUF, "
                    "not merged.")
     g.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")

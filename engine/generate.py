@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from engine.cli import ArgumentParser
+from engine.config import QUANTS
 from engine.data.reading import read_records
 from engine.errors import InputError, run_cli
 from engine.run.setup import DTYPES, resolve_device
@@ -125,8 +126,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass in (0, 1] (default: 1.0).")
     parser.add_argument("--seed", type=int, default=0, help="Sampling seed (default: 0).")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="Compute dtype (default: fp32).")
-    parser.add_argument("--quant", default="none", choices=("none", "nf4"),
-                        help="Quantize the base to NF4, as a QLoRA adapter was trained (default: none).")
+    parser.add_argument("--quant", default="none", choices=QUANTS,
+                        help="Quantize the base as the adapter was trained: nf4 (QLoRA), int8 or fp8 (default: none).")
     parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or "
                         "cuda:N (default: auto).")
     return parser

@@ -64,7 +64,7 @@ from engine.cli import ArgumentParser
 from engine.errors import InputError, run_cli
 from engine.atomic import atomic_dir
 from engine.merge_drift import Drift, drift_to, reference_hiddens
-from engine.merge_plan import DEFAULT_ONTO, ONTO, REQUANTIZE, DriftOptions, MergePlan, plan_drift, plan_merge
+from engine.merge_plan import DEFAULT_ONTO, ONTO, QUANTIZED, REQUANTIZE, DriftOptions, MergePlan, plan_drift, plan_merge
 from engine.run.folder import is_inside
 from engine.run.setup import DTYPES, resolve_device
 from models.bnb_writer import save_bnb_nf4_model
@@ -107,13 +107,14 @@ def readme_text(base: str, adapter: str, dtype: torch.dtype, report: MergeReport
         f"- adapter: `{adapter}`",
         f"- weights: {weights}{HF_DTYPE_NAMES[dtype]}; {report.summary()}.",
     ]
+    fmt = plan.fmt.upper()
     if plan.onto == "quantized":
-        lines.append("- NF4 base: the adapter was trained on a 4-bit (NF4) base, so it was merged onto the "
-                     "dequantized NF4 weights, not onto the original full-precision ones (`--onto quantized`).")
+        lines.append(f"- {fmt} base: the adapter was trained on a {fmt} base, so it was merged onto the "
+                     f"dequantized {fmt} weights, not onto the original full-precision ones (`--onto quantized`).")
     elif plan.onto == "original":
-        lines.append("- QLoRA adapter merged onto the original full-precision base weights (`--onto original`), "
-                     "not the NF4 weights it was trained against: the NF4 rounding error of every adapted layer "
-                     "is in the drift below.")
+        lines.append(f"- adapter trained on {fmt} merged onto the original full-precision base weights (`--onto "
+                     f"original`), not the {fmt} weights it was trained against: the {fmt} rounding error of every "
+                     "adapted layer is in the drift below.")
     if plan.requantize == "nf4":
         lines.append("- requantized: every decoder-block linear stored in NF4 (blocksize 64, double quantization), "
                      "as transformers + bitsandbytes write a 4-bit model.")
@@ -171,8 +172,8 @@ def merge_to_folder(base: str, adapter: str, out: str | os.PathLike, dtype: torc
     """Merge ``adapter`` into ``base`` (module docstring) and write the folder at ``out``; measure its
     drift when ``drift`` says so (None: not measured)."""
     out = Path(out)
-    if quant not in ("none", "nf4"):
-        raise InputError(f"--quant must be 'none' or 'nf4', got {quant!r}")
+    if quant not in ("none", *QUANTIZED):
+        raise InputError(f"--quant must be 'none' or one of {', '.join(QUANTIZED)}, got {quant!r}")
     base_dir = models.resolve_model_dir(base)
     check_out(out, base_dir, Path(adapter), overwrite)
     # the adapter (any mergeable method) fits the base: checked before any weight is read
@@ -185,7 +186,7 @@ def merge_to_folder(base: str, adapter: str, out: str | os.PathLike, dtype: torc
     device = resolve_device(drift.device) if drift is not None else torch.device("cpu")
     reference = None
     if drift_plan.samples is not None:  # pass 1: the model as trained, kept as hidden states only
-        trained = models.load_model(base, dtype=torch.float32, device=device, quantize="nf4" if plan.qlora else None)
+        trained = models.load_model(base, dtype=torch.float32, device=device, quantize=plan.fmt if plan.qlora else None)
         load_adapter(trained, adapter)
         pad_id = load_tokenizer(base_dir).pad_token_id
         reference = reference_hiddens(trained, drift_plan.samples, batch_size=drift.batch_size, pad_id=pad_id,
@@ -207,6 +208,7 @@ def merge_to_folder(base: str, adapter: str, out: str | os.PathLike, dtype: torc
         marker = {"format": "lora-engine merge", "base": base, "adapter": str(adapter),
                   "dtype": HF_DTYPE_NAMES[dtype], "quant": quant, "dequantized": report.dequantized,
                   "qlora": plan.qlora, "qlora_because": plan.why_qlora or None, "onto": plan.onto,
+                  "trained_on": plan.fmt if plan.qlora else "none",
                   "requantize": plan.requantize,
                   "drift": measured.to_json() if measured is not None else None,
                   "drift_on": drift_plan.note if measured is not None else None,
@@ -224,7 +226,7 @@ def merged_model(base: str, base_dir: Path, adapter: str, dtype: torch.dtype,
     # Load at the checkpoint's own precision and round each merged weight once, to ``dtype``.
     model = models.load_model(base, dtype=stored_dtype(base_dir, dtype), device="cpu")
     if plan.onto == "quantized":
-        quantize_linears(model)  # a bnb 4-bit base is NF4 already: nothing left to quantize
+        quantize_linears(model, fmt=plan.fmt)  # a bnb 4-bit base is NF4 already: nothing left to quantize
     load_adapter(model, adapter)
     report = merge(model, dtype)
     if plan.requantize == "nf4":
@@ -246,8 +248,9 @@ def build_parser() -> ArgumentParser:
                    "Required unless --check-vllm.")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="Dtype of the merged weights "
                    "(default: bf16).")
-    p.add_argument("--quant", choices=("none", "nf4"), default="none",
-                   help="nf4: the adapter was trained with QLoRA (also known from its run's config.json or a 4-bit "
+    p.add_argument("--quant", choices=("none", *QUANTIZED), default="none",
+                   help="nf4: the adapter was trained with QLoRA; int8, fp8: on that base (also known from its run's "
+                   "config.json or a 4-bit "
                    "base; default: none).")
     qlora = p.add_argument_group("QLoRA adapters (engine.merge_plan) and the drift of the merge (engine.merge_drift)")
     qlora.add_argument("--onto", choices=ONTO, default=None,

@@ -1,9 +1,11 @@
 """What a plain ``engine.merge`` of one adapter will do, decided before any weight is read.
 
-* Whether the adapter is QLoRA (trained on an NF4-rounded base): ``--quant nf4`` says so, or the
-  run that trained it recorded ``quant: nf4`` (the run folder's ``config.json``: the adapter at
-  ``OUTPUT/adapter`` or ``OUTPUT/checkpoints/step-N/adapter``), or the base folder is a
-  bitsandbytes 4-bit checkpoint (then the base's 16-bit weights do not exist).
+* Whether the adapter is QLoRA (trained on an NF4-rounded base) — or, the same for merging, on an
+  int8 or FP8 base (``fmt``; everything below holds with that format's rounding in place of NF4's):
+  ``--quant nf4|int8|fp8`` says so, or the run that trained it recorded ``quant: ...`` (the run
+  folder's ``config.json``: the adapter at ``OUTPUT/adapter`` or
+  ``OUTPUT/checkpoints/step-N/adapter``), or the base folder is a bitsandbytes 4-bit checkpoint
+  (then the base's 16-bit weights do not exist). ``--requantize nf4`` applies to NF4 adapters only.
 * ``--onto`` for a QLoRA adapter, W' = W_onto + s·B·A with
 
       quantized:  W_onto = dequant(NF4(W))   the weights the adapter was trained against
@@ -48,6 +50,7 @@ from models.tokenizer import load_tokenizer
 ONTO = ("original", "quantized")
 DEFAULT_ONTO = {"none": "quantized", "nf4": "original"}  # by --requantize: the lower drift (docstring)
 REQUANTIZE = ("none", "nf4")
+QUANTIZED = ("nf4", "int8", "fp8")  # the frozen-base formats an adapter may be trained on (models.quantized)
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class MergePlan:
     requantize: str
     bnb_base: bool
     record: TrainingRecord
+    fmt: str = "nf4"                # the format of the base it was trained on (when qlora)
 
 
 def plan_merge(base_dir: Path, adapter: str | Path, quant: str, onto: str | None, requantize: str) -> MergePlan:
@@ -110,12 +114,13 @@ def plan_merge(base_dir: Path, adapter: str | Path, quant: str, onto: str | None
         raise InputError(f"--requantize must be one of {', '.join(REQUANTIZE)}, got {requantize!r}")
     record = training_record(adapter)
     bnb_base = is_bnb_nf4_checkpoint(base_dir)
-    if quant == "nf4":
-        why = "--quant nf4"
+    fmt = "nf4"
+    if quant in QUANTIZED:
+        why, fmt = f"--quant {quant}", quant
     elif bnb_base:
         why = f"the base {base_dir} is a bitsandbytes 4-bit checkpoint"
-    elif record.quant == "nf4":
-        why = f"its run trained it with quant nf4 ({record.run_config})"
+    elif record.quant in QUANTIZED:
+        why, fmt = f"its run trained it with quant {record.quant} ({record.run_config})", record.quant
     else:
         why = ""
     if not why:
@@ -130,8 +135,11 @@ def plan_merge(base_dir: Path, adapter: str | Path, quant: str, onto: str | None
         raise InputError(f"--onto original: the base {base_dir} is a bitsandbytes 4-bit checkpoint, so its "
                          "original 16-bit weights are not there; only --onto quantized is possible (or give "
                          "the 16-bit base folder as --model)")
+    if requantize == "nf4" and fmt != "nf4":
+        raise InputError(f"--requantize nf4 writes a 4-bit model from an NF4 (QLoRA) adapter; {adapter} was trained on "
+                         f"a {fmt} base ({why}): merge it without --requantize")
     default = "quantized" if bnb_base else DEFAULT_ONTO[requantize]
-    return MergePlan(True, why, onto or default, requantize, bnb_base, record)
+    return MergePlan(True, why, onto or default, requantize, bnb_base, record, fmt)
 
 
 @dataclass(frozen=True)

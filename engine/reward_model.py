@@ -34,6 +34,7 @@ from torch import nn
 from engine.adapters import load_adapted_model, read_adapter_config, read_adapter_metadata, read_adapter_weights
 from engine.adapters.peft_format import CONFIG_NAME, adapter_targets, check_head_fits, read_head_weight
 from engine.adapters.score_head import SCORE
+from engine.config import QUANTS
 from engine.data.batching import BatchLoader
 from engine.data.formats import Invalid
 from engine.data.pair_batching import PairBatchLoader
@@ -107,10 +108,10 @@ class RewardModelScorer:
     @classmethod
     def from_spec(cls, spec: RewardModelSpec, device: torch.device | str = "auto", dtype: torch.dtype | str = "auto",
                   quant: str = "none", max_len: int | None = None, batch_size: int = 8) -> RewardModelScorer:
-        """Load base (+ NF4 with ``quant="nf4"``, as a QLoRA reward model was trained), LoRA and head
+        """Load base (quantized as the reward model was trained: ``quant="nf4"`` for QLoRA), LoRA and head
         in eval mode. ``max_len``: the training run's by default (else min(context, 2048))."""
-        if quant not in ("none", "nf4"):
-            raise InputError(f"reward model: quant {quant!r}: expected none or nf4")
+        if quant not in QUANTS:
+            raise InputError(f"reward model: quant {quant!r}: expected one of {', '.join(QUANTS)}")
         device = device if isinstance(device, torch.device) else resolve_device(device)
         if not isinstance(dtype, torch.dtype):
             if dtype != "auto" and dtype not in DTYPES:
