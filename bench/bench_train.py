@@ -69,10 +69,14 @@ from bench.train_report import case_ratios, measure_matmul_flops, mfu, param_cou
 from models.loading import save_model
 
 GPU_PRESETS = ("llama2-7b", "llama3.1-8b")
-GPU_PROVIDERS = ("ours", "hf_peft", "unsloth", "ours_fsdp", "liger")  # in order of importance: the budget cuts the last
+GPU_PROVIDERS = ("ours", "hf_peft", "unsloth", "ours_fsdp", "ours_fp8", "ours_bf16", "liger")  # in order of
+# importance: the budget cuts the last. ours_<base>: ours with LoRA on another frozen base (fp8, bf16, int8)
+# than the QLoRA cases' NF4, on the last shape (Llama-3.1-8B): fp8 + LoRA vs bf16 + LoRA vs NF4 QLoRA.
+BASE_VARIANTS = {"ours_fp8": "fp8", "ours_bf16": "none", "ours_int8": "int8"}
 WORKER_MAX_S = 150  # one provider on one shape: load, quantize, warm-up and steps
 # Guesses for an H100/H200 (not yet measured): import + load + quantize + 5 steps of 4 x 2048 tokens.
-JOB_ESTIMATE_S = {"ours": 25, "hf_peft": 40, "unsloth": 60, "liger": 40}
+JOB_ESTIMATE_S = {"ours": 25, "hf_peft": 40, "unsloth": 60, "liger": 40, "ours_fp8": 25, "ours_bf16": 25,
+                  "ours_int8": 25}
 WORKER_MIN_S = 25   # a job is not started with less than this left
 FOLDER_S = 30       # writing one random bf16 folder (estimate, for the dry run)
 
@@ -195,15 +199,20 @@ def random_folder(preset: str, layers: int | None, workdir: Path, device: str) -
     return folder
 
 
+def case_name(preset: str, quant: str = "nf4") -> str:
+    """``llama2-7b/qlora/nf4``, ``llama3.1-8b/lora/fp8``, ``llama3.1-8b/lora/bf16``."""
+    return f"{preset}/qlora/nf4" if quant == "nf4" else f"{preset}/lora/{'bf16' if quant == 'none' else quant}"
+
+
 def gpu_cases(batch: int, seq: int, layers: int | None, workdir: Path, presets=GPU_PRESETS,
-              device: str = "cuda") -> tuple[list[Case], int]:
-    """Write each preset's random folder once (bf16) and list its QLoRA case; returns (cases, the
-    first one's vocabulary size)."""
+              device: str = "cuda", quant: str = "nf4") -> tuple[list[Case], int]:
+    """Write each preset's random folder once (bf16) and list its case on a ``quant`` base (QLoRA
+    by default); returns (cases, the first one's vocabulary size)."""
     cases = []
     for preset in presets:
         folder = random_folder(preset, layers, workdir, device)
         dtype = "bf16" if device.startswith("cuda") else "fp32"
-        cases.append(Case(f"{preset}/qlora/nf4", str(folder), device, dtype, "nf4", batch, seq))
+        cases.append(Case(case_name(preset, quant), str(folder), device, dtype, quant, batch, seq))
     return cases, json.loads((Path(cases[0].model_dir) / "config.json").read_text())["vocab_size"]
 
 
@@ -228,8 +237,9 @@ def gpu_jobs(presets, providers) -> list[tuple[str, str]]:
     """(shape, provider) in the order they run, which is their priority (a short budget cuts the
     last): ours and HF+PEFT on every shape, then Unsloth on every shape, then ours under FSDP2 on
     one rank (the first shape only: its overhead over ``ours``), then Liger (a reference)."""
-    rank = {"ours": 0, "hf_peft": 0, "unsloth": 1, "ours_fsdp": 2, "liger": 3}
-    jobs = [(preset, p) for preset in presets for p in providers if p != "ours_fsdp" or preset == presets[0]]
+    rank = {"ours": 0, "hf_peft": 0, "unsloth": 1, "ours_fsdp": 2, **dict.fromkeys(BASE_VARIANTS, 2), "liger": 3}
+    jobs = [(preset, p) for preset in presets for p in providers
+            if (p != "ours_fsdp" or preset == presets[0]) and (p not in BASE_VARIANTS or preset == presets[-1])]
     return sorted(jobs, key=lambda job: rank.get(job[1], 1))  # stable: shape order kept within a rank
 
 
@@ -249,15 +259,18 @@ def run_gpu(args: argparse.Namespace, deadline: float) -> tuple[list[Case], list
     cases: dict[str, Case] = {}
     rows = []
     for preset, provider in jobs:
+        quant = BASE_VARIANTS.get(provider, "nf4")
         limit = job_limit(deadline - time.perf_counter())
         if limit is None:
-            rows.append({"case": f"{preset}/qlora/nf4", "provider": provider, "status": "skipped: out of time"})
+            rows.append({"case": case_name(preset, quant), "provider": provider, "status": "skipped: out of time"})
             continue
-        if preset not in cases:  # the folder is written in the first job of its shape, then the limit retaken
-            cases[preset] = gpu_cases(args.batch or 4, args.seq or 2048, args.layers, args.workdir, [preset], device)[0][0]
+        if (preset, quant) not in cases:  # a new shape's folder is written in its first job, then the limit retaken
+            cases[preset, quant] = gpu_cases(args.batch or 4, args.seq or 2048, args.layers, args.workdir, [preset],
+                                             device, quant)[0][0]
             limit = job_limit(deadline - time.perf_counter()) or WORKER_MIN_S
-        case = cases[preset]
-        row = run_isolated(case, provider, args.warmup, args.steps, limit)
+        case = cases[preset, quant]
+        row = run_isolated(case, "ours" if provider in BASE_VARIANTS else provider, args.warmup, args.steps, limit)
+        row["provider"] = provider
         if row.get("tokens_per_s"):
             n_params = param_count(json.loads((Path(case.model_dir) / "config.json").read_text()))
             ratio = mfu(n_params, row["tokens_per_s"], peak)

@@ -75,3 +75,11 @@ def test_ours_under_fsdp_on_one_rank_trains_what_ours_trains(tiny_model_dir, tmp
     ours = run_provider(case, "ours", warmup=0, steps=3)
     assert fsdp["status"] == "ok" and fsdp["losses"][-1] != fsdp["losses"][0]
     assert_close(torch.tensor(fsdp["losses"]), torch.tensor(ours["losses"]), torch.float32, name="losses")
+
+
+def test_base_variants_run_ours_on_other_frozen_bases_of_the_last_shape():
+    jobs = bench_train.gpu_jobs(["a", "b"], ["ours", "hf_peft", "ours_fp8", "ours_bf16"])
+    assert jobs == [("a", "ours"), ("a", "hf_peft"), ("b", "ours"), ("b", "hf_peft"), ("b", "ours_fp8"),
+                    ("b", "ours_bf16")]
+    assert [bench_train.case_name("b", bench_train.BASE_VARIANTS[p]) for _, p in jobs[4:]] == ["b/lora/fp8", "b/lora/bf16"]
+    assert bench_train.case_name("a") == "a/qlora/nf4"
