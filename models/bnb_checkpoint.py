@@ -16,7 +16,8 @@ Everything else (embeddings, norms, lm_head, modules in ``llm_int8_skip_modules`
 dense. The keys of one linear may be spread over several shards, so `BnbNF4Groups` collects them
 until a linear is complete, then rebuilds its `NF4Tensor` with `from_bnb_state_dict` (byte-compatible
 with bitsandbytes; `to_bnb_state_dict` is the way back). Only decoder-block linears may be
-quantized: our lm_head and embeddings stay dense, as transformers keeps them.
+quantized: our lm_head and embeddings stay dense, as transformers keeps them. `bnb_checkpoint_format`
+tells which bnb format a folder declares; 8-bit (LLM.int8) folders are read by `models.bnb8_checkpoint`.
 """
 
 from __future__ import annotations
@@ -105,33 +106,50 @@ def from_bnb_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "") -
 # ----------------------------------------------------------------------------- checkpoint folders
 
 
-def is_bnb_nf4_checkpoint(model_dir: Path) -> bool:
-    """True if ``config.json`` declares a bitsandbytes 4-bit NF4 checkpoint, False if it declares no
-    quantization; `InputError` naming config.json for any other quantization (fp4, 8-bit, GPTQ...)."""
+def bnb_checkpoint_format(model_dir: Path) -> str | None:
+    """The pre-quantized format ``config.json`` declares: None (no quantization), ``"nf4"``
+    (bitsandbytes 4-bit NF4, read here) or ``"int8"`` (bitsandbytes 8-bit LLM.int8, read by
+    `models.bnb8_checkpoint`); `InputError` naming config.json for any other (fp4, GPTQ...)."""
     path = model_dir / "config.json"
     try:
         qc = json.loads(path.read_text()).get("quantization_config")
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
         raise InputError(f"{path}: not a readable JSON object ({err})") from None
     if qc is None:
-        return False
+        return None
     if not isinstance(qc, dict):
         raise InputError(f"{path}: quantization_config must be an object, got {qc!r}")
     # Configs written before transformers named the method carry only the load_in_* flags.
     method = qc.get("quant_method", "bitsandbytes" if "load_in_4bit" in qc or "load_in_8bit" in qc else None)
     if method != "bitsandbytes":
         raise InputError(f"{path}: quantization_config.quant_method={method!r} is not supported "
-                         "(only bitsandbytes 4-bit NF4 checkpoints load pre-quantized)")
+                         "(only bitsandbytes 4-bit NF4 and 8-bit checkpoints load pre-quantized)")
     four_bit = qc.get("load_in_4bit", qc.get("_load_in_4bit", False))
     eight_bit = qc.get("load_in_8bit", qc.get("_load_in_8bit", False))
-    if eight_bit or not four_bit:
-        raise InputError(f"{path}: bitsandbytes 8-bit (LLM.int8) checkpoints are not supported; "
-                         "only 4-bit NF4 (load_in_4bit=true, bnb_4bit_quant_type='nf4')")
+    if four_bit and eight_bit:
+        raise InputError(f"{path}: quantization_config sets both load_in_4bit and load_in_8bit; expected one")
+    if eight_bit:
+        return "int8"
+    if not four_bit:
+        raise InputError(f"{path}: bitsandbytes quantization_config sets neither load_in_4bit nor "
+                         "load_in_8bit; expected 4-bit NF4 (load_in_4bit=true, bnb_4bit_quant_type='nf4') "
+                         "or 8-bit (load_in_8bit=true)")
     quant_type = qc.get("bnb_4bit_quant_type", "fp4")  # bitsandbytes' own default is fp4
     if quant_type != "nf4":
         raise InputError(f"{path}: bnb_4bit_quant_type={quant_type!r} is not supported; only 'nf4' "
                          "(load the dense model with quantize='nf4' instead)")
-    return True
+    return "nf4"
+
+
+def is_bnb_nf4_checkpoint(model_dir: Path) -> bool:
+    """True if ``config.json`` declares a bitsandbytes 4-bit NF4 checkpoint, False if it declares no
+    quantization; `InputError` naming config.json for any other quantization (fp4, 8-bit, GPTQ...),
+    for callers that handle only NF4 (merging)."""
+    fmt = bnb_checkpoint_format(model_dir)
+    if fmt == "int8":
+        raise InputError(f"{model_dir / 'config.json'}: bitsandbytes 8-bit (LLM.int8) checkpoints are not "
+                         "supported here; only 4-bit NF4 (load_in_4bit=true, bnb_4bit_quant_type='nf4')")
+    return fmt == "nf4"
 
 
 def _split(name: str) -> tuple[str, str] | None:

@@ -28,7 +28,8 @@ from torch import nn
 from tqdm import tqdm
 
 from kernels.frozen import QuantizedWeight, is_quantized
-from models.bnb_checkpoint import BnbNF4Groups, is_bnb_nf4_checkpoint
+from models.bnb8_checkpoint import BnbInt8Groups
+from models.bnb_checkpoint import BnbNF4Groups, bnb_checkpoint_format
 from models.config import LlamaConfig
 from models.errors import InputError
 from models.llama import LlamaForCausalLM, rope_inv_freq
@@ -161,13 +162,16 @@ def load_weights(model: LlamaForCausalLM, model_dir: Path, dtype: torch.dtype, d
     called on worker threads: it must not touch shared state), and set as the module's parameter.
     These per-tensor steps run `load_workers` at a time (`models.ordered_map`); the assignments
     stay in file order on the calling thread. Raises `InputError` naming tensor and file on any
-    mismatch. A pre-quantized bitsandbytes NF4 checkpoint (config.json's ``quantization_config``)
-    has its quantized linears rebuilt from their bnb keys as `NF4Linear`s, whatever ``transform`` does.
+    mismatch. A pre-quantized bitsandbytes NF4 or 8-bit checkpoint (config.json's ``quantization_config``)
+    has its quantized linears rebuilt from their bnb keys as `NF4Linear`s or `Int8Linear`s (dequantized
+    to ``dtype``), whatever ``transform`` does.
     """
     expected = expected_tensors(model.config)
     seen: dict[str, Path] = {}
     files = weight_files(model_dir)
-    bnb = BnbNF4Groups(files, expected, device) if is_bnb_nf4_checkpoint(model_dir) else None
+    fmt = bnb_checkpoint_format(model_dir)  # None, or the pre-quantized bnb format whose keys it holds
+    bnb = (BnbNF4Groups(files, expected, device) if fmt == "nf4"
+           else BnbInt8Groups(files, expected, device, dtype) if fmt == "int8" else None)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:  # worker threads start on GPU 0: name the GPU
         device = torch.device("cuda", torch.cuda.current_device())
@@ -280,8 +284,8 @@ def load_model(name_or_path: str | os.PathLike, *, quantize: str | None = None,
     it is read, so the dense model never exists whole on the device (``dtype`` is then the
     compute dtype and the dtype the weights are quantized from); ``"int8"`` stores them as
     per-row absmax int8 and ``"fp8"`` as per-row scaled e4m3 (`models.quantized.FORMATS`). A
-    pre-quantized bitsandbytes NF4 folder loads its quantized linears as NF4 whatever ``quantize``
-    says (the checkpoint decides).
+    pre-quantized bitsandbytes folder loads its quantized linears as NF4 (4-bit) or int8 (8-bit,
+    LLM.int8's ``weight`` and ``SCB`` as they are) whatever ``quantize`` says (the checkpoint decides).
     Adapters go on top with `engine.adapters.load_adapter` (or `engine.adapters.load_adapted_model`).
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
