@@ -36,6 +36,10 @@ from bench.common import CPU_NOTE, RESULTS_DIR, bench_device, environment, write
 from bench.targets import check, format_headlines
 
 BENCHES = ("nf4", "lora", "dora", "lora_group", "lora_gather", "rms_norm", "rope", "swiglu", "linear_cross_entropy")
+# Not in the default run (its 8-minute budget is spent above; bench_train's ours_fp8 / ours_bf16 jobs
+# measure the FP8 step end to end): ``--only int8 fp8``.
+EXTRA_BENCHES = ("int8", "fp8")
+NO_COMPILE_PROVIDER = ("nf4", "lora", "lora_group", "lora_gather", "int8", "fp8")  # benches without --no-compile
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESERVE_S = 30  # kept back for each benchmark still to run, so that a slow one cannot starve them
 QUICK_RESERVE_S = 20  # the same with --quick (headline shapes: about 20 s a benchmark on an H100)
@@ -76,7 +80,7 @@ def run_bench(name: str, out: pathlib.Path, quick: bool, timeout_s: float) -> di
     start, begun = time.perf_counter(), time.time()
     cmd = [sys.executable, "-m", f"bench.bench_{name}", "--out", str(out)]
     if quick:
-        cmd += ["--quick"] + (["--no-compile"] if name not in ("nf4", "lora", "lora_group", "lora_gather") else [])
+        cmd += ["--quick"] + (["--no-compile"] if name not in NO_COMPILE_PROVIDER else [])
     print(f"\n=== {' '.join(cmd[1:])}  (at most {timeout_s:.0f} s)", flush=True)
     try:
         done = subprocess.run(cmd, cwd=REPO, timeout=timeout_s)
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR, help="folder for the JSON results")
     parser.add_argument("--tests", action=argparse.BooleanOptionalAction, default=None,
                         help="run pytest tests/kernels first (default: on a GPU, unless --quick)")
-    parser.add_argument("--only", nargs="*", choices=BENCHES + ("train",),
+    parser.add_argument("--only", nargs="*", choices=BENCHES + EXTRA_BENCHES + ("train",),
                         help="these benchmarks only (train: bench_train --part gpu)")
     parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=None,
                         help=f"bench_train --part gpu last, with {TRAIN_S} s of the budget (default: on a GPU)")

@@ -87,6 +87,11 @@ def check(bench: str, rows: Sequence[dict]) -> list[Headline]:
     if bench == "nf4":
         return [_worst(bench, f"{ours} share of copy bandwidth", ">=", 0.85, copy_shares(rows, ours)),
                 _worst(bench, f"bitsandbytes time / {ours}", ">=", 1.3, ratios(rows, "bitsandbytes", ours))]
+    if bench == "int8":
+        return [_worst(bench, f"{ours} share of copy bandwidth", ">=", 0.85, copy_shares(rows, ours))]
+    if bench == "fp8":  # on a CPU both are reference paths: the check then says nothing of a GPU
+        return [_worst(bench, "fp8 / bf16 LoRA layer time (full)", "<=", 0.7, ratios(rows, "fp8", "bf16",
+                                                                                   modes=["full"]))]
     if bench == "lora":
         r16 = [r for r in rows if r.get("rank") == 16]
         return [_worst(bench, f"{ours} / base time, r=16", "<=", 1.10, ratios(r16, ours, "base", modes=["full"])),

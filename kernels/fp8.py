@@ -17,7 +17,7 @@ Activations are quantized the same way per row, dynamically, inside each product
     fp8_mm(A, s_a, B, s_b) = (A_codes · B_codesᵀ) ⊙ (s_a · s_bᵀ)      A (M, K), B (N, K) -> (M, N)
 
 summed in fp32: on a CUDA GPU of compute capability ≥ 8.9 by ``torch._scaled_mm`` (e4m3 tensor
-cores, row-wise scales, bf16 output), elsewhere by an fp32 matmul of the same codes (`fp8_mm_ref`),
+cores, row-wise scales, bf16 output; M needs no padding, K and N must be multiples of 16), elsewhere by an fp32 matmul of the same codes (`fp8_mm_ref`),
 which rounds every operand exactly as the GPU does and differs only in summation order, so the
 CPU tests check the numerics of the GPU path. The linear layer built on it, forward and dX
 backward, is `kernels.fp8_linear`.
@@ -27,6 +27,7 @@ Shapes: ``codes`` (out, in) float8_e4m3fn, ``scale`` (out,) fp32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -125,17 +126,18 @@ def scaled_mm_available(device: torch.device) -> bool:
 def fp8_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
            out_dtype: torch.dtype) -> torch.Tensor:
     """`fp8_mm_ref`'s product, by ``torch._scaled_mm`` where it runs (module docstring) and the
-    output is bf16; M is padded to a multiple of 16 there (K and N must be: Llama's are)."""
-    m, k = a.shape
-    n = b.shape[0]
+    output is bf16 (`scaled_mm_laid_out`; K and N must be multiples of 16: Llama's are)."""
+    k, n = a.shape[1], b.shape[0]
     if not (out_dtype == torch.bfloat16 and scaled_mm_available(a.device) and k % 16 == 0 and n % 16 == 0):
         return fp8_mm_ref(a, a_scale, b, b_scale, out_dtype)
-    pad = -m % 16
-    if pad:
-        a = torch.cat([a, a.new_zeros(pad, k)])
-        a_scale = torch.cat([a_scale, a_scale.new_ones(pad, 1)])
-    # _scaled_mm wants the second operand column-major: bᵀ of a row-major b is.
+    return scaled_mm_laid_out(a, a_scale, b, b_scale, out_dtype, torch._scaled_mm)
+
+
+def scaled_mm_laid_out(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                       out_dtype: torch.dtype, scaled_mm: Callable) -> torch.Tensor:
+    """``scaled_mm`` (``torch._scaled_mm``) on the operands laid out as it wants them: a (M, K)
+    row-major, the second operand bᵀ (K, N) column-major — b row-major (N, K) gives it as a view,
+    any other b (the backward's Cᵀ) one contiguous copy first — and the scales (M, 1), (1, N) fp32."""
     b_col = b.t() if b.stride(1) == 1 else b.contiguous().t()
-    out = torch._scaled_mm(a, b_col, scale_a=a_scale.contiguous(), scale_b=b_scale.reshape(1, -1).contiguous(),
-                           out_dtype=out_dtype)
-    return out[:m] if pad else out
+    return scaled_mm(a.contiguous(), b_col, scale_a=a_scale.contiguous(), scale_b=b_scale.reshape(1, -1).contiguous(),
+                     out_dtype=out_dtype)

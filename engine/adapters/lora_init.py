@@ -20,7 +20,8 @@ For a base weight W (out, in), rank r and scale s (alpha / r, rsLoRA alpha / sqr
 A base that an init changes is changed in place of the `LoRALinear`'s own: a dense one gets
 W_res in its dtype (fp32 arithmetic, rounded once, as PEFT does); an NF4 one (`NF4Linear`) is
 dequantized, W_res formed from that, and re-quantized with the same block size and double
-quantization. So under ``--quant nf4`` a PiSSA/OLoRA base is NF4(deq(NF4(W)) - s B₀ A₀): the
+quantization (an int8 or FP8 one, a pre-quantized bitsandbytes 8-bit base say, likewise in its
+format). So under ``--quant nf4`` a PiSSA/OLoRA base is NF4(deq(NF4(W)) - s B₀ A₀): the
 trained model differs from (original base + converted adapter) by that second NF4 rounding.
 LoftQ needs the dense W (the residual W - deq(NF4(W)) is the point), so its base must be a dense
 ``nn.Linear`` (`reads_dense_base`: `engine.run.model.build_model` loads the base dense and
@@ -49,7 +50,7 @@ from torch import nn
 from engine.adapters.lora import LoRAConfig, LoRALinear, dense_base_weight
 from engine.errors import InputError
 from kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
-from models.quantized import NF4Linear
+from models.quantized import NF4Linear, QuantizedLinear, quantize_weight, quantized_linear
 
 CONVERTED_INITS = ("pissa", "olora")  # the base changes: saved as a rank-2r LoRA on the original base
 LOFTQ_ITER = 1  # PEFT's LoftQConfig.loftq_iter default; more would make the base differ from NF4(W)
@@ -150,11 +151,15 @@ def initialise_module(module: LoRALinear, init: str) -> None:
 
 def _with_weight(base: nn.Module, weight: torch.Tensor) -> nn.Module:
     """``base`` holding the fp32 ``weight`` instead: a dense base rounded to its dtype in place, an
-    NF4 base re-quantized with its own block size and double quantization."""
+    NF4 base re-quantized with its own block size and double quantization, an int8 or FP8 one
+    re-quantized in its format."""
     if isinstance(base, NF4Linear):
         q = quantize_nf4(weight.to(base.weight_dtype), blocksize=base.blocksize,
                          double_quant=hasattr(base, "weight_nested_absmax"))
         return _frozen(NF4Linear(q, base.bias).train(base.training))
+    if isinstance(base, QuantizedLinear):
+        q = quantize_weight(base.format, weight.to(base.weight_dtype))
+        return _frozen(quantized_linear(q, base.bias).train(base.training))
     base.weight.copy_(weight.to(base.weight.dtype))
     return base
 
@@ -166,7 +171,7 @@ def _frozen(module: nn.Module) -> nn.Module:
 
 
 def _device(base: nn.Module) -> torch.device:
-    return base.weight_nf4.device if isinstance(base, NF4Linear) else base.weight.device
+    return base.weight_device if isinstance(base, QuantizedLinear) else base.weight.device
 
 
 # ----------------------------------------------------------------------------- the saved form

@@ -123,3 +123,35 @@ def test_bad_weights_are_refused():
         quantize_fp8(torch.zeros(12))
     with pytest.raises(ValueError, match="in_features"):
         fp8_linear(torch.randn(2, 5), quantize_fp8(_weight((4, 8))))
+
+
+def _layout_checking_scaled_mm(a, b, *, scale_a, scale_b, out_dtype):
+    """What torch._scaled_mm requires of its operands on a GPU (row-major a, column-major b, K and N
+    multiples of 16, fp32 scales (M, 1) and (1, N)), asserted, then its product in fp32."""
+    (m, k), n = a.shape, b.shape[1]
+    assert a.dtype == b.dtype == E4M3 and a.stride() == (k, 1) and b.stride() == (1, k)
+    assert k % 16 == 0 and n % 16 == 0
+    assert scale_a.shape == (m, 1) and scale_b.shape == (1, n) and scale_a.dtype == scale_b.dtype == torch.float32
+    return (a.float() @ b.float() * scale_a * scale_b).to(out_dtype)
+
+
+@pytest.mark.parametrize("m", [5, 32])  # M needs no multiple of 16
+def test_scaled_mm_gets_its_layout_for_both_products(m):
+    """Both products of the FP8 linear reach torch._scaled_mm laid out as a GPU requires: checked
+    by hand, by torch's own checks (on meta tensors it applies its CUDA rules), and, where this
+    torch runs _scaled_mm on a CPU, by its values."""
+    from kernels.fp8 import fp8_mm_ref, scaled_mm_laid_out
+
+    q = quantize_fp8(_weight((48, 64), seed=5))
+    ones = torch.ones(64)
+    products = {"x·Wᵀ": (*quantize_rows(torch.randn(m, 64)), q.codes, q.scale),
+                "dY·W": (*quantize_rows(torch.randn(m, 48)), q.codes.t(), ones)}
+    for name, (a, a_scale, b, b_scale) in products.items():
+        want = fp8_mm_ref(a, a_scale, b, b_scale, torch.bfloat16)
+        got = scaled_mm_laid_out(a, a_scale, b, b_scale, torch.bfloat16, _layout_checking_scaled_mm)
+        assert_close(got, want, torch.bfloat16, name)
+        meta = [t.to("meta") for t in (a, a_scale, b, b_scale)]
+        assert scaled_mm_laid_out(*meta, torch.bfloat16, torch._scaled_mm).shape == want.shape
+        if torch.torch_version.TorchVersion(torch.__version__) >= (2, 13):  # its CPU kernel (not in 2.11)
+            assert_close(scaled_mm_laid_out(a, a_scale, b, b_scale, torch.bfloat16, torch._scaled_mm), want,
+                         torch.bfloat16, f"{name} by torch._scaled_mm on the CPU")
