@@ -4,8 +4,8 @@
   int8 or FP8 base (``fmt``; everything below holds with that format's rounding in place of NF4's):
   ``--quant nf4|int8|fp8`` says so, or the run that trained it recorded ``quant: ...`` (the run
   folder's ``config.json``: the adapter at ``OUTPUT/adapter`` or
-  ``OUTPUT/checkpoints/step-N/adapter``), or the base folder is a bitsandbytes 4-bit checkpoint
-  (then the base's 16-bit weights do not exist). ``--requantize nf4`` applies to NF4 adapters only.
+  ``OUTPUT/checkpoints/step-N/adapter``), or the base folder is a bitsandbytes 4-bit (or 8-bit:
+  int8) checkpoint (then the base's 16-bit weights do not exist). ``--requantize nf4`` applies to NF4 adapters only.
 * ``--onto`` for a QLoRA adapter, W' = W_onto + s·B·A with
 
       quantized:  W_onto = dequant(NF4(W))   the weights the adapter was trained against
@@ -44,7 +44,7 @@ from engine.adapters import read_adapter_metadata
 from engine.data.samples import Sample, load_samples
 from engine.errors import InputError
 from engine.run.folder import file_sha256, is_run_folder
-from models.bnb_checkpoint import is_bnb_nf4_checkpoint
+from models.bnb_checkpoint import bnb_checkpoint_format
 from models.tokenizer import load_tokenizer
 
 ONTO = ("original", "quantized")
@@ -113,12 +113,17 @@ def plan_merge(base_dir: Path, adapter: str | Path, quant: str, onto: str | None
     if requantize not in REQUANTIZE:
         raise InputError(f"--requantize must be one of {', '.join(REQUANTIZE)}, got {requantize!r}")
     record = training_record(adapter)
-    bnb_base = is_bnb_nf4_checkpoint(base_dir)
-    fmt = "nf4"
+    bnb_format = bnb_checkpoint_format(base_dir)
+    bnb_base = bnb_format is not None
+    bits = "4-bit" if bnb_format == "nf4" else "8-bit"
+    fmt = bnb_format or "nf4"
     if quant in QUANTIZED:
         why, fmt = f"--quant {quant}", quant
+        if bnb_base and quant != bnb_format:
+            raise InputError(f"--quant {quant}: the base {base_dir} is a bitsandbytes {bits} checkpoint, which loads "
+                             f"as {bnb_format} whatever --quant says: give --quant {bnb_format} or none")
     elif bnb_base:
-        why = f"the base {base_dir} is a bitsandbytes 4-bit checkpoint"
+        why = f"the base {base_dir} is a bitsandbytes {bits} checkpoint"
     elif record.quant in QUANTIZED:
         why, fmt = f"its run trained it with quant {record.quant} ({record.run_config})", record.quant
     else:
@@ -132,7 +137,7 @@ def plan_merge(base_dir: Path, adapter: str | Path, quant: str, onto: str | None
                                  "if it was trained with QLoRA)")
         return MergePlan(False, "", None, "none", False, record)
     if bnb_base and onto == "original":
-        raise InputError(f"--onto original: the base {base_dir} is a bitsandbytes 4-bit checkpoint, so its "
+        raise InputError(f"--onto original: the base {base_dir} is a bitsandbytes {bits} checkpoint, so its "
                          "original 16-bit weights are not there; only --onto quantized is possible (or give "
                          "the 16-bit base folder as --model)")
     if requantize == "nf4" and fmt != "nf4":

@@ -21,8 +21,8 @@ Backward, for g = ∂L/∂y' and z = drop(y) D^T + b_d (dropout off, so drop(y) 
 
 autograd derives it. D, U and the biases are fp32 master copies; the forward casts them to y's
 dtype (bf16 in training on a GPU), as `engine.adapters.lora.LoRALinear` does, and autograd returns
-their gradients in fp32. The sublayer is frozen and may be dense or NF4 (its linears are
-`models.quantized.NF4Linear`): the adapter only sees its output.
+their gradients in fp32. The sublayer is frozen and may be dense or quantized (its linears
+`models.quantized.QuantizedLinear`s: NF4, int8, FP8): the adapter only sees its output.
 
 Not mergeable: act makes the adapter a computation of its own, not a change of any base weight.
 """

@@ -104,7 +104,7 @@ class DoRALinear(LoRALinear):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """W' = (m / ‖V‖) ⊙ V with V = W + s·B·A, (out, in) fp32 (an NF4 base dequantized)."""
+        """W' = (m / ‖V‖) ⊙ V with V = W + s·B·A, (out, in) fp32 (a quantized base dequantized)."""
         weight, _ = dense_base_weight(self.base)
         v = weight + self.delta_weight().to(weight.device)
         norm = torch.linalg.vector_norm(v, dim=1)
@@ -113,7 +113,7 @@ class DoRALinear(LoRALinear):
     @torch.no_grad()
     def merged(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain linear with W' = (m / ‖W + s·B·A‖) ⊙ (W + s·B·A) formed in fp32 and rounded once
-        to ``dtype`` (default: the base's; an NF4 base onto its dequantized weight), the base's bias."""
+        to ``dtype`` (default: the base's; a quantized base onto its dequantized weight), the base's bias."""
         return merged_linear(self.base, self.merged_weight(), dtype)
 
     def extra_repr(self) -> str:

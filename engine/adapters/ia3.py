@@ -101,7 +101,7 @@ def ia3_scale(x: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
 
 
 class IA3Linear(FrozenBaseLinear, AdapterModule):
-    """A frozen base linear (``nn.Linear`` or ``NF4Linear``) with an IA³ vector ``ia3_l``, fp32:
+    """A frozen base linear (``nn.Linear`` or a ``QuantizedLinear``) with an IA³ vector ``ia3_l``, fp32:
     (out,) scaling the output, or (in,) scaling the input when ``feedforward``. Initialised to ones."""
 
     def __init__(self, base: nn.Module, feedforward: bool):
@@ -128,7 +128,7 @@ class IA3Linear(FrozenBaseLinear, AdapterModule):
     def merged(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain linear computing the same: feed-forward W' = W diag(l) (columns scaled), else
         W' = diag(l) W and b' = b ⊙ l (rows and bias); formed in fp32 and rounded once to ``dtype``
-        (default: the base's dtype; an NF4 base onto its dequantized weight)."""
+        (default: the base's dtype; a quantized base onto its dequantized weight)."""
         weight, _ = dense_base_weight(self.base)
         l = self.ia3_l.detach().float().to(weight.device)
         linear = merged_linear(self.base, weight * (l[None, :] if self.feedforward else l[:, None]), dtype)

@@ -67,7 +67,7 @@ def dequantized_oracle(dense_dir, tensors):
 def test_folder_declares_int8(bnb8_dir, dense_dir):
     assert bnb_checkpoint_format(bnb8_dir) == "int8" and bnb_checkpoint_format(dense_dir) is None
     with pytest.raises(InputError, match=r"config\.json: bitsandbytes 8-bit .* not supported here"):
-        is_bnb_nf4_checkpoint(bnb8_dir)  # the NF4-only callers (merging) keep refusing 8-bit
+        is_bnb_nf4_checkpoint(bnb8_dir)  # it keeps its meaning: NF4 folders only
 
 
 def test_linears_are_int8_with_the_files_codes(bnb8_dir, dense_dir):

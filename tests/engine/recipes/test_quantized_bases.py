@@ -76,3 +76,31 @@ def test_merge_onto_the_quantized_base_gives_the_trained_logits(fmt, tiny_model_
         written = load_model(tmp_path / "merged")
         for name, module in lora_modules(trained).items():
             assert_close(written.get_submodule(name).weight, module.merged(torch.float32).weight, torch.float32, name)
+
+
+def test_merge_onto_a_bitsandbytes_8bit_base(tmp_path):
+    """A pre-quantized bitsandbytes 8-bit base (made by transformers + bitsandbytes on the CPU)
+    decides the format: the adapter is merged onto its int8 weights, and the merged dense folder
+    gives the logits of the 8-bit base with the adapter on top; --onto original is refused."""
+    from engine.adapters import LoRAConfig, inject_lora, save_adapter
+    from engine.errors import InputError
+    from tests.models.test_bnb8_checkpoint import quantize_8bit_with_transformers
+    from tests.models.test_bnb_checkpoint import ids_batch, save_random_llama
+
+    bnb8 = quantize_8bit_with_transformers(save_random_llama(tmp_path / "dense"), tmp_path / "bnb8")
+    model = load_model(bnb8)
+    torch.manual_seed(0)
+    config = LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    inject_lora(model, config)
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            module.lora_B.normal_(0, 0.05)
+    adapter = save_adapter(model, config, tmp_path / "adapter", str(bnb8))
+    result = merge_to_folder(str(bnb8), str(adapter), tmp_path / "merged", torch.float32)
+    assert result.plan.fmt == "int8" and result.plan.onto == "quantized" and "8-bit" in result.plan.why_qlora
+    ids = ids_batch()
+    merged = load_model(tmp_path / "merged")
+    assert not any(isinstance(m, Int8Linear) for m in merged.modules())
+    assert_close(merged(ids), load_adapted_model(bnb8, adapter)(ids), torch.float32, "logits", atol=LOGITS_FP32_ATOL)
+    with pytest.raises(InputError, match="8-bit checkpoint"):
+        merge_to_folder(str(bnb8), str(adapter), tmp_path / "merged2", torch.float32, onto="original")
