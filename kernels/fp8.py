@@ -27,6 +27,7 @@ Shapes: ``codes`` (out, in) float8_e4m3fn, ``scale`` (out,) fp32.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -118,9 +119,15 @@ def fp8_mm_ref(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale:
 
 
 def scaled_mm_available(device: torch.device) -> bool:
-    """Whether ``torch._scaled_mm`` runs e4m3 row-wise products on ``device`` (CUDA, cc ≥ 8.9)."""
-    return (device.type == "cuda" and hasattr(torch, "_scaled_mm")
-            and torch.cuda.get_device_capability(device) >= (8, 9))
+    """Whether ``torch._scaled_mm`` runs e4m3 row-wise products on ``device`` (CUDA, cc ≥ 8.9);
+    asked once per device (no per-call driver query in a training step)."""
+    return device.type == "cuda" and _fp8_tensor_cores(device.index if device.index is not None
+                                                       else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_tensor_cores(index: int) -> bool:
+    return hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(index) >= (8, 9)
 
 
 def fp8_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,

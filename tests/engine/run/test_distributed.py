@@ -9,7 +9,7 @@ import torch
 from engine.errors import InputError
 from engine.run.distributed import Parallel, local_frozen_bytes, micro_batch_seed, quantized_bytes_as_parameters
 from models.config import LlamaConfig
-from models.quantized import NF4Linear
+from models.quantized import NF4Linear, QuantizedLinear
 from tests.lora_models import tiny_lora_model
 from tests.tolerances import assert_close
 
@@ -52,6 +52,23 @@ def test_nf4_bytes_become_frozen_parameters_and_compute_the_same():
         assert not any(p.requires_grad for p in m.parameters())
         assert "weight_quant_map" in dict(m.named_buffers())  # the code books stay replicated buffers
     assert local_frozen_bytes(model) == (held_before, total_before) == (total_before, total_before)
+    assert_close(model(x), before, torch.float32, name="logits")
+
+
+@pytest.mark.parametrize("fmt, sharded", [("int8", {"weight_codes", "weight_absmax"}),
+                                          ("fp8", {"weight_codes", "weight_scale"})])
+def test_int8_and_fp8_bytes_become_frozen_parameters_and_compute_the_same(fmt, sharded):
+    """FSDP2 shards an int8 or FP8 base as its own bytes (codes and row scales), never dequantized."""
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = tiny_lora_model(cfg, quant=fmt, dropout=0.0).eval()
+    x = torch.randint(0, 64, (1, 12))
+    before = model(x)
+    linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(linears) == 2 * 7 and quantized_bytes_as_parameters(model) == 2 * len(linears)
+    for m in linears:
+        assert {n for n, _ in m.named_parameters()} >= sharded and not any(p.requires_grad for p in m.parameters())
+        assert m.weight_codes.element_size() == 1
     assert_close(model(x), before, torch.float32, name="logits")
 
 
