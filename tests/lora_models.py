@@ -33,13 +33,14 @@ def loaded_lora_model(model_dir, std: float = 0.2, dropout: float = 0.0) -> torc
 
 def tiny_lora_model(cfg: LlamaConfig, quant: str = "none", dropout: float = 0.1, targets="all-linear",
                     lora_b_std: float | None = 0.05) -> LlamaForCausalLM:
-    """Seeded random weights (NF4 for ``quant="nf4"``), LoRA r=4 alpha=8 on ``targets``, only the
+    """Seeded random weights (decoder linears in ``quant``: "nf4", "int8" or "fp8"; "none": dense),
+    LoRA r=4 alpha=8 on ``targets``, only the
     adapters trainable, in training mode; ``lora_b_std``: B drawn from N(0, std) instead of PEFT's
     zeros, so that A gets gradients too."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
-    if quant == "nf4":
-        quantize_linears(model)
+    if quant != "none":
+        quantize_linears(model, fmt=quant)
     inject_lora(model, LoRAConfig(r=4, alpha=8.0, dropout=dropout, target_modules=targets))
     set_trainable(model)
     if lora_b_std is not None:
