@@ -26,6 +26,11 @@ On G GPUs (``Setup.gpus``, ``Setup.strategy``) the peak is per GPU, N the tokens
 micro-batch; stored and transient parts are those of one GPU. Only ``fixed`` changes
 (`parallel_parts`): DDP keeps the whole model on every rank plus its gradient buckets; FSDP2
 shards every tensor 1/G and adds the all-gathered blocks in flight.
+
+The frozen base (``Setup.quant``, `models.quantized`): dense, NF4 or int8 — both dequantized to
+the compute dtype for each product, so their dense copies enter the plan the same way (`DEQUANTIZED`)
+— or FP8, whose products run on the e4m3 codes: no dense copy, but per product the working set of
+`fp8_transient` (modelled from the code of `kernels.fp8_linear`, not measured).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from engine.errors import InputError
 from kernels.linear_cross_entropy import _chunk_rows
 from kernels.nf4 import NESTED_BLOCKSIZE, NF4_VALUES, dynamic_map, nf4_bytes, quantize_nf4
 from models.config import LlamaConfig
+from models.quantized import quantized_bytes
 
 NF4_BLOCKSIZE = inspect.signature(quantize_nf4).parameters["blocksize"].default  # what --quant nf4 uses
 FP32 = 4
@@ -50,6 +56,11 @@ CUDA_CONTEXT_BYTES = 1 << 30
 CUDA_ALLOCATOR_SLACK = 0.05
 CPU_RUN_OVERHEAD_BYTES = 100 << 20
 STRATEGIES = ("single", "ddp", "fsdp")
+QUANTS = ("none", "nf4", "int8", "fp8")
+# Formats dequantized to the compute dtype for each product (`kernels.frozen.base_product`): the
+# dense copy is a transient, kept for the backward under `kernels.nf4.keep_dequantized` and saved
+# by the reference path's x·Wᵀ. FP8 has none: its products run on the e4m3 codes (`fp8_transient`).
+DEQUANTIZED = ("nf4", "int8")
 
 
 @dataclass(frozen=True)
@@ -59,7 +70,7 @@ class Setup:
     cfg: LlamaConfig
     tokens: int  # N, tokens per micro-batch
     batch_size: int = 1  # B rows of N / B tokens
-    quant: str = "none"  # or "nf4"
+    quant: str = "none"  # or "nf4", "int8", "fp8" (QUANTS)
     dtype_bytes: int = 2  # e
     lora_rank: int = 16
     targets: tuple[str, ...] = LINEARS
@@ -72,6 +83,8 @@ class Setup:
     strategy: str = "single"  # "ddp" or "fsdp" (FSDP2) on G ranks
 
     def __post_init__(self):
+        if self.quant not in QUANTS:
+            raise InputError(f"quant {self.quant!r}: expected one of {', '.join(QUANTS)}")
         if self.strategy not in STRATEGIES or self.gpus < 1:
             raise InputError(f"strategy {self.strategy!r} on {self.gpus} GPUs: expected one of "
                              f"{', '.join(STRATEGIES)} on at least 1")
@@ -116,8 +129,9 @@ def linear_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
 
 
 def base_weight_bytes(s: Setup) -> int:
-    """L · Σ over the 7 decoder linears of out·in·e (dense) or `nf4_bytes`(out·in) (QLoRA)."""
-    per_block = sum(nf4_bytes(o * i) if s.quant == "nf4" else o * i * s.dtype_bytes
+    """L · Σ over the 7 decoder linears of out·in·e (dense) or `models.quantized.quantized_bytes`:
+    `nf4_bytes`(out·in) (QLoRA), out·in + 4·out (int8, fp8: a byte per weight, an fp32 scale per row)."""
+    per_block = sum(quantized_bytes(s.quant, o, i) if s.quant != "none" else o * i * s.dtype_bytes
                     for o, i in linear_shapes(s.cfg).values())
     return s.cfg.num_hidden_layers * per_block
 
@@ -170,7 +184,8 @@ def saved_kernel_path(s: Setup, keep_dequantized: bool) -> int:
          + per targeted LoRA input, once per group: H normed1, nh·hd attention output (the
            transpose-reshape copy), H normed2, I act)
     + 4·N·(2 rstd + nh logsumexp + r per LoRA linear h = drop(x)·Aᵀ)
-    + the 7 dense weights when NF4 is kept dequantized (the recompute under checkpointing).
+    + the 7 dense weights when NF4 or int8 is kept dequantized (the recompute under
+    checkpointing; FP8 keeps none).
     RoPE saves positions only; LoRA dropout saves its seed, not a mask.
 
     With MLP chunks the MLP's terms (2I, I act, its LoRA's r, its 3 dense weights) are saved by
@@ -183,7 +198,7 @@ def saved_kernel_path(s: Setup, keep_dequantized: bool) -> int:
     g = _groups(s)
     elements = 2 * H + (2 * nh + 2 * nkv) * hd + H * g["normed1"] + nh * hd * g["attn"]
     fp32 = 2 + nh + s.lora_rank * _targeted(s, ATTENTION_LINEARS)
-    kept = s.quant == "nf4" and keep_dequantized
+    kept = s.quant in DEQUANTIZED and keep_dequantized
     dense = _dense_weights(s, ATTENTION_LINEARS) if kept else 0
     if s.chunked:
         elements += H
@@ -204,7 +219,8 @@ def saved_reference_path(s: Setup) -> int:
          + r per LoRA linear [h]
          + per LoRA linear with dropout: in (drop(x)) + in/e (the bool keep mask),
            without dropout once per group: its input (H, nh·hd, H, I))
-    + the 7 dense weights under NF4 (x·Wᵀ saves the dequantized W for ∂/∂x in every block).
+    + the 7 dense weights under NF4 or int8 (x·Wᵀ saves the dequantized W for ∂/∂x in every
+    block; FP8's product, an autograd Function, saves none).
     The first block saves a little less (its input needs no gradient); not subtracted.
 
     With MLP chunks, as on the kernel path: the MLP's terms (4I, the r and dropout terms of
@@ -218,12 +234,12 @@ def saved_reference_path(s: Setup) -> int:
         bytes_per_token = _dropout_bytes(s, ATTENTION_LINEARS)
     else:
         bytes_per_token = e * (H * g["normed1"] + nh * hd * g["attn"])
-    dense = _dense_weights(s, ATTENTION_LINEARS) if s.quant == "nf4" else 0
+    dense = _dense_weights(s, ATTENTION_LINEARS) if s.quant in DEQUANTIZED else 0
     if s.chunked:
         bytes_per_token += e * H
     else:
         bytes_per_token += _reference_mlp_bytes(s, with_input=True)
-        dense += _dense_weights(s, MLP_LINEARS) if s.quant == "nf4" else 0
+        dense += _dense_weights(s, MLP_LINEARS) if s.quant in DEQUANTIZED else 0
     return N * (e * elements + bytes_per_token) + dense
 
 
@@ -248,19 +264,19 @@ def mlp_chunk_saved(s: Setup, rows: int) -> int:
     """What one MLP chunk of ``rows`` tokens saves in its recompute, for its backward, bytes:
     kernel path rows·(e·(2I [SwiGLU: gate, up] + I act if down has LoRA) + 4·r per MLP LoRA
     linear); reference path rows·`_reference_mlp_bytes` without the input (a view of the block's
-    normed2); plus under NF4 the 3 dense MLP weights (the chunk's recompute runs under
+    normed2); plus under NF4 or int8 the 3 dense MLP weights (the chunk's recompute runs under
     `kernels.nf4.keep_dequantized` on the kernel path; the reference's x·Wᵀ saves W anyway)."""
     cfg, e, g = s.cfg, s.dtype_bytes, _groups(s)
     if s.kernel_path:
         per_row = e * (2 + g["act"]) * cfg.intermediate_size + FP32 * s.lora_rank * _targeted(s, MLP_LINEARS)
     else:
         per_row = _reference_mlp_bytes(s, with_input=False)
-    return rows * per_row + (_dense_weights(s, MLP_LINEARS) if s.quant == "nf4" else 0)
+    return rows * per_row + (_dense_weights(s, MLP_LINEARS) if s.quant in DEQUANTIZED else 0)
 
 
 def saved_per_block(s: Setup, recompute: bool) -> int:
     """`saved_kernel_path` or `saved_reference_path` for the setup's device; ``recompute``: the
-    block recomputed under checkpointing (NF4 weights kept dequantized on the kernel path)."""
+    block recomputed under checkpointing (NF4 / int8 weights kept dequantized on the kernel path)."""
     return saved_kernel_path(s, keep_dequantized=recompute) if s.kernel_path else saved_reference_path(s)
 
 
@@ -268,8 +284,9 @@ def block_backward_transient(s: Setup) -> int:
     """Gradients alive at the block backward's high point, the SwiGLU backward: ∂act, ∂gate, ∂up
     (3·N·I) while act (saved by down_proj) is already released, so +2·N·I·e on the kernel path;
     the reference's autograd keeps ∂ of gate·σ, σ and their sum too: +4·N·I·e; plus the incoming
-    ∂h and the residual's accumulated gradient, 2·N·H·e; without checkpointing on NF4, one
-    re-dequantized weight (the largest, I·H·e).
+    ∂h and the residual's accumulated gradient, 2·N·H·e; without checkpointing on NF4 or int8, one
+    re-dequantized weight (the largest, I·H·e); on FP8 the largest product's working set
+    (`fp8_transient`).
 
     With MLP chunks of C tokens the SwiGLU terms are C·I-sized, on top of the chunk's own saves
     (`mlp_chunk_saved`, its dense weights included), and the gradients of the chunk inputs wait,
@@ -279,10 +296,33 @@ def block_backward_transient(s: Setup) -> int:
     cfg, N, e = s.cfg, s.tokens, s.dtype_bytes
     I, H = cfg.intermediate_size, cfg.hidden_size
     swiglu = 2 if s.kernel_path else 4
+    fp8 = fp8_transient(s) if s.quant == "fp8" else 0
     if s.chunked:
-        return mlp_chunk_saved(s, s.mlp_chunk) + swiglu * s.mlp_chunk * I * e + 3 * N * H * e
-    weight = I * H * e if s.quant == "nf4" and not s.checkpointing else 0
-    return swiglu * N * I * e + 2 * N * H * e + weight
+        return mlp_chunk_saved(s, s.mlp_chunk) + swiglu * s.mlp_chunk * I * e + 3 * N * H * e + fp8
+    weight = I * H * e if s.quant in DEQUANTIZED and not s.checkpointing else 0
+    return swiglu * N * I * e + 2 * N * H * e + weight + fp8
+
+
+def fp8_transient(s: Setup) -> int:
+    """The largest working set of one FP8 product (`kernels.fp8_linear`), over the 7 linears and
+    both products, x·Wᵀ (k = in) and dY·W (k = out), on n rows (N, or C for the MLP's with chunks):
+
+    * quantizing the operand per row (`kernels.fp8.quantize_rows`, plain torch): its fp32 copy
+      (dY ⊙ s_w, or x cast), the quotient by the row scale and its clamp, 3·4·n·k, before the
+      e4m3 codes exist;
+    * the product: the codes n·k and scales 4n, and on the kernel path the transposed e4m3 copy of
+      the weight that ``torch._scaled_mm`` reads in the backward, out·in (1 byte per weight); on
+      the reference path (the fp32 emulation) the fp32 copies of both codes, 4·n·k + 4·out·in.
+    The larger of the two phases; one linear at a time."""
+    shapes = linear_shapes(s.cfg)
+    worst = 0
+    for name, (o, i) in shapes.items():
+        n = s.mlp_chunk if s.chunked and name in MLP_LINEARS else s.tokens
+        for k in (i, o):
+            weight = o * i if s.kernel_path else FP32 * o * i
+            codes = n * k * (1 if s.kernel_path else 1 + FP32) + FP32 * n
+            worst = max(worst, 3 * FP32 * n * k, codes + weight)
+    return worst
 
 
 def loss_working_set(s: Setup) -> int:
@@ -305,8 +345,11 @@ def loss_working_set(s: Setup) -> int:
 
 def linear_tensors(s: Setup, out: int, inp: int) -> list[tuple[int, int]]:
     """The frozen base tensors of one (out, in) linear as (dim-0 length, bytes per dim-0 row):
-    dense [(out, in·e)]; NF4 its 1-D buffers (`nf4_bytes`): packed ⌈n/2⌉ and absmax codes
+    dense [(out, in·e)]; int8 / fp8 the codes (out, in) of 1 byte and the row scales (out,) of 4;
+    NF4 its 1-D buffers (`nf4_bytes`): packed ⌈n/2⌉ and absmax codes
     ⌈n/bs⌉ of 1 byte, nested absmax ⌈⌈n/bs⌉/256⌉, offset 1 and the 16 + 256 table entries of 4."""
+    if s.quant in ("int8", "fp8"):
+        return [(out, inp), (out, FP32)]
     if s.quant != "nf4":
         return [(out, inp * s.dtype_bytes)]
     n = out * inp
@@ -356,7 +399,8 @@ def parallel_parts(s: Setup, p: Plan) -> None:
       fp32 gradients of the one block whose backward is in flight, the reduce-scatter's input.
     """
     L, G = s.cfg.num_hidden_layers, s.gpus
-    base_note = "NF4 (packed + absmax + nested stats)" if s.quant == "nf4" else f"{s.dtype_bytes}-byte dense"
+    base_note = {"nf4": "NF4 (packed + absmax + nested stats)", "int8": "int8 codes + fp32 row absmax",
+                 "fp8": "e4m3 codes + fp32 row scales"}.get(s.quant, f"{s.dtype_bytes}-byte dense")
     lora_note = f"{lora_param_count(s):,} fp32 params × 4"
     if s.strategy != "fsdp":
         p.add("base weights", base_weight_bytes(s), base_note)

@@ -11,8 +11,10 @@
 ``--model`` is a preset (`models.presets`) or a local HF folder (its config.json; nothing is
 downloaded or loaded). ``--tokens`` is the tokens of one micro-batch (``--batch-size`` rows of
 tokens / batch-size each; a padding-free row holds many documents, each within the model's
-context). The parts and their formulas are `tools.memory_parts`: base weights (dense, or NF4 bytes
-from `kernels.nf4`'s layout), embeddings/head/norms, LoRA parameters + gradients + AdamW moments,
+context). ``--quant`` is the frozen base's format: nf4, int8 or fp8 (`models.quantized`). The
+parts and their formulas are `tools.memory_parts`: base weights (dense, or the format's bytes,
+`models.quantized.quantized_bytes`; int8 and NF4 dequantized per product, FP8 products on the
+e4m3 codes), embeddings/head/norms, LoRA parameters + gradients + AdamW moments,
 saved activations (block inputs with checkpointing, in host memory with offload; every block's
 saved tensors without), the largest transient (the recomputed block and its backward, or the
 loss; with ``--mlp-chunk-tokens`` the MLP's terms for one chunk), and the CUDA context and
@@ -81,7 +83,7 @@ from engine.errors import InputError, run_cli
 from models.config import LlamaConfig
 from models.loading import read_config
 from models.presets import PRESETS
-from tools.memory_parts import LINEARS, STRATEGIES, Setup, plan
+from tools.memory_parts import LINEARS, QUANTS, STRATEGIES, Setup, plan
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -175,7 +177,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.memory_plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="preset name or local HF folder (config.json)")
-    p.add_argument("--quant", choices=("none", "nf4"), default="none", help="nf4: QLoRA base weights")
+    p.add_argument("--quant", choices=QUANTS, default="none", help="frozen base weights: nf4 (QLoRA), int8 "
+                   "(per-row absmax, dequantized per product like NF4) or fp8 (per-row e4m3, FP8 products)")
     p.add_argument("--tokens", type=int, help="tokens per micro-batch (required unless --max-context)")
     p.add_argument("--batch-size", type=int, default=1, help="rows per micro-batch (default 1)")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default 16)")

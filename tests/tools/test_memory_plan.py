@@ -20,7 +20,7 @@ from models.attention import DocumentLayout
 from models.config import LlamaConfig
 from models.loading import read_config
 from models.presets import PRESETS
-from models.quantized import NF4Linear
+from models.quantized import NF4Linear, QuantizedLinear, quantized_bytes
 from tests.lora_models import tiny_lora_model
 from tools import memory_plan
 from tools.memory_parts import (
@@ -28,11 +28,16 @@ from tools.memory_parts import (
     LINEARS,
     Setup,
     base_weight_bytes,
+    block_backward_transient,
+    block_tensors,
+    fp8_transient,
+    linear_shapes,
     lora_param_count,
     mlp_chunk_saved,
     nf4_bytes,
     plan,
     saved_per_block,
+    shard_bytes,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -287,3 +292,81 @@ def test_the_multi_gpu_report_names_the_strategy_and_its_parts(capsys):
     out = capsys.readouterr().out
     assert "fsdp on 2 GPUs (per GPU, tokens per rank)" in out and "fits in 80.00 GiB" in out
     assert "all-gather buffers (2 blocks)" in out and "unsharded block gradients" in out
+
+
+# --- the int8 and FP8 frozen bases ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quant", ["int8", "fp8"])
+@pytest.mark.parametrize("model", ["llama3.1-8b", "llama2-70b", "tiny"])
+def test_int8_and_fp8_weight_bytes_are_the_quantized_bytes_of_the_block_linears(model, quant):
+    """L · Σ `quantized_bytes` over the 7 linears of a block (out·in + 4·out each), the same bytes
+    in FSDP's per-tensor enumeration; on the tiny model, the bytes of the quantized modules' buffers."""
+    cfg = TINY if model == "tiny" else PRESETS[model].config
+    s = Setup(cfg, tokens=8192, quant=quant)
+    per_block = sum(quantized_bytes(quant, o, i) for o, i in linear_shapes(cfg).values())
+    assert per_block == sum(o * i + 4 * o for o, i in linear_shapes(cfg).values())
+    assert base_weight_bytes(s) == cfg.num_hidden_layers * per_block
+    assert shard_bytes(block_tensors(s, "base"), 1) == per_block
+    if model == "tiny":
+        tiny = tiny_lora_model(TINY, quant, 0.0)
+        held = sum(b.numel() * b.element_size() for m in tiny.modules() if isinstance(m, QuantizedLinear)
+                   for b in m.buffers())
+        assert held == base_weight_bytes(s)
+
+
+INT8_FP8_CASES = [("int8", LINEARS, 0.1), ("fp8", LINEARS, 0.1), ("int8", ("q_proj", "down_proj"), 0.0),
+                  ("fp8", ("k_proj", "up_proj"), 0.0)]
+
+
+@pytest.mark.parametrize("quant, targets, dropout, chunk", [(*c, None) for c in INT8_FP8_CASES] +
+                         [(*c, CHUNK) for c in INT8_FP8_CASES[:2]])
+@pytest.mark.parametrize("path", ["reference", "kernel"])
+def test_int8_and_fp8_saved_per_block_is_what_autograd_saves(path, quant, targets, dropout, chunk):
+    """As `test_saved_per_block_is_what_autograd_saves`: int8 is dequantized per product like NF4
+    (its dense weights kept under keep_dequantized, saved by the reference's x·Wᵀ); FP8 saves no
+    weight at all (its products, an autograd Function, keep a reference to the codes)."""
+    mode = "triton" if path == "kernel" else "auto"
+    with set_kernel_mode(mode):
+        measured = block_saved_bytes(quant, targets, dropout, path == "kernel", chunk)
+    setup = Setup(TINY, tokens=T, quant=quant, dtype_bytes=4, lora_rank=4, targets=targets, lora_dropout=dropout,
+                  mlp_chunk=chunk, device="cuda" if path == "kernel" else "cpu")
+    assert measured == saved_per_block(setup, recompute=path == "kernel")
+
+
+@pytest.mark.parametrize("flags", [[], ["--offload-activations"], ["--no-grad-checkpointing"],
+                                   ["--mlp-chunk-tokens", "4096"], ["--gpus", "2", "--strategy", "fsdp"]])
+def test_int8_is_nf4_but_for_its_weight_bytes(flags):
+    """int8 is dequantized to the compute dtype for every product, as NF4 is: every activation and
+    transient part of the plan is NF4's; only the weights (and the allocator's 5 % of them) differ."""
+    argv = ["--model", "llama3.1-8b", "--tokens", "8192", *flags]
+    nf4, int8 = (plan(memory_plan.setup_from_args(memory_plan.parser().parse_args(argv + ["--quant", q]), 8192))
+                 for q in ("nf4", "int8"))
+    different = {"base weights", "CUDA context + allocator"} | ({"all-gather buffers (2 blocks)"} if flags[-1:] ==
+                                                                 ["fsdp"] else set())
+    assert {k: v for k, v in nf4.parts.items() if k not in different} == \
+        {k: v for k, v in int8.parts.items() if k not in different}
+    assert int8.parts["base weights"] > nf4.parts["base weights"]
+
+
+def test_fp8_transient_is_the_largest_products_working_set():
+    """Llama-3.1-8B, 8192 tokens: the widest operand is dY of gate/up (or x of down), N·I elements;
+    quantizing it per row holds 3 fp32 copies, 12·N·I bytes, more than its e4m3 codes, scales and
+    the transposed weight copy (N·I + 4N + I·H). It adds to the block backward; FP8 keeps no dense
+    weight, so with checkpointing the recompute saves the dense plan's tensors, not NF4's weights."""
+    N, H, I = 8192, 4096, 14336
+    fp8, none = Setup(PRESETS["llama3.1-8b"].config, tokens=N, quant="fp8"), \
+        Setup(PRESETS["llama3.1-8b"].config, tokens=N)
+    assert fp8_transient(fp8) == 12 * N * I > N * I + 4 * N + I * H
+    assert block_backward_transient(fp8) - block_backward_transient(none) == 12 * N * I
+    assert saved_per_block(fp8, recompute=True) == saved_per_block(none, recompute=True)
+    one_token = Setup(PRESETS["llama3.1-8b"].config, tokens=1, quant="fp8")
+    assert fp8_transient(one_token) == I * H + I + 4  # a token's codes and scale, and the transposed copy
+
+
+@pytest.mark.parametrize("quant, note", [("int8", "int8 codes + fp32 row absmax"),
+                                         ("fp8", "e4m3 codes + fp32 row scales")])
+def test_the_command_line_takes_int8_and_fp8(capsys, quant, note):
+    memory_plan.main(["--model", "llama3.1-8b", "--quant", quant, "--tokens", "8192", "--gpu-mem", "80GiB"])
+    out = capsys.readouterr().out
+    assert f"8,192 tokens (1 × 8,192), {quant}," in out and note in out and "fits in 80.00 GiB" in out
