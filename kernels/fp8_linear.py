@@ -5,7 +5,8 @@ With ``W = diag(s_w) · C`` (C (out, in) e4m3 codes, s_w (out,) fp32, `kernels.f
     forward   y  = fp8_mm(q(x), C) = (C_x · Cᵀ) ⊙ (s_x · s_wᵀ)           x (N, in) -> (N, out)
     backward  dx = dy · W = (dy ⊙ s_wᵀ) · C = fp8_mm(q(dy ⊙ s_wᵀ), Cᵀ)   (N, out) -> (N, in)
 
-where ``q`` quantizes each row dynamically (`kernels.fp8.quantize_rows`: C_x, s_x). In the backward
+where ``q`` quantizes each row dynamically (`kernels.fp8.quantize_rows`: C_x, s_x, through a bounded
+fp32 scratch, so the only full-size tensor it makes is the 1-byte codes). In the backward
 the weight's scales run along the contraction, so they are folded into dY's columns before dY is
 quantized (a per-output-channel scale cannot be applied after a product over that channel), and
 C takes no scale of its own. dL/db = Σ_tokens dy when the bias asks for it. The weight is frozen:
@@ -39,7 +40,7 @@ def fp8_matmul_ref(x: torch.Tensor, q: FP8Tensor) -> torch.Tensor:
 
 def fp8_grad_input_ref(dy: torch.Tensor, q: FP8Tensor) -> torch.Tensor:
     """``q(dy ⊙ s_wᵀ) · C`` for dy (N, out): dL/dx of the product, (N, in) in dy's dtype."""
-    codes, scale = quantize_rows(dy.float() * q.scale)
+    codes, scale = quantize_rows(dy, q.scale)
     return fp8_mm_ref(codes, scale, q.codes.t(), torch.ones(q.shape[1], device=dy.device), dy.dtype)
 
 
@@ -56,7 +57,7 @@ def fp8_matmul(x: torch.Tensor, q: FP8Tensor) -> torch.Tensor:
 
 def fp8_grad_input(dy: torch.Tensor, q: FP8Tensor) -> torch.Tensor:
     """`fp8_grad_input_ref` by `kernels.fp8.fp8_mm`: dy (N, out) -> (N, in) in dy's dtype."""
-    codes, scale = quantize_rows(dy.float() * q.scale)
+    codes, scale = quantize_rows(dy, q.scale)
     return fp8_mm(codes, scale, q.codes.t(), torch.ones(q.shape[1], device=dy.device), dy.dtype)
 
 

@@ -34,9 +34,8 @@ def loaded_lora_model(model_dir, std: float = 0.2, dropout: float = 0.0) -> torc
 def tiny_lora_model(cfg: LlamaConfig, quant: str = "none", dropout: float = 0.1, targets="all-linear",
                     lora_b_std: float | None = 0.05) -> LlamaForCausalLM:
     """Seeded random weights (decoder linears in ``quant``: "nf4", "int8" or "fp8"; "none": dense),
-    LoRA r=4 alpha=8 on ``targets``, only the
-    adapters trainable, in training mode; ``lora_b_std``: B drawn from N(0, std) instead of PEFT's
-    zeros, so that A gets gradients too."""
+    LoRA r=4 alpha=8 on ``targets``, only the adapters trainable, in training mode; ``lora_b_std``:
+    B drawn from N(0, std) instead of PEFT's zeros, so that A gets gradients too."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     if quant != "none":

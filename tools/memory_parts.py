@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 from engine.adapters.lora import LLAMA_LINEARS as LINEARS
 from engine.errors import InputError
+from kernels.fp8 import ROW_CHUNK_ELEMENTS
 from kernels.linear_cross_entropy import _chunk_rows
 from kernels.nf4 import NESTED_BLOCKSIZE, NF4_VALUES, dynamic_map, nf4_bytes, quantize_nf4
 from models.config import LlamaConfig
@@ -307,21 +308,26 @@ def fp8_transient(s: Setup) -> int:
     """The largest working set of one FP8 product (`kernels.fp8_linear`), over the 7 linears and
     both products, x·Wᵀ (k = in) and dY·W (k = out), on n rows (N, or C for the MLP's with chunks):
 
-    * quantizing the operand per row (`kernels.fp8.quantize_rows`, plain torch): its fp32 copy
-      (dY ⊙ s_w, or x cast), the quotient by the row scale and its clamp, 3·4·n·k, before the
-      e4m3 codes exist;
-    * the product: the codes n·k and scales 4n, and on the kernel path the transposed e4m3 copy of
-      the weight that ``torch._scaled_mm`` reads in the backward, out·in (1 byte per weight); on
-      the reference path (the fp32 emulation) the fp32 copies of both codes, 4·n·k + 4·out·in.
+    * quantizing the operand per row (`kernels.fp8.quantize_rows`): its e4m3 codes n·k and scales
+      4n, and the fp32 scratch of one block of rows, ρ = min(n, ⌊`ROW_CHUNK_ELEMENTS` / k⌋): the
+      rows in fp32 (dY ⊙ s_w, or x cast; divided and clamped in place) and their |·| for the row
+      maximum, 2·4·ρ·k;
+    * the product: the codes n·k and scales 4n, and on the kernel path, for dY·W, the transposed
+      e4m3 copy of the weight that ``torch._scaled_mm`` reads, out·in (1 byte per weight); on the
+      reference path (the fp32 emulation) the fp32 copies of both codes, 4·n·k + 4·out·in.
     The larger of the two phases; one linear at a time."""
     shapes = linear_shapes(s.cfg)
     worst = 0
     for name, (o, i) in shapes.items():
         n = s.mlp_chunk if s.chunked and name in MLP_LINEARS else s.tokens
         for k in (i, o):
-            weight = o * i if s.kernel_path else FP32 * o * i
-            codes = n * k * (1 if s.kernel_path else 1 + FP32) + FP32 * n
-            worst = max(worst, 3 * FP32 * n * k, codes + weight)
+            rows = min(n, max(1, ROW_CHUNK_ELEMENTS // k))
+            quantize = n * k + FP32 * n + 2 * FP32 * rows * k
+            if s.kernel_path:
+                product = n * k + FP32 * n + (o * i if k == o else 0)
+            else:
+                product = (1 + FP32) * n * k + FP32 * n + FP32 * o * i
+            worst = max(worst, quantize, product)
     return worst
 
 

@@ -155,3 +155,22 @@ def test_scaled_mm_gets_its_layout_for_both_products(m):
         if torch.torch_version.TorchVersion(torch.__version__) >= (2, 13):  # its CPU kernel (not in 2.11)
             assert_close(scaled_mm_laid_out(a, a_scale, b, b_scale, torch.bfloat16, torch._scaled_mm), want,
                          torch.bfloat16, f"{name} by torch._scaled_mm on the CPU")
+
+
+def test_row_quantization_in_chunks_equals_it_whole(monkeypatch):
+    """Rows go through a bounded scratch block: the codes and scales are those of the whole tensor
+    at once, the input is left untouched, and the column scales of dY ⊙ s_w are applied in fp32."""
+    import kernels.fp8
+
+    a = torch.randn(37, 24) * torch.logspace(-2, 2, 37)[:, None]
+    col = torch.rand(24) + 0.5
+    before = a.clone()
+    whole = quantize_rows(a, col)
+    monkeypatch.setattr(kernels.fp8, "ROW_CHUNK_ELEMENTS", 5 * 24)  # 8 chunks, the last of 2 rows
+    chunked = quantize_rows(a, col)
+    assert torch.equal(a, before)
+    assert torch.equal(chunked[0].view(torch.uint8), whole[0].view(torch.uint8)) and torch.equal(chunked[1], whole[1])
+    v = a * col
+    scale = (v.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp(min=1e-12)
+    assert torch.equal(whole[1], scale)
+    assert torch.equal(whole[0].view(torch.uint8), (v / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).view(torch.uint8))
