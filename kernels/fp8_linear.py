@@ -32,33 +32,31 @@ from kernels.fp8 import FP8Tensor, fp8_mm, fp8_mm_ref, quantize_rows
 # ----------------------------------------------------------------------------------------------
 
 
-def fp8_matmul_ref(x: torch.Tensor, q: FP8Tensor) -> torch.Tensor:
-    """``q(x) · Wᵀ`` for x (N, in): the forward product, fp32 sums of the e4m3 codes."""
+def fp8_matmul_ref(x: torch.Tensor, q: FP8Tensor, mm=fp8_mm_ref) -> torch.Tensor:
+    """``q(x) · Wᵀ`` for x (N, in): the forward product, fp32 sums of the e4m3 codes (by ``mm``)."""
     codes, scale = quantize_rows(x)
-    return fp8_mm_ref(codes, scale, q.codes, q.scale, x.dtype)
+    return mm(codes, scale, q.codes, q.scale, x.dtype)
 
 
-def fp8_grad_input_ref(dy: torch.Tensor, q: FP8Tensor) -> torch.Tensor:
-    """``q(dy ⊙ s_wᵀ) · C`` for dy (N, out): dL/dx of the product, (N, in) in dy's dtype."""
+def fp8_grad_input_ref(dy: torch.Tensor, q: FP8Tensor, mm=fp8_mm_ref) -> torch.Tensor:
+    """``q(dy ⊙ s_wᵀ) · C`` for dy (N, out): dL/dx of the product, (N, in) in dy's dtype (by ``mm``)."""
     codes, scale = quantize_rows(dy, q.scale)
-    return fp8_mm_ref(codes, scale, q.codes.t(), torch.ones(q.shape[1], device=dy.device), dy.dtype)
+    return mm(codes, scale, q.codes.t(), torch.ones(q.shape[1], device=dy.device), dy.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. The two products, on FP8 tensor cores where they run
+# 2. The two products, on FP8 tensor cores where they run (`kernels.fp8.fp8_mm`)
 # ----------------------------------------------------------------------------------------------
 
 
 def fp8_matmul(x: torch.Tensor, q: FP8Tensor) -> torch.Tensor:
     """`fp8_matmul_ref` by `kernels.fp8.fp8_mm`: x (N, in) -> (N, out) in x's dtype."""
-    codes, scale = quantize_rows(x)
-    return fp8_mm(codes, scale, q.codes, q.scale, x.dtype)
+    return fp8_matmul_ref(x, q, fp8_mm)
 
 
 def fp8_grad_input(dy: torch.Tensor, q: FP8Tensor) -> torch.Tensor:
     """`fp8_grad_input_ref` by `kernels.fp8.fp8_mm`: dy (N, out) -> (N, in) in dy's dtype."""
-    codes, scale = quantize_rows(dy, q.scale)
-    return fp8_mm(codes, scale, q.codes.t(), torch.ones(q.shape[1], device=dy.device), dy.dtype)
+    return fp8_grad_input_ref(dy, q, fp8_mm)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from kernels.int8 import Int8Tensor
 from models.bnb_checkpoint import module_prefix
 from models.errors import InputError
+from models.key_groups import Group, KeyGroups
 from models.quantized import should_quantize
 
 ROW_FORMAT = 0  # bitsandbytes' LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING["row"]
@@ -134,22 +135,19 @@ def scan_int8_linears(files: list[Path], expected: dict[str, tuple[int, ...]]) -
     return prefixes, with_format
 
 
-class BnbInt8Groups:
-    """Collects the 8-bit keys of each quantized linear, across files, into `Int8Tensor`s.
+class BnbInt8Groups(KeyGroups):
+    """Collects the 8-bit keys of each quantized linear, across files, into `Int8Tensor`s on the
+    device whose dequantization dtype is ``dtype`` (`models.key_groups.KeyGroups`: ``claims``,
+    ``add``, ``finish``)."""
 
-    ``claims(name)`` says whether a key belongs to a quantized linear; ``add`` stores it and, once
-    the linear's group is complete, returns ``(prefix + ".weight", Int8Tensor on device)`` whose
-    dequantization dtype is ``dtype``; ``finish`` raises for any linear left incomplete and returns
-    the files each weight came from.
-    """
+    label = "8-bit quantized linear"
 
     def __init__(self, files: list[Path], expected: dict[str, tuple[int, ...]], device: torch.device | str,
                  dtype: torch.dtype):
-        self.expected, self.device, self.dtype = expected, device, dtype
+        super().__init__(expected, device)
+        self.dtype = dtype
         # A group waits for its weight_format only where the folder has one (older files lack it).
         self.quantized, self.with_format = scan_int8_linears(files, expected)
-        self.pending: dict[str, dict[str, tuple[torch.Tensor, Path]]] = {}
-        self.done: dict[str, Path] = {}  # weight name -> file of its codes
 
     def prefix_of(self, name: str) -> str | None:
         """The quantized linear a key belongs to (its codes, SCB or weight_format), else None."""
@@ -157,47 +155,16 @@ class BnbInt8Groups:
         prefix = match["prefix"] if match else name.removesuffix(".weight") if name.endswith(".weight") else None
         return prefix if prefix in self.quantized else None
 
-    def claims(self, name: str) -> bool:
-        return self.prefix_of(name) is not None
-
-    def add(self, name: str, tensor: torch.Tensor, file: Path) -> tuple[str, Int8Tensor] | None:
-        prefix = self.prefix_of(name)
-        suffix = name[len(prefix) + 1:]
-        if prefix + ".weight" in self.done:
-            raise InputError(f"{file}: tensor {name!r}: {prefix} is already complete "
-                             f"(an extra or duplicate key of a quantized linear)")
-        group = self.pending.setdefault(prefix, {})
-        if suffix in group:
-            raise InputError(f"{file}: tensor {name!r} also in {group[suffix][1].name}")
-        group[suffix] = (tensor, file)
-        if self._missing(prefix):
-            return None
-        return prefix + ".weight", self._build(prefix, self.pending.pop(prefix))
-
-    def _missing(self, prefix: str) -> list[str]:
+    def missing(self, prefix: str, group: Group) -> list[str]:
         wanted = REQUIRED_SUFFIXES + ((FORMAT_SUFFIX,) if prefix in self.with_format else ())
-        return [s for s in wanted if s not in self.pending[prefix]]
+        return [s for s in wanted if s not in group]
 
-    def _build(self, prefix: str, group: dict[str, tuple[torch.Tensor, Path]]) -> Int8Tensor:
-        name = prefix + ".weight"
+    def build(self, prefix: str, group: Group) -> Int8Tensor:
         try:
             q = from_bnb8_state_dict({f"{prefix}.{s}": t for s, (t, _) in group.items()}, prefix, self.dtype)
         except ValueError as err:
             key = str(err).split(":", 1)[0]
             file = group[key.removeprefix(prefix + ".")][1] if key.startswith(prefix + ".") else group["weight"][1]
             raise InputError(f"{file}: tensor {err}") from None
-        if tuple(q.shape) != self.expected[name]:
-            raise InputError(f"{group['weight'][1]}: quantized tensor {name!r} has shape {tuple(q.shape)}, "
-                             f"expected {self.expected[name]} from config.json")
-        self.done[name] = group["weight"][1]
+        self.check_shape(prefix, group, tuple(q.shape))
         return q.to(self.device)
-
-    def finish(self) -> dict[str, Path]:
-        """Raise `InputError` for the first incomplete linear, naming the missing key and the
-        file(s) holding the rest of its group; else the weight names loaded, with their files."""
-        for prefix, group in self.pending.items():
-            missing = self._missing(prefix)
-            files = ", ".join(sorted({str(f) for _, f in group.values()}))
-            raise InputError(f"{files}: 8-bit quantized linear {prefix} lacks tensor(s) "
-                             f"{', '.join(f'{prefix}.{s}' for s in missing)} (in no safetensors file of the folder)")
-        return dict(self.done)

@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 
 from kernels.nf4 import NF4Tensor, check_blocksize
 from models.errors import InputError
+from models.key_groups import Group, KeyGroups
 
 QUANT_STATE_SUFFIX = "weight.quant_state.bitsandbytes__"
 # The keys of one quantized linear, after "<prefix>."; the last two only with double quantization.
@@ -186,19 +187,13 @@ def scan_quantized_linears(files: list[Path], expected: dict[str, tuple[int, ...
     return prefixes
 
 
-class BnbNF4Groups:
-    """Collects the bnb keys of each quantized linear, across files, into `NF4Tensor`s.
-
-    ``claims(name)`` says whether a key belongs to a quantized linear; ``add`` stores it and, once
-    the linear's group is complete, returns ``(prefix + ".weight", NF4Tensor on device)``;
-    ``finish`` raises for any linear left incomplete and returns the files each weight came from.
-    """
+class BnbNF4Groups(KeyGroups):
+    """Collects the bnb keys of each quantized linear, across files, into `NF4Tensor`s on the
+    device (`models.key_groups.KeyGroups`: ``claims``, ``add``, ``finish``)."""
 
     def __init__(self, files: list[Path], expected: dict[str, tuple[int, ...]], device: torch.device | str):
-        self.expected, self.device = expected, device
+        super().__init__(expected, device)
         self.quantized = scan_quantized_linears(files, expected)
-        self.pending: dict[str, dict[str, tuple[torch.Tensor, Path]]] = {}
-        self.done: dict[str, Path] = {}  # weight name -> file of its packed codes
 
     def prefix_of(self, name: str) -> str | None:
         """The quantized linear a key belongs to (its packed ``.weight`` or a statistic), else None."""
@@ -211,33 +206,15 @@ class BnbNF4Groups:
             return None
         return prefix if prefix in self.quantized else None
 
-    def claims(self, name: str) -> bool:
-        return self.prefix_of(name) is not None
-
-    def add(self, name: str, tensor: torch.Tensor, file: Path) -> tuple[str, NF4Tensor] | None:
-        prefix = self.prefix_of(name)
-        suffix = name[len(prefix) + 1:]
-        if prefix + ".weight" in self.done:
-            raise InputError(f"{file}: tensor {name!r}: {prefix} is already complete "
-                             f"(an extra or duplicate key of a quantized linear)")
-        group = self.pending.setdefault(prefix, {})
-        if suffix in group:
-            raise InputError(f"{file}: tensor {name!r} also in {group[suffix][1].name}")
-        group[suffix] = (tensor, file)
-        if self._missing(prefix):
-            return None
-        return prefix + ".weight", self._build(prefix, self.pending.pop(prefix))
-
-    def _missing(self, prefix: str) -> list[str]:
+    def missing(self, prefix: str, group: Group) -> list[str]:
         """The suffixes the group still lacks (the nested ones are needed iff its quant state says so)."""
-        group = self.pending[prefix]
         missing = [s for s in BASE_SUFFIXES if s not in group]
         if not missing and "nested_offset" in self._quant_state(prefix, group):
             missing = [s for s in NESTED_SUFFIXES if s not in group]
         return missing
 
     @staticmethod
-    def _quant_state(prefix: str, group: dict[str, tuple[torch.Tensor, Path]]) -> dict:
+    def _quant_state(prefix: str, group: Group) -> dict:
         tensor, file = group[QUANT_STATE_SUFFIX + "nf4"]
         try:
             meta = json.loads(bytes(tensor.tolist()).decode("utf-8"))
@@ -247,25 +224,11 @@ class BnbNF4Groups:
             raise InputError(f"{file}: tensor {prefix}.{QUANT_STATE_SUFFIX}nf4 is not a JSON object")
         return meta
 
-    def _build(self, prefix: str, group: dict[str, tuple[torch.Tensor, Path]]) -> NF4Tensor:
-        name = prefix + ".weight"
+    def build(self, prefix: str, group: Group) -> NF4Tensor:
         try:
             q = from_bnb_state_dict({f"{prefix}.{s}": t for s, (t, _) in group.items()}, prefix)
         except (ValueError, KeyError, TypeError) as err:
             files = ", ".join(sorted({str(f) for _, f in group.values()}))
             raise InputError(f"{files}: quantized linear {prefix}: {type(err).__name__}: {err}") from None
-        if tuple(q.shape) != self.expected[name]:
-            raise InputError(f"{group['weight'][1]}: quantized tensor {name!r} has shape {tuple(q.shape)}, "
-                             f"expected {self.expected[name]} from config.json")
-        self.done[name] = group["weight"][1]
+        self.check_shape(prefix, group, tuple(q.shape))
         return q.to(self.device)
-
-    def finish(self) -> dict[str, Path]:
-        """Raise `InputError` for the first incomplete linear, naming the missing key and the
-        file(s) holding the rest of its group; else the weight names loaded, with their files."""
-        for prefix, group in self.pending.items():
-            missing = self._missing(prefix)
-            files = ", ".join(sorted({str(f) for _, f in group.values()}))
-            raise InputError(f"{files}: quantized linear {prefix} lacks tensor(s) "
-                             f"{', '.join(f'{prefix}.{s}' for s in missing)} (in no safetensors file of the folder)")
-        return dict(self.done)
