@@ -89,7 +89,10 @@ def test_sums_and_gradients_equal_materialised_logits(batching, beta):
     else:
         assert ours.kl.item() == 0.0
     for name in want:
-        assert_close(got[name], want[name], name=f"d/d {name}")
+        # B ~ N(0, 1) makes these gradients reach ~20, and each entry sums terms of that size: the
+        # fp32 table is held at the tensor's own scale (its entries divided by the largest)
+        scale = want[name].abs().max()
+        assert_close(got[name] / scale, want[name] / scale, name=f"d/d {name} (÷ its max |·|)")
 
 
 def test_without_replay_or_anchor_it_is_the_sft_loss_bit_for_bit():
