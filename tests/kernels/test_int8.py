@@ -5,6 +5,7 @@ bitsandbytes (its CPU/torch path) is the oracle for quantization and dequantizat
 kernel runs under the interpreter on a CPU (``force_triton``).
 """
 
+import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 
@@ -14,8 +15,6 @@ from kernels.int8 import Int8Tensor, dequantize_int8, int8_dequant_ref, quantize
 from kernels.lora import lora_linear, lora_linear_ref
 from tests.kernels.test_lora import make_inputs, run
 from tests.tolerances import assert_close
-
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 SHAPES = [(5, 123), (77, 64), (130, 33)]  # (out, in)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
