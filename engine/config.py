@@ -24,13 +24,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
 from engine.errors import InputError
+from models.quantized import FORMATS as BASE_FORMATS
 
 METHODS = ("sft", "dpo", "reward", "grpo")  # each the name of a module in engine/recipes/
 GRPO_LOSSES = ("grpo", "dr_grpo", "rloo")  # engine.losses.policy
 DPO_LOSSES = ("sigmoid", "robust", "ipo", "hinge")
 FORMATS = ("auto", "text", "completion", "alpaca", "messages", "sharegpt")
 SCHEDULES = ("cosine", "linear", "constant")
-QUANTS = ("none", "nf4", "int8", "fp8")  # models.quantized.FORMATS
+QUANTS = ("none", *BASE_FORMATS)  # nf4, int8, fp8: models.quantized
 PEFTS = ("lora", "dora", "ia3", "prefix", "bottleneck")  # engine.adapters.methods
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")  # engine.adapters.lora_init
 ADAPTER_PLACEMENTS = ("houlsby", "pfeiffer")  # engine.adapters.bottleneck

@@ -61,10 +61,11 @@ from engine.adapters.methods import check_fits
 from engine.adapters.combine import COMBINATIONS, MAJORITY_SIGN, combine_main
 from engine.adapters.vllm_rules import check_vllm_main
 from engine.cli import ArgumentParser
+from engine.config import QUANTS
 from engine.errors import InputError, run_cli
 from engine.atomic import atomic_dir
 from engine.merge_drift import Drift, drift_to, reference_hiddens
-from engine.merge_plan import DEFAULT_ONTO, ONTO, QUANTIZED, REQUANTIZE, DriftOptions, MergePlan, plan_drift, plan_merge
+from engine.merge_plan import DEFAULT_ONTO, ONTO, REQUANTIZE, DriftOptions, MergePlan, plan_drift, plan_merge
 from engine.run.folder import is_inside
 from engine.run.setup import DTYPES, resolve_device
 from models.bnb_writer import save_bnb_nf4_model
@@ -172,8 +173,8 @@ def merge_to_folder(base: str, adapter: str, out: str | os.PathLike, dtype: torc
     """Merge ``adapter`` into ``base`` (module docstring) and write the folder at ``out``; measure its
     drift when ``drift`` says so (None: not measured)."""
     out = Path(out)
-    if quant not in ("none", *QUANTIZED):
-        raise InputError(f"--quant must be 'none' or one of {', '.join(QUANTIZED)}, got {quant!r}")
+    if quant not in QUANTS:
+        raise InputError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
     base_dir = models.resolve_model_dir(base)
     check_out(out, base_dir, Path(adapter), overwrite)
     # the adapter (any mergeable method) fits the base: checked before any weight is read
@@ -248,7 +249,7 @@ def build_parser() -> ArgumentParser:
                    "Required unless --check-vllm.")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="Dtype of the merged weights "
                    "(default: bf16).")
-    p.add_argument("--quant", choices=("none", *QUANTIZED), default="none",
+    p.add_argument("--quant", choices=QUANTS, default="none",
                    help="nf4: the adapter was trained with QLoRA; int8, fp8: on that base (also known from its run's "
                    "config.json or a 4-bit "
                    "base; default: none).")

@@ -45,12 +45,13 @@ from engine.data.samples import Sample, load_samples
 from engine.errors import InputError
 from engine.run.folder import file_sha256, is_run_folder
 from models.bnb_checkpoint import bnb_checkpoint_format
+from models.quantized import FORMATS
 from models.tokenizer import load_tokenizer
 
 ONTO = ("original", "quantized")
 DEFAULT_ONTO = {"none": "quantized", "nf4": "original"}  # by --requantize: the lower drift (docstring)
 REQUANTIZE = ("none", "nf4")
-QUANTIZED = ("nf4", "int8", "fp8")  # the frozen-base formats an adapter may be trained on (models.quantized)
+QUANTIZED = tuple(FORMATS)  # the frozen-base formats an adapter may be trained on (models.quantized)
 
 
 @dataclass(frozen=True)

@@ -107,10 +107,13 @@ class _FrozenLinearFunction(torch.autograd.Function):
         return dx, None, d_bias
 
 
-def frozen_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x · Wᵀ + bias`` through a quantized frozen weight: x (..., in) -> (..., out) in x's dtype;
-    gradients for x (and a bias that asks). FP8 by `kernels.fp8_linear.fp8_linear` everywhere;
-    the others by the Function above where Triton runs, else by autograd over the reference."""
+def frozen_linear(x: torch.Tensor, weight: FrozenWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x · Wᵀ + bias`` through a frozen weight: x (..., in) -> (..., out) in x's dtype; gradients
+    for x (and a bias that asks). A dense weight by ``F.linear``; FP8 by
+    `kernels.fp8_linear.fp8_linear` everywhere; the other formats by the Function above where
+    Triton runs, else by autograd over the reference."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     if isinstance(weight, FP8Tensor):

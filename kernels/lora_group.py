@@ -48,13 +48,12 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from kernels.backend import use_triton
-from kernels.lora import dense_weight, lora_linear_checked, lora_linear_ref
-from kernels.lowrank import KERNEL_DTYPES, Dropout, lowrank_down, lowrank_up_, lowrank_wgrad
 from kernels.fp8 import FP8Tensor
-from kernels.frozen import FrozenWeight, dequantize_frozen, frozen_linear, is_quantized, storage
+from kernels.frozen import FrozenWeight, dequantize_frozen, frozen_linear, storage
+from kernels.lora import lora_linear_checked, lora_linear_ref
+from kernels.lowrank import KERNEL_DTYPES, Dropout, lowrank_down, lowrank_up_, lowrank_wgrad
 from kernels.nf4 import keeping_dequantized
 
 
@@ -84,8 +83,7 @@ def lora_linear_group_ref(x: torch.Tensor, members: Sequence[GroupMember], *, se
     outs, g = [], 0
     for m in members:
         if not m.adapted:
-            outs.append(frozen_linear(x, m.weight, m.bias) if is_quantized(m.weight)
-                        else F.linear(x, dense_weight(m.weight, x.dtype), m.bias))
+            outs.append(frozen_linear(x, m.weight, m.bias))
             continue
         seed = None if seeds is None else int(seeds[g])
         outs.append(lora_linear_ref(x, m.weight, m.lora_A, m.lora_B, m.scale, m.dropout_p, m.dropout_p > 0,
@@ -257,7 +255,7 @@ def _groupable(x: torch.Tensor, members: Sequence[GroupMember], adapted: Sequenc
 
 
 def _each(x: torch.Tensor, members: Sequence[GroupMember], seeds) -> list[torch.Tensor]:
-    """Each member as its module alone computes it (`lora_linear_checked`, `nf4_linear`, F.linear)."""
+    """Each member as its module alone computes it (`lora_linear_checked`, `kernels.frozen.frozen_linear`)."""
     outs, g = [], 0
     for m in members:
         if m.adapted:
@@ -265,10 +263,8 @@ def _each(x: torch.Tensor, members: Sequence[GroupMember], seeds) -> list[torch.
             outs.append(lora_linear_checked(x, m.weight, m.lora_A, m.lora_B, m.scale, m.dropout_p, m.dropout_p > 0,
                                             m.bias, seed=seed))
             g += 1
-        elif is_quantized(m.weight):
-            outs.append(frozen_linear(x, m.weight, m.bias))
         else:
-            outs.append(F.linear(x, m.weight, m.bias))
+            outs.append(frozen_linear(x, m.weight, m.bias))
     return outs
 
 

@@ -16,7 +16,8 @@ Shapes: x (..., in) fp32/bf16/fp16; Q of shape (out, in); bias (out,) or None ->
 x.dtype. The matmul runs in x.dtype (the compute dtype), whatever dtype Q was quantized from.
 
 Layout: reference -> (the Triton dequant kernel lives in kernels/nf4.py; the autograd.Function,
-shared with int8, in kernels/frozen.py) -> public op. The module that stores a weight this way is `models.quantized.NF4Linear`.
+shared with int8, in kernels/frozen.py) -> public op. The module that stores a weight this way is
+`models.quantized.NF4Linear`.
 """
 
 from __future__ import annotations
@@ -37,13 +38,8 @@ def nf4_linear_ref(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = No
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. autograd.Function: `kernels.frozen`'s, shared by every dequantized format (it saves only the
-#    already resident NF4 weight and dequantizes W again in backward)
-# ----------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Public op
+# 2. Public op (its autograd.Function is `kernels.frozen`'s, shared by every dequantized format:
+#    it saves only the already resident NF4 weight and dequantizes W again in backward)
 # ----------------------------------------------------------------------------------------------
 
 

@@ -42,6 +42,14 @@ class QuantizedLinear(nn.Module):
     format: str = ""
     sharded_buffers: tuple[str, ...] = ()  # the buffers worth sharding under FSDP2 (the large ones)
 
+    def _hold(self, q: QuantizedWeight, bias: torch.Tensor | None, **buffers: torch.Tensor) -> None:
+        """Shape and original dtype from ``q``, ``buffers`` registered, the bias frozen (subclasses)."""
+        self.out_features, self.in_features = q.shape
+        self.weight_dtype = q.dtype
+        for name, tensor in buffers.items():
+            self.register_buffer(name, tensor)
+        self._set_bias(bias)
+
     def _set_bias(self, bias: torch.Tensor | None) -> None:
         if bias is not None and bias.shape != (self.out_features,):
             raise ValueError(f"bias: expected shape ({self.out_features},), got {tuple(bias.shape)}")
@@ -58,7 +66,7 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> QuantizedLinear:
         """Quantize a dense ``nn.Linear`` (its weight in its own dtype) into this format."""
-        raise NotImplementedError
+        return cls(quantize_weight(cls.format, linear.weight.detach()), linear.bias)
 
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A dense ``nn.Linear`` holding the dequantized weight in ``dtype`` (default: the dtype the
@@ -72,6 +80,9 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return frozen_linear(x, self.frozen_weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class NF4Linear(QuantizedLinear):
@@ -124,8 +135,8 @@ class NF4Linear(QuantizedLinear):
         return cls(q, linear.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"blocksize={self.blocksize}, double_quant={hasattr(self, 'weight_nested_absmax')}")
+        return (f"{super().extra_repr()}, blocksize={self.blocksize}, "
+                f"double_quant={hasattr(self, 'weight_nested_absmax')}")
 
 
 class Int8Linear(QuantizedLinear):
@@ -138,22 +149,11 @@ class Int8Linear(QuantizedLinear):
 
     def __init__(self, q: Int8Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        self.out_features, self.in_features = q.shape
-        self.weight_dtype = q.dtype
-        self.register_buffer("weight_codes", q.codes)
-        self.register_buffer("weight_absmax", q.absmax)
-        self._set_bias(bias)
+        self._hold(q, bias, weight_codes=q.codes, weight_absmax=q.absmax)
 
     @property
     def frozen_weight(self) -> Int8Tensor:
         return Int8Tensor(codes=self.weight_codes, absmax=self.weight_absmax, dtype=self.weight_dtype)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        return cls(quantize_int8(linear.weight.detach()), linear.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class FP8Linear(QuantizedLinear):
@@ -168,22 +168,11 @@ class FP8Linear(QuantizedLinear):
 
     def __init__(self, q: FP8Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        self.out_features, self.in_features = q.shape
-        self.weight_dtype = q.dtype
-        self.register_buffer("weight_codes", q.codes.view(torch.uint8))
-        self.register_buffer("weight_scale", q.scale)
-        self._set_bias(bias)
+        self._hold(q, bias, weight_codes=q.codes.view(torch.uint8), weight_scale=q.scale)
 
     @property
     def frozen_weight(self) -> FP8Tensor:
         return FP8Tensor(codes=self.weight_codes.view(E4M3), scale=self.weight_scale, dtype=self.weight_dtype)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> FP8Linear:
-        return cls(quantize_fp8(linear.weight.detach()), linear.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 # The formats by name (``--quant``): the module class and how one weight is quantized.

@@ -45,7 +45,7 @@ from kernels.fp8 import ROW_CHUNK_ELEMENTS
 from kernels.linear_cross_entropy import _chunk_rows
 from kernels.nf4 import NESTED_BLOCKSIZE, NF4_VALUES, dynamic_map, nf4_bytes, quantize_nf4
 from models.config import LlamaConfig
-from models.quantized import quantized_bytes
+from models.quantized import FORMATS, quantized_bytes
 
 NF4_BLOCKSIZE = inspect.signature(quantize_nf4).parameters["blocksize"].default  # what --quant nf4 uses
 FP32 = 4
@@ -57,7 +57,7 @@ CUDA_CONTEXT_BYTES = 1 << 30
 CUDA_ALLOCATOR_SLACK = 0.05
 CPU_RUN_OVERHEAD_BYTES = 100 << 20
 STRATEGIES = ("single", "ddp", "fsdp")
-QUANTS = ("none", "nf4", "int8", "fp8")
+QUANTS = ("none", *FORMATS)
 # Formats dequantized to the compute dtype for each product (`kernels.frozen.base_product`): the
 # dense copy is a transient, kept for the backward under `kernels.nf4.keep_dequantized` and saved
 # by the reference path's x·Wᵀ. FP8 has none: its products run on the e4m3 codes (`fp8_transient`).

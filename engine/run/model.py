@@ -28,6 +28,7 @@ from engine.adapters.score_head import attach_score_head, initializer_range, new
 from engine.config import TrainConfig
 from engine.dtensors import full_tensor
 from engine.errors import InputError
+from kernels.fp8 import scaled_mm_available
 from models import LlamaConfig, load_model
 from models.quantized import quantize_linears
 from models.skeleton import meta_model
@@ -68,13 +69,10 @@ def check_model_fits(cfg: TrainConfig, model_config: LlamaConfig, max_token_id: 
 def check_quant_device(quant: str, device: torch.device) -> None:
     """``--quant fp8`` computes in FP8 on a CUDA GPU of compute capability ≥ 8.9 (Ada, Hopper) and
     emulates it on a CPU (correct, for tests); an older GPU has no FP8 tensor cores: refuse it."""
-    if quant == "fp8" and device.type == "cuda":
-        from kernels.fp8 import scaled_mm_available
-
-        if not scaled_mm_available(device):
-            major, minor = torch.cuda.get_device_capability(device)
-            raise InputError(f"--quant fp8 needs FP8 tensor cores (compute capability >= 8.9: L4, L40, H100, H200); "
-                             f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use --quant int8 or nf4")
+    if quant == "fp8" and device.type == "cuda" and not scaled_mm_available(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise InputError(f"--quant fp8 needs FP8 tensor cores (compute capability >= 8.9: L4, L40, H100, H200); "
+                         f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use --quant int8 or nf4")
 
 
 def non_finite_parameter(model: nn.Module) -> str | None:
