@@ -12,7 +12,7 @@ gets scale 1 and codes 0.
 
 Activations are quantized the same way per row, dynamically, inside each product
 (`quantize_rows`): ``a ≈ e4m3(a / s_a) · s_a`` with ``s_a = max|a_row| / 448`` (a floor of
-``MIN_SCALE`` keeps an all-zero row finite). The product of two row-scaled operands is
+``MIN_SCALE``, fp32's smallest normal, keeps an all-zero row finite). The product of two row-scaled operands is
 
     fp8_mm(A, s_a, B, s_b) = (A_codes · B_codesᵀ) ⊙ (s_a · s_bᵀ)      A (M, K), B (N, K) -> (M, N)
 
@@ -36,7 +36,12 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
-MIN_SCALE = 1e-12  # the scale of an all-zero activation row (any positive value gives codes 0)
+# The floor of an activation row's scale: fp32's smallest normal, so only an all-zero row (or one
+# below 448 · 2⁻¹²⁶) meets it. A larger floor would put a row of small but real values (gradient
+# rows of a token-normalized loss reach 1e-11) on a coarser grid than its own max gives, and make
+# the codes depend on the loss's scale: DDP / FSDP2 scale the loss by the world size, so such a
+# floor made 2 ranks round otherwise than one process.
+MIN_SCALE = torch.finfo(torch.float32).tiny
 
 
 @dataclass

@@ -115,3 +115,27 @@ def test_qlora_under_fsdp_shards_the_nf4_bytes_and_gives_the_single_process_loss
     nf4_bytes = 30 * (576 * 576 * 2 + 576 * 192 * 2 + 576 * 1536 * 3) // 2  # 4-bit codes of every block linear
     assert nf4_bytes < total < 1.1 * nf4_bytes  # NF4 codes + absmax (not a dequantized copy)
     assert all(abs(b - total / 2) < 0.01 * total for b in per_rank), per_rank
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_int8_and_fp8_bases_under_fsdp_shard_their_bytes_and_give_the_single_process_run(tiny_model_dir, data,
+                                                                                         tmp_path, fmt):
+    """An int8 or FP8 base (the tiny 2-layer model: hidden 32, GQA) on 2 FSDP2 ranks: each rank
+    holds half of the codes and row scales, all-gathered as those bytes, and the losses and the
+    final adapter are those of one process (FP8 in its CPU emulation)."""
+    quick = dict(max_steps=2, save_every=0, quant=fmt)
+    run_single(train_args(tiny_model_dir, data, tmp_path / "single", **flags(grad_accum=2, **quick)))
+    run_torchrun(train_args(tiny_model_dir, data, tmp_path / "fsdp", **flags(grad_accum=1, distributed="fsdp",
+                                                                             **quick)))
+    assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "single"), torch.float32, name=f"{fmt} losses")
+    expected = adapter(tmp_path / "single")
+    for name, value in adapter(tmp_path / "fsdp").items():
+        assert_close(value, expected[name], torch.float32, name=f"{fmt} {name}")
+    line, = metrics(tmp_path / "fsdp", "distributed")
+    per_rank, total = line["base_bytes_per_rank"], line["base_bytes"]
+    rows = 32 + 16 + 16 + 32 + 64 + 64 + 32  # output rows of q, k, v, o, gate, up, down
+    codes = 32 * rows  # one byte per weight: every linear has 32 inputs but down (64 inputs, 32 rows)
+    codes += 32 * 32  # down's second 32 inputs
+    quantized = 2 * (codes + 4 * rows)  # 2 blocks: codes and an fp32 scale per row
+    assert quantized < total < quantized + 2 * 2 * 32 * 4 + 1, (total, quantized)  # + 2 fp32 norm weights per block
+    assert per_rank == [total // 2, total // 2], per_rank

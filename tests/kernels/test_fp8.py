@@ -51,6 +51,20 @@ def test_activation_rows_are_scaled_to_the_e4m3_range():
     assert float(rel.max()) <= 2.0**-4
 
 
+def test_a_row_of_tiny_values_is_quantized_on_its_own_grid():
+    """Rows whose max is 1e-11 (gradient rows that are rounding noise, or a token-normalized loss
+    over many tokens) get the codes the same row has at any power-of-two scale: the floor of the
+    scale applies to an all-zero row only. (A floor of 1e-12 gave them coarser codes, and 2 ranks,
+    which scale the loss by the world size, then rounded otherwise than one process.)"""
+    a = torch.randn(4, 40, generator=torch.Generator().manual_seed(3)) * 1e-11
+    for power in (1, 20, 80):
+        codes, scale = quantize_rows(a * 2.0**power)
+        reference_codes, reference_scale = quantize_rows(a)
+        assert torch.equal(codes.view(torch.uint8), reference_codes.view(torch.uint8)), power
+        assert torch.equal(scale, reference_scale * 2.0**power)
+    assert torch.allclose(codes.float().abs().amax(dim=1), torch.full((4,), E4M3_MAX))
+
+
 def _plain_products(x, q, dy):
     """The forward and dX of the FP8 linear written out on dequantized rounded operands."""
     xc, xs = quantize_rows(x)
