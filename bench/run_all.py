@@ -37,9 +37,9 @@ from bench.targets import check, format_headlines
 
 BENCHES = ("nf4", "lora", "dora", "lora_group", "lora_gather", "rms_norm", "rope", "swiglu", "linear_cross_entropy")
 # Not in the default run (its 8-minute budget is spent above; bench_train's ours_fp8 / ours_bf16 jobs
-# measure the FP8 step end to end): ``--only int8 fp8``.
-EXTRA_BENCHES = ("int8", "fp8")
-NO_COMPILE_PROVIDER = ("nf4", "lora", "lora_group", "lora_gather", "int8", "fp8")  # benches without --no-compile
+# measure the FP8 step end to end): ``--only int8 fp8 fp8_rows``.
+EXTRA_BENCHES = ("int8", "fp8", "fp8_rows")
+NO_COMPILE_PROVIDER = ("nf4", "lora", "lora_group", "lora_gather", "int8", "fp8", "fp8_rows")  # benches without --no-compile
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESERVE_S = 30  # kept back for each benchmark still to run, so that a slow one cannot starve them
 QUICK_RESERVE_S = 20  # the same with --quick (headline shapes: about 20 s a benchmark on an H100)

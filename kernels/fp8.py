@@ -11,7 +11,7 @@ row's maximum than int8 and coarser near zero (its subnormals stop at 2⁻⁹ ·
 gets scale 1 and codes 0.
 
 Activations are quantized the same way per row, dynamically, inside each product
-(`quantize_rows`): ``a ≈ e4m3(a / s_a) · s_a`` with ``s_a = max|a_row| / 448`` (a floor of
+(`kernels.fp8_rows.quantize_rows`): ``a ≈ e4m3(a / s_a) · s_a`` with ``s_a = max|a_row| / 448`` (a floor of
 ``MIN_SCALE``, fp32's smallest normal, keeps an all-zero row finite). The product of two row-scaled operands is
 
     fp8_mm(A, s_a, B, s_b) = (A_codes · B_codesᵀ) ⊙ (s_a · s_bᵀ)      A (M, K), B (N, K) -> (M, N)
@@ -108,28 +108,6 @@ def dequantize_fp8(q: FP8Tensor, dtype: torch.dtype = torch.bfloat16, *,
         raise TypeError(f"dtype: {dtype} not supported, expected float32, bfloat16 or float16")
     dense = fp8_dequant_ref(q, dtype)
     return dense if out is None else out.copy_(dense)
-
-
-ROW_CHUNK_ELEMENTS = 1 << 24  # fp32 scratch of `quantize_rows`: 64 MiB, whatever the operand's size
-
-
-def quantize_rows(a: torch.Tensor, col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-row e4m3 of ``v = a ⊙ col_scale`` (a (M, K), col_scale (K,) fp32 or None: v = a),
-    v formed in fp32: (codes (M, K) e4m3, scales (M, 1) fp32). Rows go through one fp32 scratch
-    block of at most `ROW_CHUNK_ELEMENTS` at a time, so the operand never has a full fp32 copy:
-    the codes are the only full-size tensor made (1 byte per element)."""
-    m, k = a.shape
-    codes = torch.empty((m, k), dtype=E4M3, device=a.device)
-    scale = torch.empty((m, 1), dtype=torch.float32, device=a.device)
-    rows = max(1, ROW_CHUNK_ELEMENTS // max(k, 1))
-    for start in range(0, m, rows):
-        v = a[start:start + rows].to(torch.float32, copy=True)  # (rows, K) scratch, never a view of a
-        if col_scale is not None:
-            v.mul_(col_scale)
-        s = (v.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp_(min=MIN_SCALE)
-        codes[start:start + rows] = v.div_(s).clamp_(-E4M3_MAX, E4M3_MAX)
-        scale[start:start + rows] = s
-    return codes, scale
 
 
 def fp8_mm_ref(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,

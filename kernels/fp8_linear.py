@@ -5,8 +5,8 @@ With ``W = diag(s_w) · C`` (C (out, in) e4m3 codes, s_w (out,) fp32, `kernels.f
     forward   y  = fp8_mm(q(x), C) = (C_x · Cᵀ) ⊙ (s_x · s_wᵀ)           x (N, in) -> (N, out)
     backward  dx = dy · W = (dy ⊙ s_wᵀ) · C = fp8_mm(q(dy ⊙ s_wᵀ), Cᵀ)   (N, out) -> (N, in)
 
-where ``q`` quantizes each row dynamically (`kernels.fp8.quantize_rows`: C_x, s_x, through a bounded
-fp32 scratch, so the only full-size tensor it makes is the 1-byte codes). In the backward
+where ``q`` quantizes each row dynamically (`kernels.fp8_rows.quantize_rows`: C_x, s_x; a Triton
+kernel on the GPU, a bounded fp32 scratch in torch ops elsewhere). In the backward
 the weight's scales run along the contraction, so they are folded into dY's columns before dY is
 quantized (a per-output-channel scale cannot be applied after a product over that channel), and
 C takes no scale of its own. dL/db = Σ_tokens dy when the bias asks for it. The weight is frozen:
@@ -25,38 +25,41 @@ from __future__ import annotations
 
 import torch
 
-from kernels.fp8 import FP8Tensor, fp8_mm, fp8_mm_ref, quantize_rows
+from kernels.fp8 import FP8Tensor, fp8_mm, fp8_mm_ref
+from kernels.fp8_rows import quantize_rows, quantize_rows_ref
 
 # ----------------------------------------------------------------------------------------------
 # 1. Reference: the forward and the dX of the backward, plain torch on the rounded operands
 # ----------------------------------------------------------------------------------------------
 
 
-def fp8_matmul_ref(x: torch.Tensor, q: FP8Tensor, mm=fp8_mm_ref) -> torch.Tensor:
-    """``q(x) · Wᵀ`` for x (N, in): the forward product, fp32 sums of the e4m3 codes (by ``mm``)."""
-    codes, scale = quantize_rows(x)
+def fp8_matmul_ref(x: torch.Tensor, q: FP8Tensor, mm=fp8_mm_ref, quantize=quantize_rows_ref) -> torch.Tensor:
+    """``q(x) · Wᵀ`` for x (N, in): the forward product, fp32 sums of the e4m3 codes (by ``mm``,
+    the operand quantized by ``quantize``)."""
+    codes, scale = quantize(x)
     return mm(codes, scale, q.codes, q.scale, x.dtype)
 
 
-def fp8_grad_input_ref(dy: torch.Tensor, q: FP8Tensor, mm=fp8_mm_ref) -> torch.Tensor:
-    """``q(dy ⊙ s_wᵀ) · C`` for dy (N, out): dL/dx of the product, (N, in) in dy's dtype (by ``mm``)."""
-    codes, scale = quantize_rows(dy, q.scale)
+def fp8_grad_input_ref(dy: torch.Tensor, q: FP8Tensor, mm=fp8_mm_ref, quantize=quantize_rows_ref) -> torch.Tensor:
+    """``q(dy ⊙ s_wᵀ) · C`` for dy (N, out): dL/dx of the product, (N, in) in dy's dtype (by ``mm``,
+    the operand quantized by ``quantize``)."""
+    codes, scale = quantize(dy, q.scale)
     return mm(codes, scale, q.codes.t(), torch.ones(q.shape[1], device=dy.device), dy.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. The two products, on FP8 tensor cores where they run (`kernels.fp8.fp8_mm`)
+# 2. The two products: the row quantizer's kernel, FP8 tensor cores where they run
 # ----------------------------------------------------------------------------------------------
 
 
 def fp8_matmul(x: torch.Tensor, q: FP8Tensor) -> torch.Tensor:
-    """`fp8_matmul_ref` by `kernels.fp8.fp8_mm`: x (N, in) -> (N, out) in x's dtype."""
-    return fp8_matmul_ref(x, q, fp8_mm)
+    """`fp8_matmul_ref` by `kernels.fp8_rows.quantize_rows` and `kernels.fp8.fp8_mm`: x (N, in) -> (N, out)."""
+    return fp8_matmul_ref(x, q, fp8_mm, quantize_rows)
 
 
 def fp8_grad_input(dy: torch.Tensor, q: FP8Tensor) -> torch.Tensor:
-    """`fp8_grad_input_ref` by `kernels.fp8.fp8_mm`: dy (N, out) -> (N, in) in dy's dtype."""
-    return fp8_grad_input_ref(dy, q, fp8_mm)
+    """`fp8_grad_input_ref` by `kernels.fp8_rows.quantize_rows` and `kernels.fp8.fp8_mm`: dy (N, out) -> (N, in)."""
+    return fp8_grad_input_ref(dy, q, fp8_mm, quantize_rows)
 
 
 # ----------------------------------------------------------------------------------------------

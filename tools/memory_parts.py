@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 from engine.adapters.lora import LLAMA_LINEARS as LINEARS
 from engine.errors import InputError
-from kernels.fp8 import ROW_CHUNK_ELEMENTS
+from kernels.fp8_rows import ROW_CHUNK_ELEMENTS
 from kernels.linear_cross_entropy import _chunk_rows
 from kernels.nf4 import NESTED_BLOCKSIZE, NF4_VALUES, dynamic_map, nf4_bytes, quantize_nf4
 from models.config import LlamaConfig
@@ -308,10 +308,11 @@ def fp8_transient(s: Setup) -> int:
     """The largest working set of one FP8 product (`kernels.fp8_linear`), over the 7 linears and
     both products, x·Wᵀ (k = in) and dY·W (k = out), on n rows (N, or C for the MLP's with chunks):
 
-    * quantizing the operand per row (`kernels.fp8.quantize_rows`): its e4m3 codes n·k and scales
-      4n, and the fp32 scratch of one block of rows, ρ = min(n, ⌊`ROW_CHUNK_ELEMENTS` / k⌋): the
-      rows in fp32 (dY ⊙ s_w, or x cast; divided and clamped in place) and their |·| for the row
-      maximum, 2·4·ρ·k;
+    * quantizing the operand per row (`kernels.fp8_rows.quantize_rows`): its e4m3 codes n·k and
+      scales 4n; on the reference path also the fp32 scratch of one block of rows,
+      ρ = min(n, ⌊`ROW_CHUNK_ELEMENTS` / k⌋): the rows in fp32 (dY ⊙ s_w, or x cast; divided and
+      clamped in place) and their |·| for the row maximum, 2·4·ρ·k (the kernel path's Triton
+      quantizer holds nothing but its outputs);
     * the product: the codes n·k and scales 4n, and on the kernel path, for dY·W, the transposed
       e4m3 copy of the weight that ``torch._scaled_mm`` reads, out·in (1 byte per weight); on the
       reference path (the fp32 emulation) the fp32 copies of both codes, 4·n·k + 4·out·in.
@@ -322,7 +323,7 @@ def fp8_transient(s: Setup) -> int:
         n = s.mlp_chunk if s.chunked and name in MLP_LINEARS else s.tokens
         for k in (i, o):
             rows = min(n, max(1, ROW_CHUNK_ELEMENTS // k))
-            quantize = n * k + FP32 * n + 2 * FP32 * rows * k
+            quantize = n * k + FP32 * n + (0 if s.kernel_path else 2 * FP32 * rows * k)
             if s.kernel_path:
                 product = n * k + FP32 * n + (o * i if k == o else 0)
             else:

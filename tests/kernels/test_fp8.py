@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kernels.backend import force_triton, use_reference
-from kernels.fp8 import E4M3, E4M3_MAX, FP8Tensor, dequantize_fp8, fp8_dequant_ref, quantize_fp8, quantize_rows
+from kernels.fp8 import E4M3, E4M3_MAX, FP8Tensor, dequantize_fp8, fp8_dequant_ref, quantize_fp8
+from kernels.fp8_rows import quantize_rows
 from kernels.fp8_linear import fp8_grad_input_ref, fp8_linear, fp8_matmul_ref
 from kernels.lora import lora_linear
 from models.quantized import FP8Linear
@@ -38,31 +39,6 @@ def test_weight_codes_are_the_scaled_e4m3_rounding(dtype):
     assert bool((err <= bound).all())
     assert not fp8_dequant_ref(q, torch.float32)[5].any()
     assert torch.equal(dequantize_fp8(q, dtype), fp8_dequant_ref(q, dtype))
-
-
-def test_activation_rows_are_scaled_to_the_e4m3_range():
-    a = torch.randn(6, 40) * torch.logspace(-3, 3, 6)[:, None]
-    a[2] = 0.0
-    codes, scale = quantize_rows(a)
-    assert scale.shape == (6, 1) and codes.dtype == E4M3
-    assert torch.allclose(codes.float().abs().amax(dim=1)[[0, 1, 3, 4, 5]], torch.full((5,), E4M3_MAX))
-    assert not codes[2].float().any()
-    rel = ((codes.float() * scale - a).abs() / a.abs().clamp(min=1e-30))[a.abs() > scale * 2.0**-6]
-    assert float(rel.max()) <= 2.0**-4
-
-
-def test_a_row_of_tiny_values_is_quantized_on_its_own_grid():
-    """Rows whose max is 1e-11 (gradient rows that are rounding noise, or a token-normalized loss
-    over many tokens) get the codes the same row has at any power-of-two scale: the floor of the
-    scale applies to an all-zero row only. (A floor of 1e-12 gave them coarser codes, and 2 ranks,
-    which scale the loss by the world size, then rounded otherwise than one process.)"""
-    a = torch.randn(4, 40, generator=torch.Generator().manual_seed(3)) * 1e-11
-    for power in (1, 20, 80):
-        codes, scale = quantize_rows(a * 2.0**power)
-        reference_codes, reference_scale = quantize_rows(a)
-        assert torch.equal(codes.view(torch.uint8), reference_codes.view(torch.uint8)), power
-        assert torch.equal(scale, reference_scale * 2.0**power)
-    assert torch.allclose(codes.float().abs().amax(dim=1), torch.full((4,), E4M3_MAX))
 
 
 def _plain_products(x, q, dy):
@@ -169,22 +145,3 @@ def test_scaled_mm_gets_its_layout_for_both_products(m):
         if torch.torch_version.TorchVersion(torch.__version__) >= (2, 13):  # its CPU kernel (not in 2.11)
             assert_close(scaled_mm_laid_out(a, a_scale, b, b_scale, torch.bfloat16, torch._scaled_mm), want,
                          torch.bfloat16, f"{name} by torch._scaled_mm on the CPU")
-
-
-def test_row_quantization_in_chunks_equals_it_whole(monkeypatch):
-    """Rows go through a bounded scratch block: the codes and scales are those of the whole tensor
-    at once, the input is left untouched, and the column scales of dY ⊙ s_w are applied in fp32."""
-    import kernels.fp8
-
-    a = torch.randn(37, 24) * torch.logspace(-2, 2, 37)[:, None]
-    col = torch.rand(24) + 0.5
-    before = a.clone()
-    whole = quantize_rows(a, col)
-    monkeypatch.setattr(kernels.fp8, "ROW_CHUNK_ELEMENTS", 5 * 24)  # 8 chunks, the last of 2 rows
-    chunked = quantize_rows(a, col)
-    assert torch.equal(a, before)
-    assert torch.equal(chunked[0].view(torch.uint8), whole[0].view(torch.uint8)) and torch.equal(chunked[1], whole[1])
-    v = a * col
-    scale = (v.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp(min=1e-12)
-    assert torch.equal(whole[1], scale)
-    assert torch.equal(whole[0].view(torch.uint8), (v / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).view(torch.uint8))
