@@ -87,9 +87,9 @@ def test_kernel_gives_the_references_bytes(dtype, with_col_scale, m, k):
 
 def test_kernel_reads_rows_at_their_stride():
     """dY of one member of a grouped projection is a column slice of the group's (rows strided)."""
-    whole = torch.randn(6, 96, generator=torch.Generator().manual_seed(1))
-    part = whole[:, 16:64]
-    assert part.stride() == (96, 1)
+    whole = torch.randn(5, 40, generator=torch.Generator().manual_seed(1))
+    part = whole[:, 8:24]
+    assert part.stride() == (40, 1)
     same_bytes(run("triton", part), quantize_rows_ref(part.contiguous()))
     same_bytes(run("triton", whole.t()), quantize_rows_ref(whole.t().contiguous()), "column-major")
 

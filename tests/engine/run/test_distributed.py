@@ -72,6 +72,32 @@ def test_int8_and_fp8_bytes_become_frozen_parameters_and_compute_the_same(fmt, s
     assert_close(model(x), before, torch.float32, name="logits")
 
 
+@pytest.mark.parametrize("quant", ["none", "nf4", "int8", "fp8"])
+def test_lora_gradients_scale_exactly_with_the_loss(quant):
+    """DDP and FSDP2 average gradients, so each rank scales its loss by the world size before the
+    backward (`Parallel.backward`); N ranks give one process's step only if every gradient of a
+    loss 2ᵏ·L is exactly 2ᵏ times that of L, bit for bit, in every base format. (FP8's row
+    quantizer once broke this: a scale floor of 1e-12 put rows of tiny gradients on another grid;
+    tests/kernels/test_fp8_rows.py checks the kernel's rows at any power-of-two scale.)"""
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = tiny_lora_model(cfg, quant=quant, dropout=0.1)
+    x = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for factor in (1.0, 2.0, 8.0):
+        model.zero_grad()
+        torch.manual_seed(5)  # the same dropout masks
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x.flatten(), reduction="sum") / 4096
+        (loss * factor).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert len(grads[0]) == 2 * 2 * 7
+    for factor, scaled in zip((2.0, 8.0), grads[1:]):
+        for name, g in grads[0].items():
+            assert torch.equal(scaled[name], g * factor), f"{quant} {name}: x{factor:g} is not exact"
+
+
 @pytest.mark.parametrize("batching", ["padded", "padding-free", "pack"])
 def test_a_loader_collates_one_batch_alone_as_in_its_epoch(batching):
     """What a rank collates of a step (`BatchLoader.batch`) is that batch of the epoch's sequence."""
