@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None):
     for name, shape in shapes.items():
         a = torch.randn(shape, device=device, dtype=dtype)
         col = torch.rand(shape[1], device=device) + 0.5 if name.split(".")[-1].startswith("dy") else None
+        moved = {"forward": bytes_moved(shape, dtype, col is not None)}
         records += measure_modes("fp8_rows", providers(a, col, device), lambda: Inputs(args=()), shape, device,
-                                 modes=("forward",), bytes_moved={"forward": bytes_moved(shape, dtype, col is not None)},
+                                 modes=("forward",), bytes_moved=moved,
                                  copy_bw_gbps=copy_bw, extra={"dtype": dtype_name(dtype), "operand": name},
                                  quick=args.quick)
         del a

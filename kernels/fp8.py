@@ -11,8 +11,9 @@ row's maximum than int8 and coarser near zero (its subnormals stop at 2⁻⁹ ·
 gets scale 1 and codes 0.
 
 Activations are quantized the same way per row, dynamically, inside each product
-(`kernels.fp8_rows.quantize_rows`): ``a ≈ e4m3(a / s_a) · s_a`` with ``s_a = max|a_row| / 448`` (a floor of
-``MIN_SCALE``, fp32's smallest normal, keeps an all-zero row finite). The product of two row-scaled operands is
+(`kernels.fp8_rows.quantize_rows`): ``a ≈ e4m3(a / s_a) · s_a`` with ``s_a = max|a_row| / 448``
+(a floor of ``MIN_SCALE``, fp32's smallest normal, keeps an all-zero row finite). The product of
+two row-scaled operands is
 
     fp8_mm(A, s_a, B, s_b) = (A_codes · B_codesᵀ) ⊙ (s_a · s_bᵀ)      A (M, K), B (N, K) -> (M, N)
 

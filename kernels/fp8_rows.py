@@ -28,7 +28,8 @@ fused into an add (``enable_fp_fusion=False``), so every operation rounds as tor
 that row's scale NaN and its codes NaN (0x7F), as in torch; the training step's non-finite guard
 then skips the step.
 
-Shapes: a (M, K) fp32/bf16/fp16, any row stride, unit column stride; column scale (K,) fp32.
+Shapes: a (M, K) fp32/bf16/fp16, any row stride (another column stride than 1 is copied first);
+column scale (K,) fp32.
 Returns (codes (M, K) float8_e4m3fn, scales (M, 1) fp32). Layout: reference -> kernel -> launcher
 -> public op (no autograd: the codes are an operand of a product, never differentiated).
 """
