@@ -94,6 +94,17 @@ def _max_keeping_nan(a, b):
 
 
 @triton.jit
+def _operand(a_row, col_scale_ptr, start, n_cols, HAS_COL_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """v = a ⊙ c in fp32 for the BLOCK columns from ``start`` of one row (0 past the end)."""
+    cols = start + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    v = tl.load(a_row + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_COL_SCALE:
+        v = v * tl.load(col_scale_ptr + cols, mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
 def _fp8_rows_kernel(a_ptr, col_scale_ptr, codes_ptr, scale_ptr, n_cols, a_row_stride, min_scale,
                      HAS_COL_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -101,25 +112,18 @@ def _fp8_rows_kernel(a_ptr, col_scale_ptr, codes_ptr, scale_ptr, n_cols, a_row_s
     codes_row = codes_ptr + row * n_cols
     amax = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        v = tl.load(a_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_COL_SCALE:
-            v = v * tl.load(col_scale_ptr + cols, mask=mask, other=0.0)
+        v = _operand(a_row, col_scale_ptr, start, n_cols, HAS_COL_SCALE, BLOCK)
         amax = _max_keeping_nan(amax, tl.abs(v))
     row_max = tl.reduce(amax, 0, _max_keeping_nan)  # a NaN anywhere in the row: NaN, as torch's amax
     s = tl.math.div_rn(row_max, 448.0)
     s = tl.where(s < min_scale, min_scale, s)  # NaN stays NaN, as torch's clamp
     tl.store(scale_ptr + row, s)
     for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        v = tl.load(a_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_COL_SCALE:
-            v = v * tl.load(col_scale_ptr + cols, mask=mask, other=0.0)
+        v = _operand(a_row, col_scale_ptr, start, n_cols, HAS_COL_SCALE, BLOCK)
         y = tl.math.div_rn(v, s)
         y = tl.where(y > 448.0, 448.0, tl.where(y < -448.0, -448.0, y))
-        tl.store(codes_row + cols, _e4m3_bits(y), mask=mask)
+        cols = start + tl.arange(0, BLOCK)
+        tl.store(codes_row + cols, _e4m3_bits(y), mask=cols < n_cols)
 
 
 # ----------------------------------------------------------------------------------------------
