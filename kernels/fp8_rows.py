@@ -81,10 +81,11 @@ def _e4m3_bits(y):
     sign = (bits >> 24) & 0x80
     magnitude = bits & 0x7FFFFFFF
     normal = ((magnitude + 0x7FFFF + ((magnitude >> 20) & 1)) >> 20) - (120 << 3)  # exponent 127 -> 7
-    scaled = tl.abs(tl.where(y != y, 0.0, y)) * 512.0  # |y| / 2^-9, exact (a NaN never reaches the cast)
+    nan = y != y
+    scaled = tl.abs(tl.where(nan, 0.0, y)) * 512.0  # |y| / 2^-9, exact (a NaN never reaches the cast)
     subnormal = ((scaled + 8388608.0) - 8388608.0).to(tl.uint32)  # round to an integer 0..8
     code = tl.where(magnitude >= 0x3C800000, normal, subnormal)  # 0x3C800000: 2^-6
-    code = tl.where(y != y, 0x7F, code)
+    code = tl.where(nan, 0x7F, code)
     return (code | sign).to(tl.uint8)
 
 
