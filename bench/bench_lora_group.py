@@ -3,12 +3,13 @@
 Providers, each computing ``[y_1 | … | y_G]`` for ``x (N, in)`` and G frozen weights with rank-r
 adapters on every member, gradients for x and every A, B:
 
-* ``base``: the bare base product ``x @ W_catᵀ`` of the concatenated weight (gradient for x only):
-  the floor;
+* ``base``: the bare base product ``x @ W_catᵀ`` of the concatenated weight (gradient for x only),
+  dense in x's dtype whatever the base format: the floor (the bf16 one under ``--fp8``);
 * ``separate``: one ``kernels.lora.lora_linear`` per member, outputs concatenated (the path before
   grouping; ``x``'s gradient summed by autograd);
-* ``grouped``: ``kernels.lora_group.lora_linear_group`` (one dequantized NF4 buffer and GEMM, one
-  down-projection, one dropout pass over dX);
+* ``grouped``: ``kernels.lora_group.lora_linear_group`` (one dequantized NF4 buffer and GEMM — or,
+  over FP8 weights, one row quantization of x and one e4m3 product of the concatenated codes —,
+  one down-projection, one dropout pass over dX);
 * ``torch``: the reference ``lora_linear_group_ref`` (CPU runs: the only provider besides base
   that means anything there).
 
@@ -17,7 +18,8 @@ Llama-2-7B's q/k/v, at 2,048 and 8,192 tokens, r = 16, bf16 (``--quick``: Llama-
 8,192). Check (bench.targets): grouped / separate ≤ 1.0 in the ``full`` mode. On a CPU the Triton
 providers are not run (the interpreter times Python); do not commit CPU results.
 
-Run from the repository root: ``python -m bench.bench_lora_group [--quick] [--nf4] [--dropout 0.05]``.
+Run from the repository root: ``python -m bench.bench_lora_group [--quick] [--nf4 | --fp8] [--dropout 0.05]``
+(``--fp8`` needs a GPU of compute capability ≥ 8.9 for its e4m3 products).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ import torch.nn.functional as F
 from bench.bench_lora import add_lora_options, make_weight
 from bench.common import (Inputs, bench_device, bench_dtype, bench_parser, bench_shapes, dtype_name,
                           measure_modes, report)
+from kernels.fp8 import quantize_fp8
+from kernels.frozen import dequantize_frozen
 from kernels.lora import lora_linear
 from kernels.lora_group import GroupMember, lora_linear_group, lora_linear_group_ref
-from kernels.nf4 import dequantize_nf4
 
 # (name, outs of the members, in)
 GPU_GROUPS = [("llama3-8b.qkv", (4096, 1024, 1024), 4096), ("llama3-8b.gate_up", (14336, 14336), 4096),
@@ -85,7 +88,7 @@ def providers(device: str, weights, scale: float, p: float) -> dict:
 
 def base_of(weights):
     def base(x, *lora):
-        dense = [w if isinstance(w, torch.Tensor) else dequantize_nf4(w, x.dtype) for w in weights]
+        dense = [dequantize_frozen(w, x.dtype) for w in weights]
         return F.linear(x, torch.cat(dense))
     return base
 
@@ -93,17 +96,22 @@ def base_of(weights):
 def main(argv: list[str] | None = None):
     parser = bench_parser(__doc__)
     add_lora_options(parser)
+    parser.add_argument("--fp8", action="store_true", help="FP8 base weights (e4m3, per-row scales)")
     args = parser.parse_args(argv)
+    if args.nf4 and args.fp8:
+        parser.error("--nf4 and --fp8: choose one base format")
 
     device = bench_device()
     dtype = bench_dtype(args.dtype, device)
     groups, tokens = bench_shapes(device, args.quick, (GPU_GROUPS, GPU_TOKENS), (QUICK_GROUPS, QUICK_TOKENS),
                                   (CPU_GROUPS, CPU_TOKENS))
     extra = {"dtype": dtype_name(dtype), "rank": args.rank, "dropout": args.dropout,
-             "base": "nf4" if args.nf4 else "dense"}
+             "base": "nf4" if args.nf4 else "fp8" if args.fp8 else "dense"}
     records = []
     for name, outs, n_in in groups:
         weights = [make_weight(n_out, n_in, dtype, device, args.nf4) for n_out in outs]
+        if args.fp8:
+            weights = [quantize_fp8(w) for w in weights]
         for n in args.tokens or tokens:
             shape, row = (n, n_in, sum(outs)), {**extra, "group": name}
             inputs = functools.partial(make_inputs, n, weights, n_in, args.rank, dtype, device)

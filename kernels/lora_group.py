@@ -22,9 +22,15 @@ the members for the shared x)::
 
 What is done once for the group instead of once per member:
 
-* Quantized weights (NF4, int8: `kernels.frozen`) are dequantized into the rows of one (Σ out, in) buffer, and one cuBLAS GEMM
-  computes ``x·W_catᵀ`` (and ``dY·W_cat`` for dX). Dense weights are not copied: each member's
+* Quantized weights (NF4, int8: `kernels.frozen`) are dequantized into the rows of one (Σ out, in)
+  buffer, and one cuBLAS GEMM computes ``x·W_catᵀ`` (and ``dY·W_cat`` for dX). Dense weights are not copied: each member's
   cuBLAS GEMM writes its column slice of y, and dX accumulates ``dY_i·W_i`` in place (addmm_).
+  FP8 weights (`kernels.fp8_linear`) have their e4m3 codes and row scales concatenated (1 byte per
+  weight), so x is quantized once and one FP8 product gives y; the product of member i's columns
+  is the one it computes alone (the same codes of x, the same codes and scales of W_i). For dX
+  each member's ``q(dY_i ⊙ s_iᵀ)·C_i`` is its own product, as alone: one row scale over the
+  concatenated dY would put every member's gradient on the grid of the largest, so dY is
+  quantized per member and the G products are summed into dX.
 * The down-projection ``h = [h_1 | … | h_G]`` (N, G·r) is one launch of the `kernels.lowrank`
   down kernel over the concatenated ``[A_1; …; A_G]`` (column group g masked with seed g); the
   dropout term of dX is one launch of the up kernel that reads and writes dX once, not G times;
@@ -33,11 +39,14 @@ What is done once for the group instead of once per member:
   ``dH_g``, ``dB_g``.
 
 Grouping needs one rank r and one dropout p over the adapted members and one kind of weight (all
-dense in x's dtype, or all dequantized formats); otherwise (PEFT's ``rank_pattern`` giving q and
-v different ranks, or FP8 weights, whose products quantize x per member) `lora_linear_group`
-computes each member with `lora_linear` and concatenates — the same result. Saved for backward, as in `kernels.lora`: x, h (N, G·r) fp32, the A and B tensors, the
-weights by reference (quantized: their codes, dequantized again for dX — or, under
-`kernels.nf4.keep_dequantized`, the (Σ out, in) buffer of the recompute), the seeds.
+dense in x's dtype, all dequantized formats, or all FP8); otherwise (PEFT's ``rank_pattern``
+giving q and v different ranks, FP8 beside another format) `lora_linear_group` computes each
+member with `lora_linear` and concatenates — the same result.
+
+Saved for backward, as in `kernels.lora`: x, h (N, G·r) fp32, the A and B tensors, the weights by
+reference (quantized: their codes, dequantized again for dX — or, under
+`kernels.nf4.keep_dequantized`, the (Σ out, in) buffer of the recompute; FP8: the members' own
+codes, the concatenated ones freed after the forward), the seeds.
 Dropout seeds: a (G,) int64 tensor on x's device, drawn there by ``torch.randint`` when not given
 (the same values, on a CPU generator, as G successive one-element draws of the per-member path).
 """
@@ -51,6 +60,7 @@ import torch
 
 from kernels.backend import use_triton
 from kernels.fp8 import FP8Tensor
+from kernels.fp8_linear import fp8_grad_input, fp8_matmul
 from kernels.frozen import FrozenWeight, dequantize_frozen, frozen_linear, storage
 from kernels.lora import lora_linear_checked, lora_linear_ref
 from kernels.lowrank import KERNEL_DTYPES, Dropout, lowrank_down, lowrank_up_, lowrank_wgrad
@@ -131,6 +141,23 @@ def _dequantized_cat(members: Sequence[GroupMember], slices, dtype: torch.dtype)
     return w
 
 
+def _fp8_cat(members: Sequence[GroupMember]) -> FP8Tensor:
+    """The FP8 weights as one (Σ out, in) `FP8Tensor`: their codes and row scales concatenated (the
+    codes as bytes, which every torch concatenates on every device)."""
+    weights = [m.weight for m in members]
+    codes = torch.cat([w.codes.view(torch.uint8) for w in weights]).view(weights[0].codes.dtype)
+    return FP8Tensor(codes, torch.cat([w.scale for w in weights]), weights[0].dtype)
+
+
+def _fp8_grad_input(dy: torch.Tensor, members: Sequence[GroupMember], slices) -> torch.Tensor:
+    """``Σ_i q(dY_i ⊙ s_iᵀ)·C_i`` (N, in): each member's FP8 dX product, as it computes it alone."""
+    dx = None
+    for m, (a, b) in zip(members, slices):
+        part = fp8_grad_input(dy[:, a:b], m.weight)
+        dx = part if dx is None else dx.add_(part)
+    return dx
+
+
 def _adapted(group: _Group):
     """(index among the adapted g, member, its columns) for every adapted member."""
     adapted = [(m, sl) for m, sl in zip(group.members, group.slices) if m.adapted]
@@ -148,9 +175,14 @@ class GroupedLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group: _Group, *lora):
         members, slices, r, drop = group
-        nf4 = not isinstance(members[0].weight, torch.Tensor)
+        fp8 = isinstance(members[0].weight, FP8Tensor)
+        dequantized = not fp8 and not isinstance(members[0].weight, torch.Tensor)  # NF4, int8
         w_cat = None
-        if nf4:  # one dequantized buffer, one GEMM
+        if fp8:  # x quantized once, one FP8 product over the concatenated codes
+            y, bias = fp8_matmul(x, _fp8_cat(members)), _cat_bias(members, x)
+            if bias is not None:
+                y += bias
+        elif dequantized:  # one dequantized buffer, one GEMM
             w_cat = _dequantized_cat(members, slices, x.dtype)
             bias = _cat_bias(members, x)
             y = torch.mm(x, w_cat.t()) if bias is None else torch.addmm(bias, x, w_cat.t())
@@ -169,7 +201,7 @@ class GroupedLoRALinearFunction(torch.autograd.Function):
             h = lowrank_down(x, a_cat.t(), keep_scale, drop, group_r=r if drop else None)
             for g, m, (a, b) in _adapted(group):
                 lowrank_up_(y[:, a:b], h[:, g * r:(g + 1) * r], lora[2 * g + 1].to(x.dtype).t(), m.scale, None)
-        keep_dense = nf4 and keeping_dequantized()  # see kernels/lora.py: the recompute's copy feeds the backward
+        keep_dense = dequantized and keeping_dequantized()  # see kernels/lora.py: the recompute's copy feeds the backward
         # x only for dA (no adapter: dX needs the weights alone)
         ctx.save_for_backward(x if lora else None, h, *lora, w_cat if keep_dense else None)
         ctx.group, ctx.x_meta = group, (x.shape[0], x.dtype, x.device)
@@ -192,7 +224,9 @@ class GroupedLoRALinearFunction(torch.autograd.Function):
                 lowrank_down(dy[:, a:b], lora[2 * g + 1].to(dtype), m.scale, None, out=dh[:, g * r:(g + 1) * r])
         dx = None
         if ctx.needs_input_grad[0]:
-            if not isinstance(members[0].weight, torch.Tensor):
+            if isinstance(members[0].weight, FP8Tensor):
+                dx = _fp8_grad_input(dy, members, slices)
+            elif not isinstance(members[0].weight, torch.Tensor):
                 w = w_cat if w_cat is not None else _dequantized_cat(members, slices, dtype)
                 dx = torch.mm(dy, w)
             else:
@@ -243,7 +277,8 @@ def _groupable(x: torch.Tensor, members: Sequence[GroupMember], adapted: Sequenc
     """Whether the grouped kernels apply: Triton chosen, a kernel dtype, one weight kind, one (r, p)."""
     if x.dtype not in KERNEL_DTYPES or x.numel() == 0:
         return False
-    if any(isinstance(m.weight, FP8Tensor) for m in members):  # FP8 products quantize x: one each
+    fp8 = [isinstance(m.weight, FP8Tensor) for m in members]
+    if any(fp8) and not all(fp8):  # FP8 products cannot share a buffer with dequantized weights
         return False
     dense = [m.weight for m in members if isinstance(m.weight, torch.Tensor)]
     if dense and (len(dense) != len(members) or any(w.dtype != x.dtype for w in dense)):

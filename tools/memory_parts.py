@@ -316,7 +316,9 @@ def fp8_transient(s: Setup) -> int:
     * the product: the codes n·k and scales 4n, and on the kernel path, for dY·W, the transposed
       e4m3 copy of the weight that ``torch._scaled_mm`` reads, out·in (1 byte per weight); on the
       reference path (the fp32 emulation) the fp32 copies of both codes, 4·n·k + 4·out·in.
-    The larger of the two phases; one linear at a time."""
+    * on the kernel path, the grouped forward of q/k/v and of gate/up (`kernels.lora_group`): x's
+      codes and scales n·H + 4n beside the members' concatenated codes and scales, Σout·H + 4·Σout.
+    The largest of these phases; one product at a time."""
     shapes = linear_shapes(s.cfg)
     worst = 0
     for name, (o, i) in shapes.items():
@@ -329,6 +331,11 @@ def fp8_transient(s: Setup) -> int:
             else:
                 product = (1 + FP32) * n * k + FP32 * n + FP32 * o * i
             worst = max(worst, quantize, product)
+    if s.kernel_path:
+        for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            n = s.mlp_chunk if s.chunked and names[0] in MLP_LINEARS else s.tokens
+            outs, k = sum(shapes[m][0] for m in names), shapes[names[0]][1]
+            worst = max(worst, n * k + FP32 * n + outs * k + FP32 * outs)
     return worst
 
 

@@ -8,7 +8,9 @@ in fp32 from the same rounded inputs, with the shared tolerances of the kernel's
 import pytest
 import torch
 
+import kernels.fp8_linear
 from kernels.backend import force_triton, use_reference
+from kernels.fp8 import FP8Tensor, quantize_fp8
 from kernels.lora import lora_linear_ref
 from kernels.lora_group import GroupMember, lora_linear_group, lora_linear_group_ref
 from kernels.nf4 import dequantize_nf4, quantize_nf4
@@ -55,15 +57,15 @@ def run(fn, members, x, dy, upcast=False, **kwargs):
 
 def assert_matches_reference(members, x, dy, dtype, ref_members=None, **kwargs):
     """Every output and gradient against the fp32 reference, within the table. In 16 bits dX is
-    rounded once per dense member's GEMM (each adds into dX in place: addmm_) and once more for
+    rounded once per dense or FP8 member's product (each adds into dX in place) and once more for
     the low-rank term, so its budget is the table's one-rounding budget times that count (autograd's
     sum of per-member gradients, before grouping, rounded as often)."""
     with force_triton():
         got = run(lora_linear_group, members, x, dy, **kwargs)
     want = run(lora_linear_group_ref, ref_members or members, x, dy, upcast=True, **kwargs)
     names = ["y", "dX"] + [f"d{w}[{i}]" for i in range(len(got) // 2 - 1) for w in ("A", "B")]
-    dense = isinstance(members[0].weight, torch.Tensor)
-    roundings = (len(members) if dense else 1) + any(m.adapted for m in members)
+    per_member = isinstance(members[0].weight, (torch.Tensor, FP8Tensor))
+    roundings = (len(members) if per_member else 1) + any(m.adapted for m in members)
     for name, g, w in zip(names, got, want):
         if name == "dX" and dtype != torch.float32:
             assert_close(g, w, dtype, name, atol=roundings * tol(dtype).atol, rtol=roundings * tol(dtype).rtol)
@@ -103,6 +105,37 @@ def test_nf4_weights_one_buffer():
     with use_reference():
         dense = [m._replace(weight=dequantize_nf4(q.weight, dtype)) for m, q in zip(members, quantized)]
     assert_matches_reference(quantized, x, dy, dtype, ref_members=dense)
+
+
+# (the interpreted row quantizer costs about 1.3 s a call: two cases, LoRA on q and v, and none)
+@pytest.mark.parametrize("dtype, adapted", [(torch.float32, (True, False, True)),
+                                            (torch.bfloat16, (False, False, False))])
+def test_fp8_weights_quantize_x_once(dtype, adapted, monkeypatch):
+    """FP8 q, k, v (biased in fp32, as Qwen's): one row quantization of x and one product over the
+    concatenated codes in the forward, against three; in the backward each member's dY is
+    quantized on its own (3 quantizations, as alone). Output and every gradient as the members
+    alone compute them."""
+    members, x, dy = make_members(OUTS, 8, dtype, adapted, bias=dtype == torch.float32)
+    fp8 = [m._replace(weight=quantize_fp8(m.weight.float())) for m in members]
+    operands = []
+
+    def counted(a, col_scale=None, _real=kernels.fp8_linear.quantize_rows):
+        operands.append(tuple(a.shape))
+        return _real(a, col_scale)
+    monkeypatch.setattr(kernels.fp8_linear, "quantize_rows", counted)
+    with force_triton():
+        y = lora_linear_group(x.detach().requires_grad_(), fp8)
+        assert operands == [(40, N_IN)]
+        y.backward(dy)
+    assert operands == [(40, N_IN), *((40, n_out) for n_out in OUTS)]
+    assert_matches_reference(fp8, x, dy, dtype)
+
+
+def test_fp8_beside_another_format_falls_back_to_each_member():
+    members, x, dy = make_members(OUTS, 8, torch.float32, (True, False, True))
+    mixed = [members[0]._replace(weight=quantize_fp8(members[0].weight)),
+             members[1]._replace(weight=quantize_nf4(members[1].weight, blocksize=64)), members[2]]
+    assert_matches_reference(mixed, x, dy, torch.float32)
 
 
 def test_unequal_ranks_fall_back_to_each_member():

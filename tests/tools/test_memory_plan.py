@@ -357,7 +357,8 @@ def test_fp8_transient_is_the_largest_products_working_set():
     emulation of the product holds fp32 copies of both operands' codes, which is larger still
     (5·N·I + 4N + 4·I·H). It adds to the
     block backward; FP8 keeps no dense weight, so with checkpointing the recompute saves the dense
-    plan's tensors, not NF4's weights."""
+    plan's tensors, not NF4's weights. For one token the grouped forward of gate and up is the
+    largest: x's codes and scale (H + 4) beside both weights' codes and scales (2·I·H + 8·I)."""
     from kernels.fp8_rows import ROW_CHUNK_ELEMENTS
 
     N, H, I = 8192, 4096, 14336
@@ -370,7 +371,7 @@ def test_fp8_transient_is_the_largest_products_working_set():
     assert block_backward_transient(fp8) - block_backward_transient(none) == fp8_transient(fp8)
     assert saved_per_block(fp8, recompute=True) == saved_per_block(none, recompute=True)
     one_token = Setup(PRESETS["llama3.1-8b"].config, tokens=1, quant="fp8")
-    assert fp8_transient(one_token) == I * H + I + 4  # a token's codes and scale, and the transposed copy
+    assert fp8_transient(one_token) == H + 4 + 2 * I * H + 8 * I
 
 
 @pytest.mark.parametrize("quant, note", [("int8", "int8 codes + fp32 row absmax"),
