@@ -13,7 +13,9 @@ agree. The base is loaded once; the adapters are switched in and out of it
 
 On one set (``kl_set``: the general text, in `engine.eval`) each adapter row also gets its mean
 KL(base ‖ adapter) per counted token, computed in the same pass as its loss there
-(`engine.kl_to_base`); the base row's is 0 by definition (not computed).
+(`engine.kl_to_base`); the base row's is 0 by definition (not computed). The base row keeps its
+hidden states on that set (in host memory, `engine.kl_to_base.base_loss_and_states`), so an
+adapter's KL costs its own forward only, not the base's again.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from engine.adapters.multi import adapter_specs
 from engine.adapters.switcher import Adapter, base_then_adapters, check_adapter_fits, read_adapter
 from engine.data.samples import Sample
 from engine.errors import InputError
-from engine.kl_to_base import loss_and_kl_to_base
+from engine.kl_to_base import base_loss_and_states, loss_and_kl_to_base
 from engine.losses.causal_lm import LossResult, mean_loss
 from models.llama import LlamaForCausalLM
 from models.loading import read_config
@@ -54,7 +56,7 @@ def compare(model: nn.Module, adapters: list[Adapter], sets: dict[str, list[Samp
             pad_id: int, device: torch.device | str, progress: bool = True, kl_set: str | None = None) -> list[Row]:
     """The base row, then one row per adapter, each evaluated on every set (e.g. domain, general);
     on ``kl_set`` (one of ``sets``, or None) also the KL to the base."""
-    rows = []
+    rows, base_states = [], None
     for i, name in enumerate(base_then_adapters(model, adapters, BASE)):
         results, kl = {}, {}
         for set_name, samples in sets.items():
@@ -62,10 +64,11 @@ def compare(model: nn.Module, adapters: list[Adapter], sets: dict[str, list[Samp
                            progress=progress)
             if set_name != kl_set:
                 results[set_name] = mean_loss(model, samples, **options)
-            elif i == 0:  # the base: KL(base ‖ base) = 0
-                results[set_name], kl[set_name] = mean_loss(model, samples, **options), 0.0
+            elif i == 0:  # the base: KL(base ‖ base) = 0; its states serve every adapter's KL
+                results[set_name], base_states = base_loss_and_states(model, samples, **options)
+                kl[set_name] = 0.0
             else:
-                both = loss_and_kl_to_base(model, samples, **options)
+                both = loss_and_kl_to_base(model, samples, **options, base_states=base_states)
                 results[set_name], kl[set_name] = both.loss, both.kl_to_base
         rows.append(Row(name, results, kl))
     return rows

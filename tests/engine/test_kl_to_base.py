@@ -1,6 +1,7 @@
 """engine.kl_to_base: KL(base ‖ adapter) per counted token equals a direct computation on
 materialised fp32 logits, is exactly 0 for a fresh adapter, and the loss of the same pass is
-`mean_loss`'s number bit for bit."""
+`mean_loss`'s number bit for bit; the base's hidden states kept from the base's own pass give the
+same numbers as running the base again, and spare that forward."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.adapters import LoRAConfig, disable_adapters, inject_lora, lora_modules
-from engine.kl_to_base import loss_and_kl_to_base
+from engine.adapters import LoRAConfig, disable_adapters, inject_lora, lora_modules, remove_adapters
+from engine.kl_to_base import base_loss_and_states, loss_and_kl_to_base
 from engine.losses.causal_lm import mean_loss
 from tests.engine.test_eval import PAD, tiny_config, tiny_samples
 from tests.tolerances import assert_close
@@ -71,3 +72,45 @@ def test_model_without_adapter_is_refused():
     with pytest.raises(ValueError, match="the model has no adapters"):
         loss_and_kl_to_base(random_model(tiny_config(), seed=1), tiny_samples(), batch_size=2, pad_id=PAD,
                             device="cpu", progress=False)
+
+
+def counting_forwards(model) -> list:
+    """A list that grows by one per forward of the model's first decoder block."""
+    calls = []
+    model.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_kept_base_states_give_the_same_numbers_without_the_base_forward():
+    """The base's pass (no adapter: the plain model) gives mean_loss's loss bit for bit and its
+    hidden states of every batch; the adapter's KL from them is the KL that runs the base again,
+    bit for bit, with one forward per batch instead of two."""
+    samples, options = tiny_samples(), dict(batch_size=3, pad_id=PAD, device="cpu", progress=False)
+    model = adapted_model(b_scale=0.1)
+    want = loss_and_kl_to_base(model, samples, **options)
+    adapter = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    remove_adapters(model)
+    calls = counting_forwards(model)
+    base, states = base_loss_and_states(model, samples, **options)
+    batches = len(calls)
+    chunks = [samples[i:i + 3] for i in range(0, len(samples), 3)]
+    assert base == mean_loss(model, samples, **options) and batches == len(states) == len(chunks) > 1
+    assert [tuple(h.shape[:2]) for h in states] == [(len(c), max(len(s.input_ids) for s in c)) for c in chunks]
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    model.load_state_dict(adapter, strict=False)
+    del calls[:]
+    got = loss_and_kl_to_base(model, samples, **options, base_states=states)
+    assert len(calls) == batches  # the adapter's forward only
+    assert got == want
+    with pytest.raises(ValueError, match=f"base_states: 1 batches for {batches}"):
+        loss_and_kl_to_base(model, samples, **options, base_states=states[:1])
+
+
+def test_states_beyond_the_budget_are_not_kept():
+    samples, options = tiny_samples(), dict(batch_size=3, pad_id=PAD, device="cpu", progress=False)
+    model = random_model(tiny_config(), seed=1).eval()
+    base, all_states = base_loss_and_states(model, samples, **options)
+    total = sum(h.numel() * h.element_size() for h in all_states)
+    loss, states = base_loss_and_states(model, samples, **options, max_bytes=total - 1)
+    assert loss == base and states is None
+    assert base_loss_and_states(model, samples, **options, max_bytes=total)[1] is not None
