@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from kernels.weight_codes import FLOAT_DTYPES, RowCodes, check_dequantize_args
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 # The floor of an activation row's scale: fp32's smallest normal, so only an all-zero row (or one
@@ -46,29 +47,12 @@ MIN_SCALE = torch.finfo(torch.float32).tiny
 
 
 @dataclass
-class FP8Tensor:
+class FP8Tensor(RowCodes):
     """A weight in e4m3: codes (out, in) and one fp32 scale per output row; ``dtype`` is the
     dtype the weight was quantized from (what it dequantizes to by default)."""
 
-    codes: torch.Tensor
     scale: torch.Tensor
     dtype: torch.dtype
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.codes.shape
-
-    @property
-    def numel(self) -> int:
-        return self.codes.numel()
-
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
-
-    def to(self, device: torch.device | str) -> FP8Tensor:
-        """A copy with both tensors on ``device``."""
-        return replace(self, codes=self.codes.to(device), scale=self.scale.to(device))
 
 
 def fp8_bytes(out_features: int, in_features: int) -> int:
@@ -103,10 +87,7 @@ def fp8_dequant_ref(q: FP8Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.
 def dequantize_fp8(q: FP8Tensor, dtype: torch.dtype = torch.bfloat16, *,
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Dense ``dtype`` (out, in) tensor (one elementwise pass; merging and DoRA's norms use it)."""
-    if not isinstance(q, FP8Tensor):
-        raise TypeError(f"q: expected an FP8Tensor, got {type(q).__name__}")
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype: {dtype} not supported, expected float32, bfloat16 or float16")
+    check_dequantize_args(q, FP8Tensor, dtype, out)
     dense = fp8_dequant_ref(q, dtype)
     return dense if out is None else out.copy_(dense)
 

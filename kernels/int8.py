@@ -24,7 +24,7 @@ frozen; the gradient path through a frozen weight is `kernels.frozen.frozen_line
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -32,37 +32,20 @@ import triton.language as tl
 
 from kernels.backend import use_triton
 from kernels.launch_cases import KernelCase, ModelShapes, fixed_launch
+from kernels.weight_codes import FLOAT_DTYPES, RowCodes, check_dequantize_args
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT8_MAX = 127
 INV_127 = 7.874015718698502e-3  # the fp32 constant bitsandbytes multiplies by (1/127 rounded)
 
 
 @dataclass
-class Int8Tensor:
+class Int8Tensor(RowCodes):
     """A weight in int8: codes (out, in) and one fp32 absmax per output row.
 
     ``dtype`` is the dtype the weight was quantized from (what it dequantizes to by default)."""
 
-    codes: torch.Tensor
     absmax: torch.Tensor
     dtype: torch.dtype
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.codes.shape
-
-    @property
-    def numel(self) -> int:
-        return self.codes.numel()
-
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
-
-    def to(self, device: torch.device | str) -> Int8Tensor:
-        """A copy with both tensors on ``device``."""
-        return replace(self, codes=self.codes.to(device), absmax=self.absmax.to(device))
 
 
 def int8_bytes(out_features: int, in_features: int) -> int:
@@ -163,14 +146,7 @@ def dequantize_int8(q: Int8Tensor, dtype: torch.dtype = torch.bfloat16, *,
     """Dense ``dtype`` (out, in) tensor: Triton on CUDA (or when forced), else the reference.
 
     ``out``: a contiguous ``dtype`` tensor of ``q.shape`` on q's device to write into; returned."""
-    if not isinstance(q, Int8Tensor):
-        raise TypeError(f"q: expected an Int8Tensor, got {type(q).__name__}")
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype: {dtype} not supported, expected float32, bfloat16 or float16")
-    if out is not None and (out.shape != q.shape or out.dtype != dtype or out.device != q.device
-                            or not out.is_contiguous()):
-        raise ValueError(f"out: expected a contiguous {dtype} tensor of shape {tuple(q.shape)} on {q.device}, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    check_dequantize_args(q, Int8Tensor, dtype, out)
     if use_triton(q.codes):
         return _int8_dequant_triton(q, dtype, out)
     dense = int8_dequant_ref(q, dtype)

@@ -54,6 +54,7 @@ import triton.language as tl
 
 from kernels.backend import use_triton
 from kernels.launch_cases import KernelCase, ModelShapes, fixed_launch
+from kernels.weight_codes import FLOAT_DTYPES, check_dequantize_args
 
 # The 16 NF4 values (quantiles of N(0, 1) rescaled to [-1, 1], with an exact zero), as fp32.
 NF4_VALUES = (
@@ -64,7 +65,6 @@ NF4_VALUES = (
 )
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LUT_SIZE = 65536  # grid of bitsandbytes' CPU 8-bit quantizer
 
 
@@ -439,14 +439,7 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype = torch.bfloat16, *,
 
     ``out``: a contiguous ``dtype`` tensor of ``q.shape`` on q's device to write into (e.g. the rows
     of one weight inside the concatenated q/k/v weight, `kernels.lora_group`); returned."""
-    if not isinstance(q, NF4Tensor):
-        raise TypeError(f"q: expected an NF4Tensor, got {type(q).__name__}")
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype: {dtype} not supported, expected float32, bfloat16 or float16")
-    if out is not None and (out.shape != q.shape or out.dtype != dtype or out.device != q.device
-                            or not out.is_contiguous()):
-        raise ValueError(f"out: expected a contiguous {dtype} tensor of shape {tuple(q.shape)} on {q.device}, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    check_dequantize_args(q, NF4Tensor, dtype, out)
     if use_triton(q.packed):
         return _nf4_dequant_triton(q, dtype, out)
     dense = nf4_dequant_ref(q, dtype)
