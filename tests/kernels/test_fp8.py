@@ -113,6 +113,12 @@ def test_bad_weights_are_refused():
         quantize_fp8(torch.zeros(12))
     with pytest.raises(ValueError, match="in_features"):
         fp8_linear(torch.randn(2, 5), quantize_fp8(_weight((4, 8))))
+    q = quantize_fp8(_weight((4, 8)))
+    for out in (torch.empty(4, 9), torch.empty(4, 8, dtype=torch.float16), torch.empty(8, 4).t()):
+        with pytest.raises(ValueError, match="out: expected a contiguous torch.float32 tensor of shape \\(4, 8\\)"):
+            dequantize_fp8(q, torch.float32, out=out)
+    with pytest.raises(TypeError, match="q: expected an FP8Tensor, got Tensor"):
+        dequantize_fp8(q.codes, torch.float32)
 
 
 def _layout_checking_scaled_mm(a, b, *, scale_a, scale_b, out_dtype):
