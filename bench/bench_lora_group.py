@@ -19,7 +19,8 @@ Llama-2-7B's q/k/v, at 2,048 and 8,192 tokens, r = 16, bf16 (``--quick``: Llama-
 providers are not run (the interpreter times Python); do not commit CPU results.
 
 Run from the repository root: ``python -m bench.bench_lora_group [--quick] [--nf4 | --fp8] [--dropout 0.05]``
-(``--fp8`` needs a GPU of compute capability ≥ 8.9 for its e4m3 products).
+(``--fp8`` needs a GPU of compute capability ≥ 8.9 for its e4m3 products; its results are named
+``lora_group_fp8``, as ``python -m bench.run_all --only lora_group_fp8`` runs it).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None):
     notes = f"shape (N, in, Σ out); r={args.rank}, s={args.scale}, dropout={args.dropout}, base {extra['base']}"
     if device != "cuda":
         notes += "; grouped and separate (Triton) not run on a CPU"
-    return report("lora_group", records, device, args, notes=notes)
+    return report("lora_group_fp8" if args.fp8 else "lora_group", records, device, args, notes=notes)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ one number, the worst case over the shapes and modes it covers, and compares it 
 * ``nf4``: ours' share of the measured copy bandwidth ≥ 0.85; bitsandbytes' time / ours ≥ 1.3.
 * ``lora`` (rank 16, ``full`` mode): ours / base matmul ≤ 1.10; PEFT-style / ours ≥ 1.5.
 * ``dora`` (``full`` layer mode and the model ``step``): dora / lora time ≤ 1.3.
-* ``lora_group`` (rank 16, ``full``): q/k/v and gate/up as one grouped op / one op each ≤ 1.0.
+* ``lora_group`` (rank 16, ``full``): q/k/v and gate/up as one grouped op / one op each ≤ 1.0
+  (``lora_group_fp8``, over FP8 bases, the same).
 * ``rms_norm``, ``rope``, ``swiglu``: ours' share of copy bandwidth ≥ 0.85 (every mode); Liger's
   time / ours ≥ 1 (no slower than Liger).
 * ``linear_cross_entropy`` at 16,384 tokens and V = 128,256 (``full``): ours / eager peak memory
@@ -101,7 +102,7 @@ def check(bench: str, rows: Sequence[dict]) -> list[Headline]:
     if bench == "dora":
         return [_worst(bench, "dora / lora time (layer full, model step)", "<=", 1.3,
                        ratios(rows, "dora", "lora", modes=["full", "step"]))]
-    if bench == "lora_group":
+    if bench in ("lora_group", "lora_group_fp8"):
         r16 = [r for r in rows if r.get("rank") == 16]
         return [_worst(bench, "grouped / separate time, r=16", "<=", 1.0,
                        ratios(r16, "grouped", "separate", modes=["full"]))]

@@ -83,3 +83,19 @@ def test_base_variants_run_ours_on_other_frozen_bases_of_the_last_shape():
                     ("b", "ours_bf16")]
     assert [bench_train.case_name("b", bench_train.BASE_VARIANTS[p]) for _, p in jobs[4:]] == ["b/lora/fp8", "b/lora/bf16"]
     assert bench_train.case_name("a") == "a/qlora/nf4"
+
+
+def test_run_all_variants_are_benches_with_their_own_results(tmp_path):
+    """A run_all entry that is another bench's module with arguments (``lora_group_fp8``: the
+    grouped projections over FP8 bases) writes its own JSON files, ``<name>-*.json`` (what
+    run_bench looks for), and has that bench's targets (small CPU shapes, in process)."""
+    import importlib
+
+    from bench.run_all import EXTRA_BENCHES, VARIANTS
+    from bench.targets import check
+
+    for name, (stem, extra) in VARIANTS.items():
+        assert name in EXTRA_BENCHES
+        path = importlib.import_module(f"bench.bench_{stem}").main([*extra, "--out", str(tmp_path)])
+        assert path.name.startswith(f"{name}-") and path.parent == tmp_path
+        assert check(name, []) != []
