@@ -77,6 +77,25 @@ def batch_loss_and_kl(model: nn.Module, batch: Batch, base_hidden: torch.Tensor 
     return torch.stack([loss, kl]).double()
 
 
+def _eval_batches(model: nn.Module, loader: BatchLoader, desc: str, progress: bool):
+    """(index, CPU batch) for every batch of ``loader`` in file order, with a progress bar; the
+    model in eval mode meanwhile, its mode restored after the last."""
+    was_training = model.training
+    model.eval()
+    try:
+        for index in tqdm(range(loader.num_batches(0)), desc=desc, unit="batch", disable=not progress,
+                          leave=False, dynamic_ncols=True):
+            yield index, loader.batch(0, index)
+    finally:
+        model.train(was_training)
+
+
+def _mean_per_token(total: float, tokens: int, desc: str) -> float:
+    if tokens == 0:
+        raise InputError(f"{desc}: no trainable tokens to evaluate")
+    return total / tokens
+
+
 @torch.no_grad()
 def base_loss_and_states(model: nn.Module, samples: list[Sample], *, batch_size: int, pad_id: int,
                          device: torch.device | str, desc: str = "eval", progress: bool = True,
@@ -86,26 +105,18 @@ def base_loss_and_states(model: nn.Module, samples: list[Sample], *, batch_size:
     of every batch (those `loss_and_kl_to_base` makes) on the CPU, for its ``base_states``; None
     when they would take more than ``max_bytes``."""
     loader = BatchLoader(samples, batch_size, pad_id=pad_id, shuffle=False, batching="padded")
-    was_training = model.training
-    model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     tokens, states, kept = 0, [], 0
-    for index in tqdm(range(loader.num_batches(0)), desc=desc, unit="batch", disable=not progress, leave=False,
-                      dynamic_ncols=True):
-        batch = loader.batch(0, index)
+    for _, batch in _eval_batches(model, loader, desc, progress):
         on_device = batch.to(device)
         hidden = hidden_states(model, on_device)                 # (B, T, H)
         total += hidden_loss_sum(hidden, model.lm_head.weight, on_device).double()
         tokens += count_loss_tokens(batch)
         kept += hidden.numel() * hidden.element_size()
-        if states is not None and kept <= max_bytes:
+        states = states if states is not None and kept <= max_bytes else None
+        if states is not None:
             states.append(hidden.to("cpu"))
-        else:
-            states = None
-    model.train(was_training)
-    if tokens == 0:
-        raise InputError(f"{desc}: no trainable tokens to evaluate")
-    loss = total.item() / tokens
+    loss = _mean_per_token(total.item(), tokens, desc)
     return LossResult(loss, perplexity(loss), tokens), states
 
 
@@ -123,19 +134,12 @@ def loss_and_kl_to_base(model: nn.Module, samples: list[Sample], *, batch_size: 
     loader = BatchLoader(samples, batch_size, pad_id=pad_id, shuffle=False, batching="padded")
     if base_states is not None and len(base_states) != loader.num_batches(0):
         raise ValueError(f"base_states: {len(base_states)} batches for {loader.num_batches(0)}")
-    was_training = model.training
-    model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # Σ −log p, Σ KL(p0 ‖ p)
     tokens = 0
-    for index in tqdm(range(loader.num_batches(0)), desc=desc, unit="batch", disable=not progress, leave=False,
-                      dynamic_ncols=True):
-        batch = loader.batch(0, index)
+    for index, batch in _eval_batches(model, loader, desc, progress):
         base_hidden = None if base_states is None else base_states[index].to(device)
         sums += batch_loss_and_kl(model, batch.to(device), base_hidden)
         tokens += count_loss_tokens(batch)  # on the CPU batch: no device sync per batch
-    model.train(was_training)
-    if tokens == 0:
-        raise InputError(f"{desc}: no trainable tokens to evaluate")
     loss_sum, kl_sum = sums.tolist()
-    loss = loss_sum / tokens
-    return LossAndKL(LossResult(loss, perplexity(loss), tokens), kl_sum / tokens)
+    loss = _mean_per_token(loss_sum, tokens, desc)
+    return LossAndKL(LossResult(loss, perplexity(loss), tokens), _mean_per_token(kl_sum, tokens, desc))

@@ -41,8 +41,9 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
-from kernels.fp8 import E4M3, E4M3_MAX, FLOAT_DTYPES, MIN_SCALE
+from kernels.fp8 import E4M3, E4M3_MAX, MIN_SCALE
 from kernels.launch_cases import KernelCase, ModelShapes, fixed_launch
+from kernels.weight_codes import FLOAT_DTYPES
 
 ROW_CHUNK_ELEMENTS = 1 << 24  # the reference's fp32 scratch: at most 64 MiB at a time
 

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels.frozen import frozen_linear
-from kernels.nf4 import FLOAT_DTYPES, NF4Tensor, nf4_dequant_ref
+from kernels.nf4 import NF4Tensor, nf4_dequant_ref
+from kernels.weight_codes import FLOAT_DTYPES
 
 # ----------------------------------------------------------------------------------------------
 # 1. Reference (differentiated by autograd; it keeps the dense W for backward, fine for tests)
