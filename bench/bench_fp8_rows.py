@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import (Inputs, bench_device, bench_dtype, bench_parser, bench_shapes, copy_bandwidth_gbps,
-                          dtype_name, forced_triton, measure_modes, report)
+from bench.common import bench_parser, forced_triton, run_forward_op
 from kernels.fp8_rows import quantize_rows, quantize_rows_ref
 
 GPU_SHAPES = {"llama3-8b.x_hidden": (8192, 4096), "llama3-8b.x_down": (8192, 14336),
@@ -41,24 +40,16 @@ def providers(a: torch.Tensor, col_scale: torch.Tensor | None, device: str) -> d
     return out
 
 
+def case(name: str, shape: tuple[int, int], dtype: torch.dtype, device: str) -> tuple[dict, int]:
+    """x of a forward product, or dY of the backward (``dy_*``, with the weight's column scales)."""
+    a = torch.randn(shape, device=device, dtype=dtype)
+    col = torch.rand(shape[1], device=device) + 0.5 if name.split(".")[-1].startswith("dy") else None
+    return providers(a, col, device), bytes_moved(shape, dtype, col is not None)
+
+
 def main(argv: list[str] | None = None):
     args = bench_parser(__doc__).parse_args(argv)
-    device = bench_device()
-    dtype = bench_dtype(args.dtype, device)
-    shapes = bench_shapes(device, args.quick, GPU_SHAPES, QUICK_SHAPES, CPU_SHAPES)
-    copy_bw = copy_bandwidth_gbps(device)
-    records = []
-    for name, shape in shapes.items():
-        a = torch.randn(shape, device=device, dtype=dtype)
-        col = torch.rand(shape[1], device=device) + 0.5 if name.split(".")[-1].startswith("dy") else None
-        moved = {"forward": bytes_moved(shape, dtype, col is not None)}
-        records += measure_modes("fp8_rows", providers(a, col, device), lambda: Inputs(args=()), shape, device,
-                                 modes=("forward",), bytes_moved=moved,
-                                 copy_bw_gbps=copy_bw, extra={"dtype": dtype_name(dtype), "operand": name},
-                                 quick=args.quick)
-        del a
-    notes = "" if device == "cuda" else "ours (Triton) not run on a CPU"
-    return report("fp8_rows", records, device, args, notes=notes, copy_bw_gbps=copy_bw)
+    return run_forward_op("fp8_rows", "fp8_rows", args, (GPU_SHAPES, QUICK_SHAPES, CPU_SHAPES), case, label="operand")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 
 from bench.bench_nf4 import CPU_SHAPES, GPU_SHAPES, QUICK_SHAPES
-from bench.common import (Inputs, bench_device, bench_dtype, bench_parser, bench_shapes, copy_bandwidth_gbps,
-                          dtype_name, forced_triton, measure_modes, report)
+from bench.common import bench_parser, forced_triton, run_forward_op
 from kernels.int8 import dequantize_int8, int8_dequant_ref, quantize_int8
 
 
@@ -41,22 +40,14 @@ def providers(weight: torch.Tensor, dtype: torch.dtype, device: str) -> dict:
     return out
 
 
+def case(name: str, shape: tuple[int, int], dtype: torch.dtype, device: str) -> tuple[dict, int]:
+    weight = torch.randn(shape, device=device, dtype=dtype) * 0.02
+    return providers(weight, dtype, device), bytes_moved(shape, dtype)
+
+
 def main(argv: list[str] | None = None):
     args = bench_parser(__doc__).parse_args(argv)
-    device = bench_device()
-    dtype = bench_dtype(args.dtype, device)
-    shapes = bench_shapes(device, args.quick, GPU_SHAPES, QUICK_SHAPES, CPU_SHAPES)
-    copy_bw = copy_bandwidth_gbps(device)
-    records = []
-    for name, shape in shapes.items():
-        weight = torch.randn(shape, device=device, dtype=dtype) * 0.02
-        records += measure_modes("int8_dequant", providers(weight, dtype, device), lambda: Inputs(args=()), shape,
-                                 device, modes=("forward",), bytes_moved={"forward": bytes_moved(shape, dtype)},
-                                 copy_bw_gbps=copy_bw, extra={"dtype": dtype_name(dtype), "layer": name},
-                                 quick=args.quick)
-        del weight
-    notes = "" if device == "cuda" else "ours (Triton) not run on a CPU"
-    return report("int8", records, device, args, notes=notes, copy_bw_gbps=copy_bw)
+    return run_forward_op("int8", "int8_dequant", args, (GPU_SHAPES, QUICK_SHAPES, CPU_SHAPES), case)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import (Inputs, bench_device, bench_dtype, bench_parser, bench_shapes, copy_bandwidth_gbps,
-                          dtype_name, forced_triton, measure_modes, report)
+from bench.common import bench_parser, forced_triton, run_forward_op
 from kernels.nf4 import dequantize_nf4, nf4_dequant_ref, quantize_nf4
 
 GPU_SHAPES = {
@@ -60,24 +59,15 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--blocksize", type=int, default=64, help="NF4 blocksize")
     parser.add_argument("--no-double-quant", action="store_true", help="fp32 absmax instead of 8-bit codes")
     args = parser.parse_args(argv)
+    double_quant = not args.no_double_quant
 
-    device, double_quant = bench_device(), not args.no_double_quant
-    dtype = bench_dtype(args.dtype, device)
-    shapes = bench_shapes(device, args.quick, GPU_SHAPES, QUICK_SHAPES, CPU_SHAPES)
-    copy_bw = copy_bandwidth_gbps(device)
-    moved = {name: bytes_moved(shape, args.blocksize, double_quant, dtype) for name, shape in shapes.items()}
-    records = []
-    for name, shape in shapes.items():
+    def case(name: str, shape: tuple[int, int], dtype: torch.dtype, device: str) -> tuple[dict, int]:
         weight = torch.randn(shape, device=device, dtype=dtype) * 0.02
-        records += measure_modes("nf4_dequant", providers(weight, args.blocksize, double_quant, dtype, device),
-                                 lambda: Inputs(args=()), shape, device, modes=("forward",),
-                                 bytes_moved={"forward": moved[name]}, copy_bw_gbps=copy_bw,
-                                 extra={"dtype": dtype_name(dtype), "layer": name}, quick=args.quick)
-        del weight
-    notes = f"blocksize={args.blocksize} double_quant={double_quant}"
-    if device != "cuda":
-        notes += "; ours (Triton) not run on a CPU"
-    return report("nf4", records, device, args, notes=notes, copy_bw_gbps=copy_bw)
+        return (providers(weight, args.blocksize, double_quant, dtype, device),
+                bytes_moved(shape, args.blocksize, double_quant, dtype))
+
+    return run_forward_op("nf4", "nf4_dequant", args, (GPU_SHAPES, QUICK_SHAPES, CPU_SHAPES), case,
+                          notes=f"blocksize={args.blocksize} double_quant={double_quant}")
 
 
 if __name__ == "__main__":

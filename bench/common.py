@@ -335,6 +335,32 @@ def run_peer_op(spec: PeerOp, args: argparse.Namespace, shapes: Sequence[Sequenc
     return report(spec.bench, records, device, args, notes=notes, copy_bw_gbps=copy_bw)
 
 
+def run_forward_op(bench: str, op: str, args: argparse.Namespace, shape_tables: tuple[Mapping, Mapping, Mapping],
+                   case: Callable[[str, Sequence[int], torch.dtype, str], tuple[Mapping[str, Callable], int]],
+                   label: str = "layer", notes: str = "") -> pathlib.Path | None:
+    """Measure a memory-bound op with no backward (a dequantizer, a quantizer) on each named shape of
+    ``shape_tables`` = (GPU, GPU with ``--quick``, CPU) tables (see `bench_shapes`).
+
+    ``case(name, shape, dtype, device)`` makes the operand and returns the providers (name ->
+    zero-argument callable) and the bytes the op must move; the shape's name goes in each row's
+    ``label`` field.
+    On a CPU the notes say that the Triton provider was not run (the interpreter would time Python).
+    """
+    device = bench_device()
+    dtype = bench_dtype(args.dtype, device)
+    copy_bw = copy_bandwidth_gbps(device)
+    records = []
+    for name, shape in bench_shapes(device, args.quick, *shape_tables).items():
+        providers, moved = case(name, shape, dtype, device)
+        records += measure_modes(op, providers, lambda: Inputs(args=()), shape, device, modes=("forward",),
+                                 bytes_moved={"forward": moved}, copy_bw_gbps=copy_bw,
+                                 extra={"dtype": dtype_name(dtype), label: name}, quick=args.quick)
+        del providers  # the closures hold this shape's operand
+    if not device.startswith("cuda"):
+        notes = "; ".join(n for n in (notes, "ours (Triton) not run on a CPU") if n)
+    return report(bench, records, device, args, notes=notes, copy_bw_gbps=copy_bw)
+
+
 def bench_parser(doc: str, compile_provider: bool = False) -> argparse.ArgumentParser:
     """The options every kernel benchmark takes; add the bench's own to the returned parser."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
