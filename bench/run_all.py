@@ -41,8 +41,8 @@ BENCHES = ("nf4", "lora", "dora", "lora_group", "lora_gather", "rms_norm", "rope
 EXTRA_BENCHES = ("int8", "fp8", "fp8_rows", "lora_group_fp8")
 # an entry that is another bench's module with arguments: its name -> (module stem, arguments)
 VARIANTS = {"lora_group_fp8": ("lora_group", ["--fp8"])}
-NO_COMPILE_PROVIDER = ("nf4", "lora", "lora_group", "lora_gather", "int8", "fp8", "fp8_rows",
-                       "lora_group_fp8")  # benches without --no-compile
+# the benches with a torch.compile provider: --quick passes them --no-compile (the others refuse it)
+COMPILE_PROVIDER = ("rms_norm", "rope", "swiglu", "linear_cross_entropy")
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESERVE_S = 30  # kept back for each benchmark still to run, so that a slow one cannot starve them
 QUICK_RESERVE_S = 20  # the same with --quick (headline shapes: about 20 s a benchmark on an H100)
@@ -78,14 +78,21 @@ def run_tests(timeout_s: float) -> dict:
             "seconds": round(time.perf_counter() - start, 1), "summary": lines[-1]}
 
 
-def run_bench(name: str, out: pathlib.Path, quick: bool, timeout_s: float) -> dict:
-    """``python -m bench.bench_<name> --out OUT [--quick --no-compile]`` (a `VARIANTS` entry: its
-    module with its arguments); its status and the JSON file it wrote, ``<name>-*.json``."""
-    start, begun = time.perf_counter(), time.time()
+def bench_args(name: str, out: pathlib.Path, quick: bool) -> tuple[str, list[str]]:
+    """The module of benchmark ``name`` and its arguments: ``--out OUT [--quick [--no-compile]]``,
+    after a `VARIANTS` entry's own."""
     stem, extra = VARIANTS.get(name, (name, []))
-    cmd = [sys.executable, "-m", f"bench.bench_{stem}", *extra, "--out", str(out)]
+    args = [*extra, "--out", str(out)]
     if quick:
-        cmd += ["--quick"] + (["--no-compile"] if name not in NO_COMPILE_PROVIDER else [])
+        args += ["--quick"] + (["--no-compile"] if name in COMPILE_PROVIDER else [])
+    return f"bench.bench_{stem}", args
+
+
+def run_bench(name: str, out: pathlib.Path, quick: bool, timeout_s: float) -> dict:
+    """``python -m`` the module of `bench_args`; its status and the JSON file it wrote, ``<name>-*.json``."""
+    start, begun = time.perf_counter(), time.time()
+    module, args = bench_args(name, out, quick)
+    cmd = [sys.executable, "-m", module, *args]
     print(f"\n=== {' '.join(cmd[1:])}  (at most {timeout_s:.0f} s)", flush=True)
     try:
         done = subprocess.run(cmd, cwd=REPO, timeout=timeout_s)
@@ -111,11 +118,15 @@ def run_benches(names: list[str], out: pathlib.Path, quick: bool, deadline: floa
     return runs
 
 
+def train_args(out: pathlib.Path, budget_s: float, gpu: bool) -> list[str]:
+    """bench.bench_train's arguments: its GPU part within ``budget_s`` (on a CPU, a small stand-in model)."""
+    return ["--part", "gpu", "--budget-s", f"{budget_s:.0f}", "--out", str(out)] + ([] if gpu else TRAIN_CPU_ARGS)
+
+
 def run_train(out: pathlib.Path, budget_s: float, gpu: bool) -> dict:
     """``python -m bench.bench_train --part gpu --budget-s B --out OUT``; its status and JSON file."""
     start, begun = time.perf_counter(), time.time()
-    cmd = [sys.executable, "-m", "bench.bench_train", "--part", "gpu", "--budget-s", f"{budget_s:.0f}",
-           "--out", str(out)] + ([] if gpu else TRAIN_CPU_ARGS)
+    cmd = [sys.executable, "-m", "bench.bench_train", *train_args(out, budget_s, gpu)]
     print(f"\n=== {' '.join(cmd[1:])}  (at most {budget_s + TRAIN_GRACE_S:.0f} s)", flush=True)
     try:
         done = subprocess.run(cmd, cwd=REPO, timeout=budget_s + TRAIN_GRACE_S)
