@@ -50,6 +50,33 @@ class QuantizedLinear(nn.Module):
             self.register_buffer(name, tensor)
         self._set_bias(bias)
 
+    def hold_as_parameters(self) -> int:
+        """Turn the large buffers (``sharded_buffers``) into frozen parameters, which FSDP2 shards
+        and all-gathers as they are: the format's own bytes, never a dequantized copy (buffers it
+        would replicate). An integer tensor (codes; NF4's 8-bit absmax) is held as a 1-byte float
+        (e4m3) view of the same bytes, since FSDP2 before torch 2.13 makes each sharded parameter
+        require a gradient before freezing it, which an integer tensor cannot; `_stored` views it
+        back. No cast may follow (``.to(dtype)`` would convert those bytes as numbers). Returns
+        how many were turned."""
+        turned = 0
+        for name in self.sharded_buffers:
+            tensor = self._buffers.get(name)
+            if tensor is None or tensor.dim() == 0:
+                continue
+            if not tensor.is_floating_point():
+                if tensor.element_size() != 1:
+                    raise TypeError(f"{name}: a {tensor.dtype} tensor has no 1-byte float view")
+                tensor = tensor.view(torch.float8_e4m3fn)
+            del self._buffers[name]
+            self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+            turned += 1
+        return turned
+
+    def _stored(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The held tensor ``name`` as ``dtype`` (the same bytes; see `hold_as_parameters`)."""
+        tensor = getattr(self, name)
+        return tensor if tensor.dtype == dtype else tensor.view(dtype)
+
     def _set_bias(self, bias: torch.Tensor | None) -> None:
         if bias is not None and bias.shape != (self.out_features,):
             raise ValueError(f"bias: expected shape ({self.out_features},), got {tuple(bias.shape)}")
@@ -119,7 +146,8 @@ class NF4Linear(QuantizedLinear):
     def weight_nf4(self) -> NF4Tensor:
         nested = hasattr(self, "weight_nested_absmax")
         return NF4Tensor(
-            packed=self.weight_packed, absmax=self.weight_absmax, blocksize=self.blocksize,
+            packed=self._stored("weight_packed", torch.uint8),
+            absmax=self._stored("weight_absmax", torch.uint8 if nested else torch.float32), blocksize=self.blocksize,
             shape=torch.Size((self.out_features, self.in_features)), dtype=self.weight_dtype,
             code=self.weight_quant_map,
             nested_absmax=self.weight_nested_absmax if nested else None,
@@ -153,7 +181,8 @@ class Int8Linear(QuantizedLinear):
 
     @property
     def frozen_weight(self) -> Int8Tensor:
-        return Int8Tensor(codes=self.weight_codes, absmax=self.weight_absmax, dtype=self.weight_dtype)
+        return Int8Tensor(codes=self._stored("weight_codes", torch.int8), absmax=self.weight_absmax,
+                          dtype=self.weight_dtype)
 
 
 class FP8Linear(QuantizedLinear):

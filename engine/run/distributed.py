@@ -35,8 +35,9 @@ Strategies (`Parallel.prepare`):
   across the ranks and all-gathered per block for the forward, the recompute and the backward;
   the LoRA gradients are reduce-scattered and the AdamW moments exist for the local shard only.
   An NF4 base is sharded and all-gathered as its quantized bytes: `quantized_bytes_as_parameters`
-  makes the packed codes, the absmax and the nested absmax frozen uint8 / fp32 parameters (they
-  were buffers, which FSDP2 would replicate), so the all-gather moves NF4 bytes and each block
+  makes the packed codes, the absmax and the nested absmax frozen parameters (they were
+  buffers, which FSDP2 would replicate; integer ones as 1-byte float views of the same bytes, which
+  FSDP2 before torch 2.13 needs), so the all-gather moves NF4 bytes and each block
   dequantizes its own weights after it, as on one device. LoRA masters stay fp32 and so do
   their reduce-scatters; the base computes in its own dtype (bf16 on a GPU): no cast policy.
 
@@ -269,23 +270,13 @@ def _rank_device(device_flag: str, local_rank: int) -> torch.device:
 # ---------------------------------------------------------------------------- FSDP2
 
 def quantized_bytes_as_parameters(model: nn.Module) -> int:
-    """Turn each quantized linear's large buffers (``sharded_buffers``: NF4's packed codes and
-    absmax and nested absmax, int8's codes and absmax, FP8's codes and scales) into frozen
-    parameters, which FSDP2 shards and all-gathers as they are (uint8 / int8 / fp32 bytes, never a
-    dequantized copy); NF4's code books and offset (a few bytes) stay replicated buffers. Returns
-    how many were turned."""
+    """Each quantized linear's large buffers (NF4's packed codes, absmax and nested absmax, int8's
+    codes and absmax, FP8's codes and scales) turned into frozen parameters, which FSDP2 shards
+    and all-gathers as the format's bytes (`models.quantized.QuantizedLinear.hold_as_parameters`);
+    NF4's code books and offset (a few bytes) stay replicated buffers. Returns how many were turned."""
     from models.quantized import QuantizedLinear
 
-    turned = 0
-    for module in model.modules():
-        if isinstance(module, QuantizedLinear):
-            for name in module.sharded_buffers:
-                tensor = module._buffers.get(name)
-                if tensor is not None and tensor.dim() >= 1:
-                    del module._buffers[name]
-                    module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
-                    turned += 1
-    return turned
+    return sum(m.hold_as_parameters() for m in model.modules() if isinstance(m, QuantizedLinear))
 
 
 def shard_model(model: nn.Module) -> None:

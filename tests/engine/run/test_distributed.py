@@ -50,6 +50,10 @@ def test_nf4_bytes_become_frozen_parameters_and_compute_the_same():
     for m in linears:
         assert {n for n, _ in m.named_parameters()} >= {"weight_packed", "weight_absmax", "weight_nested_absmax"}
         assert not any(p.requires_grad for p in m.parameters())
+        # FSDP2 before torch 2.13 (the GPU machine has 2.11) makes each sharded parameter require a
+        # gradient before freezing it, which an integer tensor cannot: the bytes are held as e4m3
+        assert all(p.is_floating_point() for p in m.parameters())
+        assert m.weight_packed.dtype == torch.float8_e4m3fn and m.weight_nf4.packed.dtype == torch.uint8
         assert "weight_quant_map" in dict(m.named_buffers())  # the code books stay replicated buffers
     assert local_frozen_bytes(model) == (held_before, total_before) == (total_before, total_before)
     assert_close(model(x), before, torch.float32, name="logits")
@@ -68,7 +72,8 @@ def test_int8_and_fp8_bytes_become_frozen_parameters_and_compute_the_same(fmt, s
     assert len(linears) == 2 * 7 and quantized_bytes_as_parameters(model) == 2 * len(linears)
     for m in linears:
         assert {n for n, _ in m.named_parameters()} >= sharded and not any(p.requires_grad for p in m.parameters())
-        assert m.weight_codes.element_size() == 1
+        assert m.weight_codes.element_size() == 1 and all(p.is_floating_point() for p in m.parameters())
+        assert m.frozen_weight.codes.dtype == (torch.int8 if fmt == "int8" else torch.float8_e4m3fn)
     assert_close(model(x), before, torch.float32, name="logits")
 
 
