@@ -343,8 +343,8 @@ def run_forward_op(bench: str, op: str, args: argparse.Namespace, shape_tables: 
 
     ``case(name, shape, dtype, device)`` makes the operand and returns the providers (name ->
     zero-argument callable) and the bytes the op must move; the shape's name goes in each row's
-    ``label`` field.
-    On a CPU the notes say that the Triton provider was not run (the interpreter would time Python).
+    ``label`` field. On a CPU the notes say that the Triton provider was not run (the interpreter
+    would time Python).
     """
     device = bench_device()
     dtype = bench_dtype(args.dtype, device)
