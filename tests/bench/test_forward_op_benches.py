@@ -24,4 +24,3 @@ def test_bench_writes_one_row_per_provider_and_shape(tmp_path, stem, op, label, 
     assert all(r["op"] == op and r["mode"] == "forward" and r["dtype"] == "float32" for r in rows)
     assert all(r["bytes_moved"] > 0 and r["median_ms"] > 0 for r in rows)
     assert "ours (Triton) not run on a CPU" in result["notes"] and CPU_NOTE in result["notes"]
-
