@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.weight_codes import FLOAT_DTYPES, RowCodes, check_dequantize_args
+from kernels.weight_codes import RowCodes, check_dequantize_args, check_row_weight
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -63,12 +63,7 @@ def fp8_bytes(out_features: int, in_features: int) -> int:
 @torch.no_grad()
 def quantize_fp8(weight: torch.Tensor) -> FP8Tensor:
     """Row-wise scaled e4m3 of a (out, in) fp32/bf16/fp16 weight (module docstring)."""
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
-    if weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"weight: dtype {weight.dtype} not supported, expected float32, bfloat16 or float16")
-    if weight.dim() != 2 or weight.numel() == 0:
-        raise ValueError(f"weight: expected a non-empty 2-D (out, in) tensor, got shape {tuple(weight.shape)}")
+    check_row_weight(weight)
     absmax = weight.abs().amax(dim=1).float()
     scale = torch.where(absmax > 0, absmax / E4M3_MAX, torch.ones_like(absmax))
     codes = torch.empty(weight.shape, dtype=E4M3, device=weight.device)

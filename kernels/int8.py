@@ -32,7 +32,8 @@ import triton.language as tl
 
 from kernels.backend import use_triton
 from kernels.launch_cases import KernelCase, ModelShapes, fixed_launch
-from kernels.weight_codes import FLOAT_DTYPES, RowCodes, check_dequantize_args
+from kernels.rounding import cast_rne
+from kernels.weight_codes import RowCodes, check_dequantize_args, check_row_weight
 
 INT8_MAX = 127
 INV_127 = 7.874015718698502e-3  # the fp32 constant bitsandbytes multiplies by (1/127 rounded)
@@ -57,20 +58,11 @@ def int8_bytes(out_features: int, in_features: int) -> int:
 # 1. Reference: quantization and dequantization in plain torch
 # ----------------------------------------------------------------------------------------------
 
-def _check_weight(weight: torch.Tensor) -> None:
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
-    if weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"weight: dtype {weight.dtype} not supported, expected float32, bfloat16 or float16")
-    if weight.dim() != 2 or weight.numel() == 0:
-        raise ValueError(f"weight: expected a non-empty 2-D (out, in) tensor, got shape {tuple(weight.shape)}")
-
-
 @torch.no_grad()
 def quantize_int8(weight: torch.Tensor) -> Int8Tensor:
     """Row-wise absmax int8 of a (out, in) fp32/bf16/fp16 weight (module docstring), row by row
     in chunks so that no full-size fp32 copy of a large weight exists at once."""
-    _check_weight(weight)
+    check_row_weight(weight)
     absmax = weight.abs().amax(dim=1).float()  # exact in fp32
     codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     # 127 / absmax in fp32, as bitsandbytes; a zero row gets factor 0 (codes 0) instead of 0 · inf
@@ -99,14 +91,7 @@ def _int8_dequant_fwd_kernel(codes_ptr, absmax_ptr, out_ptr, n_elements, n_cols,
     code = tl.load(codes_ptr + idx, mask=mask, other=0).to(tl.float32)
     scale = tl.load(absmax_ptr + idx // n_cols, mask=mask, other=0.0)
     value = (code * scale) * inv_127
-    if ROUND_BF16:
-        # Round to nearest even by hand: the Triton interpreter truncates fp32 -> bf16 casts, and
-        # the bit trick is exact RNE for finite values on every backend (as in kernels/nf4.py).
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        tl.store(out_ptr + idx, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(out_ptr + idx, value.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + idx, cast_rne(value, out_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------

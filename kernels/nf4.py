@@ -54,6 +54,7 @@ import triton.language as tl
 
 from kernels.backend import use_triton
 from kernels.launch_cases import KernelCase, ModelShapes, fixed_launch
+from kernels.rounding import cast_rne
 from kernels.weight_codes import FLOAT_DTYPES, check_dequantize_args
 
 # The 16 NF4 values (quantiles of N(0, 1) rescaled to [-1, 1], with an exact zero), as fp32.
@@ -378,14 +379,7 @@ def _nf4_dequant_fwd_kernel(
     else:
         scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
     value = tl.load(code_ptr + nibble, mask=mask, other=0.0) * scale
-    if ROUND_BF16:
-        # Round to nearest even by hand: the Triton interpreter truncates fp32 -> bf16 casts, and
-        # the bit trick is exact RNE for finite values on every backend.
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        tl.store(out_ptr + idx, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(out_ptr + idx, value.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + idx, cast_rne(value, out_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------

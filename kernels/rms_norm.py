@@ -30,6 +30,7 @@ import triton.language as tl
 
 from kernels.backend import interpreting, use_triton
 from kernels.launch_cases import KernelCase, ModelShapes, fixed_launch
+from kernels.rounding import cast_rne
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -37,19 +38,6 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     xf = x.float()
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (xf * rstd * weight.float()).to(x.dtype)
-
-
-@triton.jit
-def _cast_rne(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """fp32 -> ``dtype``, rounding to nearest even. GPUs round natively; the Triton interpreter
-    truncates fp32 -> bf16, so there the bits are rounded first (the cast is then exact) and the
-    interpreter gives the GPU's bits."""
-    if EMULATE_RNE:  # nested ifs: constexpr `and` is not supported by every Triton release
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -62,7 +50,7 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, x_row_stride, y_row_stri
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = _cast_rne(x * rstd * w, y_ptr.dtype.element_ty, EMULATE_RNE)
+    y = cast_rne(x * rstd * w, y_ptr.dtype.element_ty, EMULATE_RNE)
     tl.store(y_ptr + row * y_row_stride + cols, y, mask=mask)
     tl.store(rstd_ptr + row, rstd)
 
@@ -87,7 +75,7 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
         n = x * rstd
         g = dy * w
         dx = rstd * (g - n * (tl.sum(g * n, axis=0) / n_cols))
-        dx = _cast_rne(dx, dx_ptr.dtype.element_ty, EMULATE_RNE)
+        dx = cast_rne(dx, dx_ptr.dtype.element_ty, EMULATE_RNE)
         tl.store(dx_ptr + r64 * dx_row_stride + cols, dx, mask=mask)
         if COMPUTE_DW:
             dw_acc += dy * n

@@ -3,7 +3,8 @@ dequantization's arguments.
 
 `RowCodes` is the base of the formats with one code per weight and one fp32 number per output row
 (`kernels.int8.Int8Tensor`: absmax; `kernels.fp8.FP8Tensor`: scale): ``codes`` (out, in), and from
-it the shape, size and device; ``to`` moves every tensor field. `check_dequantize_args` is what
+it the shape, size and device; ``to`` moves every tensor field. `check_row_weight` is what both
+row-coded quantizers take (a non-empty 2-D float weight). `check_dequantize_args` is what
 every public dequantizer (NF4, int8, FP8) checks before it writes: the weight's type, the target
 dtype, and an ``out`` buffer that must be contiguous, of the weight's shape, dtype and device (the
 rows of the concatenated q/k/v weight in `kernels.lora_group` are such a buffer).
@@ -40,6 +41,17 @@ class RowCodes:
         """A copy with every tensor on ``device``."""
         tensors = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{k: v.to(device) for k, v in tensors.items() if isinstance(v, torch.Tensor)})
+
+
+def check_row_weight(weight: torch.Tensor) -> None:
+    """What a row-coded quantizer takes: TypeError unless ``weight`` is a fp32/bf16/fp16 tensor,
+    ValueError unless it is a non-empty 2-D (out, in) one."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weight: dtype {weight.dtype} not supported, expected float32, bfloat16 or float16")
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(f"weight: expected a non-empty 2-D (out, in) tensor, got shape {tuple(weight.shape)}")
 
 
 def check_dequantize_args(q, kind: type, dtype: torch.dtype, out: torch.Tensor | None) -> None:

@@ -62,9 +62,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-# the kernel files that define Triton kernels (nf4_linear.py has none: it calls nf4's dequantizer;
-# lora.py and lora_group.py neither: they launch those of lowrank.py)
-KERNEL_MODULES = sorted(p.stem for p in (ROOT / "kernels").glob("*.py") if re.search(r"^@triton.jit", p.read_text(), re.M))
+# the kernel files that define Triton kernels, ``@triton.jit def *_kernel(`` (nf4_linear.py has none: it
+# calls nf4's dequantizer; lora.py and lora_group.py neither: they launch those of lowrank.py; rounding.py
+# holds a helper the kernels inline, compiled with each of them)
+KERNEL_MODULES = sorted(p.stem for p in (ROOT / "kernels").glob("*.py")
+                        if re.search(r"^@triton\.jit(\(.*\))?\s*\ndef \w+_kernel\(", p.read_text(), re.M))
 SHARED_LIMIT = {80: 166_912, 90: 232_448}  # bytes of shared memory per block, opt-in maximum
 # the LoRA tiles: reduced in CI (module docstring)
 LORA_KERNELS = {"_lowrank_down_kernel", "_lowrank_up_kernel", "_lowrank_wgrad_kernel"}
