@@ -46,9 +46,11 @@ q (B, nh, T, hd), k, v (B, nkv, T, hd) → (B, nh, T, hd), nh a multiple of nkv 
   `prefix_document_mask_mod` over the keys [prefix; row], kv index < P always visible but for
   the window), ``enable_gqa``;
   both `flex_attention` and `create_block_mask` are compiled once per process (module-level
-  cache, automatic dynamic shapes after the first recompile); the block mask is built once per
-  forward and shared by all layers (cached on the layout). UNMEASURED: no GPU was available when
-  this was written; the mask_mod and the uncompiled forward are checked on CPU by the tests.
+  cache, automatic dynamic shapes after the first recompile: for one mask_mod, at most 5 graphs
+  each over any mix of batch shapes, under dynamo's limit of 8 past which it would run eager
+  FlexAttention, (T × T) scores); the block mask is built once per forward and shared by all
+  layers (cached on the layout). UNMEASURED on a GPU; on CPU the tests check the mask_mod, the
+  eager forward, and the compiled forward's graph count (dynamo's eager backend).
 
 Why per-document SDPA on CPU, measured (``python -m bench.bench_attention``: forward + backward
 of the attention alone, fp32, 1 row in 8 documents, SmolLM2 heads nh 9, nkv 3, hd 64, 2 shared

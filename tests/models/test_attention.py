@@ -4,7 +4,8 @@ model on packed / padded batches against each document run alone, without any (T
 Op level: outputs and the gradients of q, k, v, fp32 and bf16 (bf16 inputs, fp32 reference from
 the same rounded inputs), mixed document lengths with length-1 documents, padding at the end,
 GQA and MHA, sliding windows shorter and longer than the documents. The CUDA path (FlexAttention)
-cannot run backward on a CPU: its mask_mod is checked on index grids and its forward eagerly.
+cannot run backward on a CPU: its mask_mod is checked on index grids, its forward eagerly, and its
+compiled forward's recompiles over varying batch shapes under dynamo with the eager backend.
 
 Model level (issue 9's acceptance): forward + backward of one packed row of 8 documents under a
 TorchDispatchMode that records the largest tensor any op of the step creates (forward, loss and
@@ -128,6 +129,54 @@ def test_flex_mask_mod_and_forward_on_cpu(window):
         y = document_attention_flex(q, k, v, layout, window, compiled=False)
     assert_close(y, document_attention_ref(q, k, v, layout, window), name="flex y")
     assert block_mask_for(layout, window, compiled=False) is block_mask_for(layout, window, compiled=False)
+
+
+# The packed batches of a run: B 1 or more, T within one 128-block or more, 1 to 8 documents. Dynamo
+# compiles the first batch for its exact shape, then once for each of these four kinds (it
+# specialises sizes of 1: B and the number of blocks); the second list brings only new lengths.
+WARM_UP_ROWS = [[[100, 28]], [[200, 56, 40]], [[30, 10]], [[64, 30], [90, 4]], [[10, 20], [30]], [[513, 7], [20, 500]]]
+NEW_LENGTH_ROWS = [[[300, 12, 1, 99]], [[1000, 24], [24, 1000]], [[5, 5], [7, 3]], [[77, 3], [40, 40], [80]],
+                   [[1, 2, 3, 4, 5, 6, 7, 8]], [[600, 1], [300, 301]], [[40]], [[128]], [[129]], [[64, 64], [100, 28]]]
+
+
+def test_compiled_flex_does_not_recompile_per_batch():
+    """On CUDA every packed batch has its own shape, and a function that recompiles for each would
+    pass dynamo's recompile limit (8) and fall back to eager FlexAttention, which materialises the
+    (T × T) scores. Dynamo's guards and recompiles (the part that decides this) are the same for
+    every backend, so they are counted here with the eager backend: after one batch of each kind
+    (B 1 or more, T in one 128-block or more) no new length compiles anything, the total stays
+    under the limit, and every output equals per-document SDPA."""
+    import models.attention as attention
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def run(rows):
+        g = torch.Generator().manual_seed(len(rows))
+        layout = DocumentLayout.from_lengths(rows)
+        (B, T), nh, nkv, hd = layout.shape, 4, 2, 16
+        q, k, v = (torch.randn(B, h, T, hd, generator=g) for h in (nh, nkv, nkv))
+        y = document_attention_flex(q, k, v, layout, compiled=True)
+        assert_close(y, document_attention_sdpa(q, k, v, layout), name=f"compiled flex y {rows}")
+
+    torch._dynamo.reset()
+    saved = dict(attention._COMPILED)
+    attention._COMPILED.update(flex=torch.compile(flex_attention, backend="eager"),
+                               block_mask=torch.compile(create_block_mask, backend="eager"))
+    try:
+        for rows in WARM_UP_ROWS:
+            run(rows)
+        warm = counters["stats"]["unique_graphs"]
+        for rows in NEW_LENGTH_ROWS:
+            run(rows)
+        assert counters["stats"]["unique_graphs"] == warm, "a new batch length recompiled"
+        for fn in (flex_attention, create_block_mask):
+            graphs = len(_debug_get_cache_entry_list(fn.__code__))
+            assert graphs <= 5 < torch._dynamo.config.recompile_limit, (fn.__name__, graphs)
+    finally:
+        attention._COMPILED.clear()
+        attention._COMPILED.update(saved)
+        torch._dynamo.reset()
 
 
 # ---- Model level --------------------------------------------------------------------------------
