@@ -56,8 +56,8 @@ class QuantizedLinear(nn.Module):
         would replicate). An integer tensor (codes; NF4's 8-bit absmax) is held as a 1-byte float
         (e4m3) view of the same bytes, since FSDP2 before torch 2.13 makes each sharded parameter
         require a gradient before freezing it, which an integer tensor cannot; `_stored` views it
-        back. No cast may follow (``.to(dtype)`` would convert those bytes as numbers). Returns
-        how many were turned."""
+        back (and `_apply` keeps a later ``.to(dtype)`` from converting those bytes as numbers).
+        Returns how many were turned."""
         turned = 0
         for name in self.sharded_buffers:
             tensor = self._buffers.get(name)
@@ -71,6 +71,25 @@ class QuantizedLinear(nn.Module):
             self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
             turned += 1
         return turned
+
+    def _apply(self, fn, recurse: bool = True):
+        """``Module.to`` / ``.half()`` / ``.cuda()`` go through here with a conversion ``fn``. The
+        weight's own tensors (every buffer: codes, absmax, code maps, scales; and those turned into
+        parameters by `hold_as_parameters`) keep their dtypes and only follow ``fn`` to its device:
+        a cast would change the format (an NF4 code map or an fp32 scale rounded to bf16 gives
+        other weights than the checkpoint's, an e4m3 view of codes would be converted as numbers).
+        The bias converts as any parameter does. Products run in the input's dtype anyway
+        (`kernels.frozen.frozen_linear`), so ``model.to(torch.bfloat16)`` computes in bf16."""
+        own = {id(t) for t in self._buffers.values() if t is not None}
+        own |= {id(p) for name, p in self._parameters.items() if p is not None and name != "bias"}
+
+        def keep_dtype(tensor: torch.Tensor) -> torch.Tensor:
+            converted = fn(tensor)
+            if id(tensor) in own and converted.dtype != tensor.dtype:
+                return tensor.to(device=converted.device)
+            return converted
+
+        return super()._apply(keep_dtype, recurse)
 
     def _stored(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The held tensor ``name`` as ``dtype`` (the same bytes; see `hold_as_parameters`)."""

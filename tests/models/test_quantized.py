@@ -1,10 +1,14 @@
 """NF4Linear (the runtime module of an NF4 weight) and whole-model conversion both ways."""
 
+import copy
+
+import pytest
 import torch
 
+from kernels.frozen import dequantize_frozen
 from kernels.nf4 import dequantize_nf4, nf4_dequant_ref, quantize_nf4
 from models.bnb_checkpoint import from_bnb_state_dict, to_bnb_state_dict
-from models.quantized import NF4Linear, should_quantize
+from models.quantized import FORMATS, NF4Linear, should_quantize
 from tests.tolerances import assert_close
 
 
@@ -46,3 +50,29 @@ def test_should_quantize_selects_the_block_projections_only():
     for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.0.input_layernorm.weight",
                  "model.layers.0.self_attn.q_proj.bias", "model.norm.weight"):
         assert not should_quantize(name), name
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["buffers", "held-as-parameters"])
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_a_cast_of_the_model_keeps_the_quantized_weight(fmt, held):
+    """``.to(torch.bfloat16)`` / ``.half()`` (what users do to a loaded model) convert the bias but
+    leave every tensor of the quantized weight in its dtype, so the weight dequantizes to the same
+    values (an NF4 code map or an fp32 scale rounded to bf16 would give other weights), also after
+    `hold_as_parameters` turned the integer codes into e4m3 views (FSDP2); and the cast layer
+    computes what the uncast one computes on the same bf16 input."""
+    torch.manual_seed(5)
+    dense = torch.nn.Linear(256, 64)
+    layer = FORMATS[fmt].from_linear(dense)
+    if held:
+        assert layer.hold_as_parameters() > 0
+    own = {n: t.dtype for n, t in [*layer.named_buffers(), *layer.named_parameters()] if n != "bias"}
+    weight = dequantize_frozen(layer.frozen_weight, torch.float32)
+    x = torch.randn(3, 256).bfloat16()
+    uncast = copy.deepcopy(layer)
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half()):
+        layer = cast(layer)
+        kept = {n: t.dtype for n, t in [*layer.named_buffers(), *layer.named_parameters()] if n != "bias"}
+        assert kept == own
+        assert torch.equal(dequantize_frozen(layer.frozen_weight, torch.float32), weight)
+    assert layer.bias.dtype == torch.float16
+    assert torch.equal(copy.deepcopy(uncast).to(torch.bfloat16)(x), uncast(x))
