@@ -42,13 +42,13 @@ q (B, nh, T, hd), k, v (B, nkv, T, hd) → (B, nh, T, hd), nh a multiple of nkv 
   <= i, still with no mask (and the window path the same band over P + L), at P extra query rows
   per document.
 * `document_attention_flex` (CUDA) — FlexAttention with a `BlockMask` made by `create_block_mask`
-  from the ``doc`` tensor (one mask_mod: `document_mask_mod`, window included; with a prefix
-  `prefix_document_mask_mod` over the keys [prefix; row], kv index < P always visible but for
-  the window), ``enable_gqa``;
+  from the ``doc`` tensor (one mask_mod for every variant, `document_mask_mod`: over the keys
+  [prefix; row], kv index < P always visible but for the window; P = 0 without a prefix),
+  ``enable_gqa``;
   both `flex_attention` and `create_block_mask` are compiled once per process (module-level
-  cache, automatic dynamic shapes after the first recompile: for one mask_mod, at most 5 graphs
-  each over any mix of batch shapes, under dynamo's limit of 8 past which it would run eager
-  FlexAttention, (T × T) scores); the block mask is built once per forward and shared by all
+  cache, `compile_flex`: dynamic shapes, one graph per kind of call rather than per shape, under
+  `RECOMPILE_LIMIT` since a mixed run passes dynamo's default of 8, past which it would run eager
+  FlexAttention with (T × T) scores); the block mask is built once per forward and shared by all
   layers (cached on the layout). UNMEASURED on a GPU; on CPU the tests check the mask_mod, the
   eager forward, and the compiled forward's graph count (dynamo's eager backend).
 
@@ -137,34 +137,35 @@ class DocumentLayout:
 
 
 # ----------------------------------------------------------------------------------------------
-# The definition (tests only: it builds the dense (B, T, T) mask)
+# The mask (the CUDA path's mask_mod) and the definition (tests only: the dense (B, T, T) mask)
 
-def document_mask_mod(doc_ids: torch.Tensor, sliding_window: int | None = None):
-    """FlexAttention mask_mod(b, h, q_idx, kv_idx) -> bool: same document, causal, in the window."""
-    def mask_mod(b, h, q_idx, kv_idx):
-        allowed = (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (kv_idx <= q_idx)
-        if sliding_window is not None:
-            allowed = allowed & (q_idx - kv_idx < sliding_window)
-        return allowed
-    return mask_mod
+NO_WINDOW = 1 << 62  # a window no distance reaches: "no window" as a value (see document_mask_mod)
 
 
-def prefix_document_mask_mod(doc_ids: torch.Tensor, positions: torch.Tensor, prefix_len: int,
-                             sliding_window: int | None = None):
-    """FlexAttention mask_mod over the keys [prefix (P); row (T)]: kv_idx < P is prefix key kv_idx,
-    visible to every query (within the window: P + position of the query in its document - kv_idx
-    < W); kv_idx >= P is row key kv_idx - P under `document_mask_mod`'s rule. ``positions`` (B, T):
-    `DocumentLayout.positions`."""
-    P = prefix_len
+def document_mask_mod(doc_ids: torch.Tensor, positions: torch.Tensor, prefix_len: int = 0,
+                      sliding_window: int | None = None):
+    """FlexAttention mask_mod(b, h, q_idx, kv_idx) -> bool over the keys [prefix (P); row (T)]: a
+    row key j = kv_idx - P is visible when it is in the query's document, causal and within the
+    window (q_idx - j < W); a prefix key kv_idx < P is visible to every query within the window
+    (P + position of the query in its document - kv_idx < W). ``positions`` (B, T):
+    `DocumentLayout.positions`; with P = 0 there is no prefix key and this is plain
+    document-causal attention.
+
+    One code object for every variant: P and W are captured as 0-d device tensors (made by a fill,
+    no host copy), not as Python values or branches. Compiled `create_block_mask` and
+    `flex_attention` guard the mask_mod's code object and its Python constants, so one mask_mod
+    per variant (a prefix-tuned policy and its base reference in one process) would add its own
+    graphs and pass dynamo's recompile limit, past which FlexAttention runs eagerly with (T × T)
+    scores."""
+    P = torch.full((), prefix_len, dtype=torch.long, device=doc_ids.device)
+    W = torch.full((), NO_WINDOW if sliding_window is None else sliding_window, dtype=torch.long,
+                   device=doc_ids.device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         in_prefix = kv_idx < P
         j = torch.where(in_prefix, 0, kv_idx - P)  # the row key (any valid index for prefix keys)
-        row = (doc_ids[b, q_idx] == doc_ids[b, j]) & (j <= q_idx) & ~in_prefix
-        pre = in_prefix
-        if sliding_window is not None:
-            row = row & (q_idx - j < sliding_window)
-            pre = pre & (positions[b, q_idx] + P - kv_idx < sliding_window)
+        row = (doc_ids[b, q_idx] == doc_ids[b, j]) & (j <= q_idx) & ~in_prefix & (q_idx - j < W)
+        pre = in_prefix & (positions[b, q_idx] + P - kv_idx < W)
         return row | pre
     return mask_mod
 
@@ -253,14 +254,29 @@ def document_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
 # ----------------------------------------------------------------------------------------------
 # CUDA: FlexAttention with a block mask from the document ids
 
-_COMPILED: dict[str, object] = {}  # "flex" / "block_mask" -> torch.compile'd function, made once
+_COMPILED: dict[str, object] = {}  # "flex" / "block_mask" -> compile_flex'd function, made once
+# Graphs dynamo may keep per function here (its default, 8, is global). One graph per kind of call,
+# not per shape: B 1 or more, T of 1, within one 128-block or more, keys in one more block than the
+# queries (a prefix), grad mode on or off (a DPO policy and its reference) - a few dozen at most,
+# each compiled once; past the limit a call would run eager FlexAttention with (T × T) scores.
+RECOMPILE_LIMIT = 64
+
+
+def compile_flex(fn, backend: str = "inductor"):
+    """``fn`` (`flex_attention` or `create_block_mask`) compiled with dynamic shapes from the first
+    call (no graph for the first batch's exact shape) and run under `RECOMPILE_LIMIT`;
+    ``backend="eager"`` (tests) keeps dynamo's guards and recompiles without Inductor."""
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)(torch.compile(fn, backend=backend,
+                                                                                     dynamic=True))
 
 
 def _compiled(name: str):
     if name not in _COMPILED:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        _COMPILED[name] = torch.compile(flex_attention if name == "flex" else create_block_mask)
+        _COMPILED[name] = compile_flex(flex_attention if name == "flex" else create_block_mask)
     return _COMPILED[name]
 
 
@@ -273,8 +289,7 @@ def block_mask_for(layout: DocumentLayout, sliding_window: int | None = None, co
     if key not in layout._block_masks:
         B, T = layout.shape
         make = _compiled("block_mask") if compiled else create_block_mask
-        mask_mod = (prefix_document_mask_mod(layout.doc_ids, layout.positions(), prefix_len, sliding_window)
-                    if prefix_len else document_mask_mod(layout.doc_ids, sliding_window))
+        mask_mod = document_mask_mod(layout.doc_ids, layout.positions(), prefix_len, sliding_window)
         layout._block_masks[key] = make(mask_mod, B, None, T, prefix_len + T, device=layout.doc_ids.device)
     return layout._block_masks[key]
 
@@ -283,7 +298,7 @@ def document_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
                             sliding_window: int | None = None, compiled: bool = True,
                             prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """FlexAttention over the block mask; ``compiled=False`` runs eager (CPU forward, tests). A
-    ``prefix`` is put before the row's keys (B, nkv, P + T, hd), `prefix_document_mask_mod`."""
+    ``prefix`` is put before the row's keys (B, nkv, P + T, hd), `document_mask_mod`."""
     from torch.nn.attention.flex_attention import flex_attention
 
     P = 0

@@ -5,7 +5,7 @@ Op level: outputs and the gradients of q, k, v, fp32 and bf16 (bf16 inputs, fp32
 the same rounded inputs), mixed document lengths with length-1 documents, padding at the end,
 GQA and MHA, sliding windows shorter and longer than the documents. The CUDA path (FlexAttention)
 cannot run backward on a CPU: its mask_mod is checked on index grids, its forward eagerly, and its
-compiled forward's recompiles over varying batch shapes under dynamo with the eager backend.
+compiled forward's graphs over varying batch shapes under dynamo with the eager backend.
 
 Model level (issue 9's acceptance): forward + backward of one packed row of 8 documents under a
 TorchDispatchMode that records the largest tensor any op of the step creates (forward, loss and
@@ -120,7 +120,8 @@ def test_flex_mask_mod_and_forward_on_cpu(window):
     from torch.nn.attention.flex_attention import create_mask
 
     layout = op_layout()
-    grid = create_mask(document_mask_mod(layout.doc_ids, window), 2, 1, T_OP, T_OP, device="cpu")[:, 0]
+    grid = create_mask(document_mask_mod(layout.doc_ids, layout.positions(), 0, window), 2, 1, T_OP, T_OP,
+                       device="cpu")[:, 0]
     assert torch.equal(grid, document_mask_ref(layout, window))
     q, k, v, _ = qkv(6, 2, torch.float32)
     q, k, v = q.detach(), k.detach(), v.detach()
@@ -131,48 +132,56 @@ def test_flex_mask_mod_and_forward_on_cpu(window):
     assert block_mask_for(layout, window, compiled=False) is block_mask_for(layout, window, compiled=False)
 
 
-# The packed batches of a run: B 1 or more, T within one 128-block or more, 1 to 8 documents. Dynamo
-# compiles the first batch for its exact shape, then once for each of these four kinds (it
-# specialises sizes of 1: B and the number of blocks); the second list brings only new lengths.
-WARM_UP_ROWS = [[[100, 28]], [[200, 56, 40]], [[30, 10]], [[64, 30], [90, 4]], [[10, 20], [30]], [[513, 7], [20, 500]]]
-NEW_LENGTH_ROWS = [[[300, 12, 1, 99]], [[1000, 24], [24, 1000]], [[5, 5], [7, 3]], [[77, 3], [40, 40], [80]],
-                   [[1, 2, 3, 4, 5, 6, 7, 8]], [[600, 1], [300, 301]], [[40]], [[128]], [[129]], [[64, 64], [100, 28]]]
+# Kinds of packed batch (dynamo compiles one graph per kind, not per shape): B 1 or more; T within
+# one 128-block, within one with the prefix's 6 keys a block more, or several blocks; prefix or not.
+WARM_UP = [(B, T) for B in (1, 3) for T in (40, 125, 300)]
+NEW_LENGTHS = [(1, 77), (1, 124), (1, 1000), (2, 127), (4, 256)]
 
 
-def test_compiled_flex_does_not_recompile_per_batch():
-    """On CUDA every packed batch has its own shape, and a function that recompiles for each would
-    pass dynamo's recompile limit (8) and fall back to eager FlexAttention, which materialises the
-    (T × T) scores. Dynamo's guards and recompiles (the part that decides this) are the same for
-    every backend, so they are counted here with the eager backend: after one batch of each kind
-    (B 1 or more, T in one 128-block or more) no new length compiles anything, the total stays
-    under the limit, and every output equals per-document SDPA."""
+def test_compiled_flex_compiles_per_kind_of_batch_not_per_shape():
+    """On CUDA every packed batch has its own shape. The compiled functions (`compile_flex`: the
+    engine's wrapper, here with dynamo's eager backend, since guards and recompiles, the part
+    that decides this, are the same for every backend) compile one graph per kind of batch: after
+    each kind has run once as a prefix-tuned DPO run meets it (the policy with its prefix, trained
+    and evaluated; the base reference without, under no_grad: grad mode is guarded too), new
+    lengths compile nothing. The mix needs more graphs than dynamo's default limit of 8, past
+    which a call runs eager FlexAttention with (T × T) scores; under `RECOMPILE_LIMIT` none does
+    (``fail_on_recompile_limit_hit`` would raise). Every output equals the reference."""
     import models.attention as attention
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-    from torch._dynamo.utils import counters
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from tests.models.test_prefix_attention import prefix_attention_ref
 
-    def run(rows):
-        g = torch.Generator().manual_seed(len(rows))
-        layout = DocumentLayout.from_lengths(rows)
-        (B, T), nh, nkv, hd = layout.shape, 4, 2, 16
-        q, k, v = (torch.randn(B, h, T, hd, generator=g) for h in (nh, nkv, nkv))
-        y = document_attention_flex(q, k, v, layout, compiled=True)
-        assert_close(y, document_attention_sdpa(q, k, v, layout), name=f"compiled flex y {rows}")
+    def run(B, T):
+        g = torch.Generator().manual_seed(T)
+        layout = DocumentLayout.from_lengths([[T // 3, T - T // 3]] * B)
+        q, k, v = (torch.randn(B, h, T, 16, generator=g) for h in (4, 2, 2))
+        pk, pv = (torch.randn(1, 2, 6, 16, generator=g) for _ in range(2))
+        with torch.no_grad():  # the base reference, and the policy evaluated
+            y = document_attention_flex(q, k, v, layout, compiled=True)
+            y_eval = document_attention_flex(q, k, v, layout, compiled=True, prefix=(pk, pv))
+        y_train = document_attention_flex(q, k, v, layout, compiled=True, prefix=(pk, pv))
+        assert_close(y, document_attention_sdpa(q, k, v, layout), name=f"compiled flex y {B} x {T}")
+        want = prefix_attention_ref(q, k, v, pk, pv, layout.doc_ids, None)
+        for got in (y_eval, y_train):
+            assert_close(got, want, torch.float32, name=f"compiled flex y, prefix, {B} x {T}")
+
+    def graphs():
+        return [len(_debug_get_cache_entry_list(fn.__code__)) for fn in (flex_attention, create_block_mask)]
 
     torch._dynamo.reset()
     saved = dict(attention._COMPILED)
-    attention._COMPILED.update(flex=torch.compile(flex_attention, backend="eager"),
-                               block_mask=torch.compile(create_block_mask, backend="eager"))
+    attention._COMPILED.update(flex=attention.compile_flex(flex_attention, "eager"),
+                               block_mask=attention.compile_flex(create_block_mask, "eager"))
     try:
-        for rows in WARM_UP_ROWS:
-            run(rows)
-        warm = counters["stats"]["unique_graphs"]
-        for rows in NEW_LENGTH_ROWS:
-            run(rows)
-        assert counters["stats"]["unique_graphs"] == warm, "a new batch length recompiled"
-        for fn in (flex_attention, create_block_mask):
-            graphs = len(_debug_get_cache_entry_list(fn.__code__))
-            assert graphs <= 5 < torch._dynamo.config.recompile_limit, (fn.__name__, graphs)
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            for B, T in WARM_UP:
+                run(B, T)
+            warm = graphs()
+            for B, T in NEW_LENGTHS:
+                run(B, T)
+        assert graphs() == warm, "a new batch length recompiled"
+        assert torch._dynamo.config.recompile_limit < max(warm) <= attention.RECOMPILE_LIMIT, warm
     finally:
         attention._COMPILED.clear()
         attention._COMPILED.update(saved)

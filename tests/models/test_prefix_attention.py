@@ -19,7 +19,7 @@ from models.attention import (
     document_attention,
     document_attention_flex,
     document_attention_sdpa,
-    prefix_document_mask_mod,
+    document_mask_mod,
 )
 from tests.tolerances import assert_close, tol
 
@@ -135,7 +135,7 @@ def test_flex_prefix_mask_mod_and_forward_on_cpu(window):
     from torch.nn.attention.flex_attention import create_mask
 
     lay = layout()
-    grid = create_mask(prefix_document_mask_mod(lay.doc_ids, lay.positions(), P, window), 2, 1, T, P + T,
+    grid = create_mask(document_mask_mod(lay.doc_ids, lay.positions(), P, window), 2, 1, T, P + T,
                        device="cpu")[:, 0]
     assert torch.equal(grid, dense_prefix_mask(lay.doc_ids, P, window))
     q, k, v, pk, pv, _ = (t.detach() for t in inputs(6, 2, 1, torch.float32))
