@@ -206,8 +206,9 @@ class Int8Linear(QuantizedLinear):
 
 class FP8Linear(QuantizedLinear):
     """A frozen linear layer whose weight is per-row scaled e4m3 (`kernels.fp8`): buffers
-    ``weight_codes`` (out, in), the e4m3 bytes held as uint8 (``nn.Module.to(dtype)`` casts every
-    floating-point buffer, and e4m3 is one), and ``weight_scale`` (out,) fp32; its products run
+    ``weight_codes`` (out, in), the e4m3 bytes held as uint8 (gloo cannot broadcast e4m3, which
+    DDP does to buffers, and ``torch.equal`` has no e4m3 kernel on a CPU; a cast no longer
+    reaches them, see `_apply`), and ``weight_scale`` (out,) fp32; its products run
     in FP8 (`kernels.fp8_linear`: e4m3 tensor cores on a GPU of compute capability ≥ 8.9, the
     same rounding emulated in fp32 elsewhere)."""
 
